@@ -1,0 +1,1937 @@
+#!/usr/bin/env python3
+"""satellite: an HTTPS reverse proxy that gives batch jobs a secure link.
+
+A user on a login node asks satellite for a link (``/api/getlink``) and gets
+``https://<three-words>.<domain>/?token=...`` plus a separate job key. The job,
+once it runs on a compute node, starts its web app (Jupyter, TensorBoard, ...)
+and redeems the key (``/api/redeem?key=K&port=P``); satellite maps the alias to
+the caller's own address and that port. From then on the link proxies HTTP/1.1
+and WebSocket traffic to the app. Until then it shows a status page that turns
+into the app by itself.
+
+What it is not: a certificate manager (certificates come from the site's CA or
+certbot; satellite loads them and reloads them on SIGHUP), nor a login system
+(the link's token is the credential; an SSO front can sit before it).
+
+Pure standard library, Python >= 3.9. One file, meant to be read by the admin
+who deploys it. Sections, top-down:
+
+    1. Constants             limits, states, header sets
+    2. Configuration         Settings, INI file + flags, durations, networks
+    3. Secrets and aliases   token/key generation, hashing, cookies
+    4. Store                 SQLite (WAL) sessions table, shared with other processes
+    5. HTTP parsing          Stream (buffered socket), strict request/response heads
+    6. Management API        /api/getlink, redeem, state, release, status, /healthz
+    7. Pages                 status page, 403/404/410/502 pages
+    8. Proxy                 forward a request, relay bodies, WebSocket tunnel
+    9. Server                TLS per connection, handler, certificate reload
+   10. Commands              serve, main()
+   11. Word list            aliases are three words from this list
+
+Why not BaseHTTPRequestHandler: it parses headers with ``email.parser``, which
+silently ends the header block at a malformed line (so ``Transfer-Encoding :
+chunked`` vanishes into the body: a request-smuggling hole) and allows ~6 MB of
+headers. A proxy that is a security boundary parses strictly itself (RFC 9112).
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import dataclasses
+import hashlib
+import hmac
+import html
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import signal
+import socket
+import socketserver
+import sqlite3
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+from http import HTTPStatus
+from typing import Callable, Iterable, Optional
+
+__version__ = "0.1.0"
+__all__ = ["Settings", "Store", "Satellite", "main"]
+
+log = logging.getLogger("satellite")
+access_log = logging.getLogger("satellite.access")
+
+
+###############################################################################
+# 1. Constants
+###############################################################################
+
+SESSION_STATES = ("queued", "running", "mapped", "proxied", "ended")
+REPORTABLE_STATES = ("queued", "running")          # what a job may report via /api/state
+
+COOKIE_NAME = "__Host-satellite"                   # host-only, Secure, Path=/ by the prefix's rules
+INTERNAL_PREFIX = "/__satellite/"                  # satellite's own paths on a session host
+
+MAX_REQUEST_LINE = 8192                            # bytes; longer -> 414
+MAX_HEADER_BYTES = 32 * 1024                       # all request header lines together; more -> 431
+MAX_HEADER_COUNT = 100
+MAX_UPSTREAM_HEADER_BYTES = 64 * 1024              # apps may send big cookies or CSPs
+MAX_API_BODY = 64 * 1024                           # form body of an API call
+COPY_BUFFER = 256 * 1024                           # bulk body relay buffer
+RECV_SIZE = 64 * 1024
+
+HOP_BY_HOP = frozenset((
+    "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authorization", "proxy-authenticate",
+))
+# Headers satellite sets itself when forwarding; the client's values are discarded.
+FORWARDING_HEADERS = frozenset((
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
+    "x-real-ip", "forwarded",
+))
+KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"))
+IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
+
+TOKEN_CHARS = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")      # RFC 9110 token
+FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")        # CTLs except HTAB
+CHUNK_SIZE_LINE = re.compile(rb"^([0-9A-Fa-f]{1,16})(;[\t !#-~\x80-\xff]*)?\r\n$")
+CONTENT_LENGTH = re.compile(r"^[0-9]{1,18}$")
+HOST_VALUE = re.compile(r"^(?:[a-z0-9._~!$&'()*+,;=%-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$")
+ALIAS_SHAPE = re.compile(r"^[a-z]{3,7}-[a-z]{3,7}-[a-z]{3,7}$")
+JOBID_SHAPE = re.compile(r"^[A-Za-z0-9._\-\[\]@:+]{1,64}$")
+TARGET_SAFE = re.compile(r"^[\x21-\x7e]+$")                       # visible ASCII, no spaces
+REDACT_PARAMS = re.compile(r"(?i)([?&;](?:token|key)=)[^&;#\s]*")
+
+
+###############################################################################
+# 2. Configuration
+###############################################################################
+
+def parse_duration(text: str) -> int:
+    """'90' or '90s', '30m', '12h', '2d' -> seconds."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*([smhd]?)\s*", str(text))
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 30m, 12h, 2d)")
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def parse_networks(text: str) -> tuple:
+    """'10.0.0.0/8, 127.0.0.1' -> tuple of ip_network; empty string -> no network."""
+    nets = []
+    for part in str(text).replace(" ", "").split(","):
+        if part:
+            try:
+                nets.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ValueError(f"not a network: {part!r} (use CIDR, e.g. 10.1.0.0/16)") from None
+    return tuple(nets)
+
+
+def parse_listen(text: str) -> tuple:
+    """'127.0.0.1:8443' or '[::1]:8443' -> (host, port)."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:([0-9]+)|([^:\[\]]*):([0-9]+)", str(text).strip())
+    if not match:
+        raise ValueError(f"not HOST:PORT: {text!r} (e.g. 0.0.0.0:443 or [::]:443)")
+    host = match.group(1) if match.group(1) is not None else match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return host or "0.0.0.0", port
+
+
+def parse_port_range(text: str) -> tuple:
+    match = re.fullmatch(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*", str(text))
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)) <= 65535:
+        raise ValueError(f"not a port range: {text!r} (e.g. 1024-65535)")
+    return int(match.group(1)), int(match.group(2))
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything `satellite serve` can be told, by INI file ([satellite] section) or flag."""
+    domain: str = ""
+    listen: tuple = ("127.0.0.1", 8443)
+    cert: str = ""
+    key: str = ""
+    db: str = "satellite.db"
+    issue_from: tuple = parse_networks("127.0.0.0/8,::1")
+    redeem_from: tuple = parse_networks("127.0.0.0/8,::1")
+    port_range: tuple = (1024, 65535)
+    redeem_within: int = 2 * 86400          # an unredeemed link waits this long for its job
+    session_lifetime: int = 12 * 3600       # after redeem, unless getlink asked for another lifetime
+    max_session_lifetime: int = 7 * 86400
+    public_port: int = 0                    # port shown in links; 0 = the listen port
+    access_log: str = "-"                   # file, or '-' for stderr, or 'off'
+    log_level: str = "info"
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 75.0              # keep-alive wait for the next request
+    header_timeout: float = 30.0            # deadline to receive a whole request head
+    upstream_connect_timeout: float = 5.0
+    upstream_timeout: float = 600.0         # silence allowed from the app mid-response
+    max_connections: int = 4096
+
+    # name -> parser for values that come as text (INI or flags)
+    PARSERS = {
+        "listen": parse_listen, "issue_from": parse_networks, "redeem_from": parse_networks,
+        "port_range": parse_port_range, "redeem_within": parse_duration,
+        "session_lifetime": parse_duration, "max_session_lifetime": parse_duration,
+        "public_port": int, "handshake_timeout": float, "idle_timeout": float,
+        "header_timeout": float, "upstream_connect_timeout": float, "upstream_timeout": float,
+        "max_connections": int,
+    }
+
+    @classmethod
+    def from_sources(cls, ini_path: Optional[str], overrides: dict) -> "Settings":
+        """Defaults, then the INI file, then flags (overrides with None values are ignored)."""
+        values = {}
+        if ini_path:
+            parser = configparser.ConfigParser(interpolation=None)
+            if not parser.read(ini_path):
+                raise ValueError(f"cannot read config file {ini_path}")
+            if not parser.has_section("satellite"):
+                raise ValueError(f"{ini_path}: no [satellite] section")
+            for name, value in parser.items("satellite"):
+                values[name.replace("-", "_")] = value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            if name not in known:
+                raise ValueError(f"unknown setting {name!r}")
+            parser = cls.PARSERS.get(name)
+            if parser and isinstance(value, str):
+                try:
+                    value = parser(value)
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+            setattr(settings, name, value)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        self.domain = self.domain.strip().lower().strip(".")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", self.domain):
+            raise ValueError("domain: give the DNS domain whose wildcard *.DOMAIN points here, "
+                             "e.g. --domain satellite.example.edu")
+        if not self.cert or not self.key:
+            raise ValueError("cert/key: give the wildcard certificate and its key (--cert, --key)")
+        if self.max_session_lifetime < self.session_lifetime:
+            raise ValueError("max_session_lifetime is shorter than session_lifetime")
+
+    @property
+    def link_port(self) -> int:
+        return self.public_port or self.listen[1]
+
+    def session_url(self, alias: str) -> str:
+        port = "" if self.link_port == 443 else f":{self.link_port}"
+        return f"https://{alias}.{self.domain}{port}/"
+
+
+def address_in(address: str, networks: Iterable) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+def plain_address(address: str) -> str:
+    """'::ffff:10.0.0.5' (IPv4-mapped, from a dual-stack socket) -> '10.0.0.5'."""
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
+###############################################################################
+# 3. Secrets and aliases
+###############################################################################
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)            # 256 bits
+
+
+def hash_secret(secret: str) -> str:
+    """Secrets are stored only as SHA-256 digests. They are 256 random bits, so a slow
+    password hash adds nothing; lookups by digest leak nothing useful about the secret."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def secret_matches(secret: str, stored_hash: str) -> bool:
+    return hmac.compare_digest(hash_secret(secret), stored_hash)
+
+
+def new_alias() -> str:
+    return "-".join(secrets.choice(WORDS) for _ in range(3))
+
+
+def cookie_value(server_secret: bytes, alias: str, token_hash: str) -> str:
+    """The browser cookie is derived from the token, never the token itself, and is bound
+    to one alias: a cookie of one session is worthless on another."""
+    return hmac.new(server_secret, f"{alias}\0{token_hash}".encode(), hashlib.sha256).hexdigest()
+
+
+def iso_time(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def redact(target: str) -> str:
+    """Access logs never show secrets: token=... and key=... become token=REDACTED."""
+    return REDACT_PARAMS.sub(r"\1REDACTED", target)
+
+
+###############################################################################
+# 4. Store
+###############################################################################
+
+class ApiError(Exception):
+    """An error answered with a real status code and a one-line reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class Session:
+    alias: str
+    token_hash: str
+    key_hash: str
+    state: str
+    created: float
+    expires: float
+    lifetime: int
+    issued_to: str
+    jobid: Optional[str]
+    target_host: Optional[str]
+    target_port: Optional[int]
+    redeemed: Optional[float]
+    ended: Optional[float]
+    end_reason: Optional[str]
+
+    @property
+    def target(self) -> Optional[tuple]:
+        return (self.target_host, self.target_port) if self.target_host else None
+
+    def is_over(self, now: float) -> bool:
+        return self.state == "ended" or now >= self.expires
+
+    def describe(self) -> dict:
+        """What /api/status shows: no secret, not even a hash."""
+        info = {"alias": self.alias, "state": "ended" if self.is_over(time.time()) else self.state,
+                "created": iso_time(self.created), "expires": iso_time(self.expires)}
+        if self.jobid:
+            info["jobid"] = self.jobid
+        if self.target:
+            host = self.target_host
+            info["target"] = f"[{host}]:{self.target_port}" if ":" in host else f"{host}:{self.target_port}"
+        if self.end_reason:
+            info["ended_because"] = self.end_reason
+        return info
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    alias       TEXT PRIMARY KEY,          -- three words; never reissued while the row exists
+    token_hash  TEXT NOT NULL UNIQUE,      -- sha256 of the browser/app token
+    key_hash    TEXT NOT NULL UNIQUE,      -- sha256 of the job's redeem/control key
+    state       TEXT NOT NULL,             -- queued running mapped proxied ended
+    created     REAL NOT NULL,
+    expires     REAL NOT NULL,             -- redeem deadline, then end of the session
+    lifetime    INTEGER NOT NULL,          -- seconds granted from redeem on
+    issued_to   TEXT NOT NULL,             -- address that asked for the link
+    jobid       TEXT,
+    target_host TEXT,                      -- decided by satellite: the redeemer's address
+    target_port INTEGER,
+    redeemed    REAL,
+    ended       REAL,
+    end_reason  TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_state ON sessions(state);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class Store:
+    """Sessions in SQLite (WAL), one connection per thread.
+
+    Other processes (cron refresh, admin commands) open the same file; WAL lets them
+    read while satellite writes. synchronous=NORMAL in WAL mode survives a crash of the
+    process (kill -9), which is what matters here; it may lose the last commits on power loss.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._local = threading.local()
+        db = self.db
+        db.executescript(SCHEMA)
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('cookie_secret', ?)", (secrets.token_hex(32),))
+        self.cookie_secret = bytes.fromhex(
+            db.execute("SELECT value FROM meta WHERE name = 'cookie_secret'").fetchone()[0])
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=15, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def _write(self, sql: str, params: tuple = ()) -> int:
+        return self.db.execute(sql, params).rowcount
+
+    def _session(self, where: str, value: str) -> Optional[Session]:
+        row = self.db.execute(f"SELECT * FROM sessions WHERE {where} = ?", (value,)).fetchone()
+        return Session(**dict(row)) if row else None
+
+    # lookups ---------------------------------------------------------------
+    def session(self, alias: str) -> Optional[Session]:
+        return self._session("alias", alias)
+
+    def session_by_key(self, key: str) -> Optional[Session]:
+        found = self._session("key_hash", hash_secret(key))
+        return found if found and secret_matches(key, found.key_hash) else None
+
+    def session_by_token(self, token: str) -> Optional[Session]:
+        found = self._session("token_hash", hash_secret(token))
+        return found if found and secret_matches(token, found.token_hash) else None
+
+    def live_session_by_key(self, key: str) -> Session:
+        """The session a job key controls, or ApiError 404 / 410."""
+        session = self.session_by_key(key) if key else None
+        if session is None:
+            raise ApiError(404, "unknown key")
+        if session.is_over(time.time()):
+            self.end(session.alias, "expired")
+            raise ApiError(410, "this session has ended")
+        return session
+
+    # changes ---------------------------------------------------------------
+    def create_link(self, issued_to: str, lifetime: int, redeem_within: int) -> tuple:
+        """A new session; returns (Session, token, key). Aliases are never reused."""
+        token, key = new_secret(), new_secret()
+        now = time.time()
+        for _ in range(20):
+            alias = new_alias()
+            try:
+                self._write("INSERT INTO sessions (alias, token_hash, key_hash, state, created, expires,"
+                            " lifetime, issued_to) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                            (alias, hash_secret(token), hash_secret(key), now, now + redeem_within,
+                             lifetime, issued_to))
+            except sqlite3.IntegrityError:
+                continue                       # alias taken (or retained): draw again
+            return self.session(alias), token, key
+        raise ApiError(503, "could not find an unused alias; the word list is exhausted")
+
+    def redeem(self, key: str, host: str, port: int) -> Session:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            session = self.live_session_by_key(key)
+            if session.target_host and session.target_host != host:
+                raise ApiError(409, f"already redeemed from another host")
+            state = "proxied" if session.state == "proxied" and session.target == (host, port) else "mapped"
+            db.execute("UPDATE sessions SET state = ?, target_host = ?, target_port = ?, redeemed = ?,"
+                       " expires = ? WHERE alias = ?",
+                       (state, host, port, time.time(), time.time() + session.lifetime, session.alias))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return self.session(session.alias)
+
+    def report_state(self, key: str, state: str, jobid: Optional[str]) -> Session:
+        session = self.live_session_by_key(key)
+        if jobid:
+            self._write("UPDATE sessions SET jobid = ? WHERE alias = ?", (jobid, session.alias))
+        # Reports only move a session forward: 'queued' after 'running', or either after redeem, is stale.
+        order = SESSION_STATES.index
+        if order(state) > order(session.state):
+            self._write("UPDATE sessions SET state = ? WHERE alias = ? AND state = ?",
+                        (state, session.alias, session.state))
+        return self.session(session.alias)
+
+    def mark_proxied(self, alias: str) -> None:
+        self._write("UPDATE sessions SET state = 'proxied' WHERE alias = ? AND state = 'mapped'", (alias,))
+
+    def end(self, alias: str, reason: str) -> None:
+        self._write("UPDATE sessions SET state = 'ended', ended = ?, end_reason = ?"
+                    " WHERE alias = ? AND state != 'ended'", (time.time(), reason, alias))
+
+
+###############################################################################
+# 5. HTTP parsing
+###############################################################################
+
+class HttpError(Exception):
+    """A request (or upstream response) that must be refused; the connection is closed."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Stream:
+    """A socket with a read buffer: line reads for message heads, bulk reads for bodies."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def fill(self) -> int:
+        data = self.sock.recv(RECV_SIZE)
+        self.buf += data
+        return len(data)
+
+    def readline(self, limit: int, deadline: Optional[float] = None) -> bytes:
+        """One line including its LF; b'' at EOF before any byte. Raises HttpError
+        414/431 (too long), 408 (deadline passed)."""
+        start = 0
+        while True:
+            end = self.buf.find(b"\n", start)
+            if end >= 0:
+                if end + 1 > limit:
+                    raise HttpError(431, "header line too long")
+                line = bytes(self.buf[:end + 1])
+                del self.buf[:end + 1]
+                return line
+            if len(self.buf) > limit:
+                raise HttpError(431, "header line too long")
+            start = len(self.buf)
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise HttpError(408, "request head took too long")
+                self.sock.settimeout(remaining)
+            if not self.fill():
+                line = bytes(self.buf)
+                self.buf.clear()
+                return line
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self.fill():
+                raise ConnectionError("peer closed mid-message")
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def read_into(self, view: memoryview) -> int:
+        """Up to len(view) bytes: buffered ones first, else one recv. 0 means EOF."""
+        if self.buf:
+            n = min(len(view), len(self.buf))
+            view[:n] = self.buf[:n]
+            del self.buf[:n]
+            return n
+        return self.sock.recv_into(view)
+
+    def take_buffered(self) -> bytes:
+        data = bytes(self.buf)
+        self.buf.clear()
+        return data
+
+
+class Headers:
+    """Header fields in order, names as sent; lookups are case-insensitive."""
+
+    def __init__(self, fields: list):
+        self.fields = fields                       # [(name, value)]
+
+    def get_all(self, name: str) -> list:
+        name = name.lower()
+        return [v for n, v in self.fields if n.lower() == name]
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        values = self.get_all(name)
+        return values[0] if values else default
+
+    def tokens(self, name: str) -> set:
+        """Comma-separated tokens of every line of a header, lower-cased (Connection, Upgrade)."""
+        return {t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip()}
+
+
+def read_head_fields(stream: Stream, max_bytes: int, deadline: Optional[float]) -> Headers:
+    """Header lines up to the empty line, strictly (RFC 9112 §5): no obs-fold, no space
+    before the colon, names are tokens, no CR/LF/NUL in values, CRLF line ends."""
+    fields, total = [], 0
+    while True:
+        line = stream.readline(max_bytes - total + 2, deadline)
+        total += len(line)
+        if total > max_bytes:
+            raise HttpError(431, "request headers too large")
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            raise HttpError(400, "header line not ended by CRLF (bare CR or LF)" if line else "incomplete head")
+        if line == b"\r\n":
+            return Headers(fields)
+        if len(fields) >= MAX_HEADER_COUNT:
+            raise HttpError(431, "too many header fields")
+        if line[:1] in (b" ", b"\t"):
+            raise HttpError(400, "obsolete line folding in headers")
+        text = line[:-2].decode("latin-1")
+        name, colon, value = text.partition(":")
+        if not colon or not TOKEN_CHARS.match(name):
+            raise HttpError(400, "malformed header field name")
+        value = value.strip(" \t")
+        if FIELD_VALUE_BAD.search(value):
+            raise HttpError(400, "control character in header value")
+        fields.append((name, value))
+
+
+@dataclasses.dataclass
+class Request:
+    method: str
+    target: str            # as sent, origin-form (/path?query)
+    version: str           # HTTP/1.0 or HTTP/1.1
+    headers: Headers
+    host: str              # lower-case, without port
+    host_header: str       # as sent (with port), forwarded unchanged
+    body: str              # 'none', 'length' or 'chunked'
+    length: int = 0
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.split("?", 1)[1] if "?" in self.target else ""
+
+    @property
+    def keep_alive(self) -> bool:
+        connection = self.headers.tokens("connection")
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in connection
+        return "close" not in connection
+
+    @property
+    def wants_websocket(self) -> bool:
+        return (self.method == "GET" and "websocket" in self.headers.tokens("upgrade")
+                and "upgrade" in self.headers.tokens("connection"))
+
+
+def read_request(stream: Stream, header_timeout: float) -> Optional[Request]:
+    """The next request head from a client, or None if it closed the connection quietly."""
+    line = stream.readline(MAX_REQUEST_LINE + 2)
+    if line == b"\r\n":                              # RFC 9112 §2.2: ignore one leading empty line
+        line = stream.readline(MAX_REQUEST_LINE + 2)
+    if not line:
+        return None
+    deadline = time.monotonic() + header_timeout
+    if len(line) > MAX_REQUEST_LINE or (not line.endswith(b"\n") and len(line) >= MAX_REQUEST_LINE):
+        raise HttpError(414, "request line too long")
+    if line.startswith(b"PRI * HTTP/2.0"):
+        raise HttpError(505, "HTTP/2 is not offered here; use HTTP/1.1")
+    if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        raise HttpError(400, "request line not ended by CRLF")
+    try:
+        text = line[:-2].decode("ascii")
+    except UnicodeDecodeError:
+        raise HttpError(400, "non-ASCII bytes in request line") from None
+    parts = text.split(" ")
+    if len(parts) != 3:
+        raise HttpError(400, "malformed request line (HTTP/0.9 is not supported)")
+    method, target, version = parts
+    if not re.fullmatch(r"HTTP/[0-9]\.[0-9]", version):
+        raise HttpError(400, "malformed HTTP version")
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise HttpError(505, f"{version} is not supported; use HTTP/1.1")
+    if not TOKEN_CHARS.match(method):
+        raise HttpError(400, "malformed method")
+    if not TARGET_SAFE.match(target):
+        raise HttpError(400, "malformed request target")
+    headers = read_head_fields(stream, MAX_HEADER_BYTES, deadline)
+    if method not in KNOWN_METHODS:
+        raise HttpError(501, f"method {method} is not supported")
+    return validate_request(method, target, version, headers)
+
+
+def validate_request(method: str, target: str, version: str, headers: Headers) -> Request:
+    """Host and body framing, refusing every ambiguous shape (RFC 9112 §3.2, §6.1, §6.3)."""
+    hosts = headers.get_all("host")
+    if len(hosts) != 1:
+        raise HttpError(400, "exactly one Host header is required" if hosts or version == "HTTP/1.1"
+                        else "a Host header is required")
+    host_header = hosts[0]
+    if not HOST_VALUE.match(host_header.lower()):
+        raise HttpError(400, "malformed Host header")
+    if target.startswith("/"):
+        pass
+    elif re.match(r"(?i)^https?://", target):              # absolute-form: only for this same host
+        parsed = urllib.parse.urlsplit(target)
+        if parsed.netloc.lower() != host_header.lower():
+            raise HttpError(400, "absolute request target names another host")
+        target = urllib.parse.urlunsplit(("", "", parsed.path or "/", parsed.query, ""))
+    else:
+        raise HttpError(400, "request target must be a path")
+    transfer = headers.get_all("transfer-encoding")
+    lengths = headers.get_all("content-length")
+    if transfer:
+        if lengths:
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        if version == "HTTP/1.0":
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip().lower() for v in transfer for c in v.split(",")]
+        if codings != ["chunked"]:
+            raise HttpError(501 if codings[-1:] == ["chunked"] else 400,
+                            "only Transfer-Encoding: chunked is accepted")
+        body, length = "chunked", 0
+    elif lengths:
+        if len(lengths) > 1 or not CONTENT_LENGTH.match(lengths[0]):
+            raise HttpError(400, "invalid or repeated Content-Length")
+        length = int(lengths[0])
+        body = "length" if length else "none"
+    else:
+        body, length = "none", 0
+    host = host_header.lower()
+    host = host[:host.rindex("]") + 1] if host.startswith("[") else host.split(":", 1)[0]
+    return Request(method, target, version, headers, host.rstrip("."), host_header, body, length)
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    reason: str
+    headers: Headers
+    body: str              # 'none', 'length', 'chunked' or 'close' (until the app closes)
+    length: int = 0
+
+
+def read_response(stream: Stream, request_method: str) -> Response:
+    """The app's response head, strictly; an ambiguous one is answered 502 by the caller."""
+    line = stream.readline(MAX_REQUEST_LINE)
+    if not line:
+        raise ConnectionError("app closed the connection before answering")
+    match = re.fullmatch(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: ([\t -~\x80-\xff]*))?\r\n", line)
+    if not match:
+        raise HttpError(502, "malformed status line from the app")
+    status = int(match.group(1))
+    reason = (match.group(2) or b"").decode("latin-1")
+    try:
+        headers = read_head_fields(stream, MAX_UPSTREAM_HEADER_BYTES, None)
+    except HttpError as exc:
+        raise HttpError(502, f"bad response head from the app: {exc.reason}") from None
+    transfer = headers.get_all("transfer-encoding")
+    lengths = headers.get_all("content-length")
+    if request_method == "HEAD" or status < 200 or status in (204, 304):
+        return Response(status, reason, headers, "none")
+    if transfer:
+        if lengths:
+            raise HttpError(502, "app sent both Transfer-Encoding and Content-Length")
+        codings = [c.strip().lower() for v in transfer for c in v.split(",")]
+        return Response(status, reason, headers, "chunked" if codings[-1:] == ["chunked"] else "close")
+    if lengths:
+        if len(set(lengths)) > 1 or not CONTENT_LENGTH.match(lengths[0]):
+            raise HttpError(502, "app sent an invalid Content-Length")
+        return Response(status, reason, headers, "length", int(lengths[0]))
+    return Response(status, reason, headers, "close")
+
+
+def read_small_body(stream: Stream, request: Request, limit: int) -> bytes:
+    """A whole (small) request body, for API forms."""
+    if request.body == "length":
+        if request.length > limit:
+            raise HttpError(413, "request body too large")
+        return stream.read_exact(request.length)
+    if request.body == "chunked":
+        parts = []
+        for chunk in iter_chunks(stream):
+            parts.append(chunk)
+            if sum(map(len, parts)) > limit:
+                raise HttpError(413, "request body too large")
+        return b"".join(parts)
+    return b""
+
+
+def read_chunk_size(stream: Stream) -> int:
+    line = stream.readline(1024)
+    match = CHUNK_SIZE_LINE.match(line)
+    if not match:
+        raise HttpError(400, "malformed chunk size")
+    return int(match.group(1), 16)
+
+
+def skip_trailers(stream: Stream) -> None:
+    for _ in range(MAX_HEADER_COUNT + 1):
+        line = stream.readline(8192)
+        if line == b"\r\n":
+            return
+        if not line.endswith(b"\r\n"):
+            raise HttpError(400, "malformed chunked trailer")
+    raise HttpError(431, "too many trailer fields")
+
+
+def iter_chunks(stream: Stream) -> Iterable:
+    """Decoded chunks of a chunked body (small bodies only; large ones are relayed)."""
+    while True:
+        size = read_chunk_size(stream)
+        if size == 0:
+            skip_trailers(stream)
+            return
+        data = stream.read_exact(size + 2)
+        if data[-2:] != b"\r\n":
+            raise HttpError(400, "chunk not followed by CRLF")
+        yield data[:-2]
+
+
+###############################################################################
+# 6. Management API
+###############################################################################
+
+def parse_params(request: Request, body: bytes) -> dict:
+    """Query and form-body parameters, each at most once."""
+    pairs = urllib.parse.parse_qsl(request.query, keep_blank_values=True)
+    if body:
+        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if ctype not in ("application/x-www-form-urlencoded", ""):
+            raise ApiError(415, "send parameters in the query or as application/x-www-form-urlencoded")
+        try:
+            pairs += urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+        except UnicodeDecodeError:
+            raise ApiError(400, "form body is not UTF-8") from None
+    params = {}
+    for name, value in pairs:
+        if name in params:
+            raise ApiError(400, f"parameter {name!r} given twice")
+        params[name] = value
+    return params
+
+
+def require(params: dict, name: str) -> str:
+    value = params.get(name, "")
+    if not value:
+        raise ApiError(400, f"missing parameter {name!r}")
+    return value
+
+
+def check_params(params: dict, allowed: Iterable) -> None:
+    unknown = sorted(set(params) - set(allowed) - {"format"})
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r}")
+
+
+class ManagementApi:
+    """The curl-able API on every host that is not a session alias.
+
+    Each endpoint takes (params, peer address) and returns (status, fields) or raises ApiError.
+    """
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
+        self.routes: dict = {
+            "/api/getlink": self.getlink,
+            "/api/redeem": self.redeem,
+            "/api/state": self.state,
+            "/api/release": self.release,
+            "/api/status": self.status,
+        }
+
+    def _from(self, peer: str, networks: tuple, what: str) -> None:
+        if not address_in(peer, networks):
+            raise ApiError(403, f"{what} is not allowed from {peer}")
+
+    def getlink(self, params: dict, peer: str) -> tuple:
+        self._from(peer, self.settings.issue_from, "getlink")
+        check_params(params, ("lifetime",))
+        lifetime = self.settings.session_lifetime
+        if params.get("lifetime"):
+            try:
+                lifetime = parse_duration(params["lifetime"])
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from None
+            if not 60 <= lifetime <= self.settings.max_session_lifetime:
+                raise ApiError(400, f"lifetime must be between 60s and {self.settings.max_session_lifetime}s")
+        session, token, key = self.store.create_link(peer, lifetime, self.settings.redeem_within)
+        log.info("issued %s to %s", session.alias, peer)
+        return 201, {"alias": session.alias, "url": self.settings.session_url(session.alias) + "?token=" + token,
+                     "token": token, "key": key, "state": session.state, "expires": iso_time(session.expires)}
+
+    def redeem(self, params: dict, peer: str) -> tuple:
+        self._from(peer, self.settings.redeem_from, "redeem")
+        check_params(params, ("key", "port"))
+        key, port_text = require(params, "key"), require(params, "port")
+        low, high = self.settings.port_range
+        if not port_text.isdigit() or not low <= int(port_text) <= high:
+            raise ApiError(400, f"port must be a number from {low} to {high}")
+        session = self.store.redeem(key, peer, int(port_text))
+        log.info("redeemed %s -> %s:%s", session.alias, peer, port_text)
+        return 200, session.describe()
+
+    def state(self, params: dict, peer: str) -> tuple:
+        self._from(peer, self.settings.issue_from + self.settings.redeem_from, "state")
+        check_params(params, ("key", "state", "jobid"))
+        key, state = require(params, "key"), require(params, "state")
+        if state not in REPORTABLE_STATES:
+            raise ApiError(400, "state must be queued or running")
+        jobid = params.get("jobid") or None
+        if jobid and not JOBID_SHAPE.match(jobid):
+            raise ApiError(400, "malformed jobid")
+        return 200, self.store.report_state(key, state, jobid).describe()
+
+    def release(self, params: dict, peer: str) -> tuple:
+        self._from(peer, self.settings.issue_from + self.settings.redeem_from, "release")
+        check_params(params, ("key",))
+        session = self.store.session_by_key(require(params, "key"))
+        if session is None:
+            raise ApiError(404, "unknown key")
+        self.store.end(session.alias, "released")          # idempotent: releasing twice is fine
+        log.info("released %s", session.alias)
+        return 200, self.store.session(session.alias).describe()
+
+    def status(self, params: dict, peer: str) -> tuple:
+        check_params(params, ("key", "token"))
+        if params.get("key"):
+            session = self.store.session_by_key(params["key"])
+        elif params.get("token"):
+            session = self.store.session_by_token(params["token"])
+        else:
+            raise ApiError(400, "give key= or token=")
+        if session is None:
+            raise ApiError(404, "unknown key or token")
+        return 200, session.describe()
+
+
+def format_fields(fields: dict, as_json: bool) -> tuple:
+    """(content type, body) for an API reply: key=value lines, or JSON."""
+    if as_json:
+        return "application/json", (json.dumps(fields) + "\n").encode()
+    return "text/plain; charset=utf-8", "".join(f"{k}={v}\n" for k, v in fields.items()).encode()
+
+
+###############################################################################
+# 7. Pages
+###############################################################################
+
+PAGE_STYLE = ("body{font:16px/1.5 system-ui,sans-serif;max-width:40em;margin:4em auto;padding:0 1em;color:#222}"
+              "h1{font-size:1.4em}code{background:#eee;padding:0 .3em}ol{padding-left:1.2em}"
+              "li{color:#999}li.done{color:#222}li.now{color:#222;font-weight:bold}")
+
+PAGE_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+                                "script-src 'unsafe-inline'; connect-src 'self'"),
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+]
+
+STATE_STEPS = [
+    ("queued", "Job waiting in the queue"),
+    ("running", "Job running, starting the app"),
+    ("mapped", "App registered, waiting for it to answer"),
+    ("proxied", "Connected"),
+]
+
+# Polls satellite's own status endpoint once a second; reloads once, when the app answers.
+STATUS_SCRIPT = """
+(function(){
+  var steps = %s;
+  function show(s){
+    var i = steps.indexOf(s.state);
+    document.querySelectorAll('li').forEach(function(li, n){
+      li.className = n < i ? 'done' : (n == i ? 'now' : '');
+    });
+    document.getElementById('msg').textContent = s.message || '';
+  }
+  function poll(){
+    fetch('%sstatus', {credentials: 'same-origin', cache: 'no-store'})
+      .then(function(r){ return r.json(); })
+      .then(function(s){
+        show(s);
+        if (s.ready) { location.reload(); return; }
+        if (s.state !== 'ended') setTimeout(poll, 1000);
+      })
+      .catch(function(){ setTimeout(poll, 2000); });
+  }
+  setTimeout(poll, 1000);
+})();
+"""
+
+
+def page(title: str, body_html: str, script: str = "") -> bytes:
+    script_tag = f"<script>{script}</script>" if script else ""
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
+            f"<meta name=viewport content='width=device-width,initial-scale=1'>"
+            f"<title>{html.escape(title)}</title><style>{PAGE_STYLE}</style></head>"
+            f"<body><h1>{html.escape(title)}</h1>{body_html}{script_tag}</body></html>\n").encode()
+
+
+def status_page(session: Session, note: str = "") -> bytes:
+    current = [s for s, _ in STATE_STEPS].index(session.state) if session.state in dict(STATE_STEPS) else 0
+    items = "".join(
+        f"<li class={'done' if n < current else 'now' if n == current else ''}>{html.escape(text)}</li>"
+        for n, (_, text) in enumerate(STATE_STEPS))
+    body = (f"<p>Your session <code>{html.escape(session.alias)}</code> is on its way. "
+            f"This page switches to your app by itself.</p><ol>{items}</ol>"
+            f"<p id=msg>{html.escape(note)}</p>"
+            f"<noscript><p>Reload this page in a few seconds.</p></noscript>")
+    script = STATUS_SCRIPT % (json.dumps([s for s, _ in STATE_STEPS]), INTERNAL_PREFIX)
+    return page("Starting your session", body, script)
+
+
+def message_page(status: int, text: str) -> bytes:
+    return page(f"{status} {HTTPStatus(status).phrase}", f"<p>{html.escape(text)}</p>")
+
+
+###############################################################################
+# 8. Proxy
+###############################################################################
+
+class Upstream:
+    """A keep-alive connection to one app, reused by one client connection."""
+
+    def __init__(self, target: tuple, timeout: float, connect_timeout: float):
+        self.target = target
+        sock = socket.create_connection(target, timeout=connect_timeout)
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stream = Stream(sock)
+        self.reused = False
+
+    def is_idle_and_open(self) -> bool:
+        """A pooled connection the app has not closed (readable while idle = EOF or junk)."""
+        if self.stream.buf:
+            return False
+        try:
+            readable, _, _ = select.select([self.stream.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def close(self) -> None:
+        try:
+            self.stream.sock.close()
+        except OSError:
+            pass
+
+
+def strip_satellite_cookie(value: str) -> str:
+    """The Cookie header without satellite's own cookie; the app's cookies untouched."""
+    return "; ".join(p for p in (c.strip() for c in value.split(";"))
+                     if p and p.split("=", 1)[0].strip() != COOKIE_NAME)
+
+
+def forwarded_request_head(request: Request, peer: str) -> bytes:
+    """The head sent to the app: hop-by-hop fields dropped, forwarding fields set by satellite."""
+    drop = HOP_BY_HOP | FORWARDING_HEADERS | request.headers.tokens("connection") | {"content-length", "expect"}
+    lines = [f"{request.method} {request.target} HTTP/1.1"]
+    for name, value in request.headers.fields:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == "cookie":
+            value = strip_satellite_cookie(value)
+            if not value:
+                continue
+        lines.append(f"{name}: {value}")
+    for_value = f'"[{peer}]"' if ":" in peer else peer
+    lines += [f"X-Forwarded-For: {peer}", "X-Forwarded-Proto: https",
+              f"X-Forwarded-Host: {request.host_header}",
+              f'Forwarded: for={for_value};proto=https;host="{request.host_header}"',
+              "Via: 1.1 satellite"]
+    if request.wants_websocket:
+        lines += ["Connection: Upgrade", "Upgrade: websocket"]
+    if request.body == "length":
+        lines.append(f"Content-Length: {request.length}")
+    elif request.body == "chunked":
+        lines.append("Transfer-Encoding: chunked")
+    elif request.method in ("POST", "PUT", "PATCH"):
+        lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def copy_exact(src: Stream, dst: socket.socket, count: int) -> int:
+    """Relay exactly count bytes, streaming through a bounded buffer."""
+    buffer = memoryview(bytearray(min(count, COPY_BUFFER)))
+    total = count
+    while count:
+        got = src.read_into(buffer[:min(count, len(buffer))])
+        if not got:
+            raise ConnectionError("peer closed mid-body")
+        dst.sendall(buffer[:got])
+        count -= got
+    return total
+
+
+def copy_chunked(src: Stream, dst: socket.socket, error_status: int = 400) -> int:
+    """Relay a chunked body chunk by chunk (so event streams flow), re-validating framing."""
+    total = 0
+    while True:
+        try:
+            size = read_chunk_size(src)
+        except HttpError as exc:
+            raise HttpError(error_status, exc.reason) from None
+        if size == 0:
+            skip_trailers(src)
+            dst.sendall(b"0\r\n\r\n")
+            return total
+        total += size
+        if size <= RECV_SIZE:                        # small chunk: one write with its framing
+            data = src.read_exact(size + 2)
+            if data[-2:] != b"\r\n":
+                raise HttpError(error_status, "chunk not followed by CRLF")
+            dst.sendall(b"%x\r\n" % size + data)
+            continue
+        dst.sendall(b"%x\r\n" % size)
+        copy_exact(src, dst, size)
+        if src.read_exact(2) != b"\r\n":
+            raise HttpError(error_status, "chunk not followed by CRLF")
+        dst.sendall(b"\r\n")
+
+
+def copy_until_close(src: Stream, dst: socket.socket, chunked: bool) -> int:
+    """Relay a body delimited by the app closing its connection, as chunks to the client."""
+    buffer = memoryview(bytearray(COPY_BUFFER))
+    total = 0
+    while True:
+        got = src.read_into(buffer)
+        if not got:
+            if chunked:
+                dst.sendall(b"0\r\n\r\n")
+            return total
+        total += got
+        if chunked:
+            dst.sendall(b"%x\r\n" % got + bytes(buffer[:got]) + b"\r\n")
+        else:
+            dst.sendall(buffer[:got])
+
+
+def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: Callable,
+                    check_every: float = 15.0, write_timeout: float = 120.0) -> tuple:
+    """Shuttle raw bytes both ways after a 101 until either side closes.
+
+    One thread, blocking sockets, `select` for readiness; the client side is TLS, so
+    decrypted bytes OpenSSL already holds (`pending()`) are drained before waiting.
+    `still_open()` is asked every `check_every` seconds of silence, so a revoked or
+    ended session is cut even if the socket is idle. Returns bytes (in, out).
+    """
+    client.settimeout(write_timeout)
+    upstream.settimeout(write_timeout)
+    pending = getattr(client, "pending", lambda: 0)
+    counts = {client: 0, upstream: 0}
+    peers = {client: upstream, upstream: client}
+    while True:
+        if pending():
+            ready = [client]
+        else:
+            ready, _, _ = select.select([client, upstream], [], [], check_every)
+            if not ready:
+                if not still_open():
+                    return counts[client], counts[upstream]
+                continue
+        for sock in ready:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except ssl.SSLWantReadError:
+                continue
+            if not data:
+                return counts[client], counts[upstream]
+            peers[sock].sendall(data)
+            counts[sock] += len(data)
+
+
+###############################################################################
+# 9. Server
+###############################################################################
+
+def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class Satellite:
+    """The running service: settings, store, TLS context and the API, shared by all threads."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store(settings.db)
+        self.api = ManagementApi(settings, self.store)
+        self.tls = load_tls_context(settings.cert, settings.key)
+        self.domain_suffix = "." + settings.domain
+
+    def reload_certificate(self) -> bool:
+        """Swap in a freshly loaded context; connections already open keep theirs."""
+        try:
+            self.tls = load_tls_context(self.settings.cert, self.settings.key)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("certificate reload failed, keeping the old certificate: %s", exc)
+            return False
+        log.info("certificate reloaded from %s", self.settings.cert)
+        return True
+
+    def alias_for_host(self, host: str) -> Optional[str]:
+        """'<w1-w2-w3>.<domain>' -> alias; any other host is the management API."""
+        if host.endswith(self.domain_suffix):
+            label = host[:-len(self.domain_suffix)]
+            if ALIAS_SHAPE.match(label):
+                return label
+        return None
+
+
+class ThreadedServer(socketserver.ThreadingTCPServer):
+    """One thread per connection; connections beyond max_connections are refused at once."""
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+    block_on_close = False
+
+    def __init__(self, app: Satellite):
+        self.app = app
+        host, port = app.settings.listen
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.open_connections = 0
+        self._count_lock = threading.Lock()
+        super().__init__((host, port), ConnectionHandler)
+
+    def process_request(self, request, client_address):
+        with self._count_lock:
+            if self.open_connections >= self.app.settings.max_connections:
+                log.warning("connection limit %d reached; refusing %s",
+                            self.app.settings.max_connections, client_address[0])
+                self.shutdown_request(request)
+                return
+            self.open_connections += 1
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self.open_connections -= 1
+
+    def handle_error(self, request, client_address):
+        log.exception("unexpected error serving %s", client_address[0])
+
+
+class ConnectionHandler(socketserver.BaseRequestHandler):
+    """One client connection: TLS handshake, then requests until close.
+
+    A request's path: read_request (strict parse) -> route by Host -> management API, or
+    session host -> authorize (token, cookie) -> status page or proxy to the app.
+    """
+
+    server: ThreadedServer
+
+    # connection --------------------------------------------------------------
+    def handle(self) -> None:
+        self.app: Satellite = self.server.app
+        self.settings = self.app.settings
+        self.peer = plain_address(self.client_address[0])
+        self.upstream: Optional[Upstream] = None
+        sock = self.tls_handshake(self.request)
+        if sock is None:
+            return
+        self.client = Stream(sock)
+        try:
+            while self.handle_one_request():
+                pass
+        except (ConnectionError, socket.timeout, ssl.SSLError, OSError) as exc:
+            log.debug("connection from %s ended: %s", self.peer, exc)
+        finally:
+            if self.upstream:
+                self.upstream.close()
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def tls_handshake(self, raw: socket.socket) -> Optional[ssl.SSLSocket]:
+        """Handshake in this worker thread, bounded by a timeout, so a silent client
+        blocks nobody else. A plain-HTTP request gets a plain-text hint."""
+        raw.settimeout(self.settings.handshake_timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            first = raw.recv(1, socket.MSG_PEEK)
+            if not first:
+                return None
+            if first != b"\x16":                        # not a TLS handshake record
+                raw.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                            b"Content-Length: 42\r\n\r\nThis port speaks HTTPS; use https:// URLs\n")
+                return None
+            return self.app.tls.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("TLS handshake with %s failed: %s", self.peer, exc)
+            return None
+
+    def handle_one_request(self) -> bool:
+        """Serve one request; True to keep the connection for another."""
+        self.client.sock.settimeout(self.settings.idle_timeout)
+        self.status, self.sent = 0, 0
+        started = time.monotonic()
+        request = None
+        try:
+            request = read_request(self.client, self.settings.header_timeout)
+            if request is None:
+                return False
+            self.client.sock.settimeout(self.settings.upstream_timeout)
+            keep = self.route(request)
+        except HttpError as exc:
+            self.send_page(exc.status, message_page(exc.status, exc.reason), close=True)
+            keep = False
+        finally:
+            if self.status:
+                self.log_access(request, started)
+        return keep and request is not None and request.keep_alive
+
+    def log_access(self, request: Optional[Request], started: float) -> None:
+        line = f"{request.method} {redact(request.target)} {request.version}" if request else "-"
+        host = request.host_header if request else "-"
+        access_log.info('%s - - [%s] "%s" %d %d "%s" %.3f', self.peer,
+                        time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime()), line,
+                        self.status, self.sent, host, time.monotonic() - started)
+
+    # responses ---------------------------------------------------------------
+    def send_head(self, status: int, headers: list, reason: str = "") -> None:
+        lines = [f"HTTP/1.1 {status} {reason or HTTPStatus(status).phrase}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        self.client.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.status = status
+
+    def send_page(self, status: int, body: bytes, content_type: str = "text/html; charset=utf-8",
+                  headers: Iterable = (), close: bool = False, head_only: bool = False) -> bool:
+        """A complete response from satellite itself, head and body in one write."""
+        fields = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        fields += PAGE_HEADERS + list(headers)
+        if close:
+            fields.append(("Connection", "close"))
+        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"] + [f"{n}: {v}" for n, v in fields]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.client.sock.sendall(head if head_only else head + body)
+        self.status, self.sent = status, (0 if head_only else len(body))
+        return not close
+
+    def refuse(self, request: Request, status: int, text: str, headers: Iterable = ()) -> bool:
+        """An error page; the connection closes if the request's body was not read."""
+        return self.send_page(status, message_page(status, text), headers=headers,
+                              close=request.body != "none", head_only=request.method == "HEAD")
+
+    # routing -----------------------------------------------------------------
+    def route(self, request: Request) -> bool:
+        alias = self.app.alias_for_host(request.host)
+        if alias is None:
+            return self.serve_management(request)
+        return self.serve_session(request, alias)
+
+    def serve_management(self, request: Request) -> bool:
+        if request.path == "/healthz":
+            return self.send_page(200, b"ok\n", "text/plain; charset=utf-8", head_only=request.method == "HEAD")
+        endpoint = self.app.api.routes.get(request.path)
+        as_json = "application/json" in (request.headers.get("accept") or "")
+        try:
+            if endpoint is None:
+                raise ApiError(404, f"no such endpoint {request.path}; see /api/getlink, /api/redeem,"
+                                    " /api/state, /api/release, /api/status, /healthz")
+            if request.method not in ("GET", "POST", "HEAD"):
+                raise ApiError(405, "use GET or POST")
+            if request.headers.get("expect", "").lower() == "100-continue" and request.body != "none":
+                self.client.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            params = parse_params(request, read_small_body(self.client, request, MAX_API_BODY))
+            as_json = as_json or params.get("format") == "json"
+            status, fields = endpoint(params, self.peer)
+        except ApiError as exc:
+            status, fields = exc.status, {"error": exc.reason}
+            log.info("api %s from %s: %d %s", request.path, self.peer, exc.status, exc.reason)
+        except sqlite3.OperationalError as exc:
+            status, fields = 503, {"error": "database unavailable, try again"}
+            log.error("database error on %s: %s", request.path, exc)
+        ctype, body = format_fields(fields, as_json)
+        extra = [("Allow", "GET, POST, HEAD")] if status == 405 else []
+        return self.send_page(status, body, ctype, headers=extra, head_only=request.method == "HEAD")
+
+    def serve_session(self, request: Request, alias: str) -> bool:
+        session = self.app.store.session(alias)
+        if session is None:
+            return self.refuse(request, 404, "There is no session at this address.")
+        if session.is_over(time.time()):
+            if session.state != "ended":
+                self.app.store.end(alias, "expired")
+            return self.refuse(request, 410, "This session has ended. Start a new one to get a new link.")
+        credential = self.credential(request, session)
+        if credential is None:
+            return self.refuse(request, 403, "This link needs its token: open the full link you were given "
+                                             "(the one ending in ?token=...).")
+        cookie = []
+        if credential != "cookie":
+            value = cookie_value(self.app.store.cookie_secret, alias, session.token_hash)
+            cookie = [("Set-Cookie", f"{COOKIE_NAME}={value}; Path=/; Secure; HttpOnly; SameSite=Lax")]
+        if request.path.startswith(INTERNAL_PREFIX):
+            return self.serve_internal(request, session)
+        if session.target is None:
+            return self.send_status_page(request, session, cookie)
+        return self.proxy(request, session, cookie)
+
+    def credential(self, request: Request, session: Session) -> Optional[str]:
+        """How the request proves it holds the session's token: 'query', 'cookie', 'header' or None."""
+        if "token=" in request.query:
+            for name, value in urllib.parse.parse_qsl(request.query, keep_blank_values=True):
+                if name == "token" and secret_matches(value, session.token_hash):
+                    return "query"
+        expected = None
+        for header in request.headers.get_all("cookie"):
+            for part in header.split(";"):
+                name, _, value = part.strip().partition("=")
+                if name == COOKIE_NAME:
+                    expected = expected or cookie_value(self.app.store.cookie_secret, session.alias,
+                                                        session.token_hash)
+                    if hmac.compare_digest(value.encode(), expected.encode()):
+                        return "cookie"
+        scheme, _, value = (request.headers.get("authorization") or "").partition(" ")
+        if scheme.lower() in ("token", "bearer") and secret_matches(value.strip(), session.token_hash):
+            return "header"
+        return None
+
+    def serve_internal(self, request: Request, session: Session) -> bool:
+        if request.path == INTERNAL_PREFIX + "status":
+            info = {"alias": session.alias, "state": session.state, "ready": self.app_answers(session),
+                    "expires": iso_time(session.expires)}
+            info["message"] = {"queued": "Waiting for the batch system to start the job.",
+                               "running": "The job is running; the app is starting.",
+                               "mapped": "The app has registered; waiting for it to answer."}.get(session.state, "")
+            ctype, body = format_fields(info, True)
+            return self.send_page(200, body, ctype, head_only=request.method == "HEAD")
+        return self.refuse(request, 404, "No such satellite page.")
+
+    def app_answers(self, session: Session) -> bool:
+        if session.target is None:
+            return False
+        try:
+            socket.create_connection(session.target, timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def send_status_page(self, request: Request, session: Session, cookie: list, note: str = "") -> bool:
+        return self.send_page(503, status_page(session, note), headers=[("Retry-After", "2")] + cookie,
+                              close=request.body != "none", head_only=request.method == "HEAD")
+
+    # proxying ------------------------------------------------------------------
+    def connect_upstream(self, target: tuple) -> Upstream:
+        if self.upstream is not None:
+            if self.upstream.target == target and self.upstream.is_idle_and_open():
+                self.upstream.reused = True
+                return self.upstream
+            self.upstream.close()
+            self.upstream = None
+        self.upstream = Upstream(target, self.settings.upstream_timeout, self.settings.upstream_connect_timeout)
+        return self.upstream
+
+    def drop_upstream(self) -> None:
+        if self.upstream:
+            self.upstream.close()
+            self.upstream = None
+
+    def proxy(self, request: Request, session: Session, cookie: list) -> bool:
+        """Forward one request to the session's app and relay its answer."""
+        head = forwarded_request_head(request, self.peer)
+        for attempt in (1, 2):
+            try:
+                upstream = self.connect_upstream(session.target)
+            except OSError as exc:
+                log.info("app of %s at %s not reachable: %s", session.alias, session.target, exc)
+                if session.state == "mapped":
+                    return self.send_status_page(request, session, cookie, "The app is not answering yet.")
+                return self.refuse(request, 502, "The app behind this link is not answering. "
+                                                 "It may have stopped; check your job.")
+            try:
+                upstream.stream.sock.sendall(head)
+                if request.body != "none":
+                    if request.headers.get("expect", "").lower() == "100-continue":
+                        self.client.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self.relay_request_body(request, upstream)
+                response = read_response(upstream.stream, request.method)
+                while 100 <= response.status < 200 and response.status != 101:
+                    response = read_response(upstream.stream, request.method)   # drop interim answers
+                break
+            except HttpError as exc:
+                self.drop_upstream()
+                if exc.status == 400:                    # the client's body was malformed
+                    raise
+                return self.refuse(request, 502, exc.reason)
+            except (ConnectionError, socket.timeout, OSError) as exc:
+                retry = upstream.reused and attempt == 1 and request.body == "none" \
+                    and request.method in IDEMPOTENT_METHODS
+                self.drop_upstream()
+                if retry:
+                    continue                             # the pooled connection had gone stale
+                log.info("app of %s failed mid-request: %s", session.alias, exc)
+                return self.refuse(request, 502, "The app closed the connection.")
+        if session.state == "mapped":
+            self.app.store.mark_proxied(session.alias)
+        if response.status == 101:
+            return self.switch_to_websocket(request, session, response, cookie)
+        return self.relay_response(request, response, cookie)
+
+    def relay_request_body(self, request: Request, upstream: Upstream) -> None:
+        if request.body == "length":
+            copy_exact(self.client, upstream.stream.sock, request.length)
+        else:
+            copy_chunked(self.client, upstream.stream.sock)
+
+    def relay_response(self, request: Request, response: Response, cookie: list) -> bool:
+        """Status and headers (hop-by-hop dropped), then the body, streamed in its own framing."""
+        drop = HOP_BY_HOP | response.headers.tokens("connection") | {"content-length"}
+        fields = [(n, v) for n, v in response.headers.fields if n.lower() not in drop]
+        client_keep = request.keep_alive
+        upstream_keep = "close" not in response.headers.tokens("connection") and response.body != "close"
+        if response.body == "length":
+            fields.append(("Content-Length", str(response.length)))
+        elif response.body in ("chunked", "close"):
+            if request.version == "HTTP/1.1":
+                fields.append(("Transfer-Encoding", "chunked"))
+            else:
+                client_keep = False
+        elif request.method == "HEAD" and response.headers.get("content-length"):
+            fields.append(("Content-Length", response.headers.get("content-length")))
+        if not client_keep:
+            fields.append(("Connection", "close"))
+        self.send_head(response.status, fields + cookie, response.reason)
+        source, sink = self.upstream.stream, self.client.sock
+        try:
+            if response.body == "length":
+                self.sent = copy_exact(source, sink, response.length)
+            elif response.body == "chunked":
+                if request.version == "HTTP/1.1":
+                    self.sent = copy_chunked(source, sink, error_status=502)
+                else:
+                    for chunk in iter_chunks(source):
+                        sink.sendall(chunk)
+                        self.sent += len(chunk)
+            elif response.body == "close":
+                self.sent = copy_until_close(source, sink, chunked=request.version == "HTTP/1.1")
+        except HttpError as exc:                           # the app broke framing mid-body
+            log.info("bad body from app: %s", exc.reason)
+            self.drop_upstream()
+            return False
+        except (ConnectionError, socket.timeout, OSError) as exc:
+            log.info("relay interrupted: %s", exc)
+            self.drop_upstream()
+            return False
+        if not upstream_keep:
+            self.drop_upstream()
+        return client_keep
+
+    def switch_to_websocket(self, request: Request, session: Session, response: Response, cookie: list) -> bool:
+        if not request.wants_websocket:
+            self.drop_upstream()
+            return self.refuse(request, 502, "The app switched protocols unasked.")
+        drop = (HOP_BY_HOP - {"upgrade"}) | response.headers.tokens("connection") - {"upgrade"}
+        fields = [(n, v) for n, v in response.headers.fields if n.lower() not in drop]
+        self.send_head(101, fields + [("Connection", "Upgrade")] + cookie, response.reason)
+        upstream, self.upstream = self.upstream, None
+        try:
+            if self.client.buf:
+                upstream.stream.sock.sendall(self.client.take_buffered())
+            if upstream.stream.buf:
+                self.client.sock.sendall(upstream.stream.take_buffered())
+            alias = session.alias
+            still_open = lambda: not self.app.store.session(alias).is_over(time.time())
+            received, sent = relay_websocket(self.client.sock, upstream.stream.sock, still_open)
+            self.sent = sent
+        except (ConnectionError, socket.timeout, OSError) as exc:
+            log.debug("websocket of %s ended: %s", session.alias, exc)
+        finally:
+            upstream.close()
+        return False
+
+
+###############################################################################
+# 10. Commands
+###############################################################################
+
+def setup_logging(settings: Settings) -> None:
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    access_log.propagate = False
+    if settings.access_log == "off":
+        access_log.disabled = True
+        return
+    handler = (logging.StreamHandler(sys.stderr) if settings.access_log == "-"
+               else logging.FileHandler(settings.access_log))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+
+
+def command_serve(settings: Settings) -> int:
+    setup_logging(settings)
+    try:
+        app = Satellite(settings)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("cannot load certificate %s / key %s: %s", settings.cert, settings.key, exc)
+        return 1
+    except sqlite3.Error as exc:
+        log.error("cannot open database %s: %s", settings.db, exc)
+        return 1
+    try:
+        server = ThreadedServer(app)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", *settings.listen, exc)
+        return 1
+    signal.signal(signal.SIGHUP, lambda *_: app.reload_certificate())
+    stop = lambda *_: threading.Thread(target=server.shutdown, daemon=True).start()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host, port = server.server_address[:2]
+    log.info("satellite %s serving https://*.%s on %s:%d (links use port %d)",
+             __version__, settings.domain, host, port, settings.link_port)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+    log.info("satellite stopped")
+    return 0
+
+
+SETTING_FLAGS = [
+    # flag, dest, help
+    ("--domain", "domain", "DNS domain whose wildcard *.DOMAIN points at this host (required)"),
+    ("--listen", "listen", "HOST:PORT to listen on (default 127.0.0.1:8443; [::]:443 in production)"),
+    ("--cert", "cert", "certificate chain (PEM) valid for *.DOMAIN; reloaded on SIGHUP"),
+    ("--key", "key", "private key (PEM) of the certificate"),
+    ("--db", "db", "SQLite database file (default ./satellite.db)"),
+    ("--issue-from", "issue_from", "CIDR[,CIDR] allowed to call /api/getlink: your login nodes"),
+    ("--redeem-from", "redeem_from", "CIDR[,CIDR] allowed to call /api/redeem: your compute nodes"),
+    ("--port-range", "port_range", "ports a job may redeem (default 1024-65535)"),
+    ("--redeem-within", "redeem_within", "how long a link waits for its job to redeem it (default 2d)"),
+    ("--session-lifetime", "session_lifetime", "session length after redeem when getlink names none (default 12h)"),
+    ("--max-session-lifetime", "max_session_lifetime", "longest lifetime getlink may ask for (default 7d)"),
+    ("--public-port", "public_port", "port shown in links, if a front maps 443 elsewhere (default: listen port)"),
+    ("--access-log", "access_log", "access log file, '-' for stderr (default) or 'off'; secrets are redacted"),
+    ("--log-level", "log_level", "debug, info, warning or error (default info)"),
+    ("--max-connections", "max_connections", "open connections at most (default 4096)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="satellite",
+        description="HTTPS reverse proxy that gives batch jobs a secure link (https://<three-words>.DOMAIN/).",
+        epilog="Example:\n  satellite serve --domain sat.example.edu --listen [::]:443 \\\n"
+               "      --cert /etc/satellite/fullchain.pem --key /etc/satellite/privkey.pem \\\n"
+               "      --issue-from 10.1.0.0/24 --redeem-from 10.2.0.0/16 --db /var/lib/satellite/satellite.db\n\n"
+               "Then, from a login node:  curl https://manage.sat.example.edu/api/getlink",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"satellite {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="run the proxy and its API",
+        description="Run the HTTPS proxy. Settings come from -c FILE ([satellite] section, same names as the "
+                    "flags, e.g. issue-from = 10.1.0.0/24) and flags, flags winning. SIGHUP reloads the "
+                    "certificate; SIGTERM stops.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("-c", "--config", metavar="FILE", help="INI file with a [satellite] section")
+    for flag, dest, help_text in SETTING_FLAGS:
+        serve.add_argument(flag, dest=dest, metavar=dest.split("_")[-1].upper(), help=help_text)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    overrides = {dest: getattr(args, dest) for _, dest, _ in SETTING_FLAGS}
+    try:
+        settings = Settings.from_sources(args.config, overrides)
+    except ValueError as exc:
+        parser.exit(2, f"satellite: error: {exc}\n")
+    if args.command == "serve":
+        return command_serve(settings)
+    return 2
+
+
+###############################################################################
+# 11. Word list
+###############################################################################
+# Aliases are three words drawn from this list: the words of 3 to 7 letters of the
+# EFF Large Wordlist (https://www.eff.org/dice, CC BY 3.0 US), 4,438 words, ~36 bits
+# an alias. The alias is an address, not a secret: the token and key are the secrets.
+
+WORDS = """
+abacus abdomen abide abiding ability ablaze able abreast abridge abroad absence absolve abstain absurd accent
+acclaim account acetone aching acid acorn acquire acre acrobat acronym acting action active actress acts acutely
+aerosol afar affair affirm affix afford affront aflame afloat afoot afraid aged ageless agency agenda agent aghast
+agile agility aging agonize agony agreed aground ahead ahoy aide aids aim ajar alarm album alfalfa algebra alias
+alibi aliens alike alive almanac almost aloe aloft aloha alone aloof alright alto alumni always amaze amber ambush
+amends amenity amiable amid amigo amino amiss ammonia amnesty among amount ample amplify amply amuck amulet amused
+amuser amusing anagram anatomy anchor anchovy ancient android anemia anemic anew angelic anger angled angler angles
+angling angrily angular animal animate anime ankle annex annuity another antacid anthem anthill antics antler
+antonym antsy anvil anybody anyhow anymore anyone anytime anyway aorta apache apostle appear appease applaud apple
+applied apply approve apricot april apron aptly aqua area arena argue arise armband armed armful armhole arming
+armless armoire armored armory armrest army aroma arose around arousal arrange array arrest arrival arrive arson art
+ascend ascent ashamed ashen ashes ashy aside askew asleep aspect aspire aspirin astound astride astute atlas atom
+atop atrium atrophy attach attain attempt attest attic attire auction audible audibly audio august author autism
+avatar avenge avenue average avert aviator avid avoid await awaken award aware awhile awkward awning awoke awry axis
+babble babied baboon backed backer backing backlit backlog backup bacon badass badge badland badly badness baffle
+bagel bagful baggage bagged baggie bagging baggy bagpipe baked bakery baking balance balcony balmy bamboo banana
+banish banjo banked banker banking banner banshee banter barbed barbell barber barcode barge barista barley barmaid
+barman barn barrack barrel barrier bash basics basil basin basis basket batboy batch bath baton bats battery batting
+battle bauble bazooka blabber bladder blade blah blame blaming blank blast blazer blazing bleach bleak bleep blemish
+blend bless blimp bling blinked blinker blinks blip blitz bloated blob blog blooper blot blouse blubber bluff bluish
+blunt blurb blurred blurry blurt blush boaster boat bobbed bobbing bobble bobcat bobsled bobtail body bogged boggle
+bogus boil bok bolster bolt bonanza bonded bonding boned boney bonfire bonnet bonsai bonus bony book booted booth
+bootie booting bootleg boots boozy borax boring borough boss botany botch both bottle bottom bounce bouncy bovine
+boxcar boxer boxing boxlike boxy breach breath breeder breeze breezy brewery brewing briar bribe brick bride bridged
+brigade bright brim bring brink brisket briskly bristle brittle broaden broadly broiler broken broker bronco bronze
+brook broom brought browse brunch brunt brush brute bubble bubbly bucked bucket buckle budding buddy budget buffalo
+buffed buffer buffing buffoon buggy bulb bulge bulgur bulk bulldog bullion bullish bullpen bully bunch bundle bungee
+bunion bunkbed bunny bunt busboy bush busily busload bust buzz cabana cabbage cabbie cable caboose cache cackle
+cacti cactus caddie caddy cadet cadmium cage cahoots cake calcium caliber calm caloric calorie calzone cameo camera
+camper camping campus canal canary cancel candied candle candy cane canine canned canning cannon cannot canola canon
+canopy canteen canyon capable capably cape capital capitol capped capsize capsule caption captive capture caramel
+carat caravan carbon carded cardiac caress cargo caring carless carload carnage carol carpool carport carried carrot
+carry cartel carton cartoon carve carving carwash cascade case cash casing casino casket catalog catcall catcher
+catchy caterer catfish catlike catnap catnip catsup cattail cattle catty catwalk caucus causal cause causing caution
+cavalry caviar cavity cedar celery celtic cement census certify chafe chain chair chalice chamber chance change
+channel chant chaos chapped chaps chapter charger chariot charity charm charred charter chase chasing chaste chatter
+chatty cheddar cheek cheer cheese cheesy chef chemist chemo cherub chess chest chevron chevy chewer chewing chewy
+chief chili chill chimp chip chirpy chive choice choking chomp chooser choosy chop chosen chowder chrome chubby
+chuck chug chummy chump chunk churn chute cider cinch cinema circle circus citable citadel citizen citric citrus
+city civic civil clad claim clammy clamor clamp clang clapped clapper clarify clarity clash clasp class clatter
+clause claw clay clean clear cleat cleaver cleft clench clerk clever clicker client climate cling clinic clip clique
+cloak clobber clock clone cloning closure clothes cloud clover clubbed clump clumsy clunky clutch clutter coach
+coastal coaster coat cobalt cobbler cobweb cocoa coconut cod coerce coexist coffee coil coke cola cold collage
+collar collide collie colony colt coma come comfort comfy comic coming comma commend comment commode common commute
+company compare compel compile comply compost comrade concave conceal concept concert conch concise concur condone
+conduit cone confess confirm conform conical conjure consent console consult contact contend contest context contort
+contour control convene convent cope copied copier copilot coping copious copper copy coral cork corncob cornea
+corned corner corny coroner corral correct corrode corsage corset cortex cosmic cosmos cost cottage cotton couch
+cough could country county courier cover coveted coyness cozily cozy cradle crafter crafty cramp crane cranial
+cranium crank crate crave craving crayon crazed crazily crazy creamed creamer crease create credit creed creme
+creole crepe crept crested crevice crewman crib cricket cried crier crimp crimson cringe crinkle crinkly crisped
+crisply crispy critter croak crock crook croon crop cross crouch crouton crowbar crowd crown crucial crudely cruelly
+cruelty crumb crummy crumpet crunchy crushed crusher crust crux crying cryptic crystal cube cubical cubicle cuddle
+cuddly culprit culture cupcake cupid cupped cupping curable curator curdle cure curfew curing curled curler curling
+curly curry curse cursive cursor curtain curtly curtsy curve curvy cushy cusp cussed custard custody customs cut
+cycle cyclic cycling cyclist cymbal dab dad dagger daily dainty dairy daisy dance dancing dander dandy danger dangle
+dares darkish darling darn dart dash data dating dawdler dawn daybed daycare daylong dayroom daytime dazzler deacon
+dealer dealing dealt dean debate debit debrief debtor debug debunk decade decaf decal decay deceit decency decent
+decibel decimal deck decline decode decoy decree deduce deduct deed deem deepen deeply deface defame default defeat
+defense defiant defile define deflate defog defraud defrost deftly defuse defy degree deity delay delete delouse
+delta deluge deluxe demise demote denial denim denote dense density dental dentist denture deny depict deplete
+deploy deport depose depress deprive depth deputy derail derby derived deserve desktop despair despise despite
+destiny detail detest detract deuce devalue deviant deviate device devious devotee diagram dial diaper diary dice
+dicing dictate dig dill dilute dime dimly dimmed dimmer dimness dimple diner dingbat dinghy dingo dingy dining
+dinner diocese dioxide diploma dipped dipper dipping disarm disband discard discern discuss disdain dish disjoin
+disk dislike dismay dismiss disobey disown display dispose dispute disrupt distant distill distort ditch ditto ditzy
+divided diving dizzy doable docile dock dodge dodgy doily doing dole dollar dollop dolly dolphin domain donated
+donator donor donut doodle doorman doormat doorway doozy dork dorsal dosage dose dotted douche dove down dowry doze
+drab drained drainer drank drapery drastic draw dreaded dreamt dreamy dreary drench dress drew dribble dried drier
+drift driller drippy driven driver driving drizzle drizzly drone drool droop dropbox droplet dropout dropper drove
+drown drudge drum dry dubbed duchess ducking ducky duct dude duffel dugout duh duke duller duly dumping duo dupe
+duplex durable durably duress during dusk dust dutiful duty duvet dwarf dweeb dwelled dweller dwindle dynamic
+dynasty each eagle earache eardrum earflap earful earlobe early earmark earmuff earring earshot earthen earthly
+earthy earwig easeful easel easiest easily easing easter eatable eaten eatery eating eats ebay ebony ebook ecard
+echo eclair eclipse ecology economy edge edging edgy edition editor eel effects effort egging eggnog egotism either
+eject elastic elated elbow elderly eldest elevate eleven elf elite elitism elixir elk ellipse elm elope elude
+elusive elves email embargo embark embassy ember emblaze emblem embody emboss emcee emerald emit emote emotion
+empathy emperor empower emptier empty emu enable enamel enclose encode encore encrust encrypt ended ending endless
+endnote endorse energy engaged engine engorge engross engulf enhance enjoyer enrage enrich enroll enslave ensnare
+ensure entail entire entitle entity entomb entrap entree entrust entwine envious envoy envy enzyme epic episode
+equal equate equator equinox equity erased eraser erasure errand errant erratic error erupt eskimo esquire essay
+essence estate etching eternal ethanol ether ethics evacuee evade evasion evasive even evict evident evil evoke
+evolve exact exalted example excess exclaim exclude excuse exert exes exhale exhaust exhume exile exit exodus expand
+expanse expel expend expert expire explain explode exploit explore expose express extent extinct extras extrude
+fable fabric faceted facial facing faction factoid factor factual faculty fade fading failing falcon fall false
+falsify fame family famine fanatic fancied fancy fanfare fang fanning fantasy fascism faster fasting faucet favored
+fax feast federal fedora feeble feed feel feisty feline femur fence fencing fender ferment ferret ferris ferry
+fervor fester festive fetal fetch fever fiber fiction fiddle fidgety fifteen fifth fifty figment figure filing
+filled filler filling film filter filth finale finally finance finch finer finicky finite finless finlike fit five
+flaccid flagman flail flakily flaky flame flanked flap flaring flashy flask flatbed flatly flatten flattop fled
+fleshed fleshy flick flier flight flinch fling flint flip flirt float flock flop floral florist floss flyable
+flyaway flyer flying flyover foam foe fog foil folic folk follow fondly fondue font food fool footage footer footing
+footman footpad footsie fossil foster founder fox foyer fragile frail frame framing frantic frayed fraying frays
+freebee freebie freedom freeing freely freeway freight french frenzy fresh fretful fretted friday fridge fried
+friend frill fringe frisbee frisk fritter frolic from front frosted frosty froth frown frozen fruit frying gab gaffe
+gag gaining gains gala gallery galley gallon gallows galore game gaming gamma gander gangly gangway gap garage
+garbage garden gargle garland garlic garment garnet garnish garter gas gating gauging gauze gave gawk gazing gear
+gecko geek geiger gem gender generic genre gentile gently gents geology gerbil gestate gesture getaway getting getup
+giant giblet giddily giddy gift giggle giggly gigolo gilled gills gimmick girdle given giver giving gizmo gizzard
+glacial glacier glade gladly glamour glance glare glaring glass glazing gleeful glider gliding glimmer glimpse
+glisten glitch glitter glitzy gloater gloomy glorify glory gloss glove glowing glucose glue gluten glutton gnarly
+gnat goal goes goggles going golf goliath gonad gondola gone gong good gooey goofy google goon gopher gore gorged
+gory gosling gossip gothic gotten gout gown grab graded grader grading grafted grain grandly grandma grandpa granite
+granny granola grant grape graph grapple grasp grass gratify grating gravel graves gravity gravy gray grazing greedy
+green greeter grew grid grief grill grimace grime grimy grinch grip gristle grit groggy groin groom groove groovy
+grope ground grouped grout grove grower growing growl grub grudge gruffly grumble grumbly grunge grunt guide guiding
+guise gulf gully gulp gumball gumdrop gumming gummy gurgle guru gush gusto gusty gutless guts gutter guy guzzler
+habitat hacked hacker hacking hacksaw had haggler haiku half halogen halt halved halves hamlet hammock hamper
+hamster handbag handed handful handgun handled handler handoff handsaw handset hangout hangup hankie hanky happier
+happily happy harbor hardhat hardly hardy harmful harmony harness harpist harsh harvest hash hassle haste hastily
+hasty hatbox hatchet hate hatless hatred haunt haven hazard hazily hazing hazy headed header heading headset headway
+heap heat heave heavily heaving hedge hedging hefty helium helmet helper helpful helping hemlock hence henna herald
+herbal herbs hermit heroics heroism herring herself hertz hexagon hubcap huddle huff hug hula hulk hull human humble
+humbly humid humming hummus humped humvee hunger hungry hunk hunter hunting hurdle hurled hurler hurling hurray
+hurried hurry hurt husband hush husked hut hybrid hydrant hyphen ice iciness icing icky icon icy ideally idiocy
+idiom idly igloo ignore iguana image imaging imitate immerse impale impart impeach impish implant implode imply
+impose impound imprint improve impulse impure iodine iodize ion ipad iphone ipod irate irk iron islamic isotope
+issue issuing italics item itunes ivory ivy jab jackal jacket jackpot jailer jam janitor january jargon jarring
+jasmine jaunt java jawed jawless jawline jaws jaybird jazz jeep jellied jelly jersey jester jet jiffy jigsaw jimmy
+jingle jinx jitters jittery job jockey jogger jogging john joining jolly jolt jot jovial joyous joyride judge judo
+juggle jugular juice juicy jujitsu jukebox july jumble jumbo jump june junior juniper junkie junkman jurist juror
+jury justice justify justly kabob karaoke karate karma kebab keenly keep keg kelp kennel kept kettle kick kiln kilt
+kimono kindle kindly kindred kinetic kinfolk king kinship kinsman kisser kissing kitchen kite kitten kitty kiwi
+kleenex knee knelt knoll koala kooky kosher krypton kudos kung labored laborer ladder ladies ladle ladybug lagged
+lagging lagoon lair lake lance landed landing lanky lantern lapdog lapel lapped lapping laptop lard large lark lash
+lasso last latch late lather latrine latter launch launder laundry laurel lavish lazily lazy left legacy legal
+legend legged legible legibly lego legroom legume legwork lemon lend length lens lent leotard lesser letdown letter
+lettuce level levers liable liberty library licking lid life lifter lifting liftoff likely liking lilac lilly lily
+limb limeade limes limit limping line lingo lining linked linseed lint lion lip liquefy liqueur liquid lisp list
+litmus litter little livable lived lively liver lividly living lizard lucid luckily lugged lullaby lumber lumping
+lumpish lunacy lunar lung lurch lure lurk lushly luster lustily lusty luxury lying lyrics macaw mace machine magenta
+maggot magical magma magnify maimed majesty maker making malt mama mammal mammary manager manatee mandate manger
+mangle mango mangy manhole manhood manhunt manila mankind manlike manly manmade manned mannish manor mantis mantra
+manual many map marbled marbles march mardi margin marina marine marital marlin maroon married marrow marry marshy
+marxism mascot mashed mashing masses massive mastiff matador matcher math mating matrix matron matted matter mauve
+maximum maybe mayday moaner moaning mobile mobster mocha mocker mockup modify modular module moisten molar mold
+mollusk mom monday mongrel monitor monsoon monthly moocher moody mooing mooned moonlit mop morale morally morse
+mortify mosaic mossy most motion motive motor motto mounted mourner mouse mousy mouth movable move movie moving
+mower mowing much muck mud mug mulch mule mulled mullets mumble mumbo mummify mummy mumps mundane muppet mural murky
+museum mushily mushy music musket musky mustang mustard muster musty mutable mutate mute mutiny mutt mutual muzzle
+myself myspace mystify myth nacho nag nail name naming nanny nape napkin napped napping nappy narrow nastily native
+natural nature navy nearby nearest nearly neatly nebula nectar negate nemeses nemesis neon nephew nerd nervous nervy
+nest net neuron neuter neutron never next nibble niece nifty nimble nimbly ninja ninth nuclear nuclei nucleus nugget
+nullify number numbing numbly numeral numeric nursery nursing nurture nutcase nutlike nutmeg nutty nuzzle nylon oaf
+oak oasis oat object obliged oblong oboe obscure obtain obtuse obvious occupy ocean ocelot octagon octane october
+octopus ogle oil oink okay old olive omega omen ominous omit onboard ongoing onion online only onset onshore onstage
+onto onward onyx oops ooze oozy opacity opal open operate opium opossum oppose opt osmosis other otter ouch ought
+ounce outage outback outbid outcast outcome outer outfit outgrow outing outlast outlet outline outlook outmost
+outpost outpour output outrage outrank outsell outward outwit oval ovary oven overact overall overbid overdue
+overfed overlap overlay overpay overrun overtly overuse owl oxford oxidant oxidize oxygen oyster ozone paced pacific
+pacify padded padding paddle padlock pagan pager paging pajamas palace palm paltry pampers panama pancake panda pang
+panic panning panther pantry pants papaya paper paprika papyrus parade paradox parcel parched pardon parish parka
+parking parkway parlor parole parrot parsley parsnip partake parted parting partly partner party passage passing
+passion passive pasta pasted pastel pastime pastor pasture pasty patchy path patient patio patriot patrol pauper
+paver paving pawing payable payback payday payee payer paying payment payroll pebble pebbly pecan pectin pelican
+pellet pelt pelvis penalty pencil pendant pending pennant penny penpal pension pep percent perch perfume perish
+perjury perky perm pesky peso pester petal petite petri petted petty petunia phantom phobia phoenix phoney phonics
+phony photo phrase placard placate plank planner plant plasma plaster plastic plated plating platter player playful
+playing playoff playpen playset plaza pleat pledge plenty pliable plod plop plot plow ploy pluck plug plunder plural
+plus plywood poach pod poem poet pogo pointed pointer pointy poise poison poker poking polar police policy polio
+polish polka polo polygon polymer poncho pond pony popcorn pope poplar popper poppy popular pork porous portal
+portion portly poser posh posing possum postage postal postbox posted poster posting posture postwar pouch pounce
+pound pouring pout powdery power powwow pox prance pranker prayer praying preachy precise precook precut predict
+preface prefix pregame prelaw prelude premium prepaid prepay preplan preppy preset preshow presoak press presume
+preteen pretext pretty pretzel prevail prevent preview prewar pried primal primary primate primer primp print prior
+prism prison prissy privacy private prize probe probing problem process prodigy produce product profane profile
+progeny program prone prong pronto proofs propose props prorate proton proud proved proven proving provoke prowess
+prowler proxy prozac prude prune pruning pry psychic public pucker pueblo pug pull pulp pulsate pulse puma pumice
+pummel punch pungent punk pupil puppet puppy purely purge purging purify purist puritan purity purple purr purse
+pursuit pusher pushing pushpin pushup pushy putdown putt puzzle pyramid python quack quail quake quaking qualify
+quality qualm quantum quarrel quarry quartet quench query quicken quickly quiet quill quilt quintet quirk quit
+quiver quote rabid race racing racism rack racoon radar radial radio radish raffle raft rage ragged raging ragweed
+raider railcar railing railway raisin rake raking rally ramble ramp ramrod ranch random ranged ranger ranging ranked
+ranking ransack ranting rants rare rarity rascal rash rasping ravage raven ravine raving ravioli reach reactor ream
+reapply reason reawake rebate rebel rebirth reboot reborn rebound rebuff rebuild rebuilt recall recant recast recede
+recent recess recital recite reclaim recluse recoil recolor recopy record recount recoup rectal rectify reenact
+reenter reentry referee refill refined reflex reflux refocus refold refract refrain refresh refried refund refusal
+refuse refute regain regalia regally reggae regime region regress regroup regular rehab reheat rehire reissue
+rejoice rejoin relapse related relax relay relearn release reliant relic relieve relight relish relive reload relock
+rely remake remark remarry rematch remedy remix remnant remold remorse remote removal removed remover rename renewal
+renewed rental rented renter reoccur reopen reorder repaint repair repave repeal repent replace replay replica reply
+repose repost reprint reprise reps reptile request require reroute rerun resale rescuer reseal resend resent reset
+reshape reshoot residue resize resort respect result resume retail retake rethink retinal retired retiree retold
+retool retouch retrace retract retrain retread retreat retrial retry return retying retype reunion reunite reuse
+reveal reveler revenge revenue reverb revered reverse revert revise revisit revival reviver revoke revolt reward
+rewash rewind rewire reword rework rewrap rewrite rhyme ribbon ribcage rice riches richly rickety ricotta ridden
+ride riding rifling rift rigging rigid rigor rimless rimmed rind rink rinse rinsing riot ripcord ripping ripple
+riptide rise rising risk risotto ritalin ritzy rival riveter roamer roaming roast robbing robe robin robust rocker
+rocket rocking rocky rogue roman romp rope roping roster rosy rotten rotting rotunda roundup routine routing rover
+roving royal rubbed rubber rubbing rubble rubdown ruby ruckus rudder rug ruined rule rumble rummage rumor rundown
+runner running runny runt runway rupture rural ruse rush rust rut sabbath sacred sadden saddled sadly sadness safari
+safely saffron saga sage sagging saggy said saint sake salad salami salary saline salon saloon salsa salt salute
+salvage same sample sandal sandbag sandbar sandbox sanded sanding sandlot sandpit sandy sank santa sapling sappy
+sarcasm sardine sash sassy satchel satin satisfy saucy sauna savage savanna saved savings savior savor say scabbed
+scabby scalded scale scaling scallop scam scandal scanner scant scarce scared scarf scarily scary scenic scheme
+scholar science scion scoff scone scoop scooter scope scorch scored scorer scoring scorn scotch scoured scouts scrap
+scratch scrawny screen scribe script scroll scrooge scruffy scrunch scuba scuff scurvy scuttle second secrecy secret
+sector secular sedan sedate seduce segment seismic seizing seldom self seltzer seminar senate senator send senior
+sepia septic septum sequel series sermon serpent serve service serving sesame setback setting settle setup seventh
+seventy shabby shack shaded shadily shading shadow shady shaft shakily shaking shaky shale shallot shallow shame
+shampoo shank shanty shape shaping share sharper sharpie sharply shawl sheath shed sheep sheet shelf shell shelter
+shelve sherry shield shifter shifty shimmer shimmy shindig shine shingle shining shiny ship shirt shock shone
+shopper shore shorten shorter shortly shorts shorty shout shove showbiz shower showing showman shown showoff showy
+shrank shriek shrill shrimp shrine shrink shrivel shrubs shrug shrunk shudder shuffle shun shush shut shy siamese
+sibling siding sierra siesta sift sighing silent silica silicon silk silly silo silt silver simile simple simply
+sincere singer singing single sinless sinner sinuous sip siren sister sitcom sitter sitting sixfold sixteen sixth
+sixties sizable sizably size sizing sizzle skater skating skeptic sketch skewed skewer skid skied skier skies skiing
+skilled skillet skimmed skimmer skinny skipper skirt skittle skyline skype skyward slab slacked slacker slacks slain
+slam slander slang slashed slate slather slaw sled sleek sleep sleet sleeve slept sliced slicer slicing slick slider
+sliding slimy slinky slip slit sliver slogan sloped sloping sloppy slot slouchy sludge slug slum slurp slush sly
+small smartly smasher smashup smell smile smirk smite smith smitten smock smog smoked smoking smoky smolder smooth
+smother smudge smudgy smugly snack snagged snaking snap snare snarl snazzy sneak sneer sneeze snide sniff snippet
+snitch snooper snooze snore snoring snorkel snort snout snowcap snowman snowy snub snuff snuggle snugly speak
+species specked specks speech speed speller spender spent spew sphere sphinx spider spied spiffy spill spilt spinach
+spinal spindle spinner spinout spiny spiral spirits splashy spleen splice splurge spoiled spoiler spoils spoken
+sponge spongy sponsor spoof spooky spool spoon spore sports sporty spotted spotter spotty spousal spouse spout
+sprain sprang sprawl spray spree sprig spring sprint sprite sprout spruce sprung spry spud spur sputter squad squall
+squash squeak squeeze squid squint squire squirt squishy stable stack stadium staff stage staging stained stamina
+stammer stamp stand stank staple starch stardom staring stark starlet starlit starry starter startle startup starved
+stash state static statue stature status statute staunch stays steam steed steep stellar stem stench stencil step
+stereo sterile sternum stew stick stiffen stiffly stifle stilt stimuli stinger stingy stinky stipend stir stitch
+stock stoic stoke stole stomp stoning stony stood stooge stool stoop stopped stopper storage storm stout stove
+stowing stratus straw stray streak stream street strep stress stretch strewn strict stride strife strike strive
+strobe strode struck strudel strum strung strut stubbed stubble stubbly stucco stuck student studied studio study
+stuffed stuffy stumble stump stung stunned stunner stunt stupor sturdy styling stylist stylus suave subdued subject
+sublet sublime subpar subplot subside subsidy subsoil subtext subtly subtype suburb subway subzero such suction
+sudden sudoku suds suffice suffix sugar suggest suing suitor sulfate sulfide sulfite sulfur sulk sullen sultry
+supper supply support supreme surely surface surfer surgery surging surname surpass surplus surreal survey survive
+sushi suspect suspend swab swagger swan swarm sway swear sweat sweep swell swept swerve swifter swiftly swimmer
+swinger swipe swirl switch swivel swizzle swooned swoop swoosh swore sworn swung symptom synapse synergy syrup
+system tabasco tabby tables tablet tabloid tacking tackle tacky taco tactful tactics tactile tadpole tag tainted
+take taking talcum tall talon tamale tamer tamper tank tanned tannery tanning tantrum tapered tapioca tapping taps
+target tarmac tarnish tarot tartar tartly task tassel taste tasting tasty tattle tattoo taunt tavern thank that thaw
+theater thee theft theme thermal thermos these thesis thicken thicket thigh thimble thing think thinly thinner
+thirsty thirty thong thorn those thrash thread thrift thrill thrive throat throng thrower thud thumb thus thyself
+tiara tibia tidal tidbit tidings tidy tiger tighten tightly tigress tile tiling till tilt timid timing timothy
+tinfoil tingle tingly tinker tinsel tint tinwork tiny tipoff tipped tipper tipping tiptop tiring tissue trace
+tracing track tractor trade trading traffic tragedy train traitor trance trapeze trapped trapper traps trash travel
+tray treason treat treble tree trekker tremble tremor trench trend triage trial tribune tribute triceps trickle
+tricky trident tried trifle trilogy trimmer trinity trio tripod triumph trivial trodden trophy tropics trouble
+trough trout trowel truce truck truffle trump trunks trustee truth try tubby tubular tucking tuesday tug tuition
+tulip tumble tummy turban turbine turf turkey turmoil turret turtle tusk tutor tutu tux tweak tweed tweet twelve
+twenty twerp twice twiddle twig twine twins twirl twisted twister twisty twitch twitter tycoon tying tyke udder
+ultra umpire unable unaired unawake unaware unbaked unbend unbent unblock unboxed uncanny unchain uncheck uncivil
+unclad unclasp uncle unclip uncloak unclog uncork uncouth uncover uncross uncrown uncured uncut undated undead
+undergo undoing undone undress undying unearth unease uneasy uneaten unequal uneven unfair unfazed unfiled unfixed
+unfold unglue ungodly unhappy unheard unhinge unholy unhook unicorn unified unifier unify union unison unit unkempt
+unkind unknown unlaced unlatch unleash unless unlined unlit unloved unlucky unmade unmixed unmoral unmoved unnamed
+unnerve unpack unpaid unpaved unplug unquote unrated unread unreal unrest unripe unrobed unroll unruly unsafe unsaid
+unsaved unscrew unseen unsent unsnap unsold unstuck unsure unsworn untaken untamed untaxed untidy untie until
+untimed untold untried untrue untruth untwist untying unused unusual unvocal unwary unweave unwed unwell unwind
+unwired unworn unwound unwoven unzip upbeat upchuck update upfront upgrade upheld uphill uphold upload upon upper
+upright upriver uproar uproot upscale upside upstage upstart upstate upswing uptake uptight uptown upward upwind
+uranium urban urchin urgency urgent urging urology usable usage useable used user usher usual utensil utility
+utilize utmost utopia utter vacancy vacant vacate vaguely valiant valid valium valley value vanilla vanish vanity
+vantage varied variety various varmint varnish varsity varying vastly veal vegan veggie velcro velvet vending vendor
+venture venue venus verbose verdict verify verse version versus vertigo very vessel vest veteran veto viable vibes
+vice victory video viewer viewing village villain vintage violate violet violin viper viral virtual virus visa
+viscous visible visibly vision visitor visor vista vitally vividly vixen vocally voice voicing void volley voltage
+volumes voter voting voucher vowed vowel voyage wad wafer waffle waged wager wages waggle wagon wake waking walk
+walmart walnut walrus waltz wand wannabe wanted wanting wasabi washday washed washer washing washout washtub wasp
+wasting watch water waving wavy whacky wham wharf wheat whiff whinny whiny whoever whole whoopee whoops why wick
+widely widen widget widow width wielder wife wifi wildcat wilder wildly willed willing willow wilt wimp wince
+wincing wind wing winking winner winter wipe wired wiring wiry wisdom wise wish wispy wistful wizard wobble wobbly
+wok wolf womanly womb woof wooing wool woozy word work worried worrier worry worst wound woven wow wrangle wrath
+wreath wrecker wrench wriggle wriggly wrinkle wrinkly wrist writing written wronged wrongly wrought xbox xerox yahoo
+yam yanking yapping yard yarn yeah yearly yeast yelling yelp yen yiddish yield yin yippee yodel yoga yogurt yonder
+yoyo yummy zap zealous zebra zen zero zesty zipfile zipping zippy zips zit zodiac zombie zone zoning zoology zoom
+""".split()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
