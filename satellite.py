@@ -1106,7 +1106,7 @@ def copy_until_close(src: Stream, dst: socket.socket, chunked: bool) -> int:
 
 
 def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: Callable,
-                    check_every: float = 15.0, write_timeout: float = 120.0) -> tuple:
+                    check_every: float = 5.0, write_timeout: float = 120.0) -> tuple:
     """Shuttle raw bytes both ways after a 101 until either side closes.
 
     One thread, blocking sockets, `select` for readiness; the client side is TLS, so
@@ -1585,6 +1585,7 @@ def command_serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.server_address[:2]
+    settings.listen = (host, port)                  # port 0 asks the OS for a free one
     log.info("satellite %s serving https://*.%s on %s:%d (links use port %d)",
              __version__, settings.domain, host, port, settings.link_port)
     try:

@@ -1,0 +1,238 @@
+"""Fixtures: a real satellite process with real TLS (test CA), real apps behind it.
+
+Everything listens on loopback only. Distinct loopback addresses play distinct hosts:
+127.0.0.1 is the login node and the browser, 127.0.0.2/.3 are "compute nodes".
+"""
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOMAIN = "sat.test"
+LOGIN = "127.0.0.1"
+NODE = "127.0.0.2"
+OTHER_NODE = "127.0.0.3"
+
+
+def wait_for(predicate, timeout=20.0, interval=0.05, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def parse_fields(text):
+    """key=value lines -> dict."""
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+class LoopbackHTTPS(http.client.HTTPSConnection):
+    """HTTPS to satellite's loopback port, with SNI and Host for any name under the test domain."""
+
+    def __init__(self, host, port, context, source=None, timeout=30):
+        super().__init__(host, port, context=context, timeout=timeout,
+                         source_address=(source, 0) if source else None)
+
+    def connect(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), self.timeout, self.source_address)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class SatelliteServer:
+    """A satellite process; restartable on the same port and database."""
+
+    def __init__(self, certs, workdir, extra_args=()):
+        self.certs = certs
+        self.workdir = Path(workdir)
+        self.db = self.workdir / "satellite.db"
+        self.log_path = self.workdir / "satellite.log"
+        self.extra_args = list(extra_args)
+        self.port = 0
+        self.proc = None
+        self.context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+
+    def command(self):
+        return [sys.executable, str(ROOT / "satellite.py"), "serve", "--domain", DOMAIN,
+                "--listen", f"127.0.0.1:{self.port}", "--cert", str(self.certs / "cert.pem"),
+                "--key", str(self.certs / "key.pem"), "--db", str(self.db),
+                "--issue-from", "127.0.0.1/32", "--redeem-from", "127.0.0.2/31",
+                *self.extra_args]
+
+    def start(self):
+        log = open(self.log_path, "a")
+        start_at = self.log_path.stat().st_size
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.workdir)
+        log.close()
+
+        def serving():
+            if self.proc.poll() is not None:
+                raise AssertionError("satellite exited:\n" + self.log_text())
+            text = self.log_path.read_text()[start_at:]
+            return re.search(r"serving .* on 127\.0\.0\.1:(\d+)", text)
+        self.port = int(wait_for(serving, what="satellite to listen").group(1))
+        return self
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def log_text(self):
+        return self.log_path.read_text()
+
+    def host(self, alias):
+        return f"{alias}.{DOMAIN}"
+
+    def connection(self, host=LOGIN, source=None, timeout=30):
+        """http.client connection; host is an alias host name or an address (management)."""
+        return LoopbackHTTPS(host, self.port, self.context, source, timeout)
+
+    def request(self, host, target, method="GET", headers=None, body=None, source=None):
+        conn = self.connection(host, source)
+        try:
+            conn.request(method, target, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.headers, resp.read()
+        finally:
+            conn.close()
+
+    def api(self, endpoint, source=LOGIN, method="GET", **params):
+        """Call /api/<endpoint>; returns (status, fields)."""
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        target = f"/api/{endpoint}" + (f"?{query}" if query and method == "GET" else "")
+        body = query.encode() if method == "POST" else None
+        headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+        status, _, data = self.request(LOGIN, target, method, headers, body, source)
+        return status, parse_fields(data.decode())
+
+    def getlink(self, **params):
+        status, fields = self.api("getlink", **params)
+        assert status == 201, fields
+        return fields
+
+    def mapped_session(self, app):
+        """A link redeemed by `app` (which listens on its own address and port)."""
+        link = self.getlink()
+        status, fields = self.api("redeem", source=app.host, key=link["key"], port=app.port)
+        assert status == 200, fields
+        return link
+
+    def tls_socket(self, host, source=None):
+        raw = socket.create_connection(("127.0.0.1", self.port), 10, (source, 0) if source else None)
+        return self.context.wrap_socket(raw, server_hostname=host)
+
+    def curl(self, *args, host=None):
+        """Real curl, trusting the test CA; host names under the test domain resolve to loopback."""
+        resolve = ["--resolve", f"{host}:{self.port}:127.0.0.1"] if host else []
+        return subprocess.run(["curl", "-sS", "--cacert", str(self.certs / "ca.pem"), *resolve, *args],
+                              capture_output=True, text=True, timeout=120)
+
+    def url(self, host, target="/"):
+        return f"https://{host}:{self.port}{target}"
+
+    def rows(self):
+        with sqlite3.connect(self.db) as db:
+            return db.execute("SELECT * FROM sessions").fetchall()
+
+
+class App:
+    """tests/apps/echo_app.py as a separate process on a "compute node" address."""
+
+    def __init__(self, workdir, host=NODE, env=None):
+        self.host = host
+        self.request_log = Path(workdir) / f"app-{host}-{time.monotonic_ns()}.log"
+        self.request_log.touch()
+        environ = dict(os.environ, APP_REQUEST_LOG=str(self.request_log), **(env or {}))
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests/apps/echo_app.py"), "--host", host],
+                                     stdout=subprocess.PIPE, text=True, env=environ)
+        line = self.proc.stdout.readline()
+        assert line.startswith("listening"), line
+        self.port = int(line.split()[2])
+
+    def seen(self):
+        """Requests the app has received, as 'METHOD target' lines."""
+        return self.request_log.read_text().splitlines()
+
+    def direct(self, target):
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        conn.request("GET", target)
+        return conn.getresponse().read()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("certs")
+    subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(directory), DOMAIN], check=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def satellite(certs, tmp_path_factory):
+    server = SatelliteServer(certs, tmp_path_factory.mktemp("satellite")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_satellite(certs, tmp_path):
+    """A satellite of its own, for tests that restart it or read its whole log."""
+    servers = []
+
+    def make(*extra_args):
+        server = SatelliteServer(certs, tmp_path, extra_args).start()
+        servers.append(server)
+        return server
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    application = App(tmp_path_factory.mktemp("app"))
+    yield application
+    application.stop()
+
+
+@pytest.fixture
+def new_app(tmp_path):
+    apps = []
+
+    def make(host=NODE, **env):
+        application = App(tmp_path, host, env)
+        apps.append(application)
+        return application
+    yield make
+    for application in apps:
+        application.stop()
+
+
+def json_body(data):
+    return json.loads(data.decode())

@@ -1,0 +1,297 @@
+"""The session host: access control, forwarding, the status page, streaming and WebSockets."""
+import hashlib
+import json
+import os
+import random
+import time
+
+import pytest
+import websocket
+
+from conftest import NODE, json_body, wait_for
+
+PATTERN = random.Random(1234).randbytes(1 << 20)      # what tests/apps/echo_app.py serves
+
+
+def rss_peak_kb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+# access control ----------------------------------------------------------------
+
+def test_no_token_is_403_and_the_app_sees_nothing(satellite, app):
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    before = len(app.seen())
+    for target in ("/", "/headers", "/?token=wrong", "/?token="):
+        status, headers, body = satellite.request(host, target)
+        assert status == 403
+        assert link["token"].encode() not in body
+    status, _, _ = satellite.request(host, "/upload", "POST", body=b"x" * 1000)
+    assert status == 403
+    assert len(app.seen()) == before
+
+
+def test_token_of_one_session_does_not_open_another(satellite, app):
+    first, second = satellite.mapped_session(app), satellite.mapped_session(app)
+    before = len(app.seen())
+    status, headers, _ = satellite.request(satellite.host(second["alias"]), "/?token=" + first["token"])
+    assert status == 403
+    # nor does its cookie
+    status, headers, _ = satellite.request(satellite.host(first["alias"]), "/?token=" + first["token"])
+    cookie = headers["Set-Cookie"].split(";")[0]
+    status, _, _ = satellite.request(satellite.host(second["alias"]), "/headers", headers={"Cookie": cookie})
+    assert status == 403
+    assert len(app.seen()) == before + 1
+
+
+def test_first_visit_sets_a_host_only_cookie_that_is_not_the_token(satellite, app):
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    status, headers, _ = satellite.request(host, "/?token=" + link["token"])
+    assert status == 200
+    cookie = headers["Set-Cookie"]
+    attributes = [a.strip().lower() for a in cookie.split(";")]
+    name, value = cookie.split(";")[0].split("=", 1)
+    assert name == "__Host-satellite" and link["token"] not in value
+    assert {"path=/", "secure", "httponly", "samesite=lax"} <= set(attributes)
+    assert not any(a.startswith("domain") for a in attributes)
+    status, headers, body = satellite.request(host, "/headers", headers={"Cookie": f"{name}={value}"})
+    assert status == 200 and "Set-Cookie" not in headers
+
+
+def test_authorization_header_token_is_accepted(satellite, app):
+    link = satellite.mapped_session(app)
+    status, _, _ = satellite.request(satellite.host(link["alias"]), "/headers",
+                                     headers={"Authorization": "token " + link["token"]})
+    assert status == 200
+
+
+def test_unknown_alias_is_404(satellite):
+    assert satellite.request(satellite.host("zzz-zzz-zzz"), "/")[0] == 404
+
+
+# forwarding --------------------------------------------------------------------
+
+def test_forwarded_request_is_clean(satellite, app):
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    _, headers, _ = satellite.request(host, "/?token=" + link["token"])
+    ours = headers["Set-Cookie"].split(";")[0]
+    status, _, body = satellite.request(host, "/headers?a=1&token=" + link["token"], headers={
+        "Cookie": f"app=1; {ours}; other=2",
+        "X-Forwarded-For": "6.6.6.6", "X-Forwarded-Host": "evil.example", "Forwarded": "for=6.6.6.6",
+        "X-Real-IP": "6.6.6.6", "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1",
+        "Keep-Alive": "timeout=5", "TE": "trailers", "Proxy-Authorization": "Basic eA==",
+    })
+    assert status == 200
+    seen = json_body(body)
+    fields = {}
+    for name, value in seen["headers"]:
+        fields.setdefault(name.lower(), []).append(value)
+    assert seen["target"] == "/headers?a=1&token=" + link["token"]       # query untouched
+    assert fields["host"] == [f"{host}:{satellite.port}"]                 # Host preserved
+    assert fields["cookie"] == ["app=1; other=2"]                         # only satellite's cookie removed
+    assert fields["x-forwarded-for"] == ["127.0.0.1"]
+    assert fields["x-forwarded-proto"] == ["https"]
+    assert fields["x-forwarded-host"] == [f"{host}:{satellite.port}"]
+    assert fields["forwarded"] == [f'for=127.0.0.1;proto=https;host="{host}:{satellite.port}"']
+    for hop in ("x-real-ip", "x-secret-hop", "keep-alive", "te", "proxy-authorization"):
+        assert hop not in fields, hop
+
+
+def test_app_cookies_and_statuses_pass_through(satellite, new_app):
+    app = new_app(APP_TOKEN="apptoken")
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    conn = satellite.connection(host)
+    conn.request("GET", "/?token=apptoken&x=" + link["token"].replace("-", "%2D"))
+    resp = conn.getresponse()
+    resp.read()
+    # satellite's token check and the app's own token check both happen; here the link token is
+    # in another parameter, so satellite refuses
+    assert resp.status == 403
+    conn.request("GET", "/?token=" + link["token"])
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 403                            # the app's own check: its token differs
+    cookies = resp.headers.get_all("Set-Cookie")
+    assert any(c.startswith("__Host-satellite=") for c in cookies)
+    conn.close()
+
+
+def test_head_204_304_have_no_body_and_keep_alive_works(satellite, app):
+    link = satellite.mapped_session(app)
+    conn = satellite.connection(satellite.host(link["alias"]))
+    auth = {"Authorization": "token " + link["token"]}
+    for method, target, status in [("HEAD", "/download?size=5000", 200), ("GET", "/status/204", 204),
+                                   ("GET", "/status/304", 304), ("GET", "/download?size=10", 200),
+                                   ("GET", "/no-length", 200), ("GET", "/headers", 200)]:
+        conn.request(method, target, headers=auth)
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == status
+        if method == "HEAD":
+            assert body == b"" and resp.headers["Content-Length"] == "5000"
+        if status in (204, 304):
+            assert body == b""
+        if target == "/no-length":
+            assert body == b"until-close body\n" * 1000 and resp.headers["Transfer-Encoding"] == "chunked"
+    conn.close()
+
+
+def test_event_stream_arrives_incrementally(satellite, new_app):
+    """The app sends event i+1 only after /next; a buffering proxy would never deliver event 0 alone."""
+    app = new_app()
+    link = satellite.mapped_session(app)
+    conn = satellite.connection(satellite.host(link["alias"]), timeout=10)
+    conn.request("GET", "/events?n=3", headers={"Authorization": "token " + link["token"]})
+    resp = conn.getresponse()
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    for i in range(3):
+        line = resp.fp.readline()             # raw stream: chunk-size lines, then the event's lines
+        while not line.startswith(b"data"):
+            line = resp.fp.readline()
+            assert line, "stream ended early"
+        assert line == f"data: event {i}\n".encode()
+        if i < 2:
+            app.direct("/next")
+    conn.close()
+
+
+def test_large_upload_and_download_stream_with_bounded_memory(satellite, app):
+    size = 200 * 1024 * 1024
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    auth = {"Authorization": "token " + link["token"]}
+    peak_before = rss_peak_kb(satellite.proc.pid)
+
+    conn = satellite.connection(host, timeout=120)
+    conn.request("GET", f"/download?size={size}", headers=auth)
+    resp = conn.getresponse()
+    digest, total = hashlib.sha256(), 0
+    while True:
+        piece = resp.read(1 << 20)
+        if not piece:
+            break
+        digest.update(piece)
+        total += len(piece)
+    expected = hashlib.sha256()
+    for _ in range(size // len(PATTERN)):
+        expected.update(PATTERN)
+    assert total == size and digest.hexdigest() == expected.hexdigest()
+
+    def body():
+        for _ in range(size // len(PATTERN)):
+            yield PATTERN
+    conn.request("POST", "/upload", body=body(), headers=dict(auth, **{"Content-Length": str(size)}))
+    answer = json_body(conn.getresponse().read())
+    assert answer == {"bytes": size, "sha256": expected.hexdigest()}
+    conn.close()
+    grown_mb = (rss_peak_kb(satellite.proc.pid) - peak_before) / 1024
+    assert grown_mb < 40, f"satellite's peak memory grew by {grown_mb:.0f} MB for 200 MB bodies"
+
+
+def test_chunked_upload_and_curl_expect_100_continue(satellite, app, tmp_path):
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    data = os.urandom(3 * 1024 * 1024)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    for extra in (["--data-binary", f"@{path}"],                                    # curl sends Expect: 100-continue
+                  ["-H", "Transfer-Encoding: chunked", "--data-binary", f"@{path}"]):
+        result = satellite.curl("-H", f"Authorization: token {link['token']}", *extra,
+                                satellite.url(host, "/upload"), host=host)
+        assert json.loads(result.stdout) == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+# status page and app lifecycle -------------------------------------------------
+
+def test_status_page_until_the_app_answers_then_the_app(satellite, new_app):
+    link = satellite.getlink()
+    host = satellite.host(link["alias"])
+    status, headers, body = satellite.request(host, "/lab?token=" + link["token"])
+    assert status == 503 and headers["Content-Type"].startswith("text/html")
+    assert link["alias"].encode() in body and link["token"].encode() not in body
+    assert b"Job waiting in the queue" in body and b"<script>" in body
+    cookie = headers["Set-Cookie"].split(";")[0]
+
+    def status_json():
+        return json_body(satellite.request(host, "/__satellite/status", headers={"Cookie": cookie})[2])
+    assert status_json()["state"] == "queued" and status_json()["ready"] is False
+    satellite.api("state", key=link["key"], state="running")
+    assert status_json()["state"] == "running"
+    # status endpoint needs the credential too
+    assert satellite.request(host, "/__satellite/status")[0] == 403
+
+    # redeemed, but the app is not listening yet: still the status page, not an error
+    app = new_app()
+    port = app.port
+    app.stop()
+    assert satellite.api("redeem", source=NODE, key=link["key"], port=port)[0] == 200
+    status, _, body = satellite.request(host, "/", headers={"Cookie": cookie})
+    assert status == 503 and b"not answering yet" in body
+    assert status_json() == {**status_json(), "state": "mapped", "ready": False}
+
+    # the app comes up: ready, then proxied
+    app = new_app()
+    assert satellite.api("redeem", source=NODE, key=link["key"], port=app.port)[0] == 200
+    assert status_json()["ready"] is True
+    status, _, body = satellite.request(host, "/", headers={"Cookie": cookie})
+    assert status == 200 and b"Hello from the compute node" in body
+    assert satellite.api("status", key=link["key"])[1]["state"] == "proxied"
+
+    # after it was proxied, a dead app is a 502, not the status page
+    app.stop()
+    status, _, body = satellite.request(host, "/", headers={"Cookie": cookie})
+    assert status == 502 and b"not answering" in body
+
+
+# WebSocket ---------------------------------------------------------------------
+
+def open_websocket(satellite, link, target="/ws"):
+    host = satellite.host(link["alias"])
+    sock = satellite.tls_socket(host)
+    return websocket.create_connection(f"wss://{host}:{satellite.port}{target}", socket=sock,
+                                       header=[f"Authorization: token {link['token']}"], timeout=10)
+
+
+def test_websocket_echo_text_binary_and_idle(satellite, app):
+    link = satellite.mapped_session(app)
+    ws = open_websocket(satellite, link)
+    ws.send("hello")
+    assert ws.recv() == "hello"
+    blob = os.urandom(300_000)
+    ws.send_binary(blob)
+    assert ws.recv() == blob
+    time.sleep(2)                    # idle: nothing times the relay out
+    ws.ping(b"are you there")
+    ws.send("still here")
+    assert ws.recv() == "still here"
+    ws.close()
+
+
+def test_websocket_needs_the_token(satellite, app):
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    before = len(app.seen())
+    with pytest.raises(websocket.WebSocketBadStatusException) as failure:
+        websocket.create_connection(f"wss://{host}:{satellite.port}/ws", socket=satellite.tls_socket(host),
+                                    timeout=10)
+    assert failure.value.status_code == 403
+    assert len(app.seen()) == before
+
+
+def test_release_cuts_an_idle_websocket(satellite, app):
+    """A session that ends closes its live WebSockets, even idle ones (checked every few seconds)."""
+    link = satellite.mapped_session(app)
+    ws = open_websocket(satellite, link)
+    ws.send("one")
+    assert ws.recv() == "one"
+    satellite.api("release", key=link["key"])
+    ws.settimeout(30)
+    with pytest.raises(websocket.WebSocketConnectionClosedException):
+        ws.recv()
