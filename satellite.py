@@ -95,6 +95,8 @@ FORWARDING_HEADERS = frozenset((
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
     "x-real-ip", "forwarded",
 ))
+# Names apps behind CGI/WSGI-style gateways may fold '_' into '-': refused in either spelling.
+FRAMING_LOOKALIKES = HOP_BY_HOP | FORWARDING_HEADERS | frozenset(("content-length", "host"))
 KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"))
 IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
 
@@ -493,20 +495,20 @@ class Stream:
         self.buf += data
         return len(data)
 
-    def readline(self, limit: int, deadline: Optional[float] = None) -> bytes:
+    def readline(self, limit: int, deadline: Optional[float] = None, too_long: int = 431) -> bytes:
         """One line including its LF; b'' at EOF before any byte. Raises HttpError
-        414/431 (too long), 408 (deadline passed)."""
+        `too_long` (431, or 414 for a request line) or 408 (deadline passed)."""
         start = 0
         while True:
             end = self.buf.find(b"\n", start)
             if end >= 0:
                 if end + 1 > limit:
-                    raise HttpError(431, "header line too long")
+                    raise HttpError(too_long, "line too long")
                 line = bytes(self.buf[:end + 1])
                 del self.buf[:end + 1]
                 return line
             if len(self.buf) > limit:
-                raise HttpError(431, "header line too long")
+                raise HttpError(too_long, "line too long")
             start = len(self.buf)
             if deadline is not None:
                 remaining = deadline - time.monotonic()
@@ -534,6 +536,9 @@ class Stream:
             del self.buf[:n]
             return n
         return self.sock.recv_into(view)
+
+    def unread(self, data: bytes) -> None:
+        self.buf[:0] = data
 
     def take_buffered(self) -> bytes:
         data = bytes(self.buf)
@@ -621,14 +626,12 @@ class Request:
 
 def read_request(stream: Stream, header_timeout: float) -> Optional[Request]:
     """The next request head from a client, or None if it closed the connection quietly."""
-    line = stream.readline(MAX_REQUEST_LINE + 2)
+    line = stream.readline(MAX_REQUEST_LINE, too_long=414)
     if line == b"\r\n":                              # RFC 9112 §2.2: ignore one leading empty line
-        line = stream.readline(MAX_REQUEST_LINE + 2)
+        line = stream.readline(MAX_REQUEST_LINE, too_long=414)
     if not line:
         return None
     deadline = time.monotonic() + header_timeout
-    if len(line) > MAX_REQUEST_LINE or (not line.endswith(b"\n") and len(line) >= MAX_REQUEST_LINE):
-        raise HttpError(414, "request line too long")
     if line.startswith(b"PRI * HTTP/2.0"):
         raise HttpError(505, "HTTP/2 is not offered here; use HTTP/1.1")
     if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
@@ -657,6 +660,9 @@ def read_request(stream: Stream, header_timeout: float) -> Optional[Request]:
 
 def validate_request(method: str, target: str, version: str, headers: Headers) -> Request:
     """Host and body framing, refusing every ambiguous shape (RFC 9112 §3.2, §6.1, §6.3)."""
+    for name, _ in headers.fields:
+        if "_" in name and name.lower().replace("_", "-") in FRAMING_LOOKALIKES:
+            raise HttpError(400, f"ambiguous header name {name}")
     hosts = headers.get_all("host")
     if len(hosts) != 1:
         raise HttpError(400, "exactly one Host header is required" if hosts or version == "HTTP/1.1"
@@ -681,9 +687,10 @@ def validate_request(method: str, target: str, version: str, headers: Headers) -
         if version == "HTTP/1.0":
             raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
         codings = [c.strip().lower() for v in transfer for c in v.split(",")]
+        if codings.count("chunked") != 1 or codings[-1] != "chunked":
+            raise HttpError(400, "Transfer-Encoding must end in chunked, once")
         if codings != ["chunked"]:
-            raise HttpError(501 if codings[-1:] == ["chunked"] else 400,
-                            "only Transfer-Encoding: chunked is accepted")
+            raise HttpError(501, "only Transfer-Encoding: chunked is accepted")
         body, length = "chunked", 0
     elif lengths:
         if len(lengths) > 1 or not CONTENT_LENGTH.match(lengths[0]):
@@ -1435,6 +1442,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def proxy(self, request: Request, session: Session, cookie: list) -> bool:
         """Forward one request to the session's app and relay its answer."""
+        if request.body == "chunked" and not request.headers.get("expect"):
+            line = self.client.readline(1024)           # a malformed first chunk never reaches the app
+            if not CHUNK_SIZE_LINE.match(line):
+                raise HttpError(400, "malformed chunk size")
+            self.client.unread(line)
         head = forwarded_request_head(request, self.peer)
         for attempt in (1, 2):
             try:
