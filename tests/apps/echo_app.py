@@ -43,6 +43,7 @@ def pattern_bytes(size):
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True          # head and body are separate writes
 
     def log_message(self, *args):
         pass

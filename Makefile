@@ -1,0 +1,30 @@
+# satellite: `make` builds the .pyz files, `make test` runs the tests, `make demo` runs the demo.
+PYTHON ?= python3
+VENV   := .venv
+PYTEST_ARGS ?=
+
+.PHONY: all build test demo clean
+
+all: build
+
+build: dist/satellite.pyz dist/satellite-client.pyz
+
+dist/satellite.pyz dist/satellite-client.pyz: satellite.py satellite_client.py build_zipapp.py
+	$(PYTHON) build_zipapp.py
+
+# A venv with the test-only packages (the runtime needs none), and the system tools the tests use.
+$(VENV)/.installed: tests/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r tests/requirements.txt
+	touch $@
+
+test: $(VENV)/.installed build
+	tests/setup-system.sh
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests
+
+demo: build
+	$(PYTHON) contrib/demo.py
+
+clean:
+	rm -rf dist .demo .pytest_cache tests/__pycache__ __pycache__

@@ -1,0 +1,76 @@
+"""The shipped artefacts: reproducible .pyz files that run on a bare Python >= 3.9."""
+import glob
+import hashlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DOMAIN, ROOT, SatelliteServer
+
+RUNTIME_FILES = ["satellite.py", "satellite_client.py"]
+
+
+def build(output_dir):
+    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output-dir", str(output_dir)],
+                   check=True, capture_output=True)
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in output_dir.glob("*.pyz")}
+
+
+def test_build_is_reproducible(tmp_path):
+    first, second = build(tmp_path / "a"), build(tmp_path / "b")
+    assert set(first) == {"satellite.pyz", "satellite-client.pyz"}
+    assert first == second
+    head = (tmp_path / "a/satellite.pyz").read_bytes()[:40]
+    assert head.startswith(b"#!/usr/bin/env python3\n")
+
+
+def test_pyz_runs_without_site_packages(tmp_path):
+    build(tmp_path)
+    result = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "satellite.pyz"), "--version"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("satellite ")
+    result = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "satellite.pyz"), "serve", "--help"],
+                            capture_output=True, text=True)
+    assert "--redeem-from" in result.stdout
+
+
+def test_runtime_is_standard_library_for_python_39():
+    vermin = shutil.which("vermin") or str(ROOT / ".venv/bin/vermin")
+    result = subprocess.run([vermin, "--target=3.9-", "--violations", "--no-tips",
+                             *[str(ROOT / f) for f in RUNTIME_FILES]], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in RUNTIME_FILES:
+        imports = subprocess.run([sys.executable, "-c", f"""
+import ast, sys
+tree = ast.parse(open({str(ROOT / name)!r}).read())
+mods = {{a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}}
+mods |= {{n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}}
+print(sorted(m for m in mods - {{'__future__'}} if m not in sys.stdlib_module_names))
+"""], capture_output=True, text=True)
+        assert imports.stdout.strip() == "[]", (name, imports.stdout)
+
+
+def python39():
+    """A Python 3.9 interpreter if this machine has one (pyenv's shim may exist but refuse)."""
+    candidates = [shutil.which("python3.9"), *sorted(glob.glob("/root/.pyenv/versions/3.9*/bin/python3.9"))]
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "--version"], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(python39() is None, reason="no Python 3.9 on this machine")
+def test_satellite_pyz_serves_under_python_39(certs, tmp_path):
+    build(tmp_path / "dist")
+    server = SatelliteServer(certs, tmp_path)
+    server.command = lambda: [python39(), "-I", "-S", str(tmp_path / "dist/satellite.pyz"), "serve",
+                              "--domain", DOMAIN, "--listen", "127.0.0.1:0", "--cert", str(certs / "cert.pem"),
+                              "--key", str(certs / "key.pem"), "--db", str(tmp_path / "s.db")]
+    server.start()
+    try:
+        status, fields = server.api("getlink")
+        assert status == 201 and fields["alias"]
+    finally:
+        server.stop()
