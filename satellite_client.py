@@ -1,13 +1,1297 @@
 #!/usr/bin/env python3
-"""satellite-client: launch a web app as a batch job behind a Satellite link (placeholder)."""
+"""satellite-client: one command on a login node launches Jupyter (or any web app) as a
+batch job behind a Satellite HTTPS link.
+
+    satellite-client launch --jupyter lab --partition debug --time-limit 2:00:00 --wait
+
+asks satellite for a link, writes the batch script, submits it with the scheduler's own
+CLI and prints the link. Inside the job the same program runs as `agent`: it reports
+"running", starts the app on a free port with the link's token in its environment, waits
+until the app listens, redeems the link, and releases it on every way out (the app ends,
+scancel, time limit).
+
+Secrets: the link's token and the job's key live only in ~/.satellite/sessions/<alias>/secrets
+(mode 0600, directory 0700). They never appear in the batch script, on a command line or in
+a log. `--json` shows the link (which holds the token, as intended) and never the key.
+
+Pure standard library, Python >= 3.9. Sections, top-down:
+
+    1. Constants        paths, apps, job states
+    2. Options          launch options, time and memory parsing, site config, profiles
+    3. Satellite API    HTTPS calls, link probe
+    4. Sessions         the per-session directory on disk
+    5. Schedulers       Slurm, PBS, LSF, HTCondor, SGE, local: directives, submit, query, cancel
+    6. Batch script     rendering
+    7. Agent            what runs inside the job
+    8. Commands         launch, list, status, cancel, profile
+    9. main             argparse
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import configparser
+import dataclasses
+import http.client
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import string
+import subprocess
 import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Optional
 
 __version__ = "0.1.0"
 
 
-def main(argv=None) -> int:
-    print("satellite-client: not built yet", file=sys.stderr)
-    return 2
+###############################################################################
+# 1. Constants
+###############################################################################
+
+SITE_CONFIG = "/etc/satellite/client.ini"          # or $SATELLITE_CLIENT_CONFIG
+SCHEDULER_NAMES = ("slurm", "pbs", "lsf", "htcondor", "sge", "local")
+JOB_STATES = ("pending", "held", "running", "done", "failed", "unknown")
+SESSION_ROOT = ".satellite/sessions"                # under the user's home
+PROFILE_ROOT = ".satellite/profiles"
+LIFETIME_MARGIN = 600                               # link outlives the walltime by this much (seconds)
+
+JUPYTER_FLAGS = ("--no-browser --ip={host} --port={port} --ServerApp.port_retries=0 "
+                 # satellite is the front: Host names are its aliases, and it sets X-Forwarded-*
+                 "--ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True")
+
+# app name -> (shell command with {host} and {port}, environment variables that receive the token)
+APPS = {
+    "lab": (f"jupyter lab {JUPYTER_FLAGS}", ("JUPYTER_TOKEN",)),
+    "notebook": (f"jupyter notebook {JUPYTER_FLAGS}", ("JUPYTER_TOKEN",)),
+    "voila": ("voila --no-browser --Voila.ip={host} --port={port} --Voila.port_retries=0", ("JUPYTER_TOKEN",)),
+    "tensorboard": ("tensorboard --logdir . --host {host} --port {port}", ()),
+    "code-server": ("code-server --bind-addr {host}:{port} --auth password --disable-telemetry .", ("PASSWORD",)),
+}
+
+
+class UsageError(Exception):
+    """Bad options or config: exit 2 before anything is contacted."""
+
+
+class Failure(Exception):
+    """Something outside went wrong (satellite, scheduler, job): exit 1."""
+
+
+###############################################################################
+# 2. Options
+###############################################################################
+
+def parse_time_limit(text: str) -> int:
+    """'90' (minutes), '90m', '2h', '1d', 'HH:MM', 'HH:MM:SS' or 'D-HH:MM:SS' -> seconds."""
+    text = str(text).strip()
+    match = re.fullmatch(r"([0-9]+)([mhd]?)", text)
+    if match:
+        return int(match.group(1)) * {"": 60, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    match = re.fullmatch(r"(?:([0-9]+)-)?([0-9]+):([0-5][0-9])(?::([0-5][0-9]))?", text)
+    if match:
+        days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+        return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    raise UsageError(f"--time-limit {text!r}: use HH:MM:SS, D-HH:MM:SS, or minutes (90, 90m, 2h)")
+
+
+def hms(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def parse_memory_gb(text: str) -> int:
+    """'16' or '16G' or '0.5' (GB) -> megabytes."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*(?:[gG][bB]?)?", str(text).strip())
+    if not match or float(match.group(1)) <= 0:
+        raise UsageError(f"--memory {text!r}: give gigabytes, e.g. 16 or 0.5")
+    return int(round(float(match.group(1)) * 1024))
+
+
+def positive_int(name: str, value) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{name.replace('_', '-')} {value!r}: give a whole number") from None
+    if number < 1:
+        raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    return number
+
+
+@dataclasses.dataclass
+class LaunchOptions:
+    """What `launch` (and a profile, and the site config) can say. None = not given."""
+    scheduler: Optional[str] = None
+    account: Optional[str] = None
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    reservation: Optional[str] = None
+    nodes: Optional[int] = None
+    ntasks_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    memory: Optional[str] = None
+    gpus: Optional[int] = None
+    gres: Optional[str] = None
+    time_limit: Optional[str] = None
+    constraint: Optional[str] = None
+    jupyter: Optional[str] = None
+    app: Optional[str] = None
+    command: Optional[str] = None
+    satellite: Optional[str] = None
+    cacert: Optional[str] = None
+    workdir: Optional[str] = None
+    env_modules: Optional[str] = None
+    conda_env: Optional[str] = None
+    venv: Optional[str] = None
+    sif: Optional[str] = None
+    bind: Optional[str] = None
+    nv: Optional[bool] = None
+    rocm: Optional[bool] = None
+    python: Optional[str] = None
+
+    def merged(self, other: "LaunchOptions") -> "LaunchOptions":
+        """These options, with other's given values taking over."""
+        values = dataclasses.asdict(self)
+        values.update({k: v for k, v in dataclasses.asdict(other).items() if v is not None})
+        return LaunchOptions(**values)
+
+    def given(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_mapping(cls, values: dict, source: str) -> "LaunchOptions":
+        known = {f.name for f in dataclasses.fields(cls)}
+        options = {}
+        for name, value in values.items():
+            key = name.replace("-", "_")
+            if key not in known:
+                raise UsageError(f"{source}: unknown setting {name!r}")
+            if key in ("nv", "rocm") and isinstance(value, str):
+                value = value.strip().lower() in ("1", "yes", "true", "on")
+            options[key] = value
+        return cls(**options)
+
+
+def site_options() -> LaunchOptions:
+    """The site config ([client] section), then SATELLITE_URL / SATELLITE_CACERT."""
+    path = os.environ.get("SATELLITE_CLIENT_CONFIG", SITE_CONFIG)
+    options = LaunchOptions()
+    if os.path.exists(path):
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(path)
+        except configparser.Error as exc:
+            raise UsageError(f"site config {path}: {exc}") from None
+        if parser.has_section("client"):
+            options = LaunchOptions.from_mapping(dict(parser.items("client")), f"site config {path}")
+    elif "SATELLITE_CLIENT_CONFIG" in os.environ:
+        raise UsageError(f"SATELLITE_CLIENT_CONFIG points at {path}, which does not exist")
+    env = LaunchOptions(satellite=os.environ.get("SATELLITE_URL") or None,
+                        cacert=os.environ.get("SATELLITE_CACERT") or None)
+    return options.merged(env)
+
+
+def profile_path(name: str) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or name.startswith("."):
+        raise UsageError(f"profile name {name!r}: use letters, digits, '.', '_' or '-'")
+    return Path.home() / PROFILE_ROOT / f"{name}.json"
+
+
+def load_profile(name: str) -> LaunchOptions:
+    path = profile_path(name)
+    if not path.exists():
+        raise UsageError(f"no profile {name!r} (see: satellite-client profile list)")
+    return LaunchOptions.from_mapping(json.loads(path.read_text()), f"profile {name}")
+
+
+@dataclasses.dataclass
+class Plan:
+    """Launch options checked and resolved: everything needed to write and submit the job."""
+    options: LaunchOptions
+    scheduler: "Scheduler"
+    time_limit: int                 # seconds
+    memory_mb: Optional[int]
+    command: str                    # shell command template with {host} and {port}
+    token_env: tuple
+    workdir: str
+    python: str
+
+
+def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
+    """Validate everything that can be checked locally, so bad options fail before any contact."""
+    if sum(x is not None for x in (options.jupyter, options.app, options.command)) > 1:
+        raise UsageError("choose one of --jupyter, --app and --command")
+    if options.command is not None:
+        command, token_env = options.command, ()
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(command) if f is not None}
+        except ValueError as exc:
+            raise UsageError(f"--command: {exc} (write literal braces as {{{{ and }}}})") from None
+        if "port" not in fields:
+            raise UsageError("--command must contain {port}: the agent fills in the free port it picked")
+        if fields - {"port", "host"}:
+            raise UsageError(f"--command: unknown placeholder {{{sorted(fields - {'port', 'host'})[0]}}}; "
+                             "only {host} and {port} are filled in")
+    else:
+        name = options.app or options.jupyter or "lab"
+        if options.jupyter and options.jupyter not in ("lab", "notebook", "voila"):
+            raise UsageError("--jupyter is lab, notebook or voila")
+        if name not in APPS:
+            raise UsageError(f"--app {name!r}: choose from {', '.join(sorted(APPS))}, or give --command")
+        command, token_env = APPS[name]
+    if options.sif:
+        command = container_prefix(options) + " " + command
+    scheduler = find_scheduler(options.scheduler, need_cli)
+    time_limit = parse_time_limit(options.time_limit or "1:00:00")
+    memory = parse_memory_gb(options.memory) if options.memory is not None else None
+    for name in ("nodes", "ntasks_per_node", "cpus_per_task", "gpus"):
+        value = getattr(options, name)
+        if value is not None:
+            setattr(options, name, positive_int(name, value))
+    if not options.satellite:
+        raise UsageError("where is satellite? give --satellite https://manage.<domain>, set SATELLITE_URL, "
+                         f"or ask your admins for a site config ({SITE_CONFIG})")
+    parsed = urllib.parse.urlsplit(options.satellite)
+    if parsed.scheme != "https" or not parsed.hostname:
+        raise UsageError(f"--satellite {options.satellite!r}: give an https:// URL")
+    if options.cacert and not os.path.isfile(options.cacert):
+        raise UsageError(f"--cacert {options.cacert}: no such file")
+    workdir = os.path.abspath(os.path.expanduser(options.workdir or "."))
+    if not os.path.isdir(workdir):
+        raise UsageError(f"--workdir {workdir}: no such directory")
+    if options.venv and not os.path.isfile(os.path.join(os.path.expanduser(options.venv), "bin", "activate")):
+        raise UsageError(f"--venv {options.venv}: no bin/activate there")
+    if (options.nv or options.rocm or options.bind) and not options.sif:
+        raise UsageError("--bind, --nv and --rocm go with --sif IMAGE")
+    if options.nv and options.rocm:
+        raise UsageError("choose --nv (NVIDIA) or --rocm (AMD), not both")
+    plan = Plan(options, scheduler, time_limit, memory, command, token_env, workdir,
+                options.python or sys.executable or "python3")
+    scheduler.directives(plan, Path("/"), "check")       # raises UsageError for what it cannot express
+    return plan
+
+
+def container_prefix(options: LaunchOptions) -> str:
+    """Apptainer or Singularity, whichever the node has, found at run time by the agent."""
+    parts = ["{container}", "exec"]
+    for path in filter(None, (options.bind or "").split(",")):
+        parts += ["--bind", shlex.quote(path.strip())]
+    if options.nv:
+        parts.append("--nv")
+    if options.rocm:
+        parts.append("--rocm")
+    parts.append(shlex.quote(options.sif))
+    return " ".join(parts)
+
+
+###############################################################################
+# 3. Satellite API
+###############################################################################
+
+class SniHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to satellite's own address, naming another host (a session alias) in SNI and Host.
+    Session hosts are served by the same satellite, so the client needs no DNS for aliases."""
+
+    def __init__(self, connect_to: tuple, host: str, port: int, context: ssl.SSLContext, timeout: float):
+        super().__init__(host, port, context=context, timeout=timeout)
+        self.connect_to = connect_to
+
+    def connect(self):
+        sock = socket.create_connection(self.connect_to, self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class SatelliteApi:
+    def __init__(self, url: str, cacert: Optional[str], timeout: float = 20.0):
+        parsed = urllib.parse.urlsplit(url)
+        self.url = url.rstrip("/")
+        self.address = (parsed.hostname, parsed.port or 443)
+        self.context = ssl.create_default_context(cafile=cacert) if cacert else ssl.create_default_context()
+        self.timeout = timeout
+
+    def call(self, endpoint: str, **params) -> dict:
+        """POST /api/<endpoint> (secrets in the body, not the URL); the JSON reply, or Failure."""
+        body = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        conn = SniHTTPSConnection(self.address, self.address[0], self.address[1], self.context, self.timeout)
+        try:
+            conn.request("POST", f"/api/{endpoint}", body=body,
+                         headers={"Content-Type": "application/x-www-form-urlencoded",
+                                  "Accept": "application/json", "User-Agent": f"satellite-client/{__version__}"})
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable(f"cannot reach satellite at {self.url}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            raise Failure(f"satellite at {self.url} answered {resp.status} with something that is not JSON") from None
+        if resp.status >= 400:
+            raise ApiRefused(resp.status, reply.get("error", "refused"))
+        return reply
+
+    def local_address(self) -> str:
+        """The address this host uses to reach satellite: what satellite will map a redeem to."""
+        with socket.create_connection(self.address, self.timeout) as sock:
+            return sock.getsockname()[0]
+
+    def probe_link(self, url: str) -> int:
+        """Status of the session link through satellite (503 = status page, app not answering yet)."""
+        parsed = urllib.parse.urlsplit(url)
+        conn = SniHTTPSConnection(self.address, parsed.hostname, parsed.port or 443, self.context, self.timeout)
+        try:
+            conn.request("GET", f"{parsed.path or '/'}?{parsed.query}")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        finally:
+            conn.close()
+
+
+class Unreachable(Failure):
+    pass
+
+
+class ApiRefused(Failure):
+    def __init__(self, status: int, reason: str):
+        super().__init__(f"satellite refused: {reason} ({status})")
+        self.status = status
+        self.reason = reason
+
+
+###############################################################################
+# 4. Sessions
+###############################################################################
+
+class SessionDir:
+    """~/.satellite/sessions/<alias>/: session.json (no secrets), secrets (0600), job.sh, job.log."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.alias = path.name
+
+    @classmethod
+    def root(cls) -> Path:
+        return Path.home() / SESSION_ROOT
+
+    @classmethod
+    def create(cls, alias: str) -> "SessionDir":
+        root = cls.root()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root.parent, 0o700)
+        os.chmod(root, 0o700)
+        path = root / alias
+        path.mkdir(mode=0o700)
+        return cls(path)
+
+    @classmethod
+    def find(cls, alias: str) -> "SessionDir":
+        path = cls.root() / alias
+        if not re.fullmatch(r"[a-z]+(-[a-z]+)*", alias) or not (path / "session.json").exists():
+            raise UsageError(f"no session {alias!r} here (see: satellite-client list)")
+        return cls(path)
+
+    @classmethod
+    def all(cls) -> list:
+        root = cls.root()
+        if not root.is_dir():
+            return []
+        return [cls(p) for p in sorted(root.iterdir(), key=lambda p: p.stat().st_mtime)
+                if (p / "session.json").exists()]
+
+    def write_secrets(self, token: str, key: str, url: str) -> None:
+        fd = os.open(self.path / "secrets", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"token": token, "key": key, "url": url}))
+
+    def secrets(self) -> dict:
+        return json.loads((self.path / "secrets").read_text())
+
+    def info(self) -> dict:
+        return json.loads((self.path / "session.json").read_text())
+
+    def save_info(self, info: dict) -> None:
+        tmp = self.path / "session.json.tmp"
+        tmp.write_text(json.dumps(info, indent=1))
+        tmp.replace(self.path / "session.json")
+
+    @property
+    def script(self) -> Path:
+        return self.path / "job.sh"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "job.log"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+###############################################################################
+# 5. Schedulers
+###############################################################################
+
+def run(argv: list, stdin: Optional[str] = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise Failure(f"{argv[0]} not found on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise Failure(f"{argv[0]} did not answer within {timeout:.0f}s") from None
+
+
+class Scheduler:
+    """One batch system, read like a table row:
+
+    prefix        the directive prefix in the script (#SBATCH, #PBS, ...)
+    options       option -> directive template ("{}" is the value); options missing here
+                  cannot be expressed and are refused before anything is contacted
+    directives()  the whole directive block; submit(), query() and cancel() run the CLIs
+    """
+    name = ""
+    prefix = ""
+    cli = ""                      # presence on PATH means this scheduler is here
+    options: dict = {}
+
+    def directives(self, plan: Plan, session: Path, alias: str) -> list:
+        return [f"{self.prefix} {line}" for line in self.fixed(plan, session, alias) + self.option_lines(plan)]
+
+    def option_lines(self, plan: Plan) -> list:
+        """The table rows for the options given; UsageError for one this scheduler cannot express."""
+        lines = []
+        for option, value in plan.options.given().items():
+            if option not in SCHEDULER_OPTIONS:
+                continue
+            template = self.options.get(option)
+            if template is None:
+                raise UsageError(f"--{option.replace('_', '-')} cannot be expressed for {self.name}"
+                                 + self.hint(option))
+            if template:
+                lines.append(template.format(value))
+        return lines
+
+    def hint(self, option: str) -> str:
+        return ""
+
+    def fixed(self, plan: Plan, session: Path, alias: str) -> list:
+        return []
+
+    def submit(self, session: SessionDir) -> str:
+        raise NotImplementedError
+
+    def query(self, jobid: str) -> str:
+        raise NotImplementedError
+
+    def cancel(self, jobid: str) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def parse_jobid(pattern: str, result: subprocess.CompletedProcess, cli: str) -> str:
+        match = re.search(pattern, result.stdout) if result.returncode == 0 else None
+        if not match:
+            detail = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
+            raise Failure(f"{cli} failed: {detail}")
+        return match.group(1)
+
+
+# options that become scheduler directives (memory and time are rendered by each scheduler)
+SCHEDULER_OPTIONS = ("account", "partition", "qos", "reservation", "nodes", "ntasks_per_node",
+                     "cpus_per_task", "memory", "gpus", "gres", "constraint")
+
+
+def memory_text(mb: int, giga: str, mega: str) -> str:
+    return f"{mb // 1024}{giga}" if mb % 1024 == 0 else f"{mb}{mega}"
+
+
+class Slurm(Scheduler):
+    name, prefix, cli = "slurm", "#SBATCH", "sbatch"
+    options = {"account": "--account={}", "partition": "--partition={}", "qos": "--qos={}",
+               "reservation": "--reservation={}", "nodes": "--nodes={}", "ntasks_per_node": "--ntasks-per-node={}",
+               "cpus_per_task": "--cpus-per-task={}", "memory": "", "gpus": "--gpus={}", "gres": "--gres={}",
+               "constraint": "--constraint={}"}
+
+    def fixed(self, plan, session, alias):
+        days, rest = divmod(plan.time_limit, 86400)
+        lines = [f"--job-name=satellite-{alias}", f"--output={session / 'job.log'}",
+                 f"--time={days}-{hms(rest)}" if days else f"--time={hms(rest)}", "--no-requeue"]
+        if plan.memory_mb:
+            lines.append(f"--mem={memory_text(plan.memory_mb, 'G', 'M')}")
+        return lines
+
+    def submit(self, session):
+        result = run(["sbatch", "--parsable", str(session.script)])
+        return self.parse_jobid(r"^([0-9]+)", result, "sbatch")
+
+    STATES = {"PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pending", "RUNNING": "running",
+              "COMPLETING": "running", "SUSPENDED": "held", "COMPLETED": "done", "CANCELLED": "done",
+              "FAILED": "failed", "TIMEOUT": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed",
+              "PREEMPTED": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed"}
+
+    def query(self, jobid):
+        result = run(["squeue", "-h", "-j", jobid, "-o", "%T %r"], timeout=30)
+        if result.returncode != 0:
+            # a finished job leaves squeue after MinJobAge; an unreachable controller is not a dead job
+            return "done" if "Invalid job id" in result.stderr else "unknown"
+        if not result.stdout.strip():
+            return "done"
+        state, _, reason = result.stdout.strip().partition(" ")
+        if state == "PENDING" and reason.startswith("JobHeld"):
+            return "held"
+        return self.STATES.get(state.rstrip("+"), "unknown")
+
+    def cancel(self, jobid):
+        run(["scancel", jobid])
+
+
+class Pbs(Scheduler):
+    """PBS Pro / OpenPBS / Torque with select syntax."""
+    name, prefix, cli = "pbs", "#PBS", "qsub"
+    options = {"account": "-A {}", "partition": "-q {}", "nodes": "", "ntasks_per_node": "", "cpus_per_task": "",
+               "memory": "", "gpus": ""}
+
+    def hint(self, option):
+        return {"reservation": " (submit to the reservation's queue: --partition R1234)",
+                "gres": " (use --gpus)", "constraint": " (ask your admins for the resource name)"}.get(option, "")
+
+    def fixed(self, plan, session, alias):
+        opts = plan.options
+        select = f"select={opts.nodes or 1}:ncpus={(opts.ntasks_per_node or 1) * (opts.cpus_per_task or 1)}"
+        if opts.ntasks_per_node:
+            select += f":mpiprocs={opts.ntasks_per_node}"
+        if plan.memory_mb:
+            select += f":mem={memory_text(plan.memory_mb, 'gb', 'mb')}"
+        if opts.gpus:
+            select += f":ngpus={opts.gpus}"
+        return [f"-N sat-{alias}"[:18], f"-o {session / 'job.log'}", "-j oe", "-r n",
+                f"-l walltime={hms(plan.time_limit)}", f"-l {select}"]
+
+    def submit(self, session):
+        return self.parse_jobid(r"^(\S+)", run(["qsub", str(session.script)]), "qsub")
+
+    STATES = {"Q": "pending", "W": "pending", "T": "pending", "H": "held", "S": "held", "U": "held",
+              "R": "running", "E": "running", "B": "running", "F": "done", "C": "done", "X": "done"}
+
+    def query(self, jobid):
+        result = run(["qstat", "-f", jobid], timeout=30)
+        if result.returncode != 0:
+            return "done" if "Unknown Job Id" in result.stderr or "Job has finished" in result.stderr else "unknown"
+        match = re.search(r"job_state = (\w)", result.stdout)
+        if not match:
+            return "unknown"
+        if match.group(1) in ("F", "C"):
+            exit_match = re.search(r"[Ee]xit_status = (-?\d+)", result.stdout)
+            return "failed" if exit_match and exit_match.group(1) != "0" else "done"
+        return self.STATES.get(match.group(1), "unknown")
+
+    def cancel(self, jobid):
+        run(["qdel", jobid])
+
+
+class Lsf(Scheduler):
+    name, prefix, cli = "lsf", "#BSUB", "bsub"
+    options = {"account": "-P {}", "partition": "-q {}", "reservation": "-U {}", "nodes": "", "ntasks_per_node": "",
+               "cpus_per_task": "", "memory": "", "gpus": '-gpu "num={}"', "constraint": '-R "select[{}]"'}
+
+    def hint(self, option):
+        return {"qos": " (LSF has no QOS; ask your admins which queue)", "gres": " (use --gpus)"}.get(option, "")
+
+    def fixed(self, plan, session, alias):
+        opts = plan.options
+        per_node = (opts.ntasks_per_node or 1) * (opts.cpus_per_task or 1)
+        lines = [f"-J satellite-{alias}", f"-o {session / 'job.log'}", f"-W {max(1, plan.time_limit // 60)}",
+                 f"-n {(opts.nodes or 1) * per_node}"]
+        if opts.nodes:
+            lines.append(f'-R "span[ptile={per_node}]"')
+        if plan.memory_mb:
+            lines.append(f'-R "rusage[mem={plan.memory_mb}MB]"')
+            lines.append(f"-M {plan.memory_mb}MB")
+        return lines
+
+    def submit(self, session):
+        # bsub reads #BSUB lines only from a script given on standard input
+        result = run(["bsub"], stdin=session.script.read_text())
+        return self.parse_jobid(r"Job <([0-9]+)>", result, "bsub")
+
+    STATES = {"PEND": "pending", "WAIT": "pending", "PSUSP": "held", "USUSP": "held", "SSUSP": "held",
+              "RUN": "running", "PROV": "running", "DONE": "done", "EXIT": "failed", "UNKWN": "unknown",
+              "ZOMBI": "unknown"}
+
+    def query(self, jobid):
+        result = run(["bjobs", "-noheader", "-o", "stat", jobid], timeout=30)
+        text = (result.stdout + result.stderr).strip()
+        if "is not found" in text:
+            return "done"
+        if result.returncode != 0 or not text:
+            return "unknown"
+        return self.STATES.get(text.split()[0], "unknown")
+
+    def cancel(self, jobid):
+        run(["bkill", jobid])
+
+
+class HtCondor(Scheduler):
+    """A submit description next to the script; directives go into the description."""
+    name, prefix, cli = "htcondor", "", "condor_submit"
+    options = {"cpus_per_task": "request_cpus = {}", "memory": "", "gpus": "request_gpus = {}",
+               "account": "accounting_group = {}"}
+
+    def hint(self, option):
+        return " (HTCondor matches jobs to machines; ask your admins for a requirements expression)"
+
+    def directives(self, plan, session, alias):
+        self.option_lines(plan)                     # refuse what cannot be expressed
+        return []                                   # the script itself carries no directives
+
+    def description(self, plan: Plan, session: Path, alias: str) -> str:
+        lines = [f"# Satellite session {alias}", f"executable = {session / 'job.sh'}",
+                 f"output = {session / 'job.log'}", f"error = {session / 'job.log'}",
+                 f"log = {session / 'condor.log'}", f"batch_name = satellite-{alias}", "getenv = true",
+                 # the walltime: remove the job once it has run this long
+                 f"periodic_remove = (JobStatus == 2) && (time() - EnteredCurrentStatus > {plan.time_limit})"]
+        if plan.memory_mb:
+            lines.append(f"request_memory = {plan.memory_mb} MB")
+        lines += self.option_lines(plan)
+        return "\n".join(lines) + "\nqueue\n"
+
+    def submit(self, session):
+        result = run(["condor_submit", str(session.path / "job.sub")])
+        return self.parse_jobid(r"submitted to cluster ([0-9]+)", result, "condor_submit")
+
+    STATES = {"1": "pending", "2": "running", "3": "done", "4": "done", "5": "held", "6": "running", "7": "held"}
+
+    def query(self, jobid):
+        result = run(["condor_q", jobid, "-af", "JobStatus"], timeout=30)
+        if result.returncode != 0:
+            return "unknown"
+        text = result.stdout.strip()
+        return self.STATES.get(text, "unknown") if text else "done"
+
+    def cancel(self, jobid):
+        run(["condor_rm", jobid])
+
+
+class Sge(Scheduler):
+    """Grid Engine (SGE, SoGE, UGE)."""
+    name, prefix, cli = "sge", "#$", "qsub"
+    options = {"account": "-P {}", "partition": "-q {}", "reservation": "-ar {}", "cpus_per_task": "",
+               "ntasks_per_node": "", "memory": "", "gpus": "-l gpu={}"}
+
+    def hint(self, option):
+        return {"nodes": " (SGE places slots, not nodes: use --cpus-per-task)"}.get(option, "")
+
+    def fixed(self, plan, session, alias):
+        opts = plan.options
+        slots = (opts.ntasks_per_node or 1) * (opts.cpus_per_task or 1)
+        lines = [f"-N satellite-{alias}", f"-o {session / 'job.log'}", "-j y", "-S /bin/bash", "-r n",
+                 f"-wd {plan.workdir}", f"-l h_rt={hms(plan.time_limit)}"]
+        if slots > 1:
+            lines.append(f"-pe smp {slots}")
+        if plan.memory_mb:
+            per_slot = -(-plan.memory_mb // slots)          # h_vmem is per slot
+            lines.append(f"-l h_vmem={memory_text(per_slot, 'G', 'M')}")
+        return lines
+
+    def submit(self, session):
+        return self.parse_jobid(r"Your job ([0-9]+)", run(["qsub", str(session.script)]), "qsub")
+
+    def query(self, jobid):
+        result = run(["qstat", "-u", "*"], timeout=30)
+        if result.returncode != 0:
+            return "unknown"
+        for line in result.stdout.splitlines():
+            fields = line.split()
+            if fields and fields[0] == jobid and len(fields) > 4:
+                state = fields[4]
+                if "E" in state:
+                    return "failed"
+                if "h" in state or "s" in state.lower():
+                    return "held"
+                return "running" if "r" in state or "t" in state else "pending"
+        return "done"
+
+    def cancel(self, jobid):
+        run(["qdel", jobid])
+
+
+class Local(Scheduler):
+    """Runs the job as a background process on this machine: for demos, laptops and workstations.
+    The time limit is enforced with `timeout`; the job id is the process id."""
+    name, prefix, cli = "local", "#", ""
+    options = {}                                    # the job runs on this machine as it is
+
+    def directives(self, plan, session, alias):
+        self.option_lines(plan)
+        return []
+
+    def submit(self, session):
+        info = session.info()
+        argv = ["bash", str(session.script)]
+        if shutil.which("timeout"):
+            argv = ["timeout", "--signal=TERM", "--kill-after=30", str(info["time_limit"])] + argv
+        with open(session.log, "ab") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True, cwd=info["workdir"])
+        return str(proc.pid)
+
+    def query(self, jobid):
+        try:
+            os.kill(int(jobid), 0)
+        except ProcessLookupError:
+            return "done"
+        except PermissionError:
+            return "unknown"
+        try:
+            with open(f"/proc/{jobid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return "done"
+        except OSError:
+            pass
+        return "running"
+
+    def cancel(self, jobid):
+        try:
+            os.killpg(int(jobid), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+SCHEDULERS = {cls.name: cls for cls in (Slurm, Pbs, Lsf, HtCondor, Sge, Local)}
+
+
+def detect_scheduler() -> str:
+    """From the CLIs on PATH: sbatch, bsub, condor_submit, qsub (SGE if qconf is there too), else local."""
+    if shutil.which("sbatch"):
+        return "slurm"
+    if shutil.which("bsub"):
+        return "lsf"
+    if shutil.which("condor_submit"):
+        return "htcondor"
+    if shutil.which("qsub"):
+        return "sge" if shutil.which("qconf") else "pbs"
+    return "local"
+
+
+def find_scheduler(name: Optional[str], need_cli: bool = True) -> Scheduler:
+    name = name or detect_scheduler()
+    if name not in SCHEDULERS:
+        raise UsageError(f"--scheduler {name!r}: choose from {', '.join(SCHEDULER_NAMES)}")
+    scheduler = SCHEDULERS[name]()
+    if need_cli and scheduler.cli and not shutil.which(scheduler.cli):
+        raise UsageError(f"--scheduler {name}: {scheduler.cli} is not on PATH here")
+    return scheduler
+
+
+###############################################################################
+# 6. Batch script
+###############################################################################
+
+def client_path() -> str:
+    """This program as the job should run it: the .pyz when running from one."""
+    here = Path(__file__).resolve()
+    return str(here.parent if here.parent.suffix == ".pyz" else here)
+
+
+def render_script(plan: Plan, session: Path, alias: str) -> str:
+    options = plan.options
+    lines = ["#!/bin/bash"] + plan.scheduler.directives(plan, session, alias)
+    lines += ["", f"# Satellite session {alias}. The link's secrets stay in {session}/secrets (mode 0600);",
+              "# the agent reads them, starts the app, redeems the link, and releases it when the job ends."]
+    setup = []
+    if options.env_modules:
+        setup.append("module load " + " ".join(shlex.quote(m) for m in options.env_modules.split(",") if m))
+    if options.conda_env:
+        setup.append('eval "$(conda shell.bash hook)"')
+        setup.append(f"conda activate {shlex.quote(options.conda_env)}")
+    if options.venv:
+        setup.append(f"source {shlex.quote(os.path.join(os.path.expanduser(options.venv), 'bin', 'activate'))}")
+    setup.append(f"cd {shlex.quote(plan.workdir)}")
+    lines += ["set -e"] + setup
+    lines.append(f"exec {shlex.quote(plan.python)} {shlex.quote(client_path())} agent {shlex.quote(str(session))} "
+                 f"--command {shlex.quote(plan.command)}")
+    return "\n".join(lines) + "\n"
+
+
+###############################################################################
+# 7. Agent
+###############################################################################
+
+class Stopped(Exception):
+    """A signal arrived (scancel, time limit): stop the app, release the link."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def say(text: str) -> None:
+    print(f"satellite-agent: {text}", flush=True)
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_listening(host: str, port: int, proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def with_retries(action, what: str, attempts: int = 8):
+    """Retry transient failures (unreachable, 5xx, 429) with backoff; refusals are final."""
+    delay = 1.0
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except ApiRefused as exc:
+            if exc.status < 500 and exc.status != 429:
+                raise
+            failure = exc
+        except Unreachable as exc:
+            failure = exc
+        if attempt < attempts:
+            say(f"{what} failed ({failure}); retrying in {delay:.0f}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 30)
+    raise failure
+
+
+def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int:
+    """Inside the job: start the app, redeem the link, release it on every way out."""
+    session = SessionDir(Path(session_dir))
+    info, secrets = session.info(), session.secrets()
+    api = SatelliteApi(info["satellite"], info.get("cacert"))
+    key = secrets["key"]
+
+    def on_signal(signum, _frame):
+        raise Stopped(signum)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, on_signal)
+
+    proc = None
+    code = 1
+    try:
+        with_retries(lambda: api.call("state", key=key, state="running"), "reporting running")
+        host = api.local_address()
+        token_file = session.path / "app-token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets["token"])
+        env = dict(os.environ, SATELLITE_TOKEN=secrets["token"], SATELLITE_TOKEN_FILE=str(token_file))
+        env.update({name: secrets["token"] for name in info.get("token_env", [])})
+        container = shutil.which("apptainer") or shutil.which("singularity") or "apptainer"
+        for attempt in range(3):
+            port = free_port(host)
+            line = command.format(host=host, port=port, container=container)
+            say(f"starting the app on {host}:{port}: {line}")
+            proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line], env=env, start_new_session=True)
+            if wait_until_listening(host, port, proc, start_timeout):
+                break
+            if proc.poll() is None:
+                raise Failure(f"the app did not listen on {host}:{port} within {start_timeout:.0f}s")
+            say(f"the app exited with status {proc.returncode} before listening")
+            proc = None
+        if proc is None:
+            raise Failure("the app could not be started; see the lines above")
+        with_retries(lambda: api.call("redeem", key=key, port=port), "redeem")
+        say(f"link ready: {info['link']} is now your app on {host}:{port}")
+        code = proc.wait()
+        say(f"the app exited with status {code}")
+    except Stopped as stop:
+        say(f"got {stop}; stopping the app")
+        code = 128 + stop.signum
+    except Failure as exc:
+        say(str(exc))
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)       # nothing interrupts the cleanup
+        stop_process_group(proc)
+        try:
+            api.call("release", key=key)
+            say("link released")
+        except Failure as exc:
+            say(f"could not release the link: {exc}")
+    return code
+
+
+def stop_process_group(proc: Optional[subprocess.Popen], grace: float = 10) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+###############################################################################
+# 8. Commands
+###############################################################################
+
+def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_run: bool) -> int:
+    plan = plan_launch(options, need_cli=not dry_run)
+    if dry_run:
+        placeholder = SessionDir.root() / "ALIAS"
+        print(f"# dry run: the session directory is named after the link's alias, here shown as ALIAS")
+        print(render_script(plan, placeholder, "ALIAS"), end="")
+        if isinstance(plan.scheduler, HtCondor):
+            print("\n# job.sub (submit description):")
+            print(plan.scheduler.description(plan, placeholder, "ALIAS"), end="")
+        return 0
+    api = SatelliteApi(options.satellite, options.cacert)
+    link = api.call("getlink", lifetime=f"{plan.time_limit + LIFETIME_MARGIN}s")
+    session = None
+    try:
+        session = SessionDir.create(link["alias"])
+        session.write_secrets(link["token"], link["key"], link["url"])
+        info = {"alias": link["alias"], "satellite": options.satellite, "cacert": options.cacert,
+                "scheduler": plan.scheduler.name, "jobid": None, "created": time.time(),
+                "time_limit": plan.time_limit, "workdir": plan.workdir, "command": plan.command,
+                "token_env": list(plan.token_env), "link": link["url"].split("?", 1)[0]}
+        session.save_info(info)
+        session.script.write_text(render_script(plan, session.path, link["alias"]))
+        session.script.chmod(0o700)
+        if isinstance(plan.scheduler, HtCondor):
+            (session.path / "job.sub").write_text(plan.scheduler.description(plan, session.path, link["alias"]))
+        info["jobid"] = plan.scheduler.submit(session)
+        session.save_info(info)
+    except BaseException:
+        # nothing left behind: the link is released and the session directory removed
+        try:
+            api.call("release", key=link["key"])
+        except Failure:
+            pass
+        if session:
+            session.remove()
+        raise
+    try:
+        api.call("state", key=link["key"], state="queued", jobid=info["jobid"])
+    except Failure:
+        pass                                            # only informative; the job is submitted
+    result = {"alias": link["alias"], "url": link["url"], "state": "queued", "scheduler": plan.scheduler.name,
+              "jobid": info["jobid"], "session_dir": str(session.path)}
+    if quiet:
+        print(link["url"], flush=True)
+    elif not as_json:
+        print(f"Submitted {plan.scheduler.name} job {info['jobid']} for session {link['alias']}.")
+        print(f"Your link (it shows progress until the app is up):\n\n  {link['url']}\n", flush=True)
+    code = 0
+    if wait:
+        result["state"], code = wait_for_session(api, plan.scheduler, session, info, link["url"], quiet or as_json)
+    if as_json:
+        print(json.dumps(result))
+    return code
+
+
+def wait_for_session(api: SatelliteApi, scheduler: Scheduler, session: SessionDir, info: dict,
+                     url: str, silent: bool) -> tuple:
+    """Follow the session to 'proxied'; returns (state, exit code)."""
+    key = session.secrets()["key"]
+    started, shown = time.monotonic(), None
+
+    def show(text):
+        if not silent:
+            print(f"  [{time.monotonic() - started:5.0f}s] {text}", flush=True)
+    try:
+        while True:
+            job = scheduler.query(info["jobid"])
+            try:
+                state = api.call("status", key=key)["state"]
+            except Failure as exc:
+                state = "unknown"
+                show(f"cannot ask satellite: {exc}")
+            if state == "mapped" and link_answers(api, url):
+                state = "proxied"
+            label = "held by the scheduler" if job == "held" and state == "queued" else state
+            if label != shown:
+                show({"queued": "queued: waiting for the scheduler", "running": "running: the app is starting",
+                      "mapped": "mapped: waiting for the app to answer", "proxied": "ready"}.get(label, label))
+                shown = label
+            if state == "proxied":
+                return state, 0
+            if state == "ended" or job in ("done", "failed"):
+                release_quietly(api, key)
+                tail = session.log_tail()
+                print(f"satellite-client: the job ended before the app was ready (job {job}, link {state}).",
+                      file=sys.stderr)
+                if tail:
+                    print(f"Last lines of {session.log}:\n{tail}", file=sys.stderr)
+                return "ended", 1
+            time.sleep(1 if state in ("running", "mapped") else 2)
+    except KeyboardInterrupt:
+        print(f"\nStopped waiting; the job goes on. Cancel it with: satellite-client cancel {session.alias}",
+              file=sys.stderr)
+        return shown or "queued", 130
+
+
+def link_answers(api: SatelliteApi, url: str) -> bool:
+    """True once the link reaches the app (satellite answers 503 with its status page before)."""
+    try:
+        return api.probe_link(url) not in (502, 503)
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def release_quietly(api: SatelliteApi, key: str) -> None:
+    try:
+        api.call("release", key=key)
+    except Failure:
+        pass
+
+
+def session_status(session: SessionDir) -> dict:
+    """Satellite's view and the scheduler's, combined. A job that is gone gets its link released."""
+    info, secrets = session.info(), session.secrets()
+    api = SatelliteApi(info["satellite"], info.get("cacert"))
+    status = {"alias": session.alias, "url": secrets["url"], "scheduler": info["scheduler"],
+              "jobid": info["jobid"], "job": "unknown", "state": "unknown", "time_left": None}
+    if info.get("jobid"):
+        try:
+            status["job"] = find_scheduler(info["scheduler"], need_cli=False).query(info["jobid"])
+        except Failure:
+            pass
+    try:
+        reply = api.call("status", key=secrets["key"])
+        status["state"] = reply["state"]
+        expires = calendar.timegm(time.strptime(reply["expires"], "%Y-%m-%dT%H:%M:%SZ"))
+        status["time_left"] = max(0, int(expires - time.time())) if reply["state"] != "ended" else 0
+    except Failure as exc:
+        status["error"] = str(exc)
+    if status["job"] in ("done", "failed") and status["state"] not in ("ended", "unknown"):
+        release_quietly(api, secrets["key"])
+        status["state"] = "ended"
+    return status
+
+
+def format_left(seconds: Optional[int]) -> str:
+    if seconds is None:
+        return "?"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def command_list(as_json: bool) -> int:
+    rows = [session_status(s) for s in SessionDir.all()]
+    if as_json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("No sessions. Start one with: satellite-client launch")
+        return 0
+    print(f"{'ALIAS':<24} {'STATE':<8} {'JOB':<18} {'LEFT':>6}  LINK")
+    for row in rows:
+        job = f"{row['jobid']} {row['job']}"
+        print(f"{row['alias']:<24} {row['state']:<8} {job:<18} {format_left(row['time_left']):>6}  {row['url']}")
+    return 0
+
+
+def command_status(alias: str, as_json: bool) -> int:
+    status = session_status(SessionDir.find(alias))
+    if as_json:
+        print(json.dumps(status))
+    else:
+        for key in ("alias", "state", "scheduler", "jobid", "job", "time_left", "url", "error"):
+            if status.get(key) is not None:
+                value = format_left(status[key]) if key == "time_left" else status[key]
+                print(f"{key}={value}")
+    return 0 if status["state"] != "unknown" else 1
+
+
+def command_cancel(alias: str) -> int:
+    """Cancel the job and release the link. Safe to repeat."""
+    session = SessionDir.find(alias)
+    info, secrets = session.info(), session.secrets()
+    if info.get("jobid"):
+        scheduler = find_scheduler(info["scheduler"], need_cli=False)
+        if scheduler.query(info["jobid"]) not in ("done", "failed"):
+            scheduler.cancel(info["jobid"])
+    api = SatelliteApi(info["satellite"], info.get("cacert"))
+    try:
+        api.call("release", key=secrets["key"])
+    except ApiRefused as exc:
+        if exc.status != 404:
+            raise
+    print(f"cancelled {alias}: job {info.get('jobid')} stopped, link released")
+    return 0
+
+
+def command_profile(action: str, name: Optional[str], options: LaunchOptions) -> int:
+    root = Path.home() / PROFILE_ROOT
+    if action == "list":
+        for path in sorted(root.glob("*.json")) if root.is_dir() else []:
+            print(path.stem)
+        return 0
+    if not name:
+        raise UsageError(f"profile {action} needs a NAME")
+    path = profile_path(name)
+    if action == "save":
+        given = options.given()
+        if not given:
+            raise UsageError("profile save NAME takes launch options to remember, e.g. --partition gpu --gpus 1")
+        plan_launch(LaunchOptions(satellite="https://placeholder.invalid").merged(options), need_cli=False)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.write_text(json.dumps(given, indent=1) + "\n")
+        print(f"saved profile {name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items()))
+    elif action == "show":
+        print(json.dumps(load_profile(name).given(), indent=1))
+    elif action == "delete":
+        if not path.exists():
+            raise UsageError(f"no profile {name!r}")
+        path.unlink()
+        print(f"deleted profile {name}")
+    return 0
+
+
+###############################################################################
+# 9. main
+###############################################################################
+
+LAUNCH_EXAMPLES = """examples:
+  satellite-client launch --jupyter lab --partition debug --time-limit 2:00:00 --wait
+  satellite-client launch --scheduler slurm --account abc123 --partition gpu --gpus 1 --memory 32 \\
+      --conda-env torch --notebook-dir ~/project
+  satellite-client launch --sif ~/images/lab.sif --bind /scratch --nv --jupyter lab
+  satellite-client launch --command 'python3 -m http.server {port} --bind {host}' --quiet
+  satellite-client launch --profile gpu --time-limit 30 --dry-run
+
+{host} and {port} in --command are filled in on the node. The link's token reaches the app in
+$SATELLITE_TOKEN (and $JUPYTER_TOKEN for Jupyter), and its path in $SATELLITE_TOKEN_FILE."""
+
+
+def add_launch_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_argument_group("satellite")
+    where.add_argument("--satellite", metavar="URL", help="satellite's management URL (or $SATELLITE_URL, site config)")
+    where.add_argument("--cacert", metavar="FILE", help="CA bundle for satellite's certificate (or $SATELLITE_CACERT)")
+    job = parser.add_argument_group("batch job")
+    job.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="default: found from the CLIs on PATH")
+    job.add_argument("--account", help="account/project to charge")
+    job.add_argument("--partition", help="partition (Slurm) or queue (PBS, LSF, SGE)")
+    job.add_argument("--qos", help="quality of service (Slurm)")
+    job.add_argument("--reservation", help="reservation name")
+    job.add_argument("--nodes", type=int, help="number of nodes")
+    job.add_argument("--ntasks-per-node", type=int, help="tasks per node")
+    job.add_argument("--cpus-per-task", type=int, help="CPUs per task")
+    job.add_argument("--memory", metavar="GB", help="memory per node in GB (e.g. 16, 0.5)")
+    job.add_argument("--gpus", type=int, help="number of GPUs")
+    job.add_argument("--gres", help="generic resources, e.g. gpu:a100:1 (Slurm)")
+    job.add_argument("--time-limit", metavar="TIME", help="walltime: HH:MM:SS, D-HH:MM:SS or minutes (default 1:00:00)")
+    job.add_argument("--constraint", help="node features (Slurm --constraint, LSF select[])")
+    app = parser.add_argument_group("app")
+    app.add_argument("--jupyter", choices=("lab", "notebook", "voila"), help="Jupyter flavour (default: lab)")
+    app.add_argument("--app", help=f"a known app: {', '.join(sorted(APPS))}")
+    app.add_argument("--command", help="any web app, with {port} (and {host}) to fill in")
+    app.add_argument("--workdir", "--notebook-dir", dest="workdir", metavar="DIR",
+                     help="directory the app starts in (default: here)")
+    app.add_argument("--env-modules", metavar="A,B", help="environment modules to load")
+    app.add_argument("--conda-env", metavar="ENV", help="conda environment to activate")
+    app.add_argument("--venv", metavar="DIR", help="Python virtual environment to activate")
+    app.add_argument("--sif", metavar="IMAGE", help="run the app in this Apptainer/Singularity image")
+    app.add_argument("--bind", metavar="PATHS", help="comma-separated paths to bind into the container")
+    app.add_argument("--nv", action="store_true", default=None, help="NVIDIA GPUs in the container")
+    app.add_argument("--rocm", action="store_true", default=None, help="AMD GPUs in the container")
+    app.add_argument("--python", metavar="PATH", help="python3 the job runs the agent with (default: this one)")
+
+
+def options_from_args(args: argparse.Namespace) -> LaunchOptions:
+    names = {f.name for f in dataclasses.fields(LaunchOptions)}
+    return LaunchOptions(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="satellite-client",
+        description="Launch Jupyter or any web app as a batch job behind a secure Satellite link.",
+        epilog="Start with: satellite-client launch --help", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"satellite-client {__version__}")
+    commands = parser.add_subparsers(dest="command_name", metavar="COMMAND")
+
+    launch_parser = commands.add_parser(
+        "launch", help="submit a job and print its link", epilog=LAUNCH_EXAMPLES,
+        description="Ask satellite for a link, write the batch script, submit it, print the link. Options come "
+                    f"from the site config ({SITE_CONFIG} or $SATELLITE_CLIENT_CONFIG), then --profile, then "
+                    "the command line.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_launch_options(launch_parser)
+    out = launch_parser.add_argument_group("behaviour")
+    out.add_argument("--profile", metavar="NAME", help="start from a saved profile (see: profile save)")
+    out.add_argument("--wait", action="store_true", help="follow the job until the link works; fail if the job dies")
+    out.add_argument("--quiet", action="store_true", help="print only the link (for portals and scripts)")
+    out.add_argument("--json", action="store_true", help="last line of output: one JSON object (no key)")
+    out.add_argument("--dry-run", action="store_true", help="print the script that would be submitted; contact nothing")
+
+    list_parser = commands.add_parser("list", help="your sessions: state, job, time left, link")
+    list_parser.add_argument("--json", action="store_true")
+    status_parser = commands.add_parser("status", help="one session's state")
+    status_parser.add_argument("alias")
+    status_parser.add_argument("--json", action="store_true")
+    cancel_parser = commands.add_parser("cancel", help="cancel the job and release the link (safe to repeat)")
+    cancel_parser.add_argument("alias")
+
+    profile_parser = commands.add_parser(
+        "profile", help="save, list, show or delete launch option sets",
+        description="Profiles remember launch options: `profile save gpu --partition gpu --gpus 1`, "
+                    "then `launch --profile gpu`.")
+    profile_parser.add_argument("action", choices=("save", "list", "show", "delete"))
+    profile_parser.add_argument("name", nargs="?")
+    add_launch_options(profile_parser)
+
+    agent_parser = commands.add_parser("agent", help="(inside the job) start the app and serve the link")
+    agent_parser.add_argument("session_dir")
+    agent_parser.add_argument("--command", dest="app_command", required=True,
+                              help="the app's shell command with {host} and {port}")
+    agent_parser.add_argument("--start-timeout", type=float, default=600, help="seconds for the app to listen")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command_name == "launch":
+            options = site_options()
+            if args.profile:
+                options = options.merged(load_profile(args.profile))
+            return launch(options.merged(options_from_args(args)), args.wait, args.quiet, args.json, args.dry_run)
+        if args.command_name == "list":
+            return command_list(args.json)
+        if args.command_name == "status":
+            return command_status(args.alias, args.json)
+        if args.command_name == "cancel":
+            return command_cancel(args.alias)
+        if args.command_name == "profile":
+            return command_profile(args.action, args.name, options_from_args(args))
+        if args.command_name == "agent":
+            return run_agent(args.session_dir, args.app_command, args.start_timeout)
+        parser.print_help()
+        return 2
+    except UsageError as exc:
+        print(f"satellite-client: error: {exc}", file=sys.stderr)
+        return 2
+    except Failure as exc:
+        print(f"satellite-client: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
