@@ -246,6 +246,8 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
         if name not in APPS:
             raise UsageError(f"--app {name!r}: choose from {', '.join(sorted(APPS))}, or give --command")
         command, token_env = APPS[name]
+        if name in ("lab", "notebook") and os.geteuid() == 0:
+            command += " --allow-root"              # jobs run as the launching user; Jupyter refuses root without it
     if options.sif:
         command = container_prefix(options) + " " + command
     scheduler = find_scheduler(options.scheduler, need_cli)

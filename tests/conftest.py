@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -236,3 +237,139 @@ def new_app(tmp_path):
 
 def json_body(data):
     return json.loads(data.decode())
+
+
+# Slurm ---------------------------------------------------------------------------
+
+SLURM_CONF = """ClusterName=satellitetest
+SlurmctldHost=localhost
+SlurmUser=root
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool
+SlurmctldPidFile={dir}/slurmctld.pid
+SlurmdPidFile={dir}/slurmd.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd.log
+SlurmctldPort=16817
+SlurmdPort=16818
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+KillWait=5
+InactiveLimit=0
+MinJobAge=300
+NodeName=localhost CPUs={cpus} RealMemory=2048 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class Slurm:
+    """A real single-node Slurm (Debian's slurm-wlm + munge), started for the test session."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.conf = self.dir / "slurm.conf"
+        self.started_munge = False
+
+    @staticmethod
+    def available():
+        return os.geteuid() == 0 and all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged"))
+
+    def start(self):
+        for sub in ("state", "spool"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(SLURM_CONF.format(dir=self.dir, cpus=min(os.cpu_count() or 1, 2)))
+        if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
+            if not Path("/etc/munge/munge.key").exists():
+                subprocess.run(["runuser", "-u", "munge", "--", "mungekey", "--create"], check=True)
+            subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"], check=True)
+            subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+            self.started_munge = True
+            wait_for(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, what="munge")
+        env = self.env()
+        subprocess.run(["slurmctld", "-f", str(self.conf)], env=env, check=True)
+        subprocess.run(["slurmd", "-f", str(self.conf), "-N", "localhost"], env=env, check=True)
+
+        def idle():
+            out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout
+            return out.strip() == "idle"
+        wait_for(idle, timeout=60, interval=0.5, what="the Slurm node to be idle")
+        return self
+
+    def env(self):
+        return dict(os.environ, SLURM_CONF=str(self.conf))
+
+    def stop(self):
+        for name in ("slurmd", "slurmctld"):
+            pid_file = self.dir / f"{name}.pid"
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+                except (ProcessLookupError, ValueError):
+                    pass
+        for name in ("slurmd", "slurmctld"):
+            pid_file = self.dir / f"{name}.pid"
+            wait_for(lambda: not pid_file.exists() or not Path(f"/proc/{pid_file.read_text().strip()}").exists(),
+                     timeout=20, what=f"{name} to stop")
+        if self.started_munge:
+            subprocess.run(["pkill", "-x", "munged"])
+
+    def job_state(self, jobid):
+        out = subprocess.run(["scontrol", "show", "job", jobid], env=self.env(), capture_output=True, text=True)
+        match = re.search(r"JobState=(\S+)", out.stdout)
+        return match.group(1) if match else None
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    if not Slurm.available():
+        if os.environ.get("CI"):
+            raise AssertionError("CI must run the real-Slurm tests: slurm-wlm and munge are missing or not root")
+        pytest.skip("real Slurm needs root and slurm-wlm + munge (tests/setup-system.sh installs them)")
+    cluster = Slurm(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+class Client:
+    """satellite-client run as a user would run it, with a home directory of its own."""
+
+    def __init__(self, home, satellite, env=None):
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.satellite = satellite
+        self.env = dict(os.environ, HOME=str(self.home), SATELLITE_URL=f"https://127.0.0.1:{satellite.port}",
+                        SATELLITE_CACERT=str(satellite.certs / "ca.pem"), **(env or {}))
+        self.env.pop("SATELLITE_CLIENT_CONFIG", None)
+
+    def run(self, *args, timeout=180, check=False):
+        result = subprocess.run([sys.executable, str(ROOT / "satellite_client.py"), *args], env=self.env,
+                                capture_output=True, text=True, timeout=timeout, cwd=self.home)
+        if check:
+            assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    def launch_json(self, *args, timeout=180):
+        result = self.run("launch", "--json", *args, timeout=timeout)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def sessions(self):
+        root = self.home / ".satellite/sessions"
+        return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+    def session_dir(self, alias):
+        return self.home / ".satellite/sessions" / alias
+
+
+@pytest.fixture(scope="module")
+def job_satellite(certs, tmp_path_factory):
+    """A satellite that accepts redeems from 127.0.0.1, where Slurm and local jobs run."""
+    server = SatelliteServer(certs, tmp_path_factory.mktemp("job-satellite"), ["--redeem-from", "127.0.0.0/8"]).start()
+    yield server
+    server.stop()
+
+
+ECHO_APP = f"{sys.executable} {ROOT}/tests/apps/echo_app.py --host {{host}} --port {{port}}"

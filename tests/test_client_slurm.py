@@ -1,0 +1,98 @@
+"""satellite-client against a real single-node Slurm and a real satellite."""
+import json
+import re
+import subprocess
+import time
+
+import pytest
+import websocket
+
+from conftest import ECHO_APP, ROOT, Client, json_body, wait_for
+from test_jupyter import execute
+
+
+@pytest.fixture
+def client(tmp_path, job_satellite, slurm):
+    return Client(tmp_path / "home", job_satellite, env={"SLURM_CONF": str(slurm.conf)})
+
+
+def link_status(satellite, url):
+    host = url.split("/")[2].split(":")[0]
+    status, _, body = satellite.request(host, "/" + url.split("/", 3)[3])
+    return status, body
+
+
+def test_launch_wait_list_status_cancel(client, job_satellite, slurm):
+    result = client.launch_json("--command", ECHO_APP, "--time-limit", "10", "--wait")
+    assert result["scheduler"] == "slurm" and result["state"] == "proxied" and result["jobid"].isdigit()
+    assert set(result) >= {"alias", "url", "state", "scheduler", "jobid"} and "key" not in result
+    status, body = link_status(job_satellite, result["url"])
+    assert status == 200 and b"Hello from the compute node" in body
+    assert slurm.job_state(result["jobid"]) == "RUNNING"
+
+    # secrets: not in the script, not in what Slurm recorded of the job, not in logs
+    session = client.session_dir(result["alias"])
+    secrets = json.loads((session / "secrets").read_text())
+    script = (session / "job.sh").read_text()
+    assert "#SBATCH --time=00:10:00" in script and "#SBATCH --no-requeue" in script
+    recorded = subprocess.run(["scontrol", "show", "job", result["jobid"]], env=slurm.env(),
+                              capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    for secret in (secrets["token"], secrets["key"]):
+        for text in (script, recorded, ps, (session / "job.log").read_text(), job_satellite.log_text()):
+            assert secret not in text
+    assert (session / "secrets").stat().st_mode & 0o777 == 0o600
+    assert session.stat().st_mode & 0o777 == 0o700
+
+    listed = json.loads(client.run("list", "--json", check=True).stdout)
+    row = next(r for r in listed if r["alias"] == result["alias"])
+    assert row["state"] == "proxied" and row["job"] == "running" and 0 < row["time_left"] <= 1200
+    text = client.run("list", check=True).stdout
+    assert result["alias"] in text and result["url"] in text
+    status_out = client.run("status", result["alias"], check=True).stdout
+    assert "state=proxied" in status_out and f"jobid={result['jobid']}" in status_out
+
+    assert client.run("cancel", result["alias"]).returncode == 0
+    wait_for(lambda: slurm.job_state(result["jobid"]) in ("CANCELLED", None), timeout=30, what="job cancelled")
+    assert link_status(job_satellite, result["url"])[0] == 410
+    assert client.run("cancel", result["alias"]).returncode == 0            # again: nothing to do, no error
+    assert "state=ended" in client.run("status", result["alias"]).stdout
+
+
+def test_time_limit_releases_the_link(client, job_satellite, slurm):
+    result = client.launch_json("--command", ECHO_APP, "--time-limit", "1", "--wait")
+    assert link_status(job_satellite, result["url"])[0] == 200
+    # Slurm signals the job at its limit; the agent releases the link on SIGTERM
+    wait_for(lambda: link_status(job_satellite, result["url"])[0] == 410, timeout=180, interval=2,
+             what="the link to end with the job's time limit")
+    log = (client.session_dir(result["alias"]) / "job.log").read_text()
+    assert "got SIGTERM" in log and "link released" in log
+
+
+def test_failed_sbatch_releases_the_link_and_leaves_nothing(client, job_satellite):
+    before = {row[0] for row in job_satellite.rows()}
+    result = client.run("launch", "--command", ECHO_APP, "--partition", "no-such-partition")
+    assert result.returncode == 1
+    assert "sbatch failed" in result.stderr and "partition" in result.stderr.lower()
+    assert client.sessions() == []
+    new = [row for row in job_satellite.rows() if row[0] not in before]
+    assert len(new) == 1 and new[0][3] == "ended"                     # issued, then released
+
+
+def test_jupyterlab_through_slurm_runs_code_via_the_link(client, job_satellite, slurm):
+    result = client.launch_json("--jupyter", "lab", "--venv", str(ROOT / ".venv"), "--time-limit", "10",
+                                "--wait", timeout=300)
+    token = result["url"].split("token=")[1]
+    host = result["url"].split("/")[2].split(":")[0]
+    status, _, body = job_satellite.request(host, "/lab?token=" + token)
+    assert status == 200 and b"JupyterLab" in body
+    auth = {"Authorization": "token " + token}
+    status, _, body = job_satellite.request(host, "/api/kernels", "POST", headers=auth, body=b"{}")
+    assert status == 201, body
+    kernel = json_body(body)["id"]
+    ws = websocket.create_connection(f"wss://{host}:{job_satellite.port}/api/kernels/{kernel}/channels",
+                                     socket=job_satellite.tls_socket(host), timeout=60,
+                                     header=[f"Authorization: token {token}"])
+    assert execute(ws, "sum(range(10))") == "45"
+    ws.close()
+    assert client.run("cancel", result["alias"]).returncode == 0
