@@ -831,12 +831,26 @@ def render_script(plan: Plan, session: Path, alias: str) -> str:
 # 7. Agent
 ###############################################################################
 
-class Stopped(Exception):
-    """A signal arrived (scancel, time limit): stop the app, release the link."""
+class StopFlag:
+    """Set by a signal (scancel, time limit, Ctrl-C). Handlers only record it: raising from a
+    handler could land inside Popen() after the fork and orphan the app."""
 
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+    def __init__(self):
+        self.signum: Optional[int] = None
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(signum, self.set)
+
+    def set(self, signum, _frame=None) -> None:
         self.signum = signum
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def pause(self, seconds: float) -> None:
+        """Sleep, waking early if stopped."""
+        deadline = time.monotonic() + seconds
+        while not self and time.monotonic() < deadline:
+            time.sleep(min(0.2, deadline - time.monotonic()))
 
 
 def say(text: str) -> None:
@@ -849,18 +863,18 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_listening(host: str, port: int, proc: subprocess.Popen, timeout: float) -> bool:
+def wait_until_listening(host: str, port: int, proc: subprocess.Popen, timeout: float, stop: StopFlag) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and proc.poll() is None and not stop:
         try:
             socket.create_connection((host, port), timeout=1).close()
             return True
         except OSError:
-            time.sleep(0.2)
+            stop.pause(0.2)
     return False
 
 
-def with_retries(action, what: str, attempts: int = 8):
+def with_retries(action, what: str, stop: StopFlag, attempts: int = 8):
     """Retry transient failures (unreachable, 5xx, 429) with backoff; refusals are final."""
     delay = 1.0
     for attempt in range(1, attempts + 1):
@@ -872,29 +886,41 @@ def with_retries(action, what: str, attempts: int = 8):
             failure = exc
         except Unreachable as exc:
             failure = exc
-        if attempt < attempts:
+        if attempt < attempts and not stop:
             say(f"{what} failed ({failure}); retrying in {delay:.0f}s")
-            time.sleep(delay)
+            stop.pause(delay)
             delay = min(delay * 2, 30)
     raise failure
 
 
+def start_app(command: str, host: str, env: dict, start_timeout: float, stop: StopFlag) -> tuple:
+    """Start the app on a free port of `host` and wait until it listens: (process, port).
+    A port taken between picking and binding makes the app exit: then try another."""
+    container = shutil.which("apptainer") or shutil.which("singularity") or "apptainer"
+    for _ in range(3):
+        port = free_port(host)
+        line = command.format(host=host, port=port, container=container)
+        say(f"starting the app on {host}:{port}: {line}")
+        proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line], env=env, start_new_session=True)
+        if wait_until_listening(host, port, proc, start_timeout, stop) or stop:
+            return proc, port
+        if proc.poll() is None:
+            stop_process_group(proc)
+            raise Failure(f"the app did not listen on {host}:{port} within {start_timeout:.0f}s")
+        say(f"the app exited with status {proc.returncode} before listening")
+    raise Failure("the app could not be started; see the lines above")
+
+
 def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int:
     """Inside the job: start the app, redeem the link, release it on every way out."""
+    stop = StopFlag()
     session = SessionDir(Path(session_dir))
     info, secrets = session.info(), session.secrets()
     api = SatelliteApi(info["satellite"], info.get("cacert"))
     key = secrets["key"]
-
-    def on_signal(signum, _frame):
-        raise Stopped(signum)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, on_signal)
-
-    proc = None
-    code = 1
+    proc, code = None, 1
     try:
-        with_retries(lambda: api.call("state", key=key, state="running"), "reporting running")
+        with_retries(lambda: api.call("state", key=key, state="running"), "reporting running", stop)
         host = api.local_address()
         token_file = session.path / "app-token"
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -902,32 +928,22 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
             f.write(secrets["token"])
         env = dict(os.environ, SATELLITE_TOKEN=secrets["token"], SATELLITE_TOKEN_FILE=str(token_file))
         env.update({name: secrets["token"] for name in info.get("token_env", [])})
-        container = shutil.which("apptainer") or shutil.which("singularity") or "apptainer"
-        for attempt in range(3):
-            port = free_port(host)
-            line = command.format(host=host, port=port, container=container)
-            say(f"starting the app on {host}:{port}: {line}")
-            proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line], env=env, start_new_session=True)
-            if wait_until_listening(host, port, proc, start_timeout):
-                break
-            if proc.poll() is None:
-                raise Failure(f"the app did not listen on {host}:{port} within {start_timeout:.0f}s")
-            say(f"the app exited with status {proc.returncode} before listening")
-            proc = None
-        if proc is None:
-            raise Failure("the app could not be started; see the lines above")
-        with_retries(lambda: api.call("redeem", key=key, port=port), "redeem")
-        say(f"link ready: {info['link']} is now your app on {host}:{port}")
-        code = proc.wait()
-        say(f"the app exited with status {code}")
-    except Stopped as stop:
-        say(f"got {stop}; stopping the app")
-        code = 128 + stop.signum
+        if not stop:
+            proc, port = start_app(command, host, env, start_timeout, stop)
+        if not stop:
+            with_retries(lambda: api.call("redeem", key=key, port=port), "redeem", stop)
+            say(f"link ready: {info['link']} is now your app on {host}:{port}")
+        while proc is not None and proc.poll() is None and not stop:
+            stop.pause(1.0)
+        if stop:
+            say(f"got {signal.Signals(stop.signum).name}; stopping the app")
+            code = 128 + stop.signum
+        else:
+            code = proc.returncode
+            say(f"the app exited with status {code}")
     except Failure as exc:
         say(str(exc))
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)       # nothing interrupts the cleanup
         stop_process_group(proc)
         try:
             api.call("release", key=key)
@@ -958,7 +974,8 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
     plan = plan_launch(options, need_cli=not dry_run)
     if dry_run:
         placeholder = SessionDir.root() / "ALIAS"
-        print(f"# dry run: the session directory is named after the link's alias, here shown as ALIAS")
+        print("satellite-client: dry run; nothing contacted. The session directory is named after the "
+              "link's alias, shown here as ALIAS.", file=sys.stderr)
         print(render_script(plan, placeholder, "ALIAS"), end="")
         if isinstance(plan.scheduler, HtCondor):
             print("\n# job.sub (submit description):")

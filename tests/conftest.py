@@ -335,14 +335,22 @@ def slurm(tmp_path_factory):
 
 class Client:
     """satellite-client run as a user would run it, with a home directory of its own."""
+    created: list = []
+
+    def cancel_all(self):
+        """Leave nothing running: cancel every session this client launched."""
+        for alias in self.sessions():
+            self.run("cancel", alias, timeout=60)
 
     def __init__(self, home, satellite, env=None):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.satellite = satellite
         self.env = dict(os.environ, HOME=str(self.home), SATELLITE_URL=f"https://127.0.0.1:{satellite.port}",
-                        SATELLITE_CACERT=str(satellite.certs / "ca.pem"), **(env or {}))
+                        SATELLITE_CACERT=str(satellite.certs / "ca.pem"))
         self.env.pop("SATELLITE_CLIENT_CONFIG", None)
+        self.env.update(env or {})
+        Client.created.append(self)
 
     def run(self, *args, timeout=180, check=False):
         result = subprocess.run([sys.executable, str(ROOT / "satellite_client.py"), *args], env=self.env,
@@ -373,3 +381,11 @@ def job_satellite(certs, tmp_path_factory):
 
 
 ECHO_APP = f"{sys.executable} {ROOT}/tests/apps/echo_app.py --host {{host}} --port {{port}}"
+
+
+@pytest.fixture(autouse=True)
+def cancel_client_sessions():
+    """After each test, cancel whatever sessions its clients left (a failed test included)."""
+    yield
+    while Client.created:
+        Client.created.pop().cancel_all()

@@ -1,0 +1,272 @@
+"""satellite-client: schedulers (local for real; STAND-IN CLIs for PBS, LSF, HTCondor and Grid Engine),
+rendered scripts, options, profiles and every failure path."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ECHO_APP, ROOT, Client, wait_for
+
+GOLDEN = Path(__file__).parent / "golden"
+STANDIN_CLIS = {"pbs": ("qsub", "qstat", "qdel"), "sge": ("qsub", "qstat", "qdel"),
+                "lsf": ("bsub", "bjobs", "bkill"), "htcondor": ("condor_submit", "condor_q", "condor_rm")}
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def client(tmp_path, job_satellite):
+    return Client(tmp_path / "home", job_satellite)
+
+
+def standin_client(tmp_path, satellite, flavour):
+    """A client whose PATH has the STAND-IN CLIs of one scheduler first."""
+    bin_dir, state = tmp_path / f"bin-{flavour}", tmp_path / f"standin-{flavour}"
+    bin_dir.mkdir()
+    state.mkdir()
+    for cli in STANDIN_CLIS[flavour]:
+        (bin_dir / cli).symlink_to(ROOT / "tests/standins/standin.py")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "STANDIN_DIR": str(state), "STANDIN_FLAVOUR": flavour}
+    return Client(tmp_path / "home", satellite, env), state
+
+
+def standin_calls(state):
+    path = state / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def link_status(satellite, url):
+    host = url.split("/")[2].split(":")[0]
+    return satellite.request(host, "/" + url.split("/", 3)[3])[0]
+
+
+# end to end --------------------------------------------------------------------
+
+@pytest.mark.parametrize("flavour, expected", [
+    ("pbs", ["#PBS -l walltime=00:30:00", "#PBS -l select=1:ncpus=2:mem=2gb", "#PBS -A proj7"]),
+    ("lsf", ["#BSUB -W 30", "#BSUB -n 2", '#BSUB -R "rusage[mem=2048MB]"', "#BSUB -P proj7"]),
+    ("sge", ["#$ -l h_rt=00:30:00", "#$ -pe smp 2", "#$ -l h_vmem=1G", "#$ -P proj7"]),
+    ("htcondor", ["request_cpus = 2", "request_memory = 2048 MB", "accounting_group = proj7"]),
+])
+def test_standin_scheduler_end_to_end(tmp_path, job_satellite, flavour, expected):
+    client, state = standin_client(tmp_path, job_satellite, flavour)
+    result = client.launch_json("--scheduler", flavour, "--command", ECHO_APP, "--time-limit", "30",
+                                "--cpus-per-task", "2", "--memory", "2", "--account", "proj7", "--wait")
+    assert result["state"] == "proxied" and result["scheduler"] == flavour
+    assert link_status(job_satellite, result["url"]) == 200
+    session = client.session_dir(result["alias"])
+    submitted = (session / ("job.sub" if flavour == "htcondor" else "job.sh")).read_text()
+    for line in expected:
+        assert line in submitted
+    secrets = json.loads((session / "secrets").read_text())
+    calls = standin_calls(state)
+    assert calls[0]["cli"] == STANDIN_CLIS[flavour][0]
+    assert secrets["token"] not in json.dumps(calls) and secrets["key"] not in json.dumps(calls)
+    assert client.run("cancel", result["alias"]).returncode == 0
+    assert any(c["cli"] == STANDIN_CLIS[flavour][2] for c in standin_calls(state))
+    wait_for(lambda: link_status(job_satellite, result["url"]) == 410, what="link released")
+
+
+def test_local_scheduler_end_to_end_and_app_exit_releases(client, job_satellite):
+    result = client.launch_json("--scheduler", "local", "--command", ECHO_APP, "--wait")
+    assert result["state"] == "proxied" and result["scheduler"] == "local"
+    assert link_status(job_satellite, result["url"]) == 200
+    log = client.session_dir(result["alias"]) / "job.log"
+    port = re.search(r"starting the app on 127\.0\.0\.1:(\d+)", log.read_text()).group(1)
+    # the app ends on its own (killed here): the agent releases the link
+    app_pid = int(subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True, text=True).stdout.split()[0])
+    os.kill(app_pid, signal.SIGKILL)
+    wait_for(lambda: link_status(job_satellite, result["url"]) == 410, what="link released after the app ended")
+    wait_for(lambda: "link released" in log.read_text(), what="agent log")
+
+
+def test_wait_fails_with_the_reason_when_the_job_dies(client, job_satellite):
+    result = client.run("launch", "--scheduler", "local", "--command", "sh -c 'echo app broke; exit 3' {port}",
+                        "--wait")
+    assert result.returncode == 1
+    assert "the job ended before the app was ready" in result.stderr and "app broke" in result.stderr
+    alias = client.sessions()[0]
+    assert "state=ended" in client.run("status", alias).stdout
+
+
+def test_quiet_prints_only_the_link(client):
+    result = client.run("launch", "--scheduler", "local", "--command", ECHO_APP, "--quiet")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and re.match(r"^https://[a-z]+-[a-z]+-[a-z]+\.sat\.test:\d+/\?token=\S+$", lines[0])
+    client.run("cancel", client.sessions()[0], check=True)
+
+
+# rendered scripts ---------------------------------------------------------------
+
+GOLDEN_OPTIONS = {
+    "slurm": ["--account", "abc123", "--partition", "gpu", "--qos", "normal", "--reservation", "res1", "--nodes", "1",
+              "--ntasks-per-node", "1", "--cpus-per-task", "8", "--memory", "32", "--gpus", "1",
+              "--gres", "gpu:a100:1", "--constraint", "a100", "--time-limit", "1-02:00:00",
+              "--env-modules", "cuda,python/3.11", "--conda-env", "torch", "--sif", "/images/lab.sif",
+              "--bind", "/scratch,/data", "--nv", "--jupyter", "lab"],
+    "pbs": ["--account", "abc123", "--partition", "workq", "--nodes", "2", "--ntasks-per-node", "4",
+            "--memory", "0.5", "--gpus", "2", "--time-limit", "90", "--app", "tensorboard"],
+    "lsf": ["--account", "abc123", "--partition", "normal", "--reservation", "res1", "--nodes", "2",
+            "--ntasks-per-node", "2", "--memory", "8", "--gpus", "1", "--constraint", "avx512",
+            "--time-limit", "2:30:00", "--jupyter", "notebook"],
+    "htcondor": ["--account", "group_physics", "--cpus-per-task", "4", "--memory", "16", "--gpus", "1",
+                 "--time-limit", "4h", "--command", "code-server --bind-addr {host}:{port} ."],
+    "sge": ["--account", "proj", "--partition", "all.q", "--reservation", "42", "--cpus-per-task", "4",
+            "--memory", "16", "--time-limit", "45", "--jupyter", "voila"],
+    "local": ["--time-limit", "15", "--command", "python3 -m http.server {port} --bind {host}"],
+}
+
+
+def dry_run(client, *args):
+    return client.run("launch", "--dry-run", "--python", "/usr/bin/python3", *args)
+
+
+@pytest.mark.parametrize("scheduler", sorted(GOLDEN_OPTIONS))
+def test_rendered_script_matches_golden(tmp_path, job_satellite, scheduler):
+    client = Client(tmp_path / "home", job_satellite, {"SATELLITE_URL": f"https://127.0.0.1:{closed_port()}"})
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    result = dry_run(client, "--scheduler", scheduler, "--workdir", str(workdir), *GOLDEN_OPTIONS[scheduler])
+    assert result.returncode == 0, result.stderr
+    text = (result.stdout.replace(str(client.home), "$HOME").replace(str(workdir), "/work")
+            .replace(str(ROOT), "/opt/satellite").replace(" --allow-root", ""))
+    golden = GOLDEN / f"{scheduler}.sh"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+    assert client.sessions() == []                      # a dry run creates nothing
+
+
+@pytest.mark.parametrize("scheduler, args, message", [
+    ("pbs", ["--qos", "high"], "--qos cannot be expressed for pbs"),
+    ("pbs", ["--gres", "gpu:1"], "use --gpus"),
+    ("pbs", ["--reservation", "R1"], "reservation's queue"),
+    ("lsf", ["--qos", "high"], "--qos cannot be expressed for lsf"),
+    ("htcondor", ["--partition", "gpu"], "--partition cannot be expressed for htcondor"),
+    ("sge", ["--nodes", "2"], "SGE places slots"),
+    ("local", ["--partition", "gpu"], "--partition cannot be expressed for local"),
+])
+def test_options_a_scheduler_cannot_express_fail_before_any_contact(tmp_path, job_satellite, scheduler, args, message):
+    client, state = standin_client(tmp_path, job_satellite, "pbs") if scheduler == "pbs" else (
+        Client(tmp_path / "home", job_satellite), None)
+    client.env["PATH"] = f"{tmp_path}/fakebin:{client.env['PATH']}"
+    (tmp_path / "fakebin").mkdir(exist_ok=True)
+    for cli in ("bsub", "condor_submit", "qsub"):
+        if not (tmp_path / "fakebin" / cli).exists():
+            (tmp_path / "fakebin" / cli).symlink_to("/bin/false")
+    before = len(job_satellite.rows())
+    result = client.run("launch", "--scheduler", scheduler, "--command", ECHO_APP, *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(job_satellite.rows()) == before and client.sessions() == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--time-limit", "soon"], "--time-limit"),
+    (["--memory", "lots"], "--memory"),
+    (["--nodes", "0"], "--nodes must be at least 1"),
+    (["--command", "serve --port 8000"], "must contain {port}"),
+    (["--command", "serve {port} {token}"], "unknown placeholder {token}"),
+    (["--command", "x {port}", "--jupyter", "lab"], "choose one of"),
+    (["--app", "emacs"], "--app 'emacs'"),
+    (["--cacert", "/no/such/ca.pem"], "--cacert"),
+    (["--satellite", "http://sat.example.edu"], "https://"),
+    (["--workdir", "/no/such/dir"], "--workdir"),
+    (["--venv", "/no/such/venv"], "--venv"),
+    (["--nv"], "go with --sif"),
+    (["--profile", "nope"], "no profile 'nope'"),
+])
+def test_bad_options_fail_clearly_before_any_contact(client, job_satellite, args, message):
+    before = len(job_satellite.rows())
+    result = client.run("launch", "--scheduler", "local", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(job_satellite.rows()) == before and client.sessions() == []
+
+
+def test_unknown_scheduler_and_missing_satellite(tmp_path, job_satellite):
+    client = Client(tmp_path / "home", job_satellite)
+    result = client.run("launch", "--scheduler", "torque")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+    del client.env["SATELLITE_URL"]
+    result = client.run("launch", "--scheduler", "local")
+    assert result.returncode == 2 and "where is satellite" in result.stderr
+
+
+def test_unreachable_satellite_submits_nothing(tmp_path, job_satellite):
+    client, state = standin_client(tmp_path, job_satellite, "lsf")
+    client.env["SATELLITE_URL"] = f"https://127.0.0.1:{closed_port()}"
+    result = client.run("launch", "--scheduler", "lsf", "--command", ECHO_APP)
+    assert result.returncode == 1 and "cannot reach satellite" in result.stderr
+    assert standin_calls(state) == [] and client.sessions() == []
+
+
+def test_failed_submission_releases_the_link(tmp_path, job_satellite):
+    client, state = standin_client(tmp_path, job_satellite, "pbs")
+    (tmp_path / "bin-pbs" / "qsub").unlink()
+    (tmp_path / "bin-pbs" / "qsub").write_text("#!/bin/sh\necho 'qsub: Unauthorized Request' >&2\nexit 159\n")
+    (tmp_path / "bin-pbs" / "qsub").chmod(0o755)
+    before = {row[0] for row in job_satellite.rows()}
+    result = client.run("launch", "--scheduler", "pbs", "--command", ECHO_APP)
+    assert result.returncode == 1 and "qsub failed: qsub: Unauthorized Request" in result.stderr
+    new = [row for row in job_satellite.rows() if row[0] not in before]
+    assert len(new) == 1 and new[0][3] == "ended" and client.sessions() == []
+
+
+# profiles, site config, help ------------------------------------------------------
+
+def test_profiles_and_site_config(tmp_path, job_satellite):
+    site = tmp_path / "client.ini"
+    site.write_text(f"[client]\nsatellite = https://127.0.0.1:{closed_port()}\nscheduler = slurm\n"
+                    "partition = shared\ntime-limit = 30\n")
+    client = Client(tmp_path / "home", job_satellite, {"SATELLITE_CLIENT_CONFIG": str(site)})
+    del client.env["SATELLITE_URL"]
+    client.env["PATH"] = f"{ROOT}/tests/nonexistent:{client.env['PATH']}"
+    result = dry_run(client, "--command", ECHO_APP)
+    out = result.stdout
+    assert "#SBATCH --partition=shared" in out and "#SBATCH --time=00:30:00" in out, result.stderr
+    assert client.run("profile", "save", "gpu", "--partition", "gpu", "--gpus", "1").returncode == 0
+    assert client.run("profile", "list").stdout.split() == ["gpu"]
+    assert json.loads(client.run("profile", "show", "gpu").stdout) == {"partition": "gpu", "gpus": 1}
+    out = dry_run(client, "--profile", "gpu", "--command", ECHO_APP).stdout
+    assert "#SBATCH --partition=gpu" in out and "#SBATCH --gpus=1" in out        # profile over site config
+    out = dry_run(client, "--profile", "gpu", "--partition", "debug", "--command", ECHO_APP).stdout
+    assert "#SBATCH --partition=debug" in out                                      # flags over profile
+    bad = client.run("profile", "save", "x", "--scheduler", "pbs", "--qos", "high")
+    assert bad.returncode == 2 and "--qos cannot be expressed for pbs" in bad.stderr
+    assert client.run("profile", "delete", "gpu").returncode == 0
+    assert client.run("profile", "list").stdout == ""
+    site.write_text("[client]\nflavour = vanilla\n")
+    bad = client.run("launch", "--dry-run")
+    assert bad.returncode == 2 and "unknown setting 'flavour'" in bad.stderr
+
+
+def test_help_teaches():
+    result = subprocess.run([sys.executable, str(ROOT / "satellite_client.py"), "launch", "--help"],
+                            capture_output=True, text=True)
+    assert "examples:" in result.stdout and "--time-limit" in result.stdout and "{port}" in result.stdout
+    result = subprocess.run([sys.executable, str(ROOT / "satellite_client.py")], capture_output=True, text=True)
+    assert result.returncode == 2 and "launch" in result.stdout
+
+
+def test_scheduler_detection_from_path(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import satellite_client
+    for clis, expected in [((), "local"), (("bsub",), "lsf"), (("qsub",), "pbs"), (("qsub", "qconf"), "sge"),
+                           (("condor_submit",), "htcondor"), (("sbatch", "qsub"), "slurm")]:
+        bin_dir = tmp_path / "-".join(clis or ("none",))
+        bin_dir.mkdir()
+        for cli in clis:
+            (bin_dir / cli).symlink_to("/bin/true")
+        monkeypatch.setenv("PATH", str(bin_dir))
+        assert satellite_client.detect_scheduler() == expected
