@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""make demo: satellite on this machine, a link, and a "job" that redeems it.
+"""make demo: satellite on this machine, and satellite-client launching an app as a "job".
 
 Needs only python3, openssl and curl. Everything listens on loopback. The domain is
 sat.localhost because browsers and curl resolve every *.localhost name to loopback.
@@ -12,7 +12,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -49,25 +48,6 @@ def start_satellite(port):
     sys.exit("satellite did not start in time")
 
 
-def start_job(api, key, token, delay):
-    """The "batch job": after a queue wait, start the app with the token in its environment,
-    wait until it listens, then redeem the key for the app's port."""
-    script = f"""
-sleep {delay}
-exec 3< "$SATELLITE_KEY_FILE"; read -r key <&3
-python3 "{ROOT}/tests/apps/echo_app.py" --host 127.0.0.1 > "{WORK}/app.port" &
-while ! grep -q listening "{WORK}/app.port" 2>/dev/null; do sleep 0.1; done
-port=$(awk '{{print $3}}' "{WORK}/app.port")
-curl -sS --cacert "{WORK}/certs/ca.pem" -d "key=$key" -d "port=$port" "{api}/api/redeem" > "{WORK}/redeem.txt"
-wait
-"""
-    key_file = WORK / "job.key"
-    key_file.write_text(key + "\n")
-    key_file.chmod(0o600)
-    env = dict(os.environ, APP_TOKEN=token, SATELLITE_KEY_FILE=str(key_file))
-    return subprocess.Popen(["sh", "-c", script], env=env, start_new_session=True)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "8443")))
@@ -88,27 +68,30 @@ def main():
     satellite, port = start_satellite(args.port)
     api = f"https://127.0.0.1:{port}"
     print(f"   log: {WORK}/satellite.log")
-    job = None
+    env = dict(os.environ, HOME=str(WORK / "home"))             # sessions live in .demo/home/.satellite
     try:
-        step("The login node asks for a link")
-        print(f"   $ curl --cacert .demo/certs/ca.pem {api}/api/getlink")
-        fields = dict(line.split("=", 1) for line in curl(f"{api}/api/getlink").splitlines())
-        print(f"   alias={fields['alias']}  (the reply also holds url=, token= and the job's key=)")
+        step("A user on the login node launches an app as a job (the 'local' scheduler runs it here)")
+        command = (f"sh -c 'sleep {args.queue_wait:g}; APP_TOKEN=$SATELLITE_TOKEN exec {sys.executable} "
+                   f"{ROOT}/tests/apps/echo_app.py --host {{host}} --port {{port}}'")
+        launch = [sys.executable, str(ROOT / "dist/satellite-client.pyz"), "launch", "--scheduler", "local",
+                  "--satellite", api, "--cacert", str(WORK / "certs/ca.pem"), "--command", command, "--quiet"]
+        print("   $ satellite-client launch --scheduler local --satellite " + api +
+              " --cacert .demo/certs/ca.pem \\\n       --command '<a small web app with {host} and {port}>'")
+        result = subprocess.run(launch, env=env, capture_output=True, text=True, cwd=WORK)
+        if result.returncode != 0:
+            sys.exit(result.stderr)
+        url = result.stdout.strip()
 
-        step(f"The job is submitted; it starts in {args.queue_wait:.0f}s, starts its app, redeems its key")
-        job = start_job(api, fields["key"], fields["token"], args.queue_wait)
-
-        host = f"{fields['alias']}.{DOMAIN}:{port}"
-        step("Your link (open it now: it shows the job's progress, then the app)")
-        print(f"   {fields['url']}\n")
+        step(f"Your link: the job starts its app after {args.queue_wait:g}s; open the link now to watch")
+        print(f"   {url}\n")
         print("   with curl:")
-        print(f"   curl --cacert .demo/certs/ca.pem '{fields['url']}'")
+        print(f"   curl --cacert .demo/certs/ca.pem '{url}'")
         print(f"   (the browser will warn about the demo CA unless you import {WORK}/certs/ca.pem)")
+        print("   sessions: HOME=.demo/home dist/satellite-client.pyz list")
         if args.check:
-            for _ in range(int(args.queue_wait * 10) + 200):
-                body = curl(fields["url"])
-                if "Hello from the compute node" in body:
-                    print(f"\n   curl got the app's page through https://{host}/ : demo works")
+            for _ in range(int(args.queue_wait * 10) + 300):
+                if "Hello from the compute node" in curl(url):
+                    print(f"\n   curl got the app's page through the link: demo works")
                     return 0
                 time.sleep(0.1)
             print("the app never answered through the link", file=sys.stderr)
@@ -118,8 +101,9 @@ def main():
     except KeyboardInterrupt:
         pass
     finally:
-        if job:
-            os.killpg(job.pid, signal.SIGTERM)
+        for session in (WORK / "home/.satellite/sessions").glob("*"):      # cancel the job, release the link
+            subprocess.run([sys.executable, str(ROOT / "dist/satellite-client.pyz"), "cancel", session.name],
+                           env=env, capture_output=True)
         satellite.terminate()
         satellite.wait(10)
     return 0

@@ -270,3 +270,12 @@ def test_scheduler_detection_from_path(tmp_path, monkeypatch):
             (bin_dir / cli).symlink_to("/bin/true")
         monkeypatch.setenv("PATH", str(bin_dir))
         assert satellite_client.detect_scheduler() == expected
+
+
+def test_example_site_config_in_contrib(tmp_path, job_satellite):
+    client = Client(tmp_path / "home", job_satellite, {"SATELLITE_CLIENT_CONFIG": str(ROOT / "contrib/client.ini")})
+    del client.env["SATELLITE_URL"], client.env["SATELLITE_CACERT"]
+    result = client.run("launch", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    for line in ("#SBATCH --partition=shared", "#SBATCH --time=01:00:00", "module load anaconda3", "jupyter lab"):
+        assert line in result.stdout

@@ -34,6 +34,9 @@ def test_pyz_runs_without_site_packages(tmp_path):
     result = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "satellite.pyz"), "serve", "--help"],
                             capture_output=True, text=True)
     assert "--redeem-from" in result.stdout
+    result = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "satellite-client.pyz"), "launch", "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "--time-limit" in result.stdout
 
 
 def test_runtime_is_standard_library_for_python_39():
