@@ -1,5 +1,6 @@
 """The README's API walkthrough is a script: run it verbatim against a real satellite."""
 import re
+import shlex
 import subprocess
 
 from conftest import ROOT, SatelliteServer
@@ -36,3 +37,33 @@ def run_walkthrough(satellite, tmp_path):
     assert "state=mapped" in out and "target=127.0.0.1:8888" in out
     lines = out.splitlines()
     assert "404" in lines and "state=ended" in lines and lines[-1] == "410"
+
+
+def readme_launch_examples():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"Examples for each scheduler.*?```sh\n(.*?)```", text, re.S).group(1)
+    return [line for line in block.replace("\\\n", " ").splitlines() if line.startswith("satellite-client launch")]
+
+
+def test_readme_scheduler_examples_render_what_they_say(tmp_path, job_satellite):
+    from conftest import Client
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    (fakebin / "sbatch").symlink_to("/bin/false")            # a Slurm site, as the first example assumes
+    client = Client(tmp_path / "home", job_satellite, {"PATH": f"{fakebin}:/usr/bin:/bin"})
+    examples = readme_launch_examples()
+    assert len(examples) == 7
+    outputs = []
+    for line in examples:
+        args = shlex.split(line)[2:]
+        result = client.run("launch", "--dry-run", *args)
+        assert result.returncode == 0, (line, result.stderr)
+        outputs.append(result.stdout)
+    slurm, pbs, lsf, condor, sge, local, container = outputs
+    assert "#SBATCH --gpus=1" in slurm and "#SBATCH --gres=gpu:a100:1" in slurm
+    assert "#PBS -l select=2:ncpus=4:mpiprocs=4:mem=512mb:ngpus=2" in pbs
+    assert "#BSUB -W 150" in lsf and '#BSUB -R "rusage[mem=8192MB]"' in lsf and "#BSUB -M 8192MB" in lsf
+    assert "# job.sub (submit description):" in condor and "request_gpus = 1" in condor
+    assert "#$ -pe smp 4" in sge and "#$ -l h_vmem=4G" in sge
+    assert [l for l in local.splitlines() if l.startswith("#") and not l.startswith("# ")] == ["#!/bin/bash"]
+    assert "{container} exec --bind /scratch --bind /data --nv" in container
