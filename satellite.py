@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import select
 import signal
@@ -440,7 +441,7 @@ class Store:
         try:
             session = self.live_session_by_key(key)
             if session.target_host and session.target_host != host:
-                raise ApiError(409, f"already redeemed from another host")
+                raise ApiError(409, "already redeemed from another host")
             state = "proxied" if session.state == "proxied" and session.target == (host, port) else "mapped"
             db.execute("UPDATE sessions SET state = ?, target_host = ?, target_port = ?, redeemed = ?,"
                        " expires = ? WHERE alias = ?",
@@ -1008,11 +1009,9 @@ class Upstream:
         """A pooled connection the app has not closed (readable while idle = EOF or junk)."""
         if self.stream.buf:
             return False
-        try:
-            readable, _, _ = select.select([self.stream.sock], [], [], 0)
-        except (OSError, ValueError):
-            return False
-        return not readable
+        poller = select.poll()                      # poll, not select: descriptors may exceed 1024
+        poller.register(self.stream.sock, select.POLLIN)
+        return not poller.poll(0)
 
     def close(self) -> None:
         try:
@@ -1116,7 +1115,7 @@ def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: 
                     check_every: float = 5.0, write_timeout: float = 120.0) -> tuple:
     """Shuttle raw bytes both ways after a 101 until either side closes.
 
-    One thread, blocking sockets, `select` for readiness; the client side is TLS, so
+    One thread, blocking sockets, `poll` for readiness; the client side is TLS, so
     decrypted bytes OpenSSL already holds (`pending()`) are drained before waiting.
     `still_open()` is asked every `check_every` seconds of silence, so a revoked or
     ended session is cut even if the socket is idle. Returns bytes (in, out).
@@ -1126,11 +1125,15 @@ def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: 
     pending = getattr(client, "pending", lambda: 0)
     counts = {client: 0, upstream: 0}
     peers = {client: upstream, upstream: client}
+    by_fd = {client.fileno(): client, upstream.fileno(): upstream}
+    poller = select.poll()
+    for sock in by_fd.values():
+        poller.register(sock, select.POLLIN)
     while True:
         if pending():
             ready = [client]
         else:
-            ready, _, _ = select.select([client, upstream], [], [], check_every)
+            ready = [by_fd[fd] for fd, _ in poller.poll(check_every * 1000)]
             if not ready:
                 if not still_open():
                     return counts[client], counts[upstream]
@@ -1577,8 +1580,19 @@ def setup_logging(settings: Settings) -> None:
     access_log.setLevel(logging.INFO)
 
 
+def raise_descriptor_limit() -> None:
+    """Each connection holds one or two descriptors: use all the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+
+
 def command_serve(settings: Settings) -> int:
     setup_logging(settings)
+    raise_descriptor_limit()
     try:
         app = Satellite(settings)
     except (OSError, ssl.SSLError) as exc:

@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import random
+import socket
 import time
 
 import pytest
@@ -295,3 +296,21 @@ def test_release_cuts_an_idle_websocket(satellite, app):
     ws.settimeout(30)
     with pytest.raises(websocket.WebSocketConnectionClosedException):
         ws.recv()
+
+
+def test_websocket_relay_works_beyond_1024_descriptors(fresh_satellite, app):
+    """select() cannot watch descriptors above 1024; with >1100 connections open, the relay still works."""
+    satellite = fresh_satellite()
+    link = satellite.mapped_session(app)
+    idle = []
+    try:
+        for _ in range(1100):
+            idle.append(socket.create_connection(("127.0.0.1", satellite.port)))
+        wait_for(lambda: len(os.listdir(f"/proc/{satellite.proc.pid}/fd")) > 1100, what="satellite to accept them")
+        ws = open_websocket(satellite, link)
+        ws.send("deep descriptors")
+        assert ws.recv() == "deep descriptors"
+        ws.close()
+    finally:
+        for sock in idle:
+            sock.close()
