@@ -280,7 +280,8 @@ class Slurm:
     def start(self):
         for sub in ("state", "spool"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(SLURM_CONF.format(dir=self.dir, cpus=min(os.cpu_count() or 1, 2)))
+        self.cpus = min(os.cpu_count() or 1, 2)
+        self.conf.write_text(SLURM_CONF.format(dir=self.dir, cpus=self.cpus))
         if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
             if not Path("/etc/munge/munge.key").exists():
                 subprocess.run(["runuser", "-u", "munge", "--", "mungekey", "--create"], check=True)

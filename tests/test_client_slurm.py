@@ -2,6 +2,7 @@
 import json
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -96,3 +97,31 @@ def test_jupyterlab_through_slurm_runs_code_via_the_link(client, job_satellite, 
     assert execute(ws, "sum(range(10))") == "45"
     ws.close()
     assert client.run("cancel", result["alias"]).returncode == 0
+
+
+def test_wait_shows_progress_while_the_job_queues(client, job_satellite, slurm):
+    blocker = subprocess.run(["sbatch", "--parsable", "--cpus-per-task", str(slurm.cpus), "--output", "/dev/null",
+                              "--wrap", "sleep 300"], env=slurm.env(), capture_output=True, text=True, check=True)
+    blocker_id = blocker.stdout.strip().split(";")[0]
+    wait_for(lambda: slurm.job_state(blocker_id) == "RUNNING", what="the blocker to run")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "satellite_client.py"), "launch", "--command", ECHO_APP,
+                             "--time-limit", "10", "--wait"], env=client.env, cwd=client.home,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not any("queued: waiting for the scheduler" in l for l in lines):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            lines.append(line)
+        jobid = re.search(r"Submitted slurm job (\d+)", "".join(lines)).group(1)
+        time.sleep(3)
+        assert slurm.job_state(jobid) == "PENDING"            # really queued behind the blocker
+        assert proc.poll() is None
+        subprocess.run(["scancel", blocker_id], env=slurm.env(), check=True)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert re.search(r"\[\s*\d+s\] ready", out)
+    finally:
+        subprocess.run(["scancel", blocker_id], env=slurm.env())
+        if proc.poll() is None:
+            proc.kill()
