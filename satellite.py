@@ -20,13 +20,14 @@ who deploys it. Sections, top-down:
     2. Configuration         Settings, INI file + flags, durations, networks
     3. Secrets and aliases   token/key generation, hashing, cookies
     4. Store                 SQLite (WAL) sessions table, shared with other processes
-    5. HTTP parsing          Stream (buffered socket), strict request/response heads
-    6. Management API        /api/getlink, redeem, state, release, status, /healthz
-    7. Pages                 status page, 403/404/410/502 pages
-    8. Proxy                 forward a request, relay bodies, WebSocket tunnel
-    9. Server                TLS per connection, handler, certificate reload
-   10. Commands              serve, main()
-   11. Word list            aliases are three words from this list
+    5. Operations            audit events, metrics, rate limits, health probes, refresh
+    6. HTTP parsing          Stream (buffered socket), strict request/response heads
+    7. Management API        /api/getlink, redeem, state, release, status, jobstates, /healthz
+    8. Pages                 status page, 403/404/410/502 pages
+    9. Proxy                 forward a request, relay bodies, WebSocket tunnel
+   10. Server                TLS per connection, handler, certificate reload, HTTP redirect
+   11. Commands              serve, refresh, list, show, revoke, stats; main()
+   12. Word list            aliases are three words from this list
 
 Why not BaseHTTPRequestHandler: it parses headers with ``email.parser``, which
 silently ends the header block at a malformed line (so ``Transfer-Encoding :
@@ -37,6 +38,7 @@ headers. A proxy that is a security boundary parses strictly itself (RFC 9112).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import configparser
 import dataclasses
 import hashlib
@@ -55,6 +57,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -148,6 +151,20 @@ def parse_listen(text: str) -> tuple:
     return host or "0.0.0.0", port
 
 
+def parse_rate(text: str) -> tuple:
+    """'30/1m' -> (30, 60): at most 30 in any 60 seconds. '0' switches the limit off."""
+    if str(text).strip() == "0":
+        return (0, 1)
+    count, _, window = str(text).partition("/")
+    if not count.strip().isdigit() or not window:
+        raise ValueError(f"not a rate: {text!r} (use COUNT/DURATION, e.g. 30/1m, or 0 for no limit)")
+    return int(count), parse_duration(window)
+
+
+def parse_optional_listen(text: str) -> Optional[tuple]:
+    return parse_listen(text) if str(text).strip() else None
+
+
 def parse_port_range(text: str) -> tuple:
     match = re.fullmatch(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*", str(text))
     if not match or not 1 <= int(match.group(1)) <= int(match.group(2)) <= 65535:
@@ -178,6 +195,18 @@ class Settings:
     upstream_connect_timeout: float = 5.0
     upstream_timeout: float = 600.0         # silence allowed from the app mid-response
     max_connections: int = 4096
+    # operations (refresh, audit, metrics, limits)
+    audit_log: str = ""                     # JSON lines file; '' = off, '-' = stderr
+    metrics_from: tuple = parse_networks("127.0.0.0/8,::1")
+    admin_from: tuple = parse_networks("127.0.0.0/8,::1")     # may feed scheduler states
+    getlink_rate: tuple = (120, 60)         # getlink calls per source address per window (a login node
+    max_live_per_source: int = 500          # or portal asks for many users); live sessions per address
+    token_failures: tuple = (20, 60)        # wrong tokens per source address per window, then 429
+    dead_after: int = 600                   # refresh ends a session whose app has been gone this long
+    retention: int = 30 * 86400             # refresh deletes ended sessions this old (their aliases then free)
+    jobstate_command: str = ""              # refresh runs it: lines "JOBID STATE" (e.g. squeue -h -o '%i %T')
+    hsts: int = 365 * 86400                 # Strict-Transport-Security max-age; 0 = off
+    redirect_listen: Optional[tuple] = None # plain-HTTP listener that only redirects to HTTPS
 
     # name -> parser for values that come as text (INI or flags)
     PARSERS = {
@@ -186,12 +215,16 @@ class Settings:
         "session_lifetime": parse_duration, "max_session_lifetime": parse_duration,
         "public_port": int, "handshake_timeout": float, "idle_timeout": float,
         "header_timeout": float, "upstream_connect_timeout": float, "upstream_timeout": float,
-        "max_connections": int,
+        "max_connections": int, "metrics_from": parse_networks, "admin_from": parse_networks,
+        "getlink_rate": parse_rate, "max_live_per_source": int, "token_failures": parse_rate,
+        "dead_after": parse_duration, "retention": parse_duration, "hsts": parse_duration,
+        "redirect_listen": parse_optional_listen,
     }
 
     @classmethod
-    def from_sources(cls, ini_path: Optional[str], overrides: dict) -> "Settings":
-        """Defaults, then the INI file, then flags (overrides with None values are ignored)."""
+    def from_sources(cls, ini_path: Optional[str], overrides: dict, serving: bool = True) -> "Settings":
+        """Defaults, then the INI file, then flags (overrides with None values are ignored).
+        Admin commands (serving=False) need only the database."""
         values = {}
         if ini_path:
             parser = configparser.ConfigParser(interpolation=None)
@@ -214,7 +247,8 @@ class Settings:
                 except ValueError as exc:
                     raise ValueError(f"{name}: {exc}") from None
             setattr(settings, name, value)
-        settings.validate()
+        if serving:
+            settings.validate()
         return settings
 
     def validate(self) -> None:
@@ -295,10 +329,11 @@ def redact(target: str) -> str:
 class ApiError(Exception):
     """An error answered with a real status code and a one-line reason."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, retry_after: int = 0):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after
 
 
 @dataclasses.dataclass
@@ -317,6 +352,8 @@ class Session:
     redeemed: Optional[float]
     ended: Optional[float]
     end_reason: Optional[str]
+    backend_gone: Optional[float] = None
+    jobstate: Optional[str] = None
 
     @property
     def target(self) -> Optional[tuple]:
@@ -334,6 +371,8 @@ class Session:
         if self.target:
             host = self.target_host
             info["target"] = f"[{host}]:{self.target_port}" if ":" in host else f"{host}:{self.target_port}"
+        if self.jobstate:
+            info["jobstate"] = self.jobstate
         if self.end_reason:
             info["ended_because"] = self.end_reason
         return info
@@ -358,7 +397,13 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_state ON sessions(state);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+# Columns added after the first release: (name, declaration), added to older databases on open.
+ADDED_COLUMNS = [
+    ("backend_gone", "REAL"),              # first failed health probe of the mapped app, if failing
+    ("jobstate", "TEXT"),                  # the scheduler's word for the job, from the feed
+]
 
 
 class Store:
@@ -374,6 +419,10 @@ class Store:
         self._local = threading.local()
         db = self.db
         db.executescript(SCHEMA)
+        present = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
+        for name, declaration in ADDED_COLUMNS:
+            if name not in present:
+                db.execute(f"ALTER TABLE sessions ADD COLUMN {name} {declaration}")
         db.execute("INSERT OR IGNORE INTO meta VALUES ('cookie_secret', ?)", (secrets.token_hex(32),))
         self.cookie_secret = bytes.fromhex(
             db.execute("SELECT value FROM meta WHERE name = 'cookie_secret'").fetchone()[0])
@@ -466,13 +515,270 @@ class Store:
     def mark_proxied(self, alias: str) -> None:
         self._write("UPDATE sessions SET state = 'proxied' WHERE alias = ? AND state = 'mapped'", (alias,))
 
-    def end(self, alias: str, reason: str) -> None:
-        self._write("UPDATE sessions SET state = 'ended', ended = ?, end_reason = ?"
-                    " WHERE alias = ? AND state != 'ended'", (time.time(), reason, alias))
+    def end(self, alias: str, reason: str) -> bool:
+        """End a session; True if this call ended it (so one of two racing callers records it)."""
+        return self._write("UPDATE sessions SET state = 'ended', ended = ?, end_reason = ?"
+                           " WHERE alias = ? AND state != 'ended'", (time.time(), reason, alias)) == 1
+
+    # operations ------------------------------------------------------------
+    def sessions(self, states: Iterable = SESSION_STATES) -> list:
+        states = tuple(states)
+        rows = self.db.execute(f"SELECT * FROM sessions WHERE state IN ({','.join('?' * len(states))})"
+                               " ORDER BY created", states).fetchall()
+        return [Session(**dict(row)) for row in rows]
+
+    def live_count_from(self, source: str) -> int:
+        return self.db.execute("SELECT count(*) FROM sessions WHERE issued_to = ? AND state != 'ended'"
+                               " AND expires > ?", (source, time.time())).fetchone()[0]
+
+    def count_by_state(self) -> dict:
+        counts = dict.fromkeys(SESSION_STATES, 0)
+        counts.update(self.db.execute("SELECT state, count(*) FROM sessions GROUP BY state").fetchall())
+        return counts
+
+    def set_backend_gone(self, alias: str, since: Optional[float]) -> None:
+        self._write("UPDATE sessions SET backend_gone = ? WHERE alias = ?", (since, alias))
+
+    def set_jobstates(self, states: dict) -> int:
+        """Scheduler states by job id (from a feed); returns how many sessions they named."""
+        changed = 0
+        for jobid, state in states.items():
+            changed += self._write("UPDATE sessions SET jobstate = ? WHERE jobid = ? AND state != 'ended'",
+                                   (state, jobid))
+        return changed
+
+    def prune(self, ended_before: float, dry_run: bool = False) -> int:
+        where = "FROM sessions WHERE state = 'ended' AND ended < ?"
+        if dry_run:
+            return self.db.execute(f"SELECT count(*) {where}", (ended_before,)).fetchone()[0]
+        return self._write(f"DELETE {where}", (ended_before,))
+
+    def bump(self, name: str) -> None:
+        self._write("INSERT INTO counters VALUES (?, 1) ON CONFLICT(name) DO UPDATE SET value = value + 1", (name,))
+
+    def counters(self) -> dict:
+        return dict(self.db.execute("SELECT name, value FROM counters").fetchall())
+
+    def set_meta(self, name: str, value: str) -> None:
+        self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+    def meta(self, name: str) -> Optional[str]:
+        row = self.db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
 
 
 ###############################################################################
-# 5. HTTP parsing
+# 5. Operations: events, metrics, limits, refresh
+###############################################################################
+
+LIFECYCLE_EVENTS = ("issue", "redeem", "state", "release", "revoke", "expire", "dead")
+
+
+class Events:
+    """What happened, for people and for usage reports: one JSON object a line in the audit
+    log (never a secret), and a count per lifecycle event in the database, shared by the
+    server, refresh and admin commands."""
+
+    def __init__(self, store: Store, audit_path: str):
+        self.store = store
+        self.lock = threading.Lock()
+        self.audit = None
+        if audit_path == "-":
+            self.audit = sys.stderr
+        elif audit_path:
+            self.audit = open(audit_path, "a", buffering=1)
+
+    def record(self, event: str, alias: Optional[str] = None, source: Optional[str] = None, **fields) -> None:
+        if event in LIFECYCLE_EVENTS:
+            try:
+                self.store.bump(f"events_{event}")
+            except sqlite3.Error as exc:
+                log.warning("could not count %s: %s", event, exc)
+        if self.audit is None:
+            return
+        line = {"time": iso_time(time.time()), "event": event, "alias": alias, "source": source}
+        line.update((k, v) for k, v in fields.items() if v is not None)
+        with self.lock:
+            self.audit.write(json.dumps(line) + "\n")
+
+
+class RateLimiter:
+    """At most `count` events per key in any `window` seconds (a sliding window in memory).
+    Keys are source addresses; the table is bounded so a flood cannot grow it without end."""
+
+    def __init__(self, limit: tuple, max_keys: int = 100_000):
+        self.count, self.window = limit
+        self.max_keys = max_keys
+        self.events: dict = {}
+        self.lock = threading.Lock()
+
+    def retry_after(self, key: str, now: Optional[float] = None, consume: bool = True) -> int:
+        """0 if allowed (and counted, when consume), else the seconds until it would be."""
+        if not self.count:
+            return 0
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            times = [t for t in self.events.get(key, ()) if t > now - self.window]
+            if len(times) >= self.count:
+                self.events[key] = times
+                return max(1, int(times[0] + self.window - now + 0.999))
+            if consume:
+                times.append(now)
+            if len(self.events) >= self.max_keys and key not in self.events:
+                self.events.clear()
+            self.events[key] = times
+            return 0
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Counters of this process, rendered with the database's counts as Prometheus text."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict = {}                   # status class -> count
+        self.denied: dict = {}                     # reason -> count
+        self.bytes_in = self.bytes_out = 0
+        self.websockets_open = 0
+        self.upstream_errors = 0
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    def request_done(self, status: int, seconds: float, received: int, sent: int) -> None:
+        bucket = next((i for i, edge in enumerate(LATENCY_BUCKETS) if seconds <= edge), len(LATENCY_BUCKETS))
+        with self.lock:
+            key = f"{status // 100}xx"
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.bytes_in += received
+            self.bytes_out += sent
+            self.latency[bucket] += 1
+            self.latency_sum += seconds
+
+    def add(self, name: str, amount: int = 1, reason: Optional[str] = None) -> None:
+        with self.lock:
+            if name == "denied":
+                self.denied[reason] = self.denied.get(reason, 0) + amount
+            else:
+                setattr(self, name, getattr(self, name) + amount)
+
+    def render(self, store: Store, cert_expiry: Optional[float]) -> str:
+        out = []
+
+        def metric(name, kind, help_text, samples):
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}")
+            out.extend(f"{name}{labels} {value}" for labels, value in samples)
+        metric("satellite_sessions", "gauge", "Sessions by state.",
+               [(f'{{state="{k}"}}', v) for k, v in store.count_by_state().items()])
+        counters = store.counters()
+        metric("satellite_link_events_total", "counter", "Session lifecycle events (all processes).",
+               [(f'{{event="{e}"}}', counters.get(f"events_{e}", 0)) for e in LIFECYCLE_EVENTS])
+        metric("satellite_refresh_runs_total", "counter", "Refresh runs by outcome.",
+               [(f'{{outcome="{o}"}}', counters.get(f"refresh_{o}", 0)) for o in ("ok", "failed")])
+        last = json.loads(store.meta("last_refresh") or "{}")
+        metric("satellite_refresh_last_timestamp_seconds", "gauge", "When refresh last finished.",
+               [("", last.get("time", 0))])
+        with self.lock:
+            metric("satellite_requests_total", "counter", "Requests answered, by status class.",
+                   sorted((f'{{code="{k}"}}', v) for k, v in self.requests.items()))
+            metric("satellite_denied_total", "counter", "Requests refused by access control, by reason.",
+                   sorted((f'{{reason="{k}"}}', v) for k, v in self.denied.items()))
+            metric("satellite_received_bytes_total", "counter", "Request body bytes from clients.",
+                   [("", self.bytes_in)])
+            metric("satellite_sent_bytes_total", "counter", "Response body bytes to clients.", [("", self.bytes_out)])
+            metric("satellite_websockets_open", "gauge", "WebSockets being relayed.", [("", self.websockets_open)])
+            metric("satellite_upstream_errors_total", "counter", "Failures talking to apps.",
+                   [("", self.upstream_errors)])
+            cumulative, samples = 0, []
+            for edge, count in zip(LATENCY_BUCKETS + ("+Inf",), self.latency):
+                cumulative += count
+                samples.append((f'_bucket{{le="{edge}"}}', cumulative))
+            samples += [("_sum", round(self.latency_sum, 6)), ("_count", cumulative)]
+            metric("satellite_request_duration_seconds", "histogram", "Time to answer a request (head to end).",
+                   samples)
+        if cert_expiry:
+            metric("satellite_certificate_expiry_timestamp_seconds", "gauge", "When the served certificate expires.",
+                   [("", int(cert_expiry))])
+        return "\n".join(out) + "\n"
+
+
+def certificate_expiry(cert_path: str) -> Optional[float]:
+    """notAfter of the certificate file, as epoch seconds (CPython's decoder; None if unavailable)."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(cert_path)        # stdlib, private but stable since 3.x
+        return ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (AttributeError, KeyError, ValueError, OSError, ssl.SSLError):
+        return None
+
+
+def probe(target: tuple, timeout: float = 3.0) -> bool:
+    """Does the app still accept connections?"""
+    try:
+        socket.create_connection(target, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def read_jobstates(text: str) -> dict:
+    """'JOBID STATE' lines (squeue -h -o '%i %T', or SDSC's update-jobs shape) -> {jobid: state}."""
+    states = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and JOBID_SHAPE.match(parts[0]) and re.fullmatch(r"[A-Za-z_]{1,32}", parts[1]):
+            states[parts[0]] = parts[1].upper()
+    return states
+
+
+def refresh(store: Store, settings: Settings, events: Events, dry_run: bool = False) -> dict:
+    """The cron job: expire what is past its time, end sessions whose app is gone, prune
+    old ended sessions, take scheduler states. Safe beside `serve` and beside itself:
+    each change is one conditional statement, and only the caller that ends a session records it."""
+    now = time.time()
+    summary = dict.fromkeys(("expired_links", "expired_sessions", "probed", "down", "dead", "pruned",
+                             "jobstates"), 0)
+    if settings.jobstate_command:
+        result = subprocess.run(settings.jobstate_command, shell=True, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            log.warning("jobstate command failed (%d): %s", result.returncode, result.stderr.strip()[:200])
+        states = read_jobstates(result.stdout)
+        summary["jobstates"] = len(states) if dry_run else store.set_jobstates(states)
+    live = store.sessions(("queued", "running", "mapped", "proxied"))
+    for session in live:
+        if now >= session.expires:
+            kind = "expired_links" if session.target is None else "expired_sessions"
+            summary[kind] += 1
+            reason = "link never redeemed" if session.target is None else "session lifetime over"
+            if not dry_run and store.end(session.alias, "expired"):
+                events.record("expire", session.alias, reason=reason)
+    mapped = [s for s in live if s.target and now < s.expires]
+    workers = max(1, min(32, len(mapped)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        alive = list(pool.map(probe, [s.target for s in mapped]))
+    summary["probed"] = len(mapped)
+    for session, up in zip(mapped, alive):
+        if up:
+            if session.backend_gone and not dry_run:
+                store.set_backend_gone(session.alias, None)
+            continue
+        summary["down"] += 1
+        gone_since = session.backend_gone or now
+        if not session.backend_gone and not dry_run:
+            store.set_backend_gone(session.alias, now)
+        if now - gone_since >= settings.dead_after:
+            summary["dead"] += 1
+            if not dry_run and store.end(session.alias, "app gone"):
+                events.record("dead", session.alias, gone_since=iso_time(gone_since))
+    summary["pruned"] = store.prune(now - settings.retention, dry_run)
+    if not dry_run:
+        store.set_meta("last_refresh", json.dumps(dict(summary, time=int(time.time()))))
+        store.bump("refresh_ok")
+    return summary
+
+
+###############################################################################
+# 6. HTTP parsing
 ###############################################################################
 
 class HttpError(Exception):
@@ -792,7 +1098,7 @@ def iter_chunks(stream: Stream) -> Iterable:
 
 
 ###############################################################################
-# 6. Management API
+# 7. Management API
 ###############################################################################
 
 def parse_params(request: Request, body: bytes) -> dict:
@@ -833,15 +1139,18 @@ class ManagementApi:
     Each endpoint takes (params, peer address) and returns (status, fields) or raises ApiError.
     """
 
-    def __init__(self, settings: Settings, store: Store):
+    def __init__(self, settings: Settings, store: Store, events: Events):
         self.settings = settings
         self.store = store
+        self.events = events
+        self.getlink_limit = RateLimiter(settings.getlink_rate)
         self.routes: dict = {
             "/api/getlink": self.getlink,
             "/api/redeem": self.redeem,
             "/api/state": self.state,
             "/api/release": self.release,
             "/api/status": self.status,
+            "/api/jobstates": self.jobstates,
         }
 
     def _from(self, peer: str, networks: tuple, what: str) -> None:
@@ -851,6 +1160,12 @@ class ManagementApi:
     def getlink(self, params: dict, peer: str) -> tuple:
         self._from(peer, self.settings.issue_from, "getlink")
         check_params(params, ("lifetime",))
+        wait = self.getlink_limit.retry_after(peer)
+        if wait:
+            raise ApiError(429, f"too many links asked for from {peer}; try again in {wait}s", retry_after=wait)
+        quota = self.settings.max_live_per_source
+        if quota and self.store.live_count_from(peer) >= quota:
+            raise ApiError(429, f"{quota} live sessions from {peer} already; release one first", retry_after=60)
         lifetime = self.settings.session_lifetime
         if params.get("lifetime"):
             try:
@@ -860,7 +1175,7 @@ class ManagementApi:
             if not 60 <= lifetime <= self.settings.max_session_lifetime:
                 raise ApiError(400, f"lifetime must be between 60s and {self.settings.max_session_lifetime}s")
         session, token, key = self.store.create_link(peer, lifetime, self.settings.redeem_within)
-        log.info("issued %s to %s", session.alias, peer)
+        self.events.record("issue", session.alias, peer, lifetime=lifetime)
         return 201, {"alias": session.alias, "url": self.settings.session_url(session.alias) + "?token=" + token,
                      "token": token, "key": key, "state": session.state, "expires": iso_time(session.expires)}
 
@@ -872,7 +1187,7 @@ class ManagementApi:
         if not port_text.isdigit() or not low <= int(port_text) <= high:
             raise ApiError(400, f"port must be a number from {low} to {high}")
         session = self.store.redeem(key, peer, int(port_text))
-        log.info("redeemed %s -> %s:%s", session.alias, peer, port_text)
+        self.events.record("redeem", session.alias, peer, target=session.describe()["target"])
         return 200, session.describe()
 
     def state(self, params: dict, peer: str) -> tuple:
@@ -884,7 +1199,9 @@ class ManagementApi:
         jobid = params.get("jobid") or None
         if jobid and not JOBID_SHAPE.match(jobid):
             raise ApiError(400, "malformed jobid")
-        return 200, self.store.report_state(key, state, jobid).describe()
+        session = self.store.report_state(key, state, jobid)
+        self.events.record("state", session.alias, peer, state=state, jobid=jobid)
+        return 200, session.describe()
 
     def release(self, params: dict, peer: str) -> tuple:
         self._from(peer, self.settings.issue_from + self.settings.redeem_from, "release")
@@ -892,8 +1209,8 @@ class ManagementApi:
         session = self.store.session_by_key(require(params, "key"))
         if session is None:
             raise ApiError(404, "unknown key")
-        self.store.end(session.alias, "released")          # idempotent: releasing twice is fine
-        log.info("released %s", session.alias)
+        if self.store.end(session.alias, "released"):      # idempotent: releasing twice is fine
+            self.events.record("release", session.alias, peer)
         return 200, self.store.session(session.alias).describe()
 
     def status(self, params: dict, peer: str) -> tuple:
@@ -908,6 +1225,14 @@ class ManagementApi:
             raise ApiError(404, "unknown key or token")
         return 200, session.describe()
 
+    def jobstates(self, params: dict, peer: str) -> tuple:
+        """The scheduler's view, so status pages can say "in queue" or "held": jobstates=
+        lines of "JOBID STATE" (SDSC's update-jobs shape), from the admin network only."""
+        self._from(peer, self.settings.admin_from, "jobstates")
+        check_params(params, ("jobstates",))
+        states = read_jobstates(require(params, "jobstates"))
+        return 200, {"jobs": len(states), "sessions": self.store.set_jobstates(states)}
+
 
 def format_fields(fields: dict, as_json: bool) -> tuple:
     """(content type, body) for an API reply: key=value lines, or JSON."""
@@ -917,7 +1242,7 @@ def format_fields(fields: dict, as_json: bool) -> tuple:
 
 
 ###############################################################################
-# 7. Pages
+# 8. Pages
 ###############################################################################
 
 PAGE_STYLE = ("body{font:16px/1.5 system-ui,sans-serif;max-width:40em;margin:4em auto;padding:0 1em;color:#222}"
@@ -973,6 +1298,14 @@ def page(title: str, body_html: str, script: str = "") -> bytes:
             f"<body><h1>{html.escape(title)}</h1>{body_html}{script_tag}</body></html>\n").encode()
 
 
+def jobstate_note(session: Session) -> str:
+    if session.state != "queued" or not session.jobstate:
+        return ""
+    held = "HELD" in session.jobstate or session.jobstate in ("SUSPENDED", "H", "S")
+    return (f"The scheduler holds job {session.jobid}: ask your support team why." if held
+            else f"The scheduler says: job {session.jobid} is {session.jobstate.lower()}.")
+
+
 def status_page(session: Session, note: str = "") -> bytes:
     current = [s for s, _ in STATE_STEPS].index(session.state) if session.state in dict(STATE_STEPS) else 0
     items = "".join(
@@ -980,7 +1313,7 @@ def status_page(session: Session, note: str = "") -> bytes:
         for n, (_, text) in enumerate(STATE_STEPS))
     body = (f"<p>Your session <code>{html.escape(session.alias)}</code> is on its way. "
             f"This page switches to your app by itself.</p><ol>{items}</ol>"
-            f"<p id=msg>{html.escape(note)}</p>"
+            f"<p id=msg>{html.escape(note or jobstate_note(session))}</p>"
             f"<noscript><p>Reload this page in a few seconds.</p></noscript>")
     script = STATUS_SCRIPT % (json.dumps([s for s, _ in STATE_STEPS]), INTERNAL_PREFIX)
     return page("Starting your session", body, script)
@@ -991,7 +1324,7 @@ def message_page(status: int, text: str) -> bytes:
 
 
 ###############################################################################
-# 8. Proxy
+# 9. Proxy
 ###############################################################################
 
 class Upstream:
@@ -1150,7 +1483,7 @@ def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: 
 
 
 ###############################################################################
-# 9. Server
+# 10. Server
 ###############################################################################
 
 def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -1167,9 +1500,14 @@ class Satellite:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = Store(settings.db)
-        self.api = ManagementApi(settings, self.store)
+        self.events = Events(self.store, settings.audit_log)
+        self.metrics = Metrics()
+        self.token_failures = RateLimiter(settings.token_failures)
+        self.api = ManagementApi(settings, self.store, self.events)
         self.tls = load_tls_context(settings.cert, settings.key)
+        self.cert_expiry = certificate_expiry(settings.cert)
         self.domain_suffix = "." + settings.domain
+        self.hsts = [("Strict-Transport-Security", f"max-age={settings.hsts}")] if settings.hsts else []
 
     def reload_certificate(self) -> bool:
         """Swap in a freshly loaded context; connections already open keep theirs."""
@@ -1178,6 +1516,7 @@ class Satellite:
         except (OSError, ssl.SSLError) as exc:
             log.error("certificate reload failed, keeping the old certificate: %s", exc)
             return False
+        self.cert_expiry = certificate_expiry(self.settings.cert)
         log.info("certificate reloaded from %s", self.settings.cert)
         return True
 
@@ -1197,13 +1536,13 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
     request_queue_size = 1024
     block_on_close = False
 
-    def __init__(self, app: Satellite):
+    def __init__(self, app: Satellite, address: Optional[tuple] = None, handler=None):
         self.app = app
-        host, port = app.settings.listen
+        host, port = address or app.settings.listen
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.open_connections = 0
         self._count_lock = threading.Lock()
-        super().__init__((host, port), ConnectionHandler)
+        super().__init__((host, port), handler or ConnectionHandler)
 
     def process_request(self, request, client_address):
         with self._count_lock:
@@ -1279,7 +1618,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def handle_one_request(self) -> bool:
         """Serve one request; True to keep the connection for another."""
         self.client.sock.settimeout(self.settings.idle_timeout)
-        self.status, self.sent = 0, 0
+        self.status, self.sent, self.received = 0, 0, 0
         started = time.monotonic()
         request = None
         try:
@@ -1294,6 +1633,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         finally:
             if self.status:
                 self.log_access(request, started)
+                self.app.metrics.request_done(self.status, time.monotonic() - started, self.received, self.sent)
         return keep and request is not None and request.keep_alive
 
     def log_access(self, request: Optional[Request], started: float) -> None:
@@ -1314,7 +1654,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                   headers: Iterable = (), close: bool = False, head_only: bool = False) -> bool:
         """A complete response from satellite itself, head and body in one write."""
         fields = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        fields += PAGE_HEADERS + list(headers)
+        fields += PAGE_HEADERS + self.app.hsts + list(headers)
         if close:
             fields.append(("Connection", "close"))
         lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"] + [f"{n}: {v}" for n, v in fields]
@@ -1338,8 +1678,15 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def serve_management(self, request: Request) -> bool:
         if request.path == "/healthz":
             return self.send_page(200, b"ok\n", "text/plain; charset=utf-8", head_only=request.method == "HEAD")
+        if request.path == "/metrics":
+            if not address_in(self.peer, self.settings.metrics_from):
+                return self.refuse(request, 403, "metrics are not shown to this address")
+            body = self.app.metrics.render(self.app.store, self.app.cert_expiry).encode()
+            return self.send_page(200, body, "text/plain; version=0.0.4; charset=utf-8",
+                                  head_only=request.method == "HEAD")
         endpoint = self.app.api.routes.get(request.path)
         as_json = "application/json" in (request.headers.get("accept") or "")
+        retry_after = 0
         try:
             if endpoint is None:
                 raise ApiError(404, f"no such endpoint {request.path}; see /api/getlink, /api/redeem,"
@@ -1352,13 +1699,17 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             as_json = as_json or params.get("format") == "json"
             status, fields = endpoint(params, self.peer)
         except ApiError as exc:
-            status, fields = exc.status, {"error": exc.reason}
+            status, fields, retry_after = exc.status, {"error": exc.reason}, exc.retry_after
             log.info("api %s from %s: %d %s", request.path, self.peer, exc.status, exc.reason)
+            if exc.status in (403, 404, 429):
+                self.deny(f"api {request.path}: {exc.reason}", source_reason=f"api_{exc.status}")
         except sqlite3.OperationalError as exc:
             status, fields = 503, {"error": "database unavailable, try again"}
             log.error("database error on %s: %s", request.path, exc)
         ctype, body = format_fields(fields, as_json)
         extra = [("Allow", "GET, POST, HEAD")] if status == 405 else []
+        if retry_after:
+            extra.append(("Retry-After", str(retry_after)))
         return self.send_page(status, body, ctype, headers=extra, head_only=request.method == "HEAD")
 
     def serve_session(self, request: Request, alias: str) -> bool:
@@ -1366,11 +1717,21 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         if session is None:
             return self.refuse(request, 404, "There is no session at this address.")
         if session.is_over(time.time()):
-            if session.state != "ended":
-                self.app.store.end(alias, "expired")
+            if session.state != "ended" and self.app.store.end(alias, "expired"):
+                self.app.events.record("expire", alias, reason="lifetime over")
             return self.refuse(request, 410, "This session has ended. Start a new one to get a new link.")
+        wait = self.app.token_failures.retry_after(self.peer, consume=False)
+        if wait:
+            self.deny("too many wrong tokens", alias, "rate_limited")
+            return self.refuse(request, 429, "Too many attempts with wrong tokens from your address; wait a minute.",
+                               headers=[("Retry-After", str(wait))])
         credential = self.credential(request, session)
         if credential is None:
+            tried = "token=" in request.query or COOKIE_NAME in (request.headers.get("cookie") or "") \
+                or request.headers.get("authorization")
+            if tried:
+                self.app.token_failures.retry_after(self.peer)
+            self.deny("wrong token" if tried else "no token", alias, "wrong_token" if tried else "no_token")
             return self.refuse(request, 403, "This link needs its token: open the full link you were given "
                                              "(the one ending in ?token=...).")
         cookie = []
@@ -1382,6 +1743,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         if session.target is None:
             return self.send_status_page(request, session, cookie)
         return self.proxy(request, session, cookie)
+
+    def deny(self, reason: str, alias: Optional[str] = None, source_reason: str = "other") -> None:
+        """A refused request: counted, and one audit line (no secret: only why)."""
+        self.app.metrics.add("denied", reason=source_reason)
+        self.app.events.record("denied", alias, self.peer, reason=reason)
 
     def credential(self, request: Request, session: Session) -> Optional[str]:
         """How the request proves it holds the session's token: 'query', 'cookie', 'header' or None."""
@@ -1407,7 +1773,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         if request.path == INTERNAL_PREFIX + "status":
             info = {"alias": session.alias, "state": session.state, "ready": self.app_answers(session),
                     "expires": iso_time(session.expires)}
-            info["message"] = {"queued": "Waiting for the batch system to start the job.",
+            info["message"] = jobstate_note(session) or {"queued": "Waiting for the batch system to start the job.",
                                "running": "The job is running; the app is starting.",
                                "mapped": "The app has registered; waiting for it to answer."}.get(session.state, "")
             ctype, body = format_fields(info, True)
@@ -1456,6 +1822,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 upstream = self.connect_upstream(session.target)
             except OSError as exc:
                 log.info("app of %s at %s not reachable: %s", session.alias, session.target, exc)
+                self.app.metrics.add("upstream_errors")
                 if session.state == "mapped":
                     return self.send_status_page(request, session, cookie, "The app is not answering yet.")
                 return self.refuse(request, 502, "The app behind this link is not answering. "
@@ -1482,6 +1849,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 if retry:
                     continue                             # the pooled connection had gone stale
                 log.info("app of %s failed mid-request: %s", session.alias, exc)
+                self.app.metrics.add("upstream_errors")
                 return self.refuse(request, 502, "The app closed the connection.")
         if session.state == "mapped":
             self.app.store.mark_proxied(session.alias)
@@ -1491,9 +1859,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def relay_request_body(self, request: Request, upstream: Upstream) -> None:
         if request.body == "length":
-            copy_exact(self.client, upstream.stream.sock, request.length)
+            self.received = copy_exact(self.client, upstream.stream.sock, request.length)
         else:
-            copy_chunked(self.client, upstream.stream.sock)
+            self.received = copy_chunked(self.client, upstream.stream.sock)
 
     def relay_response(self, request: Request, response: Response, cookie: list) -> bool:
         """Status and headers (hop-by-hop dropped), then the body, streamed in its own framing."""
@@ -1512,6 +1880,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             fields.append(("Content-Length", response.headers.get("content-length")))
         if not client_keep:
             fields.append(("Connection", "close"))
+        if self.app.hsts and not response.headers.get("strict-transport-security"):
+            fields += self.app.hsts
         self.send_head(response.status, fields + cookie, response.reason)
         source, sink = self.upstream.stream, self.client.sock
         try:
@@ -1553,17 +1923,48 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 self.client.sock.sendall(upstream.stream.take_buffered())
             alias = session.alias
             still_open = lambda: not self.app.store.session(alias).is_over(time.time())
-            received, sent = relay_websocket(self.client.sock, upstream.stream.sock, still_open)
-            self.sent = sent
+            self.app.metrics.add("websockets_open")
+            self.received, self.sent = relay_websocket(self.client.sock, upstream.stream.sock, still_open)
         except (ConnectionError, socket.timeout, OSError) as exc:
             log.debug("websocket of %s ended: %s", session.alias, exc)
         finally:
+            self.app.metrics.add("websockets_open", -1)
             upstream.close()
         return False
 
 
+class RedirectHandler(socketserver.BaseRequestHandler):
+    """The optional plain-HTTP listener: every request, parsed as strictly as on HTTPS, gets a
+    301 to the same host and path over HTTPS. Nothing else is served in the clear."""
+
+    def handle(self) -> None:
+        settings: Settings = self.server.app.settings
+        self.request.settimeout(settings.header_timeout)
+        stream = Stream(self.request)
+        try:
+            request = read_request(stream, settings.header_timeout)
+            if request is None:
+                return
+            port = "" if settings.link_port == 443 else f":{settings.link_port}"
+            host = f"[{request.host}]" if ":" in request.host else request.host
+            location = f"https://{host}{port}{request.target}"
+            body = b"Use HTTPS.\n"
+            head = (f"HTTP/1.1 301 Moved Permanently\r\nLocation: {location}\r\nContent-Type: text/plain\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        except HttpError as exc:
+            body = f"{exc.reason}\n".encode()
+            head = (f"HTTP/1.1 {exc.status} {HTTPStatus(exc.status).phrase}\r\nContent-Type: text/plain\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        except (OSError, ValueError):
+            return
+        try:
+            self.request.sendall(head.encode("latin-1") + body)
+        except OSError:
+            pass
+
+
 ###############################################################################
-# 10. Commands
+# 11. Commands
 ###############################################################################
 
 def setup_logging(settings: Settings) -> None:
@@ -1606,8 +2007,21 @@ def command_serve(settings: Settings) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", *settings.listen, exc)
         return 1
+    servers = [server]
+    if settings.redirect_listen:
+        try:
+            redirect = ThreadedServer(app, settings.redirect_listen, RedirectHandler)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d for redirects: %s", *settings.redirect_listen, exc)
+            return 1
+        servers.append(redirect)
+        threading.Thread(target=redirect.serve_forever, daemon=True).start()
+        log.info("redirecting http://%s:%d to https", *redirect.server_address[:2])
     signal.signal(signal.SIGHUP, lambda *_: app.reload_certificate())
-    stop = lambda *_: threading.Thread(target=server.shutdown, daemon=True).start()
+
+    def stop(*_):
+        for each in servers:
+            threading.Thread(target=each.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.server_address[:2]
@@ -1617,8 +2031,89 @@ def command_serve(settings: Settings) -> int:
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
-        server.server_close()
+        for each in servers:
+            each.server_close()
     log.info("satellite stopped")
+    return 0
+
+
+def admin_store(settings: Settings) -> Store:
+    if not os.path.exists(settings.db):
+        raise SystemExit(f"satellite: error: no database at {settings.db} (give -c FILE or --db FILE)")
+    return Store(settings.db)
+
+
+def command_refresh(settings: Settings, dry_run: bool) -> int:
+    """One pass of housekeeping; prints a one-line summary. For cron, every minute."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    store = admin_store(settings)
+    started = time.monotonic()
+    try:
+        summary = refresh(store, settings, Events(store, settings.audit_log), dry_run)
+    except (sqlite3.Error, OSError, subprocess.SubprocessError) as exc:
+        store.bump("refresh_failed")
+        print(f"refresh failed: {exc}", file=sys.stderr)
+        return 1
+    print(("refresh (dry run, nothing changed): " if dry_run else "refresh: ")
+          + f"expired {summary['expired_links']} unredeemed links and {summary['expired_sessions']} sessions; "
+          f"probed {summary['probed']} apps, {summary['down']} not answering, {summary['dead']} ended as gone; "
+          f"pruned {summary['pruned']}; {summary['jobstates']} job states; {time.monotonic() - started:.2f}s")
+    return 0
+
+
+def command_list(settings: Settings, state: Optional[str], as_json: bool) -> int:
+    store = admin_store(settings)
+    sessions = store.sessions((state,) if state else SESSION_STATES)
+    rows = [dict(s.describe(), issued_to=s.issued_to) for s in sessions]
+    if as_json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'ALIAS':<24} {'STATE':<8} {'TARGET':<22} {'JOB':<10} {'ISSUED TO':<16} EXPIRES")
+    for row in rows:
+        print(f"{row['alias']:<24} {row['state']:<8} {row.get('target', '-'):<22} {row.get('jobid', '-'):<10} "
+              f"{row['issued_to']:<16} {row['expires']}")
+    return 0
+
+
+def command_show(settings: Settings, alias: str) -> int:
+    session = admin_store(settings).session(alias)
+    if session is None:
+        print(f"satellite: no session {alias}", file=sys.stderr)
+        return 1
+    info = dict(session.describe(), issued_to=session.issued_to)
+    if session.redeemed:
+        info["redeemed"] = iso_time(session.redeemed)
+    if session.backend_gone:
+        info["app_not_answering_since"] = iso_time(session.backend_gone)
+    if session.ended:
+        info["ended"] = iso_time(session.ended)
+    print("".join(f"{k}={v}\n" for k, v in info.items()), end="")
+    return 0
+
+
+def command_revoke(settings: Settings, alias: str) -> int:
+    """End a session now. The running server answers 410 at once and cuts its WebSockets
+    within seconds (they check while idle)."""
+    store = admin_store(settings)
+    if store.session(alias) is None:
+        print(f"satellite: no session {alias}", file=sys.stderr)
+        return 1
+    if store.end(alias, "revoked"):
+        Events(store, settings.audit_log).record("revoke", alias, user=os.environ.get("SUDO_USER") or None)
+        print(f"revoked {alias}")
+    else:
+        print(f"{alias} had already ended")
+    return 0
+
+
+def command_stats(settings: Settings) -> int:
+    store = admin_store(settings)
+    counters = store.counters()
+    print("sessions: " + ", ".join(f"{k} {v}" for k, v in store.count_by_state().items()))
+    print("events:   " + ", ".join(f"{e} {counters.get('events_' + e, 0)}" for e in LIFECYCLE_EVENTS))
+    last = json.loads(store.meta("last_refresh") or "{}")
+    when = iso_time(last["time"]) if last else "never"
+    print(f"refresh:  {counters.get('refresh_ok', 0)} runs, {counters.get('refresh_failed', 0)} failed, last {when}")
     return 0
 
 
@@ -1639,6 +2134,18 @@ SETTING_FLAGS = [
     ("--access-log", "access_log", "access log file, '-' for stderr (default) or 'off'; secrets are redacted"),
     ("--log-level", "log_level", "debug, info, warning or error (default info)"),
     ("--max-connections", "max_connections", "open connections at most (default 4096)"),
+    ("--audit-log", "audit_log", "JSON-lines audit log of every issue/redeem/state/release/revoke/expire/denial "
+                                 "('-' for stderr; default off)"),
+    ("--metrics-from", "metrics_from", "CIDR[,CIDR] that may read /metrics (default loopback)"),
+    ("--admin-from", "admin_from", "CIDR[,CIDR] that may feed scheduler states to /api/jobstates (default loopback)"),
+    ("--getlink-rate", "getlink_rate", "getlink calls per address, COUNT/DURATION (default 120/1m; 0 = no limit)"),
+    ("--max-live-per-source", "max_live_per_source", "live sessions per issuing address (default 500; 0 = no limit)"),
+    ("--token-failures", "token_failures", "wrong tokens per address before 429, COUNT/DURATION (default 20/1m)"),
+    ("--dead-after", "dead_after", "refresh ends a session whose app has not answered for this long (default 10m)"),
+    ("--retention", "retention", "refresh deletes ended sessions after this long (default 30d)"),
+    ("--jobstate-command", "jobstate_command", "refresh runs this for 'JOBID STATE' lines, e.g. squeue -h -o '%%i %%T'"),
+    ("--hsts", "hsts", "Strict-Transport-Security max-age (default 365d; 0 = off)"),
+    ("--redirect-listen", "redirect_listen", "HOST:PORT of a plain-HTTP listener that redirects to HTTPS (default off)"),
 ]
 
 
@@ -1662,6 +2169,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-c", "--config", metavar="FILE", help="INI file with a [satellite] section")
     for flag, dest, help_text in SETTING_FLAGS:
         serve.add_argument(flag, dest=dest, metavar=dest.split("_")[-1].upper(), help=help_text)
+
+    def admin(name, help_text, description):
+        sub = commands.add_parser(name, help=help_text, description=description)
+        sub.add_argument("-c", "--config", metavar="FILE", help="the server's INI file (for its db and settings)")
+        sub.add_argument("--db", dest="db", metavar="FILE", help="the SQLite database (instead of -c)")
+        return sub
+    refresh_parser = admin("refresh", "housekeeping for cron: expire, health-check, prune",
+                           "Expire links and sessions past their time, end sessions whose app has not answered for "
+                           "--dead-after, delete ended sessions older than --retention, take scheduler states from "
+                           "--jobstate-command. Safe while serve runs, and beside another refresh. Cron: "
+                           "* * * * * satellite satellite refresh -c /etc/satellite/satellite.ini")
+    refresh_parser.add_argument("--dead-after", dest="dead_after", metavar="DURATION")
+    refresh_parser.add_argument("--retention", dest="retention", metavar="DURATION")
+    refresh_parser.add_argument("--jobstate-command", dest="jobstate_command", metavar="COMMAND")
+    refresh_parser.add_argument("--audit-log", dest="audit_log", metavar="FILE")
+    refresh_parser.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
+    list_parser = admin("list", "sessions in the database", "List sessions (all, or one --state).")
+    list_parser.add_argument("--state", choices=SESSION_STATES)
+    list_parser.add_argument("--json", action="store_true")
+    admin("show", "one session in full", "Show one session (no secrets: they are not stored).") \
+        .add_argument("alias")
+    revoke_parser = admin("revoke", "end a session now, live connections included",
+                          "End a session now: its link answers 410 and its WebSockets are cut.")
+    revoke_parser.add_argument("alias")
+    revoke_parser.add_argument("--audit-log", dest="audit_log", metavar="FILE")
+    admin("stats", "counts by state and lifecycle event", "Counts of sessions and events, and the last refresh.")
     return parser
 
 
@@ -1671,18 +2204,28 @@ def main(argv: Optional[list] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    overrides = {dest: getattr(args, dest) for _, dest, _ in SETTING_FLAGS}
+    overrides = {dest: getattr(args, dest, None) for _, dest, _ in SETTING_FLAGS}
     try:
-        settings = Settings.from_sources(args.config, overrides)
+        settings = Settings.from_sources(args.config, overrides, serving=args.command == "serve")
     except ValueError as exc:
         parser.exit(2, f"satellite: error: {exc}\n")
     if args.command == "serve":
         return command_serve(settings)
+    if args.command == "refresh":
+        return command_refresh(settings, args.dry_run)
+    if args.command == "list":
+        return command_list(settings, args.state, args.json)
+    if args.command == "show":
+        return command_show(settings, args.alias)
+    if args.command == "revoke":
+        return command_revoke(settings, args.alias)
+    if args.command == "stats":
+        return command_stats(settings)
     return 2
 
 
 ###############################################################################
-# 11. Word list
+# 12. Word list
 ###############################################################################
 # Aliases are three words drawn from this list: the words of 3 to 7 letters of the
 # EFF Large Wordlist (https://www.eff.org/dice, CC BY 3.0 US), 4,438 words, ~36 bits

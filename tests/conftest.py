@@ -71,7 +71,7 @@ class SatelliteServer:
                 "--listen", f"127.0.0.1:{self.port}", "--cert", str(self.certs / "cert.pem"),
                 "--key", str(self.certs / "key.pem"), "--db", str(self.db),
                 "--issue-from", "127.0.0.1/32", "--redeem-from", "127.0.0.2/31",
-                *self.extra_args]
+                "--getlink-rate", "10000/1m", "--token-failures", "10000/1m", *self.extra_args]
 
     def start(self):
         log = open(self.log_path, "a")
@@ -207,7 +207,9 @@ def fresh_satellite(certs, tmp_path):
     servers = []
 
     def make(*extra_args):
-        server = SatelliteServer(certs, tmp_path, extra_args).start()
+        workdir = tmp_path / f"satellite{len(servers)}"
+        workdir.mkdir()
+        server = SatelliteServer(certs, workdir, extra_args).start()
         servers.append(server)
         return server
     yield make
