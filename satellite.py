@@ -161,6 +161,13 @@ def parse_rate(text: str) -> tuple:
     return int(count), parse_duration(window)
 
 
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value not in ("1", "0", "yes", "no", "true", "false", "on", "off"):
+        raise ValueError(f"not yes or no: {text!r}")
+    return value in ("1", "yes", "true", "on")
+
+
 def parse_optional_listen(text: str) -> Optional[tuple]:
     return parse_listen(text) if str(text).strip() else None
 
@@ -207,6 +214,9 @@ class Settings:
     jobstate_command: str = ""              # refresh runs it: lines "JOBID STATE" (e.g. squeue -h -o '%i %T')
     hsts: int = 365 * 86400                 # Strict-Transport-Security max-age; 0 = off
     redirect_listen: Optional[tuple] = None # plain-HTTP listener that only redirects to HTTPS
+    trusted_user_header: str = ""           # e.g. X-Remote-User, set by an authenticating front (SSO)
+    trusted_fronts: tuple = ()              # the only addresses whose user header is believed
+    legacy_api: bool = False                # SDSC Satellite's *.cgi endpoints (weaker: see README)
 
     # name -> parser for values that come as text (INI or flags)
     PARSERS = {
@@ -218,7 +228,7 @@ class Settings:
         "max_connections": int, "metrics_from": parse_networks, "admin_from": parse_networks,
         "getlink_rate": parse_rate, "max_live_per_source": int, "token_failures": parse_rate,
         "dead_after": parse_duration, "retention": parse_duration, "hsts": parse_duration,
-        "redirect_listen": parse_optional_listen,
+        "redirect_listen": parse_optional_listen, "trusted_fronts": parse_networks, "legacy_api": parse_bool,
     }
 
     @classmethod
@@ -258,6 +268,10 @@ class Settings:
                              "e.g. --domain satellite.example.edu")
         if not self.cert or not self.key:
             raise ValueError("cert/key: give the wildcard certificate and its key (--cert, --key)")
+        if self.trusted_user_header and not self.trusted_fronts:
+            raise ValueError("trusted_user_header needs trusted_fronts: the addresses of the fronts that set it")
+        if self.trusted_user_header and not TOKEN_CHARS.match(self.trusted_user_header):
+            raise ValueError("trusted_user_header: give a header name, e.g. X-Remote-User")
         if self.max_session_lifetime < self.session_lifetime:
             raise ValueError("max_session_lifetime is shorter than session_lifetime")
 
@@ -354,6 +368,9 @@ class Session:
     end_reason: Optional[str]
     backend_gone: Optional[float] = None
     jobstate: Optional[str] = None
+    user: Optional[str] = None
+    tls_pin: Optional[str] = None
+    legacy: Optional[int] = None
 
     @property
     def target(self) -> Optional[tuple]:
@@ -373,6 +390,10 @@ class Session:
             info["target"] = f"[{host}]:{self.target_port}" if ":" in host else f"{host}:{self.target_port}"
         if self.jobstate:
             info["jobstate"] = self.jobstate
+        if self.user:
+            info["user"] = self.user
+        if self.tls_pin:
+            info["upstream"] = "tls, pinned sha256:" + self.tls_pin
         if self.end_reason:
             info["ended_because"] = self.end_reason
         return info
@@ -403,6 +424,9 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 ADDED_COLUMNS = [
     ("backend_gone", "REAL"),              # first failed health probe of the mapped app, if failing
     ("jobstate", "TEXT"),                  # the scheduler's word for the job, from the feed
+    ("user", "TEXT"),                      # with SSO: the first signed-in user who opened it owns it
+    ("tls_pin", "TEXT"),                   # sha256 of the app's own certificate: satellite speaks TLS to it
+    ("legacy", "INTEGER"),                 # issued by the legacy API: the alias redeems, no proxy token check
 ]
 
 
@@ -468,23 +492,25 @@ class Store:
         return session
 
     # changes ---------------------------------------------------------------
-    def create_link(self, issued_to: str, lifetime: int, redeem_within: int) -> tuple:
-        """A new session; returns (Session, token, key). Aliases are never reused."""
-        token, key = new_secret(), new_secret()
+    def create_link(self, issued_to: str, lifetime: int, redeem_within: int, legacy: bool = False) -> tuple:
+        """A new session; returns (Session, token, key). Aliases are never reused.
+        A legacy session's key is its alias, as in SDSC's Satellite."""
+        token = new_secret()
         now = time.time()
         for _ in range(20):
             alias = new_alias()
+            key = alias if legacy else new_secret()
             try:
                 self._write("INSERT INTO sessions (alias, token_hash, key_hash, state, created, expires,"
-                            " lifetime, issued_to) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                            " lifetime, issued_to, legacy) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
                             (alias, hash_secret(token), hash_secret(key), now, now + redeem_within,
-                             lifetime, issued_to))
+                             lifetime, issued_to, 1 if legacy else None))
             except sqlite3.IntegrityError:
                 continue                       # alias taken (or retained): draw again
             return self.session(alias), token, key
         raise ApiError(503, "could not find an unused alias; the word list is exhausted")
 
-    def redeem(self, key: str, host: str, port: int) -> Session:
+    def redeem(self, key: str, host: str, port: int, tls_pin: Optional[str] = None) -> Session:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -493,8 +519,8 @@ class Store:
                 raise ApiError(409, "already redeemed from another host")
             state = "proxied" if session.state == "proxied" and session.target == (host, port) else "mapped"
             db.execute("UPDATE sessions SET state = ?, target_host = ?, target_port = ?, redeemed = ?,"
-                       " expires = ? WHERE alias = ?",
-                       (state, host, port, time.time(), time.time() + session.lifetime, session.alias))
+                       " expires = ?, tls_pin = ? WHERE alias = ?",
+                       (state, host, port, time.time(), time.time() + session.lifetime, tls_pin, session.alias))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -511,6 +537,11 @@ class Store:
             self._write("UPDATE sessions SET state = ? WHERE alias = ? AND state = ?",
                         (state, session.alias, session.state))
         return self.session(session.alias)
+
+    def bind_user(self, alias: str, user: str) -> Optional[str]:
+        """Give an unowned session to `user`; returns the owner (who may be someone else)."""
+        self._write("UPDATE sessions SET user = ? WHERE alias = ? AND user IS NULL", (user, alias))
+        return self.session(alias).user
 
     def mark_proxied(self, alias: str) -> None:
         self._write("UPDATE sessions SET state = 'proxied' WHERE alias = ? AND state = 'mapped'", (alias,))
@@ -1152,6 +1183,14 @@ class ManagementApi:
             "/api/status": self.status,
             "/api/jobstates": self.jobstates,
         }
+        self.legacy_routes: dict = {
+            "/getlink.cgi": self.legacy_getlink,
+            "/redeemtoken.cgi": self.legacy_redeem,
+            "/destroytoken.cgi": self.legacy_destroy,
+            "/linktoken.cgi": self.legacy_link,
+            "/tokenjobstate.cgi": self.legacy_jobstate,
+            "/update-jobs.cgi": self.legacy_update_jobs,
+        } if settings.legacy_api else {}
 
     def _from(self, peer: str, networks: tuple, what: str) -> None:
         if not address_in(peer, networks):
@@ -1181,12 +1220,17 @@ class ManagementApi:
 
     def redeem(self, params: dict, peer: str) -> tuple:
         self._from(peer, self.settings.redeem_from, "redeem")
-        check_params(params, ("key", "port"))
+        check_params(params, ("key", "port", "fingerprint"))
         key, port_text = require(params, "key"), require(params, "port")
         low, high = self.settings.port_range
         if not port_text.isdigit() or not low <= int(port_text) <= high:
             raise ApiError(400, f"port must be a number from {low} to {high}")
-        session = self.store.redeem(key, peer, int(port_text))
+        pin = None
+        if params.get("fingerprint"):
+            pin = params["fingerprint"].replace(":", "").lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", pin):
+                raise ApiError(400, "fingerprint must be the SHA-256 of the app's certificate (64 hex digits)")
+        session = self.store.redeem(key, peer, int(port_text), pin)
         self.events.record("redeem", session.alias, peer, target=session.describe()["target"])
         return 200, session.describe()
 
@@ -1224,6 +1268,75 @@ class ManagementApi:
         if session is None:
             raise ApiError(404, "unknown key or token")
         return 200, session.describe()
+
+    # SDSC Satellite's API (--legacy-api) -------------------------------------------
+    # Same endpoints, parameters and reply texts as the Perl CGIs, so galyleo and start-jupyter work
+    # unchanged; but errors carry real status codes (the body still starts "Oops!", which they look for).
+
+    def legacy_session(self, params: dict, peer: str, networks: tuple, what: str) -> Session:
+        self._from(peer, networks, what)
+        alias = params.get("token", "").strip().lower().split(".")[0]
+        session = self.store.session(alias) if ALIAS_SHAPE.match(alias) else None
+        if session is None or not session.legacy:
+            raise ApiError(404, "Oops! Invalid token")
+        return session
+
+    def legacy_getlink(self, params: dict, peer: str) -> tuple:
+        self._from(peer, self.settings.issue_from, "getlink")
+        session, _, _ = self.store.create_link(peer, self.settings.session_lifetime, self.settings.redeem_within,
+                                               legacy=True)
+        self.events.record("issue", session.alias, peer, legacy=True)
+        return 200, f"Your token is \n{session.alias}\n"
+
+    def legacy_redeem(self, params: dict, peer: str) -> tuple:
+        session = self.legacy_session(params, peer, self.settings.redeem_from, "redeem")
+        port = params.get("port", "")
+        low, high = self.settings.port_range
+        if not port.isdigit() or not low <= int(port) <= high:
+            raise ApiError(400, f"Oops! Port must be between {low} and {high}")
+        try:
+            self.store.redeem(session.alias, peer, int(port))
+        except ApiError as exc:
+            raise ApiError(exc.status, f"Oops! {exc.reason}") from None
+        self.events.record("redeem", session.alias, peer, target=f"{peer}:{port}", legacy=True)
+        return 200, "Success!\n"
+
+    def legacy_destroy(self, params: dict, peer: str) -> tuple:
+        session = self.legacy_session(params, peer, self.settings.issue_from + self.settings.redeem_from, "destroy")
+        if session.target_host and session.target_host != peer:
+            raise ApiError(403, "Oops! Only the mapped host may destroy a mapped token")
+        if self.store.end(session.alias, "released"):
+            self.events.record("release", session.alias, peer, legacy=True)
+        return 200, "Success! Token destroyed.\n"
+
+    def legacy_link(self, params: dict, peer: str) -> tuple:
+        session = self.legacy_session(params, peer, self.settings.issue_from + self.settings.redeem_from, "link")
+        jobid = params.get("jobid", "")
+        if not JOBID_SHAPE.match(jobid):
+            raise ApiError(400, "Oops! Invalid jobid")
+        if session.jobid:
+            raise ApiError(409, "Oops! Token already linked to a job")
+        self.store.report_state(session.alias, "queued", jobid)
+        return 200, "Success!\n"
+
+    def legacy_jobstate(self, params: dict, peer: str) -> tuple:
+        """One code: U unknown, PE pending, Q in queue, R running (not redeemed), M mapped, PR proxied, D dead."""
+        alias = params.get("token", "").strip().lower().split(".")[0]
+        session = self.store.session(alias) if ALIAS_SHAPE.match(alias) else None
+        if session is None:
+            return 200, "U\n"
+        if session.is_over(time.time()):
+            return 200, "D\n"
+        code = {"mapped": "M", "proxied": "PR", "running": "R"}.get(session.state)
+        if code is None:
+            job = (session.jobstate or "").upper()
+            code = "R" if job in ("RUNNING", "R") else "Q" if job else "PE"
+        return 200, code + "\n"
+
+    def legacy_update_jobs(self, params: dict, peer: str) -> tuple:
+        self._from(peer, self.settings.admin_from, "update-jobs")
+        self.store.set_jobstates(read_jobstates(params.get("jobstates", "")))
+        return 200, "Success!\n"
 
     def jobstates(self, params: dict, peer: str) -> tuple:
         """The scheduler's view, so status pages can say "in queue" or "held": jobstates=
@@ -1327,20 +1440,45 @@ def message_page(status: int, text: str) -> bytes:
 # 9. Proxy
 ###############################################################################
 
-class Upstream:
-    """A keep-alive connection to one app, reused by one client connection."""
+class CertificateMismatch(Exception):
+    """The app presented a certificate other than the one pinned at redeem."""
 
-    def __init__(self, target: tuple, timeout: float, connect_timeout: float):
+
+def pinned_client_context() -> ssl.SSLContext:
+    """TLS to an app with a self-signed certificate: no CA, no name; the pin decides."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+PINNED_CONTEXT = pinned_client_context()
+
+
+class Upstream:
+    """A keep-alive connection to one app, reused by one client connection. With a pin, it is
+    TLS and accepted only if the app's certificate has exactly that SHA-256 fingerprint."""
+
+    def __init__(self, target: tuple, timeout: float, connect_timeout: float, pin: Optional[str] = None):
         self.target = target
+        self.pin = pin
         sock = socket.create_connection(target, timeout=connect_timeout)
-        sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if pin:
+            sock = PINNED_CONTEXT.wrap_socket(sock)
+            presented = hashlib.sha256(sock.getpeercert(binary_form=True) or b"").hexdigest()
+            if not hmac.compare_digest(presented, pin):
+                sock.close()
+                raise CertificateMismatch(f"the app at {target[0]}:{target[1]} presented certificate "
+                                          f"sha256:{presented}, not the pinned one")
+        sock.settimeout(timeout)
         self.stream = Stream(sock)
         self.reused = False
 
     def is_idle_and_open(self) -> bool:
         """A pooled connection the app has not closed (readable while idle = EOF or junk)."""
-        if self.stream.buf:
+        if self.stream.buf or getattr(self.stream.sock, "pending", lambda: 0)():
             return False
         poller = select.poll()                      # poll, not select: descriptors may exceed 1024
         poller.register(self.stream.sock, select.POLLIN)
@@ -1359,9 +1497,10 @@ def strip_satellite_cookie(value: str) -> str:
                      if p and p.split("=", 1)[0].strip() != COOKIE_NAME)
 
 
-def forwarded_request_head(request: Request, peer: str) -> bytes:
+def forwarded_request_head(request: Request, peer: str, also_drop: frozenset = frozenset()) -> bytes:
     """The head sent to the app: hop-by-hop fields dropped, forwarding fields set by satellite."""
     drop = HOP_BY_HOP | FORWARDING_HEADERS | request.headers.tokens("connection") | {"content-length", "expect"}
+    drop |= also_drop
     lines = [f"{request.method} {request.target} HTTP/1.1"]
     for name, value in request.headers.fields:
         lower = name.lower()
@@ -1455,7 +1594,7 @@ def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: 
     """
     client.settimeout(write_timeout)
     upstream.settimeout(write_timeout)
-    pending = getattr(client, "pending", lambda: 0)
+    tls_sockets = [s for s in (client, upstream) if hasattr(s, "pending")]
     counts = {client: 0, upstream: 0}
     peers = {client: upstream, upstream: client}
     by_fd = {client.fileno(): client, upstream.fileno(): upstream}
@@ -1463,9 +1602,8 @@ def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: 
     for sock in by_fd.values():
         poller.register(sock, select.POLLIN)
     while True:
-        if pending():
-            ready = [client]
-        else:
+        ready = [s for s in tls_sockets if s.pending()]
+        if not ready:
             ready = [by_fd[fd] for fd, _ in poller.poll(check_every * 1000)]
             if not ready:
                 if not still_open():
@@ -1670,6 +1808,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     # routing -----------------------------------------------------------------
     def route(self, request: Request) -> bool:
+        self.user = self.remote_user(request)
         alias = self.app.alias_for_host(request.host)
         if alias is None:
             return self.serve_management(request)
@@ -1684,6 +1823,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             body = self.app.metrics.render(self.app.store, self.app.cert_expiry).encode()
             return self.send_page(200, body, "text/plain; version=0.0.4; charset=utf-8",
                                   head_only=request.method == "HEAD")
+        if request.path in self.app.api.legacy_routes:
+            return self.serve_legacy(request)
         endpoint = self.app.api.routes.get(request.path)
         as_json = "application/json" in (request.headers.get("accept") or "")
         retry_after = 0
@@ -1712,6 +1853,19 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             extra.append(("Retry-After", str(retry_after)))
         return self.send_page(status, body, ctype, headers=extra, head_only=request.method == "HEAD")
 
+    def serve_legacy(self, request: Request) -> bool:
+        """SDSC Satellite's CGIs: plain-text replies; real status codes on errors."""
+        try:
+            if request.method not in ("GET", "POST", "HEAD"):
+                raise ApiError(405, "Oops! Use GET or POST")
+            params = parse_params(request, read_small_body(self.client, request, MAX_API_BODY))
+            status, text = self.app.api.legacy_routes[request.path](params, self.peer)
+        except ApiError as exc:
+            status, text = exc.status, (exc.reason if exc.reason.startswith("Oops!") else f"Oops! {exc.reason}") + "\n"
+            if exc.status in (403, 404):
+                self.deny(f"legacy {request.path}: {exc.reason}", source_reason=f"api_{exc.status}")
+        return self.send_page(status, text.encode(), "text/plain; charset=utf-8", head_only=request.method == "HEAD")
+
     def serve_session(self, request: Request, alias: str) -> bool:
         session = self.app.store.session(alias)
         if session is None:
@@ -1725,7 +1879,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             self.deny("too many wrong tokens", alias, "rate_limited")
             return self.refuse(request, 429, "Too many attempts with wrong tokens from your address; wait a minute.",
                                headers=[("Retry-After", str(wait))])
-        credential = self.credential(request, session)
+        credential = "legacy" if session.legacy else self.credential(request, session)
         if credential is None:
             tried = "token=" in request.query or COOKIE_NAME in (request.headers.get("cookie") or "") \
                 or request.headers.get("authorization")
@@ -1734,8 +1888,13 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             self.deny("wrong token" if tried else "no token", alias, "wrong_token" if tried else "no_token")
             return self.refuse(request, 403, "This link needs its token: open the full link you were given "
                                              "(the one ending in ?token=...).")
+        if self.settings.trusted_user_header:
+            refusal = self.check_owner(session)
+            if refusal:
+                self.deny(refusal, alias, "not_owner")
+                return self.refuse(request, 403, refusal)
         cookie = []
-        if credential != "cookie":
+        if credential not in ("cookie", "legacy"):
             value = cookie_value(self.app.store.cookie_secret, alias, session.token_hash)
             cookie = [("Set-Cookie", f"{COOKIE_NAME}={value}; Path=/; Secure; HttpOnly; SameSite=Lax")]
         if request.path.startswith(INTERNAL_PREFIX):
@@ -1744,10 +1903,27 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             return self.send_status_page(request, session, cookie)
         return self.proxy(request, session, cookie)
 
+    def remote_user(self, request: Request) -> Optional[str]:
+        """The signed-in user named by the SSO front, believed only from a trusted front address."""
+        header = self.settings.trusted_user_header
+        if not header or not address_in(self.peer, self.settings.trusted_fronts):
+            return None
+        user = (request.headers.get(header) or "").strip()
+        return user if 0 < len(user) <= 256 else None
+
+    def check_owner(self, session: Session) -> Optional[str]:
+        """With SSO: why this request may not use the session, or None. First signed-in user owns it."""
+        if self.user is None:
+            return "Sign in through the site's login page first; this link only works there."
+        owner = session.user or self.app.store.bind_user(session.alias, self.user)
+        if owner != self.user:
+            return "This session belongs to another user."
+        return None
+
     def deny(self, reason: str, alias: Optional[str] = None, source_reason: str = "other") -> None:
         """A refused request: counted, and one audit line (no secret: only why)."""
         self.app.metrics.add("denied", reason=source_reason)
-        self.app.events.record("denied", alias, self.peer, reason=reason)
+        self.app.events.record("denied", alias, self.peer, reason=reason, user=self.user)
 
     def credential(self, request: Request, session: Session) -> Optional[str]:
         """How the request proves it holds the session's token: 'query', 'cookie', 'header' or None."""
@@ -1794,14 +1970,16 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                               close=request.body != "none", head_only=request.method == "HEAD")
 
     # proxying ------------------------------------------------------------------
-    def connect_upstream(self, target: tuple) -> Upstream:
+    def connect_upstream(self, session: Session) -> Upstream:
         if self.upstream is not None:
-            if self.upstream.target == target and self.upstream.is_idle_and_open():
+            if (self.upstream.target, self.upstream.pin) == (session.target, session.tls_pin) \
+                    and self.upstream.is_idle_and_open():
                 self.upstream.reused = True
                 return self.upstream
             self.upstream.close()
             self.upstream = None
-        self.upstream = Upstream(target, self.settings.upstream_timeout, self.settings.upstream_connect_timeout)
+        self.upstream = Upstream(session.target, self.settings.upstream_timeout,
+                                 self.settings.upstream_connect_timeout, session.tls_pin)
         return self.upstream
 
     def drop_upstream(self) -> None:
@@ -1816,10 +1994,15 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if not CHUNK_SIZE_LINE.match(line):
                 raise HttpError(400, "malformed chunk size")
             self.client.unread(line)
-        head = forwarded_request_head(request, self.peer)
+        header = self.settings.trusted_user_header.lower()
+        head = forwarded_request_head(request, self.peer, frozenset((header,)) if header and not self.user else frozenset())
         for attempt in (1, 2):
             try:
-                upstream = self.connect_upstream(session.target)
+                upstream = self.connect_upstream(session)
+            except CertificateMismatch as exc:
+                log.warning("%s: %s", session.alias, exc)
+                self.app.metrics.add("upstream_errors")
+                return self.refuse(request, 502, "The app behind this link presented the wrong certificate.")
             except OSError as exc:
                 log.info("app of %s at %s not reachable: %s", session.alias, session.target, exc)
                 self.app.metrics.add("upstream_errors")
@@ -2146,6 +2329,11 @@ SETTING_FLAGS = [
     ("--jobstate-command", "jobstate_command", "refresh runs this for 'JOBID STATE' lines, e.g. squeue -h -o '%%i %%T'"),
     ("--hsts", "hsts", "Strict-Transport-Security max-age (default 365d; 0 = off)"),
     ("--redirect-listen", "redirect_listen", "HOST:PORT of a plain-HTTP listener that redirects to HTTPS (default off)"),
+    ("--trusted-user-header", "trusted_user_header", "header naming the signed-in user, set by an SSO front "
+                                                     "(e.g. X-Remote-User); a session then belongs to its first user"),
+    ("--trusted-fronts", "trusted_fronts", "CIDR[,CIDR] of the SSO fronts; the user header from anyone else is dropped"),
+    ("--legacy-api", "legacy_api", "also serve SDSC Satellite's getlink.cgi, redeemtoken.cgi, ... for old clients "
+                                   "(weaker: the alias alone redeems; no proxy token check)"),
 ]
 
 
@@ -2168,7 +2356,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("-c", "--config", metavar="FILE", help="INI file with a [satellite] section")
     for flag, dest, help_text in SETTING_FLAGS:
-        serve.add_argument(flag, dest=dest, metavar=dest.split("_")[-1].upper(), help=help_text)
+        if isinstance(getattr(Settings, dest, None), bool):
+            serve.add_argument(flag, dest=dest, action="store_const", const="yes", help=help_text)
+        else:
+            serve.add_argument(flag, dest=dest, metavar=dest.split("_")[-1].upper(), help=help_text)
 
     def admin(name, help_text, description):
         sub = commands.add_parser(name, help=help_text, description=description)

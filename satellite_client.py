@@ -33,6 +33,7 @@ import argparse
 import calendar
 import configparser
 import dataclasses
+import hashlib
 import http.client
 import json
 import os
@@ -155,6 +156,7 @@ class LaunchOptions:
     nv: Optional[bool] = None
     rocm: Optional[bool] = None
     python: Optional[str] = None
+    tls: Optional[bool] = None
 
     def merged(self, other: "LaunchOptions") -> "LaunchOptions":
         """These options, with other's given values taking over."""
@@ -173,7 +175,7 @@ class LaunchOptions:
             key = name.replace("-", "_")
             if key not in known:
                 raise UsageError(f"{source}: unknown setting {name!r}")
-            if key in ("nv", "rocm") and isinstance(value, str):
+            if key in ("nv", "rocm", "tls") and isinstance(value, str):
                 value = value.strip().lower() in ("1", "yes", "true", "on")
             options[key] = value
         return cls(**options)
@@ -236,9 +238,12 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
             raise UsageError(f"--command: {exc} (write literal braces as {{{{ and }}}})") from None
         if "port" not in fields:
             raise UsageError("--command must contain {port}: the agent fills in the free port it picked")
-        if fields - {"port", "host"}:
-            raise UsageError(f"--command: unknown placeholder {{{sorted(fields - {'port', 'host'})[0]}}}; "
-                             "only {host} and {port} are filled in")
+        allowed = {"port", "host", "certfile", "keyfile"} if options.tls else {"port", "host"}
+        if fields - allowed:
+            raise UsageError(f"--command: unknown placeholder {{{sorted(fields - allowed)[0]}}}; only "
+                             + ", ".join(f"{{{f}}}" for f in sorted(allowed)) + " are filled in")
+        if options.tls and not {"certfile", "keyfile"} <= fields:
+            raise UsageError("--tls with --command: pass {certfile} and {keyfile} to your app so it serves HTTPS")
     else:
         name = options.app or options.jupyter or "lab"
         if options.jupyter and options.jupyter not in ("lab", "notebook", "voila"):
@@ -248,6 +253,11 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
         command, token_env = APPS[name]
         if name in ("lab", "notebook") and os.geteuid() == 0:
             command += " --allow-root"              # jobs run as the launching user; Jupyter refuses root without it
+        if options.tls:
+            if name not in ("lab", "notebook", "voila"):
+                raise UsageError(f"--tls: {name} is not known to serve HTTPS here; use --command with "
+                                 "{certfile} and {keyfile}")
+            command += " --certfile={certfile} --keyfile={keyfile}"
     if options.sif:
         command = container_prefix(options) + " " + command
     scheduler = find_scheduler(options.scheduler, need_cli)
@@ -893,13 +903,29 @@ def with_retries(action, what: str, stop: StopFlag, attempts: int = 8):
     raise failure
 
 
-def start_app(command: str, host: str, env: dict, start_timeout: float, stop: StopFlag) -> tuple:
+def make_certificate(session: SessionDir) -> tuple:
+    """A self-signed key pair for the app (0600 key), and its SHA-256 fingerprint for satellite to pin."""
+    cert, key = session.path / "app-cert.pem", session.path / "app-key.pem"
+    old = os.umask(0o077)
+    try:
+        result = run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                      "-nodes", "-days", "30", "-subj", "/CN=satellite-app", "-keyout", str(key), "-out", str(cert)])
+    finally:
+        os.umask(old)
+    if result.returncode != 0:
+        raise Failure(f"openssl could not make the app's certificate: {result.stderr.strip()[-300:]}")
+    fingerprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+    return {"certfile": str(cert), "keyfile": str(key)}, fingerprint
+
+
+def start_app(command: str, host: str, env: dict, start_timeout: float, stop: StopFlag,
+              files: Optional[dict] = None) -> tuple:
     """Start the app on a free port of `host` and wait until it listens: (process, port).
     A port taken between picking and binding makes the app exit: then try another."""
     container = shutil.which("apptainer") or shutil.which("singularity") or "apptainer"
     for _ in range(3):
         port = free_port(host)
-        line = command.format(host=host, port=port, container=container)
+        line = command.format(host=host, port=port, container=container, **(files or {}))
         say(f"starting the app on {host}:{port}: {line}")
         proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line], env=env, start_new_session=True)
         if wait_until_listening(host, port, proc, start_timeout, stop) or stop:
@@ -928,10 +954,11 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
             f.write(secrets["token"])
         env = dict(os.environ, SATELLITE_TOKEN=secrets["token"], SATELLITE_TOKEN_FILE=str(token_file))
         env.update({name: secrets["token"] for name in info.get("token_env", [])})
+        files, fingerprint = make_certificate(session) if info.get("tls") else ({}, None)
         if not stop:
-            proc, port = start_app(command, host, env, start_timeout, stop)
+            proc, port = start_app(command, host, env, start_timeout, stop, files)
         if not stop:
-            with_retries(lambda: api.call("redeem", key=key, port=port), "redeem", stop)
+            with_retries(lambda: api.call("redeem", key=key, port=port, fingerprint=fingerprint), "redeem", stop)
             say(f"link ready: {info['link']} is now your app on {host}:{port}")
         while proc is not None and proc.poll() is None and not stop:
             stop.pause(1.0)
@@ -990,7 +1017,8 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
         info = {"alias": link["alias"], "satellite": options.satellite, "cacert": options.cacert,
                 "scheduler": plan.scheduler.name, "jobid": None, "created": time.time(),
                 "time_limit": plan.time_limit, "workdir": plan.workdir, "command": plan.command,
-                "token_env": list(plan.token_env), "link": link["url"].split("?", 1)[0]}
+                "token_env": list(plan.token_env), "link": link["url"].split("?", 1)[0],
+                "tls": bool(options.tls)}
         session.save_info(info)
         session.script.write_text(render_script(plan, session.path, link["alias"]))
         session.script.chmod(0o700)
@@ -1232,6 +1260,9 @@ def add_launch_options(parser: argparse.ArgumentParser) -> None:
     app.add_argument("--nv", action="store_true", default=None, help="NVIDIA GPUs in the container")
     app.add_argument("--rocm", action="store_true", default=None, help="AMD GPUs in the container")
     app.add_argument("--python", metavar="PATH", help="python3 the job runs the agent with (default: this one)")
+    app.add_argument("--tls", action="store_true", default=None,
+                     help="encrypt satellite-to-node too: the job makes a self-signed certificate (openssl) and "
+                          "satellite accepts only that one")
 
 
 def options_from_args(args: argparse.Namespace) -> LaunchOptions:

@@ -279,3 +279,16 @@ def test_example_site_config_in_contrib(tmp_path, job_satellite):
     assert result.returncode == 0, result.stderr
     for line in ("#SBATCH --partition=shared", "#SBATCH --time=01:00:00", "module load anaconda3", "jupyter lab"):
         assert line in result.stdout
+
+
+def test_tls_launch_pins_the_apps_own_certificate(client, job_satellite):
+    command = ECHO_APP + " --certfile {certfile} --keyfile {keyfile}"
+    result = client.launch_json("--scheduler", "local", "--tls", "--command", command, "--wait")
+    assert link_status(job_satellite, result["url"]) == 200
+    session = client.session_dir(result["alias"])
+    assert (session / "app-key.pem").stat().st_mode & 0o777 == 0o600
+    shown = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "show", result["alias"], "--db",
+                            str(job_satellite.db)], capture_output=True, text=True).stdout
+    assert "upstream=tls, pinned sha256:" in shown
+    bad = client.run("launch", "--scheduler", "local", "--tls", "--command", ECHO_APP)
+    assert bad.returncode == 2 and "{certfile} and {keyfile}" in bad.stderr

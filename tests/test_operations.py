@@ -306,3 +306,70 @@ def test_http_listener_only_redirects(ops_satellite, app):
         head = answer.split(b"\r\n\r\n")[0]
         assert b"Set-Cookie" not in [line.split(b":")[0] for line in head.split(b"\r\n")]
     assert len(app.seen()) == before
+
+
+# SSO front ---------------------------------------------------------------------------------------
+
+def test_sso_binds_a_session_to_its_first_user(ops_satellite, app):
+    satellite = ops_satellite("--trusted-user-header", "X-Remote-User", "--trusted-fronts", "127.0.0.1/32")
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    target = "/headers?token=" + link["token"]
+    before = len(app.seen())
+    # no signed-in user (no header, or a header from an address that is not a front): refused
+    assert satellite.request(host, target)[0] == 403
+    assert satellite.request(host, target, headers={"X-Remote-User": "alice"}, source="127.0.0.4")[0] == 403
+    # alice through the front: allowed, and now the session is hers
+    status, _, body = satellite.request(host, target, headers={"X-Remote-User": "alice"})
+    assert status == 200 and ["X-Remote-User", "alice"] in json.loads(body)["headers"]
+    assert "user=alice" in admin(satellite, "show", link["alias"]).stdout
+    # bob has the token but not the session; alice without the token does not get in either
+    status, _, body = satellite.request(host, target, headers={"X-Remote-User": "bob"})
+    assert status == 403 and b"belongs to another user" in body
+    assert satellite.request(host, "/headers", headers={"X-Remote-User": "alice"})[0] == 403
+    assert len(app.seen()) == before + 1
+    denied = [l for l in audit_lines(satellite) if l["event"] == "denied" and l.get("user") == "bob"]
+    assert denied and denied[0]["reason"] == "This session belongs to another user."
+
+
+def test_sso_settings_must_name_the_fronts(tmp_path, certs):
+    result = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "serve", "--domain", "x.org", "--cert", "c",
+                             "--key", "k", "--trusted-user-header", "X-Remote-User"], capture_output=True, text=True)
+    assert result.returncode == 2 and "trusted_fronts" in result.stderr
+
+
+# upstream TLS with a pinned certificate ------------------------------------------------------------
+
+@pytest.fixture
+def tls_app(tmp_path):
+    """The echo app serving HTTPS with its own self-signed certificate."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "1", "-subj", "/CN=app", "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")],
+                   check=True, capture_output=True)
+    der = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "c.pem"), "-outform", "DER"],
+                         capture_output=True, check=True).stdout
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/apps/echo_app.py"), "--host", NODE, "--certfile",
+                             str(tmp_path / "c.pem"), "--keyfile", str(tmp_path / "k.pem")], stdout=subprocess.PIPE, text=True)
+    port = int(proc.stdout.readline().split()[2])
+    yield port, __import__("hashlib").sha256(der).hexdigest()
+    proc.terminate()
+    proc.wait()
+
+
+def test_pinned_tls_to_the_app(ops_satellite, tls_app):
+    satellite = ops_satellite()
+    port, fingerprint = tls_app
+    good, bad, plain = satellite.getlink(), satellite.getlink(), satellite.getlink()
+    colons = ":".join(fingerprint[i:i + 2] for i in range(0, 64, 2)).upper()        # openssl's way of printing it
+    assert satellite.api("redeem", source=NODE, key=good["key"], port=port, fingerprint=colons)[0] == 200
+    assert satellite.api("redeem", source=NODE, key=bad["key"], port=port, fingerprint="ab" * 32)[0] == 200
+    assert satellite.api("redeem", source=NODE, key=plain["key"], port=port, fingerprint="xyz")[0] == 400
+    status, _, body = satellite.request(satellite.host(good["alias"]), "/headers?token=" + good["token"])
+    assert status == 200 and json.loads(body)["target"].startswith("/headers")
+    ws = open_websocket(satellite, good)
+    ws.send("over TLS both ways")
+    assert ws.recv() == "over TLS both ways"
+    ws.close()
+    status, _, body = satellite.request(satellite.host(bad["alias"]), "/headers?token=" + bad["token"])
+    assert status == 502 and b"wrong certificate" in body
+    assert "upstream=tls, pinned sha256:" + fingerprint in admin(satellite, "show", good["alias"]).stdout

@@ -14,7 +14,8 @@ Stdlib only. Every request it receives is appended to $APP_REQUEST_LOG (one line
     GET  /status/NNN        an empty answer with that status
     GET  /ws                WebSocket echo (text and binary)
 
-usage: echo_app.py [--host 127.0.0.1] [--port 0]     prints "listening HOST PORT" when ready
+usage: echo_app.py [--host 127.0.0.1] [--port 0] [--certfile C --keyfile K]
+prints "listening HOST PORT" when ready
 """
 import argparse
 import base64
@@ -23,6 +24,7 @@ import http.server
 import json
 import os
 import random
+import ssl
 import struct
 import sys
 import threading
@@ -198,9 +200,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--certfile", help="serve HTTPS with this certificate (and --keyfile)")
+    parser.add_argument("--keyfile")
     args = parser.parse_args()
     server = http.server.ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
+    if args.certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.certfile, args.keyfile)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     print("listening", args.host, server.server_address[1], flush=True)
     try:
         server.serve_forever()

@@ -1,0 +1,62 @@
+"""--legacy-api: SDSC Satellite's CGI endpoints, driven with curl the way galyleo and start-jupyter call them."""
+import subprocess
+
+from conftest import LOGIN, NODE, OTHER_NODE
+
+
+def curl(satellite, path, source=None):
+    """As the SDSC clients do: curl -s https://manage.<domain>/<path>; returns (status, body)."""
+    iface = ["--interface", source] if source else []
+    result = satellite.curl("-s", "-w", "\n%{http_code}", *iface, satellite.url(LOGIN, path))
+    body, _, status = result.stdout.rpartition("\n")
+    return int(status), body
+
+
+def test_legacy_api_is_off_by_default(satellite):
+    assert curl(satellite, "/getlink.cgi")[0] == 404
+
+
+def test_legacy_flow_as_galyleo_runs_it(fresh_satellite, new_app):
+    satellite = fresh_satellite("--legacy-api", "--admin-from", "127.0.0.1/32")
+    app = new_app(APP_TOKEN="jupyter-own-token")
+    # login node: getlink.cgi, then the alias is the second line of the reply
+    status, body = curl(satellite, "/getlink.cgi")
+    assert status == 200 and body.startswith("Your token is \n")
+    alias = body.splitlines()[1]
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "PE\n")
+    assert curl(satellite, f"/linktoken.cgi?token={alias}&jobid=4242") == (200, "Success!\n")
+    assert curl(satellite, f"/linktoken.cgi?token={alias}&jobid=4243")[0] == 409
+    # the scheduler feed (update-jobs.cgi) makes it Q, then the job redeems from its node: M
+    result = subprocess.run(["curl", "-s", "--cacert", str(satellite.certs / "ca.pem"), "--data-urlencode",
+                             "jobstates=4242 PENDING", satellite.url(LOGIN, "/update-jobs.cgi")],
+                            capture_output=True, text=True)
+    assert result.stdout == "Success!\n"
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}.sat.test") == (200, "Q\n")
+    assert curl(satellite, f"/redeemtoken.cgi?token={alias}&port={app.port}", source=NODE) == (200, "Success!\n")
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "M\n")
+    # no proxy-level token: the app's own token is the only protection (why it is off by default)
+    host = satellite.host(alias)
+    assert satellite.request(host, "/?token=jupyter-own-token")[0] == 200
+    assert satellite.request(host, "/")[0] == 403                               # the app's own refusal
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "PR\n")
+    # errors: real status codes, bodies still start with "Oops!" as the old clients expect
+    status, body = curl(satellite, f"/redeemtoken.cgi?token={alias}&port=80", source=NODE)
+    assert status == 400 and body.startswith("Oops!")
+    status, body = curl(satellite, f"/redeemtoken.cgi?token={alias}&port=9999", source=OTHER_NODE)
+    assert status == 409 and body.startswith("Oops!")
+    status, body = curl(satellite, "/redeemtoken.cgi?token=no-such-token&port=9999", source=NODE)
+    assert status == 404 and body.startswith("Oops!")
+    assert curl(satellite, f"/destroytoken.cgi?token={alias}", source=OTHER_NODE)[0] == 403   # not the mapped host
+    assert curl(satellite, f"/destroytoken.cgi?token={alias}", source=NODE) == (200, "Success! Token destroyed.\n")
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "D\n")
+    assert satellite.request(host, "/?token=jupyter-own-token")[0] == 410
+    assert curl(satellite, "/tokenjobstate.cgi?token=never-issued-here") == (200, "U\n")
+
+
+def test_legacy_links_do_not_weaken_new_ones(fresh_satellite, app):
+    satellite = fresh_satellite("--legacy-api")
+    link = satellite.getlink()
+    # a new-style link cannot be redeemed or destroyed through the legacy endpoints by its alias
+    assert curl(satellite, f"/redeemtoken.cgi?token={link['alias']}&port={app.port}", source=NODE)[0] == 404
+    assert curl(satellite, f"/destroytoken.cgi?token={link['alias']}")[0] == 404
+    assert satellite.api("status", key=link["key"])[1]["state"] == "queued"
