@@ -1853,6 +1853,25 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             extra.append(("Retry-After", str(retry_after)))
         return self.send_page(status, body, ctype, headers=extra, head_only=request.method == "HEAD")
 
+    def answer_front(self, request: Request, session: Session) -> bool:
+        """nginx's auth_request (see `export`): may the original request (X-Original-URI, and the
+        same cookies and Authorization) reach the app? 204, with the cookie to set on a first visit, or 403."""
+        original = request.headers.get("x-original-uri") or "/"
+        if not original.startswith("/") or not TARGET_SAFE.match(original):
+            return self.refuse(request, 400, "bad X-Original-URI")
+        asked = dataclasses.replace(request, target=original)
+        credential = "legacy" if session.legacy else self.credential(asked, session)
+        if credential is None:
+            self.deny("wrong or no token (via front)", session.alias, "front")
+            return self.send_page(403, b"", "text/plain")
+        cookie = []
+        if credential == "query":
+            value = cookie_value(self.app.store.cookie_secret, session.alias, session.token_hash)
+            cookie = [("Set-Cookie", f"{COOKIE_NAME}={value}; Path=/; Secure; HttpOnly; SameSite=Lax")]
+        if session.state == "mapped":
+            self.app.store.mark_proxied(session.alias)
+        return self.send_page(204, b"", "text/plain", headers=cookie)
+
     def serve_legacy(self, request: Request) -> bool:
         """SDSC Satellite's CGIs: plain-text replies; real status codes on errors."""
         try:
@@ -1874,6 +1893,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if session.state != "ended" and self.app.store.end(alias, "expired"):
                 self.app.events.record("expire", alias, reason="lifetime over")
             return self.refuse(request, 410, "This session has ended. Start a new one to get a new link.")
+        if request.path == INTERNAL_PREFIX + "auth" and address_in(self.peer, self.settings.admin_from):
+            return self.answer_front(request, session)
         wait = self.app.token_failures.retry_after(self.peer, consume=False)
         if wait:
             self.deny("too many wrong tokens", alias, "rate_limited")
@@ -2244,6 +2265,59 @@ def command_refresh(settings: Settings, dry_run: bool) -> int:
     return 0
 
 
+EXPORT_LINE = {
+    # one route: host name -> the app, in each front end's map syntax
+    "nginx": '"{host}" "{target}";',              # map $host $satellite_target { hostnames; include FILE; }
+    "apache": "{host} http://{target}",           # RewriteMap satellite "txt:FILE"
+    "haproxy": "{host} {target}",                 # map file for http-request set-var / use-server
+}
+
+
+def export_map(store: Store, domain: str, fmt: str) -> str:
+    """The live alias -> target map. Sessions whose app speaks pinned TLS stay with satellite itself."""
+    lines = [f"# satellite export --format {fmt}: live sessions under {domain} (generated; do not edit)"]
+    now = time.time()
+    for session in sorted(store.sessions(("mapped", "proxied")), key=lambda s: s.alias):
+        if session.is_over(now) or session.tls_pin:
+            continue
+        host = session.target_host
+        target = f"[{host}]:{session.target_port}" if ":" in host else f"{host}:{session.target_port}"
+        lines.append(EXPORT_LINE[fmt].format(host=f"{session.alias}.{domain}", target=target))
+    return "\n".join(lines) + "\n"
+
+
+def command_export(settings: Settings, fmt: str, output: Optional[str], reload_command: Optional[str]) -> int:
+    """Write the map for a front end (atomically, only when it changed), then run the reload command."""
+    if not settings.domain:
+        print("satellite: error: export needs the domain (-c FILE or --domain)", file=sys.stderr)
+        return 2
+    text = export_map(admin_store(settings), settings.domain, fmt)
+    routes = text.count("\n") - 1
+    if output is None:
+        print(text, end="")
+        return 0
+    try:
+        with open(output) as f:
+            if f.read() == text:
+                print(f"export: {routes} routes, {output} unchanged")
+                return 0
+    except FileNotFoundError:
+        pass
+    tmp = f"{output}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, output)
+    message = f"export: {routes} routes written to {output}"
+    if reload_command:
+        result = subprocess.run(reload_command, shell=True, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            print(f"{message}; reload failed ({result.returncode}): {result.stderr.strip()[:300]}", file=sys.stderr)
+            return 1
+        message += "; reloaded"
+    print(message)
+    return 0
+
+
 def command_list(settings: Settings, state: Optional[str], as_json: bool) -> int:
     store = admin_store(settings)
     sessions = store.sessions((state,) if state else SESSION_STATES)
@@ -2386,6 +2460,16 @@ def build_parser() -> argparse.ArgumentParser:
     revoke_parser.add_argument("alias")
     revoke_parser.add_argument("--audit-log", dest="audit_log", metavar="FILE")
     admin("stats", "counts by state and lifecycle event", "Counts of sessions and events, and the last refresh.")
+    export_parser = admin(
+        "export", "write the alias -> app map for nginx, Apache or HAProxy",
+        "For sites that put nginx/Apache/HAProxy in front as the data plane: write the live map (atomically, "
+        "only when it changed) and run --reload-command. contrib/nginx-satellite.conf shows nginx using it, "
+        "with satellite still checking tokens through auth_request. Run it from cron or after each change.")
+    export_parser.add_argument("--format", required=True, choices=sorted(EXPORT_LINE))
+    export_parser.add_argument("--output", metavar="FILE", help="write here (default: print)")
+    export_parser.add_argument("--reload-command", metavar="COMMAND", help="run after the file changed, "
+                                                                           "e.g. 'nginx -s reload'")
+    export_parser.add_argument("--domain", dest="domain", metavar="DOMAIN")
     return parser
 
 
@@ -2412,6 +2496,8 @@ def main(argv: Optional[list] = None) -> int:
         return command_revoke(settings, args.alias)
     if args.command == "stats":
         return command_stats(settings)
+    if args.command == "export":
+        return command_export(settings, args.format, args.output, args.reload_command)
     return 2
 
 

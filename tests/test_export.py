@@ -1,0 +1,116 @@
+"""satellite export: the live map for nginx/Apache/HAProxy, and contrib/nginx-satellite.conf run by a real nginx."""
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import websocket
+
+from conftest import DOMAIN, ROOT, LoopbackHTTPS, wait_for
+
+pytestmark = pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed (tests/setup-system.sh)")
+
+
+def export(satellite, *args):
+    return subprocess.run([sys.executable, str(ROOT / "satellite.py"), "export", "--db", str(satellite.db),
+                           "--domain", DOMAIN, *args], capture_output=True, text=True, timeout=60)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_export_formats_and_atomic_unchanged_writes(fresh_satellite, app, tmp_path):
+    satellite = fresh_satellite()
+    link = satellite.mapped_session(app)
+    satellite.getlink()                                           # not mapped: not exported
+    host, target = f"{link['alias']}.{DOMAIN}", f"{app.host}:{app.port}"
+    assert f'"{host}" "{target}";' in export(satellite, "--format", "nginx").stdout
+    assert f"{host} http://{target}" in export(satellite, "--format", "apache").stdout
+    assert f"{host} {target}" in export(satellite, "--format", "haproxy").stdout
+    out = tmp_path / "map.conf"
+    marker = tmp_path / "reloaded"
+    first = export(satellite, "--format", "nginx", "--output", str(out), "--reload-command", f"echo x >> {marker}")
+    assert first.returncode == 0 and "1 routes written" in first.stdout and "reloaded" in first.stdout
+    again = export(satellite, "--format", "nginx", "--output", str(out), "--reload-command", f"echo x >> {marker}")
+    assert "unchanged" in again.stdout and marker.read_text() == "x\n"       # no rewrite, no reload
+    failing = export(satellite, "--format", "nginx", "--output", str(tmp_path / "m2"), "--reload-command", "false")
+    assert failing.returncode == 1 and "reload failed" in failing.stderr
+
+
+@pytest.fixture
+def nginx_front(fresh_satellite, tmp_path, certs):
+    """A real nginx running contrib/nginx-satellite.conf, with only ports, paths and domain adapted."""
+    satellite = fresh_satellite("--admin-from", "127.0.0.1/32")
+    port = free_port()
+    map_file = tmp_path / "satellite-map.conf"
+    map_file.write_text("")
+    site = (ROOT / "contrib/nginx-satellite.conf").read_text()
+    for old, new in [("server 127.0.0.1:8443;", f"server 127.0.0.1:{satellite.port};"),
+                     ("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
+                     ("satellite.example.edu", DOMAIN), ("/etc/nginx/satellite-map.conf", str(map_file)),
+                     ("/etc/satellite/tls/fullchain.pem", str(certs / "cert.pem")),
+                     ("/etc/satellite/tls/privkey.pem", str(certs / "key.pem"))]:
+        assert old in site
+        site = site.replace(old, new)
+    (tmp_path / "site.conf").write_text(site)
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / sub).mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;
+events {{ worker_connections 256; }}
+http {{ access_log off; client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
+  fastcgi_temp_path {tmp_path}/fastcgi; uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;
+  include {tmp_path}/site.conf; }}
+""")
+    check = subprocess.run(["nginx", "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp_path)])
+    wait_for(lambda: (tmp_path / "nginx.pid").exists(), what="nginx")
+    reload = f"nginx -s reload -c {conf} -p {tmp_path}"
+    yield satellite, port, map_file, reload
+    proc.terminate()
+    proc.wait(10)
+
+
+def through_nginx(satellite, port, alias, target, headers=None):
+    conn = LoopbackHTTPS(f"{alias}.{DOMAIN}", port, satellite.context)
+    conn.request("GET", target, headers=headers or {})
+    resp = conn.getresponse()
+    return resp.status, resp.headers, resp.read()
+
+
+def test_nginx_front_routes_http_and_websockets_with_satellite_checking_tokens(nginx_front, app):
+    satellite, port, map_file, reload = nginx_front
+    link = satellite.mapped_session(app)
+    waiting = satellite.getlink()
+    result = export(satellite, "--format", "nginx", "--output", str(map_file), "--reload-command", reload)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: through_nginx(satellite, port, link["alias"], "/headers")[0] == 403, what="nginx reloaded")
+    before = len(app.seen())
+    assert through_nginx(satellite, port, link["alias"], "/?token=wrong")[0] == 403
+    assert len(app.seen()) == before                                   # refused requests never reach the app
+    status, headers, body = through_nginx(satellite, port, link["alias"], "/?token=" + link["token"])
+    assert status == 200 and b"Hello from the compute node" in body
+    cookie = headers["Set-Cookie"].split(";")[0]
+    assert cookie.startswith("__Host-satellite=")
+    assert through_nginx(satellite, port, link["alias"], "/headers", {"Cookie": cookie})[0] == 200
+    # WebSocket through nginx
+    raw = socket.create_connection(("127.0.0.1", port))
+    sock = satellite.context.wrap_socket(raw, server_hostname=f"{link['alias']}.{DOMAIN}")
+    ws = websocket.create_connection(f"wss://{link['alias']}.{DOMAIN}:{port}/ws", socket=sock, timeout=10,
+                                     header=[f"Authorization: token {link['token']}"])
+    ws.send("via nginx")
+    assert ws.recv() == "via nginx"
+    ws.close()
+    # an alias not in the map goes to satellite: the status page
+    status, _, body = through_nginx(satellite, port, waiting["alias"], "/?token=" + waiting["token"])
+    assert status == 503 and b"Starting your session" in body
+    # released: out of the map after export + reload, and satellite answers 410
+    satellite.api("release", key=link["key"])
+    export(satellite, "--format", "nginx", "--output", str(map_file), "--reload-command", reload)
+    wait_for(lambda: through_nginx(satellite, port, link["alias"], "/?token=" + link["token"])[0] == 410,
+             what="the released alias to leave nginx's map")
