@@ -1,0 +1,119 @@
+"""contrib/: each file checked by the tool that reads it, or run for real."""
+import os
+import re
+import shutil
+import signal
+import ssl
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import DOMAIN, ROOT, Client, wait_for
+
+CONTRIB = ROOT / "contrib"
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_systemd_unit_verifies_and_is_hardened(tmp_path):
+    unit = tmp_path / "satellite.service"
+    shutil.copy(CONTRIB / "satellite.service", unit)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0 and "satellite.service" not in result.stderr, result.stderr
+    text = unit.read_text()
+    for line in ("User=satellite", "AmbientCapabilities=CAP_NET_BIND_SERVICE", "ProtectSystem=strict",
+                 "NoNewPrivileges=yes", "StateDirectory=satellite", "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert line in text
+
+
+def test_cron_entry_runs_refresh(certs, tmp_path, fresh_satellite):
+    satellite = fresh_satellite()
+    satellite.getlink()
+    ini = tmp_path / "satellite.ini"
+    ini.write_text(f"[satellite]\ndomain = {DOMAIN}\ndb = {satellite.db}\ncert = {certs}/cert.pem\n"
+                   f"key = {certs}/key.pem\n")
+    entries = [line for line in (CONTRIB / "satellite.cron").read_text().splitlines()
+               if line and not line.startswith("#")]
+    assert len(entries) == 1
+    fields = entries[0].split(None, 6)
+    assert fields[:5] == ["*"] * 5 and fields[5] == "satellite"
+    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output-dir", str(tmp_path)], check=True,
+                   capture_output=True)
+    command = (fields[6].replace("/usr/local/lib/satellite/satellite.pyz", str(tmp_path / "satellite.pyz"))
+               .replace("/etc/satellite/satellite.ini", str(ini)).replace(">/dev/null", ""))
+    result = subprocess.run(command, shell=True, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("refresh: "), result.stderr
+
+
+@pytest.mark.skipif(not shutil.which("logrotate"), reason="logrotate not installed")
+def test_logrotate_config_is_valid(tmp_path):
+    logs = tmp_path / "log"
+    logs.mkdir()
+    (logs / "audit.log").write_text('{"event": "issue"}\n')
+    config = (CONTRIB / "satellite.logrotate").read_text().replace("/var/log/satellite", str(logs))
+    config = config.replace("su satellite satellite", "su root root")
+    (tmp_path / "rotate.conf").write_text(config)
+    result = subprocess.run(["logrotate", "-d", "-s", str(tmp_path / "state"), str(tmp_path / "rotate.conf")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "error" not in result.stderr.lower(), result.stderr
+    assert "copytruncate" in result.stderr or "copying" in result.stderr or str(logs) in result.stderr
+
+
+def test_certbot_hook_installs_the_new_pair_and_satellite_serves_it(fresh_satellite, tmp_path):
+    live = tmp_path / "live"
+    renewed = tmp_path / "renewed"
+    subprocess.run([str(CONTRIB / "dev-ca.sh"), str(tmp_path / "old"), DOMAIN], check=True)
+    subprocess.run([str(CONTRIB / "dev-ca.sh"), str(tmp_path / "new"), DOMAIN], check=True)
+    live.mkdir()
+    shutil.copy(tmp_path / "old/cert.pem", live / "fullchain.pem")
+    shutil.copy(tmp_path / "old/key.pem", live / "privkey.pem")
+    renewed.mkdir()
+    shutil.copy(tmp_path / "new/cert.pem", renewed / "fullchain.pem")       # certbot's names in its lineage
+    shutil.copy(tmp_path / "new/key.pem", renewed / "privkey.pem")
+    satellite = fresh_satellite("--cert", str(live / "fullchain.pem"), "--key", str(live / "privkey.pem"))
+    env = dict(os.environ, RENEWED_LINEAGE=str(renewed), SATELLITE_TLS_DIR=str(live), SATELLITE_GROUP="root",
+               SATELLITE_RELOAD=f"kill -HUP {satellite.proc.pid}")
+    result = subprocess.run([str(CONTRIB / "certbot-deploy-hook")], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: "certificate reloaded" in satellite.log_text(), what="reload")
+    context = ssl.create_default_context(cafile=str(tmp_path / "new/ca.pem"))
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", satellite.port)),
+                             server_hostname=f"manage.{DOMAIN}") as sock:
+        assert sock.version()                                   # the renewed certificate verifies
+    assert (live / "privkey.pem").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.skipif(not shutil.which("ruby"), reason="ruby (for Open OnDemand's ERB) not installed")
+def test_open_ondemand_app_renders_and_its_script_launches_through_satellite(job_satellite, tmp_path):
+    app = CONTRIB / "ood/satellite_jupyter"
+    for template in ("submit.yml.erb", "view.html.erb", "template/script.sh.erb"):
+        compiled = subprocess.run(f"erb -x -T - {app / template} | ruby -c", shell=True, capture_output=True,
+                                  text=True)
+        assert compiled.stdout.strip() == "Syntax OK", (template, compiled.stderr)
+    render = ("require 'erb'; require 'ostruct'; context = OpenStruct.new(flavour: 'lab', bc_num_hours: '1');"
+              "print ERB.new(File.read(ARGV[0])).result(binding)")
+    script = subprocess.run(["ruby", "-e", render, str(app / "template/script.sh.erb")], capture_output=True,
+                            text=True, check=True).stdout
+    assert "--jupyter lab" in script and "--time-limit 60" in script
+    (tmp_path / "script.sh").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "script.sh")]).returncode == 0
+    # run it as OnDemand would inside the job: Jupyter starts, the link works, ending the job releases it
+    client = Client(tmp_path / "home", job_satellite)
+    wrapper = tmp_path / "satellite-client"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'satellite_client.py'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    env = dict(client.env, SATELLITE_CLIENT=str(wrapper), PATH=f"{ROOT / '.venv/bin'}:{os.environ['PATH']}")
+    job = subprocess.Popen(["bash", str(tmp_path / "script.sh")], cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        url = wait_for(lambda: (tmp_path / "satellite_url").exists() and (tmp_path / "satellite_url").read_text()
+                       .strip(), timeout=60, what="the link")
+        host = url.split("/")[2].split(":")[0]
+        wait_for(lambda: job_satellite.request(host, "/lab?token=" + url.split("token=")[1])[0] == 200,
+                 timeout=60, what="JupyterLab through the link")
+    finally:
+        os.killpg(job.pid, signal.SIGTERM)
+        job.wait(30)
+    wait_for(lambda: job_satellite.request(host, "/lab?token=" + url.split("token=")[1])[0] == 410,
+             timeout=30, what="the link released when the job ended")
