@@ -1864,10 +1864,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         if credential is None:
             self.deny("wrong or no token (via front)", session.alias, "front")
             return self.send_page(403, b"", "text/plain")
-        cookie = []
-        if credential == "query":
-            value = cookie_value(self.app.store.cookie_secret, session.alias, session.token_hash)
-            cookie = [("Set-Cookie", f"{COOKIE_NAME}={value}; Path=/; Secure; HttpOnly; SameSite=Lax")]
+        cookie = self.session_cookie(session) if credential == "query" else []
         if session.state == "mapped":
             self.app.store.mark_proxied(session.alias)
         return self.send_page(204, b"", "text/plain", headers=cookie)
@@ -1914,15 +1911,17 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if refusal:
                 self.deny(refusal, alias, "not_owner")
                 return self.refuse(request, 403, refusal)
-        cookie = []
-        if credential not in ("cookie", "legacy"):
-            value = cookie_value(self.app.store.cookie_secret, alias, session.token_hash)
-            cookie = [("Set-Cookie", f"{COOKIE_NAME}={value}; Path=/; Secure; HttpOnly; SameSite=Lax")]
+        cookie = self.session_cookie(session) if credential not in ("cookie", "legacy") else []
         if request.path.startswith(INTERNAL_PREFIX):
             return self.serve_internal(request, session)
         if session.target is None:
             return self.send_status_page(request, session, cookie)
         return self.proxy(request, session, cookie)
+
+    def session_cookie(self, session: Session) -> list:
+        """Set on the first visit with the token, so later requests need not carry it."""
+        value = cookie_value(self.app.store.cookie_secret, session.alias, session.token_hash)
+        return [("Set-Cookie", f"{COOKIE_NAME}={value}; Path=/; Secure; HttpOnly; SameSite=Lax")]
 
     def remote_user(self, request: Request) -> Optional[str]:
         """The signed-in user named by the SSO front, believed only from a trusted front address."""
