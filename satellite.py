@@ -450,6 +450,7 @@ class Store:
         db.execute("INSERT OR IGNORE INTO meta VALUES ('cookie_secret', ?)", (secrets.token_hex(32),))
         self.cookie_secret = bytes.fromhex(
             db.execute("SELECT value FROM meta WHERE name = 'cookie_secret'").fetchone()[0])
+        self.close_thread_connection()      # an idle connection's locks would keep closed ones' descriptors open
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -461,6 +462,14 @@ class Store:
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
+
+    def close_thread_connection(self) -> None:
+        """Close this thread's connection. A connection and its statement cache refer to each other,
+        so without this only a cyclic GC pass would free a finished thread's file descriptors."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            del self._local.conn
 
     def _write(self, sql: str, params: tuple = ()) -> int:
         return self.db.execute(sql, params).rowcount
@@ -1730,6 +1739,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         finally:
             if self.upstream:
                 self.upstream.close()
+            self.app.store.close_thread_connection()
             try:
                 sock.close()
             except OSError:
