@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PYTEST_ARGS ?=
 
-.PHONY: all build test demo clean
+.PHONY: all build test demo fuzz clean
 
 all: build
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: tests/requirements.txt
 test: $(VENV)/.installed build
 	tests/setup-system.sh
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests
+
+# The fuzz tests with 20,000 examples each instead of CI's 300.
+fuzz: $(VENV)/.installed
+	HYPOTHESIS_PROFILE=long $(VENV)/bin/python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 demo: build
 	$(PYTHON) contrib/demo.py
