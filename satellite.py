@@ -553,7 +553,11 @@ class Store:
         return self.session(alias).user
 
     def mark_proxied(self, alias: str) -> None:
-        self._write("UPDATE sessions SET state = 'proxied' WHERE alias = ? AND state = 'mapped'", (alias,))
+        """Best effort: a full or read-only disk must not stop the proxy from serving."""
+        try:
+            self._write("UPDATE sessions SET state = 'proxied' WHERE alias = ? AND state = 'mapped'", (alias,))
+        except sqlite3.Error as exc:
+            log.warning("could not mark %s proxied: %s", alias, exc)
 
     def end(self, alias: str, reason: str) -> bool:
         """End a session; True if this call ended it (so one of two racing callers records it)."""
@@ -862,7 +866,13 @@ class Stream:
                 if remaining <= 0:
                     raise HttpError(408, "request head took too long")
                 self.sock.settimeout(remaining)
-            if not self.fill():
+                try:
+                    received = self.fill()
+                except socket.timeout:
+                    raise HttpError(408, "request head took too long") from None
+            else:
+                received = self.fill()
+            if not received:
                 line = bytes(self.buf)
                 self.buf.clear()
                 return line
@@ -1897,8 +1907,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         if session is None:
             return self.refuse(request, 404, "There is no session at this address.")
         if session.is_over(time.time()):
-            if session.state != "ended" and self.app.store.end(alias, "expired"):
-                self.app.events.record("expire", alias, reason="lifetime over")
+            try:
+                if session.state != "ended" and self.app.store.end(alias, "expired"):
+                    self.app.events.record("expire", alias, reason="lifetime over")
+            except sqlite3.Error as exc:                  # refresh will record it; the answer is 410 anyway
+                log.warning("could not end expired %s: %s", alias, exc)
             return self.refuse(request, 410, "This session has ended. Start a new one to get a new link.")
         if request.path == INTERNAL_PREFIX + "auth" and address_in(self.peer, self.settings.admin_from):
             return self.answer_front(request, session)
@@ -2400,6 +2413,9 @@ SETTING_FLAGS = [
     ("--access-log", "access_log", "access log file, '-' for stderr (default) or 'off'; secrets are redacted"),
     ("--log-level", "log_level", "debug, info, warning or error (default info)"),
     ("--max-connections", "max_connections", "open connections at most (default 4096)"),
+    ("--handshake-timeout", "handshake_timeout", "seconds a client has to finish the TLS handshake (default 10)"),
+    ("--header-timeout", "header_timeout", "seconds a client has to send a whole request head (default 30)"),
+    ("--idle-timeout", "idle_timeout", "seconds a keep-alive connection may wait for its next request (default 75)"),
     ("--audit-log", "audit_log", "JSON-lines audit log of every issue/redeem/state/release/revoke/expire/denial "
                                  "('-' for stderr; default off)"),
     ("--metrics-from", "metrics_from", "CIDR[,CIDR] that may read /metrics (default loopback)"),

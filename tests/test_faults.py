@@ -4,6 +4,7 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 
@@ -139,3 +140,52 @@ def test_kill_9_during_bursts_loses_nothing_acknowledged(fresh_satellite, app):
         assert status == 200, link["alias"]
         if state == "mapped":
             assert fields["state"] in ("mapped", "proxied") and fields["target"] == f"{NODE}:{app.port}"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MB filesystem of our own (tmpfs) for the database, so it can really fill up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def fill(directory):
+    """Fill the filesystem; returns the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_disk_full_is_503_the_proxy_keeps_serving_and_it_recovers(certs, tiny_disk, app):
+    from conftest import SatelliteServer
+    satellite = SatelliteServer(certs, tiny_disk.parent, ["--db", str(tiny_disk / "satellite.db")]).start()
+    try:
+        link = satellite.mapped_session(app)
+        host = satellite.host(link["alias"])
+        assert satellite.request(host, "/?token=" + link["token"])[0] == 200
+        filler = fill(tiny_disk)
+        for _ in range(20):                                # until SQLite itself hits the full disk
+            status, fields = satellite.api("getlink")
+            if status == 503:
+                break
+        assert status == 503 and "database unavailable" in fields["error"]
+        # existing mappings keep working, with their cookie and with the token
+        _, headers, _ = satellite.request(host, "/?token=" + link["token"])
+        assert satellite.request(host, "/headers", headers={"Authorization": "token " + link["token"]})[0] == 200
+        assert satellite.api("status", key=link["key"])[0] == 200
+        filler.unlink()
+        assert satellite.api("getlink")[0] == 201          # recovered, no restart
+        with sqlite3.connect(satellite.db) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        satellite.stop()
