@@ -1,6 +1,8 @@
 """Hostile requests over real TLS: each is refused with its status, the connection is closed,
 nothing reaches the app, and the database does not change. The corpus is data:
-tests/corpus/hostile_requests.json ({host} and {token} are filled in with a live session's)."""
+tests/corpus/hostile_requests.json ({host} and {token} are filled in with a live session's; the
+"manage:" twins aim the same bytes at the management API's /api/getlink, so an accepted one would
+issue a link and change the database)."""
 import json
 import socket
 import sqlite3
@@ -53,7 +55,8 @@ def database(satellite):
 @pytest.mark.parametrize("case", CORPUS, ids=[c["name"] for c in CORPUS])
 def test_hostile_request_is_refused(satellite, app, live, case):
     link, host = live
-    raw = case["request"].format(host=f"{host}:{satellite.port}", token=link["token"]).encode("latin-1")
+    raw = case["request"].format(host=f"{host}:{satellite.port}", manage=f"127.0.0.1:{satellite.port}",
+                                 token=link["token"]).encode("latin-1")
     seen, before = len(app.seen()), database(satellite)
     status_line, closed = exchange(satellite, host, raw)
     assert status_line.startswith(b"HTTP/1.1 %d " % case["status"]), status_line
