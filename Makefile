@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PYTEST_ARGS ?=
 
-.PHONY: all build test demo fuzz clean
+.PHONY: all build test demo fuzz soak clean
 
 all: build
 
@@ -26,6 +26,10 @@ test: $(VENV)/.installed build
 # The fuzz tests with 20,000 examples each instead of CI's 300.
 fuzz: $(VENV)/.installed
 	HYPOTHESIS_PROFILE=long $(VENV)/bin/python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
+
+# Ten minutes of steady mixed load; prints threads, descriptors and RSS over time (SOAK_SECONDS to change).
+soak: $(VENV)/.installed
+	$(VENV)/bin/python bench/soak.py
 
 demo: build
 	$(PYTHON) contrib/demo.py
