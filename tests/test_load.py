@@ -57,3 +57,31 @@ def test_1000_concurrent_websockets_echo_and_none_is_dropped(fresh_satellite, ne
     finally:
         for ws in sockets:
             ws.close()
+
+
+def test_slow_bodies_hold_only_their_own_threads(fresh_satellite, app):
+    """Clients that send their request bodies byte by byte: others are served; satellite's threads
+    are bounded by their connections (and --max-connections), and return when they go."""
+    satellite = fresh_satellite("--max-connections", "300")
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    baseline_threads, _ = threads_and_fds(satellite.proc.pid)
+    slow = []
+    for i in range(100):
+        target = ("/api/getlink", f"manage.{DOMAIN}") if i % 2 else ("/upload", host)
+        sock = satellite.tls_socket(target[1])
+        sock.sendall(f"POST {target[0]} HTTP/1.1\r\nHost: {target[1]}:{satellite.port}\r\n"
+                     f"Authorization: token {link['token']}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     f"Content-Length: 1000\r\n\r\nx".encode())
+        slow.append(sock)
+    try:
+        for _ in range(10):                                          # bounded trickle, others served meanwhile
+            for sock in slow:
+                sock.sendall(b"x")
+            assert satellite.request(host, "/headers", headers={"Authorization": "token " + link["token"]})[0] == 200
+        assert threads_and_fds(satellite.proc.pid)[0] <= baseline_threads + 101
+    finally:
+        for sock in slow:
+            sock.close()
+    wait_for(lambda: threads_and_fds(satellite.proc.pid)[0] <= baseline_threads + 2, timeout=30,
+             what="the slow senders' threads to end")
