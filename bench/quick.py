@@ -8,7 +8,6 @@ Not a test: nothing asserts on time. The full side-by-side benchmark is issue #6
 """
 import argparse
 import http.client
-import socket
 import ssl
 import statistics
 import sys

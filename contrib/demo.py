@@ -91,7 +91,7 @@ def main():
         if args.check:
             for _ in range(int(args.queue_wait * 10) + 300):
                 if "Hello from the compute node" in curl(url):
-                    print(f"\n   curl got the app's page through the link: demo works")
+                    print("\n   curl got the app's page through the link: demo works")
                     return 0
                 time.sleep(0.1)
             print("the app never answered through the link", file=sys.stderr)

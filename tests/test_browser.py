@@ -2,10 +2,8 @@
 the link opened while the Slurm job is queued, the status page following it, JupyterLab arriving by itself,
 a cell running. Screenshots of each stage go to tests/artifacts/."""
 import os
-import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

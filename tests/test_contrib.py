@@ -1,13 +1,11 @@
 """contrib/: each file checked by the tool that reads it, or run for real."""
 import os
-import re
 import shutil
 import signal
 import ssl
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -2,11 +2,9 @@
 Each leaves no thread or file descriptor behind and loses nothing that was acknowledged."""
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import threading
-import time
 
 import pytest
 import websocket

@@ -6,7 +6,6 @@ Host, never both Transfer-Encoding and Content-Length, a path target, no control
 chunked decoder never accepts a body that is not well framed; the API answers ApiError or a 2xx."""
 import os
 import socket
-import sqlite3
 import string
 import sys
 import tempfile

@@ -1,6 +1,4 @@
 """Load, on loopback, every loop bounded: slow clients cannot starve others; 1,000 WebSockets at once."""
-import socket
-import time
 
 import websocket
 
