@@ -141,9 +141,12 @@ def test_release_ends_the_session_and_its_alias_answers_410(satellite, app):
     assert satellite.request(host, "/")[0] == 410
     assert curl_api(satellite, f"/api/redeem?key={link['key']}&port=8888", source=NODE)[0] == 410
     assert curl_api(satellite, f"/api/state?key={link['key']}&state=running")[0] == 410
-    # releasing twice is not an error (cancel is idempotent), an unknown key is
+    # releasing twice is not an error (cancel is idempotent), an unknown key is, and so is a wrong network
     assert curl_api(satellite, f"/api/release?key={link['key']}")[0] == 200
     assert curl_api(satellite, "/api/release?key=unknown")[0] == 404
+    other = satellite.getlink()
+    assert curl_api(satellite, f"/api/release?key={other['key']}", source="127.0.0.9")[0] == 403
+    assert satellite.api("status", key=other["key"])[1]["state"] == "queued"
 
 
 def test_status_by_key_or_token(satellite):
