@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PYTEST_ARGS ?=
 
-.PHONY: all build test demo fuzz soak clean
+.PHONY: all build test demo fuzz soak bench clean
 
 all: build
 
@@ -31,8 +31,13 @@ fuzz: $(VENV)/.installed
 soak: $(VENV)/.installed
 	$(VENV)/bin/python bench/soak.py
 
+# satellite beside configurable-http-proxy, nginx and the direct path (wrk); writes bench/results.md.
+bench: $(VENV)/.installed
+	tests/setup-system.sh
+	$(VENV)/bin/python bench/bench.py
+
 demo: build
 	$(PYTHON) contrib/demo.py
 
 clean:
-	rm -rf dist .demo .pytest_cache tests/__pycache__ __pycache__
+	rm -rf dist .demo .bench .pytest_cache tests/__pycache__ __pycache__

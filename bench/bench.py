@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""make bench: satellite side by side with the proxies people would use instead, same run, same machine.
+
+Small keep-alive requests (wrk) at several concurrencies, TLS on the browser side for every path:
+
+    direct      nginx serving the fixed answer itself over TLS (no proxy: the floor)
+    satellite   satellite -> backend
+    chp         configurable-http-proxy (JupyterHub's proxy, npm) -> backend
+    nginx       nginx as a TLS reverse proxy (upstream keep-alive) -> backend
+
+The backend is nginx returning a fixed 3-byte body over plain HTTP on loopback. Rounds are interleaved
+(each round runs every path at every concurrency) so drift hits all alike; the table shows medians
+and ratios. Results go to stdout and bench/results.md. Loopback only.
+
+    python3 bench/bench.py [--seconds 5] [--rounds 3] [--concurrency 1,16,64,256] [--smoke]
+
+Needs wrk, nginx and npm (configurable-http-proxy is installed into .bench/ on first use).
+Numbers, not verdicts: nothing here asserts on time.
+"""
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import SatelliteServer, wait_for  # noqa: E402
+
+CHP_DIR = ROOT / ".bench"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port):
+    def up():
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return True
+        except OSError:
+            return False
+    wait_for(up, timeout=30, what=f"port {port}")
+
+
+def start_nginx(work, certs, backend, direct, front):
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (work / sub).mkdir(exist_ok=True)
+    conf = work / "nginx.conf"
+    conf.write_text(f"""daemon off; worker_processes 1; pid {work}/nginx.pid; error_log {work}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; client_body_temp_path {work}/body; proxy_temp_path {work}/proxy;
+  fastcgi_temp_path {work}/fastcgi; uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+  keepalive_requests 1000000;
+  upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{backend}; location / {{ return 200 "ok\\n"; }} }}
+  server {{ listen 127.0.0.1:{direct} ssl; ssl_certificate {certs}/cert.pem; ssl_certificate_key {certs}/key.pem;
+           location / {{ return 200 "ok\\n"; }} }}
+  server {{ listen 127.0.0.1:{front} ssl; ssl_certificate {certs}/cert.pem; ssl_certificate_key {certs}/key.pem;
+           location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
+                        proxy_set_header Host $host; }} }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)])
+    for port in (backend, direct, front):
+        wait_listening(port)
+    return proc
+
+
+def start_chp(certs, port, backend):
+    binary = CHP_DIR / "node_modules/.bin/configurable-http-proxy"
+    if not binary.exists():
+        CHP_DIR.mkdir(exist_ok=True)
+        subprocess.run(["npm", "install", "--silent", "--prefix", str(CHP_DIR), "configurable-http-proxy@5"],
+                       check=True)
+    env = dict(os.environ, CONFIGPROXY_AUTH_TOKEN="bench")
+    proc = subprocess.Popen([str(binary), "--ip", "127.0.0.1", "--port", str(port), "--api-ip", "127.0.0.1",
+                             "--api-port", str(free_port()), "--ssl-key", str(certs / "key.pem"),
+                             "--ssl-cert", str(certs / "cert.pem"), "--default-target",
+                             f"http://127.0.0.1:{backend}", "--log-level", "error"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(port)
+    return proc
+
+
+def wrk(port, connections, seconds, headers):
+    threads = 1 if connections == 1 else 2
+    args = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency"]
+    for header in headers:
+        args += ["-H", header]
+    out = subprocess.run(args + [f"https://127.0.0.1:{port}/"], capture_output=True, text=True,
+                         timeout=seconds + 60).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+
+    def percentile(p):
+        value, unit = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return {"rate": rate, "p50": percentile(50), "p99": percentile(99), "errors": int(errors.group(1)) if errors else 0}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", default="1,16,64,256")
+    parser.add_argument("--smoke", action="store_true", help="one short round at concurrency 1 (CI)")
+    parser.add_argument("--output", default=str(ROOT / "bench/results.md"))
+    args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.rounds, args.concurrency = 1, 1, "1"
+    for tool in ("wrk", "nginx", "npm"):
+        if not shutil.which(tool):
+            sys.exit(f"bench needs {tool} (apt-get install wrk nginx npm)")
+    work = Path(tempfile.mkdtemp(prefix="satellite-bench-"))
+    subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(work / "certs"), "sat.test"], check=True)
+    certs = work / "certs"
+    ports = {name: free_port() for name in ("backend", "direct", "nginx", "chp")}
+    procs = [start_nginx(work, certs, ports["backend"], ports["direct"], ports["nginx"]),
+             start_chp(certs, ports["chp"], ports["backend"])]
+    satellite = SatelliteServer(certs, work, ["--access-log", "off", "--redeem-from", "127.0.0.0/8",
+                                              "--max-connections", "8192"]).start()
+    try:
+        link = satellite.getlink()
+        status, _ = satellite.api("redeem", key=link["key"], port=ports["backend"])
+        assert status == 200
+        host = f"{link['alias']}.sat.test:{satellite.port}"
+        paths = {
+            "direct": (ports["direct"], []),
+            "satellite": (satellite.port, [f"Host: {host}", f"Authorization: token {link['token']}"]),
+            "chp": (ports["chp"], []),
+            "nginx": (ports["nginx"], []),
+        }
+        levels = [int(c) for c in args.concurrency.split(",")]
+        runs = {(name, c): [] for name in paths for c in levels}
+        for _ in range(args.rounds):
+            for c in levels:
+                for name, (port, headers) in paths.items():
+                    runs[(name, c)].append(wrk(port, c, args.seconds, headers))
+        report = render(runs, paths, levels, args)
+    finally:
+        satellite.stop()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+    print(report)
+    if not args.smoke:
+        Path(args.output).write_text(report)
+    return 0
+
+
+def render(runs, paths, levels, args):
+    def median(name, c, key):
+        return statistics.median(r[key] for r in runs[(name, c)])
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    lines = [f"Small keep-alive requests, TLS to each path; wrk, {args.rounds} interleaved rounds of "
+             f"{args.seconds:g}s, medians. {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
+             f"{time.strftime('%Y-%m-%d')}. Command: python3 bench/bench.py --seconds {args.seconds:g} "
+             f"--rounds {args.rounds} --concurrency {args.concurrency}", "",
+             "| concurrency | path | req/s | p50 ms | p99 ms | errors |", "|---:|---|---:|---:|---:|---:|"]
+    for c in levels:
+        for name in paths:
+            errors = sum(r["errors"] for r in runs[(name, c)])
+            lines.append(f"| {c} | {name} | {median(name, c, 'rate'):,.0f} | {median(name, c, 'p50'):.2f} | "
+                         f"{median(name, c, 'p99'):.2f} | {errors} |")
+    lines += ["", "| concurrency | satellite / chp (req/s) | satellite / nginx (req/s) | p50 added over direct (ms) |",
+              "|---:|---:|---:|---:|"]
+    for c in levels:
+        sat = median("satellite", c, "rate")
+        lines.append(f"| {c} | {sat / median('chp', c, 'rate'):.2f} | {sat / median('nginx', c, 'rate'):.2f} | "
+                     f"{median('satellite', c, 'p50') - median('direct', c, 'p50'):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

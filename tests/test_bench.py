@@ -1,0 +1,20 @@
+"""The benchmark keeps working: a short smoke run in CI (numbers are printed, never asserted)."""
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("wrk", "nginx", "npm")), reason="needs wrk, nginx and npm")
+def test_bench_smoke_measures_every_path():
+    result = subprocess.run([sys.executable, str(ROOT / "bench/bench.py"), "--smoke"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\| 1 \| (\w+) \| ([\d,]+) \| [\d.]+ \| [\d.]+ \| (\d+) \|$", result.stdout, re.M)
+    assert [name for name, _, _ in rows] == ["direct", "satellite", "chp", "nginx"]
+    assert all(int(rate.replace(",", "")) > 0 and errors == "0" for _, rate, errors in rows)
+    assert "satellite / chp" in result.stdout
