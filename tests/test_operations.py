@@ -373,3 +373,15 @@ def test_pinned_tls_to_the_app(ops_satellite, tls_app):
     status, _, body = satellite.request(satellite.host(bad["alias"]), "/headers?token=" + bad["token"])
     assert status == 502 and b"wrong certificate" in body
     assert "upstream=tls, pinned sha256:" + fingerprint in admin(satellite, "show", good["alias"]).stdout
+
+
+def test_changes_by_other_processes_reach_the_cached_proxy_path_promptly(ops_satellite, app):
+    """The proxy serves sessions from memory; a revoke by another process must still win within moments."""
+    satellite = ops_satellite()
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    for _ in range(5):                                   # warm: now served from the cache
+        assert satellite.request(host, "/headers?token=" + link["token"])[0] == 200
+    assert admin(satellite, "revoke", link["alias"]).returncode == 0
+    wait_for(lambda: satellite.request(host, "/headers?token=" + link["token"])[0] == 410, timeout=3, interval=0.05,
+             what="the revoke to be seen")
