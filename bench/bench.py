@@ -97,12 +97,17 @@ def start_chp(certs, port, backend):
 
 def wrk(port, connections, seconds, headers):
     threads = 1 if connections == 1 else 2
-    args = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency"]
+    args = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--latency"]
     for header in headers:
         args += ["-H", header]
-    out = subprocess.run(args + [f"https://127.0.0.1:{port}/"], capture_output=True, text=True,
-                         timeout=seconds + 60).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    result = subprocess.run(args + [f"https://127.0.0.1:{port}/"], capture_output=True, text=True,
+                            timeout=seconds + 60)
+    out = result.stdout
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not found:
+        raise RuntimeError(f"wrk against port {port} at {connections} connections gave no result:\n"
+                           f"{out}\n{result.stderr}")
+    rate = float(found.group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 
     def percentile(p):
