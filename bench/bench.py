@@ -54,7 +54,7 @@ def wait_listening(port):
     wait_for(up, timeout=30, what=f"port {port}")
 
 
-def start_nginx(work, certs, backend, direct, front):
+def start_nginx(work, certs, backend, direct, front, big_file=None):
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (work / sub).mkdir(exist_ok=True)
     conf = work / "nginx.conf"
@@ -65,9 +65,9 @@ http {{
   fastcgi_temp_path {work}/fastcgi; uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
   keepalive_requests 1000000;
   upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
-  server {{ listen 127.0.0.1:{backend}; location / {{ return 200 "ok\\n"; }} }}
+  server {{ listen 127.0.0.1:{backend}; location / {{ return 200 "ok\\n"; }} location = /big {{ alias {big_file}; }} }}
   server {{ listen 127.0.0.1:{direct} ssl; ssl_certificate {certs}/cert.pem; ssl_certificate_key {certs}/key.pem;
-           location / {{ return 200 "ok\\n"; }} }}
+           location / {{ return 200 "ok\\n"; }} location = /big {{ alias {big_file}; }} }}
   server {{ listen 127.0.0.1:{front} ssl; ssl_certificate {certs}/cert.pem; ssl_certificate_key {certs}/key.pem;
            location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
                         proxy_set_header Host $host; }} }}
@@ -123,9 +123,11 @@ def main():
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--smoke", action="store_true", help="one short round at concurrency 1 (CI)")
     parser.add_argument("--output", default=str(ROOT / "bench/results.md"))
+    parser.add_argument("--bulk-mb", type=int, default=1024, help="size of the bulk download (default 1 GB)")
+    parser.add_argument("--idle-websockets", type=int, default=2000)
     args = parser.parse_args()
     if args.smoke:
-        args.seconds, args.rounds, args.concurrency = 1, 1, "1"
+        args.seconds, args.rounds, args.concurrency, args.bulk_mb, args.idle_websockets = 1, 1, "1", 20, 50
     for tool in ("wrk", "nginx", "npm"):
         if not shutil.which(tool):
             sys.exit(f"bench needs {tool} (apt-get install wrk nginx npm)")
@@ -133,10 +135,14 @@ def main():
     subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(work / "certs"), "sat.test"], check=True)
     certs = work / "certs"
     ports = {name: free_port() for name in ("backend", "direct", "nginx", "chp")}
-    procs = [start_nginx(work, certs, ports["backend"], ports["direct"], ports["nginx"]),
+    big_file = work / "big"
+    with open(big_file, "wb") as f:
+        f.truncate(args.bulk_mb << 20)                       # sparse: served from the page cache
+    procs = [start_nginx(work, certs, ports["backend"], ports["direct"], ports["nginx"], big_file),
              start_chp(certs, ports["chp"], ports["backend"])]
     satellite = SatelliteServer(certs, work, ["--access-log", "off", "--redeem-from", "127.0.0.0/8",
-                                              "--max-connections", "8192"]).start()
+                                              "--max-connections", "8192", "--getlink-rate", "0",
+                                              "--max-live-per-source", "0"]).start()
     try:
         link = satellite.getlink()
         status, _ = satellite.api("redeem", key=link["key"], port=ports["backend"])
@@ -155,6 +161,7 @@ def main():
                 for name, (port, headers) in paths.items():
                     runs[(name, c)].append(wrk(port, c, args.seconds, headers))
         report = render(runs, paths, levels, args)
+        report += other_figures(satellite, paths, ports, work, args)
     finally:
         satellite.stop()
         for proc in procs:
@@ -164,6 +171,94 @@ def main():
     if not args.smoke:
         Path(args.output).write_text(report)
     return 0
+
+
+def download_mb_per_s(port, headers, path="/big"):
+    args = ["curl", "-sk", "-o", "/dev/null", "-w", "%{speed_download}"]
+    for header in headers:
+        args += ["-H", header]
+    out = subprocess.run(args + [f"https://127.0.0.1:{port}{path}"], capture_output=True, text=True, timeout=600)
+    return float(out.stdout) / 1e6
+
+
+def rss_mb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def websocket_rtt_ms(connect, count=2000):
+    ws = connect()
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        ws.send("x")
+        ws.recv()
+        times.append(time.perf_counter() - start)
+    ws.close()
+    return statistics.median(times) * 1000
+
+
+def other_figures(satellite, paths, ports, work, args):
+    """The rest of issue #6's figures: bulk transfer, WebSocket round trips, idle WebSockets, mapping speed."""
+    import websocket
+    from conftest import App
+    lines = ["", "| figure | value |", "|---|---:|"]
+    for name, (port, headers) in paths.items():
+        lines.append(f"| bulk download {args.bulk_mb} MB, {name} | {download_mb_per_s(port, headers):,.0f} MB/s |")
+    # WebSocket round trips: the echo app directly over TLS, and through satellite
+    tls_app = subprocess.Popen([sys.executable, str(ROOT / "tests/apps/echo_app.py"), "--host", "127.0.0.1",
+                                "--certfile", str(work / "certs/cert.pem"), "--keyfile", str(work / "certs/key.pem")],
+                               stdout=subprocess.PIPE, text=True)
+    tls_port = int(tls_app.stdout.readline().split()[2])
+    plain_app = App(work, host="127.0.0.1")
+    link = satellite.getlink()
+    satellite.api("redeem", key=link["key"], port=plain_app.port)
+    host = f"{link['alias']}.sat.test"
+    import ssl as ssl_module
+    insecure = {"cert_reqs": ssl_module.CERT_NONE, "check_hostname": False}
+    direct_rtt = websocket_rtt_ms(lambda: websocket.create_connection(f"wss://127.0.0.1:{tls_port}/ws", sslopt=insecure))
+    via_rtt = websocket_rtt_ms(lambda: websocket.create_connection(
+        f"wss://{host}:{satellite.port}/ws", socket=satellite.tls_socket(host),
+        header=[f"Authorization: token {link['token']}"]))
+    lines.append(f"| WebSocket round trip, direct (TLS) | {direct_rtt:.3f} ms |")
+    lines.append(f"| WebSocket round trip through satellite | {via_rtt:.3f} ms (+{via_rtt - direct_rtt:.3f}) |")
+    # idle WebSockets: satellite's memory, and whether it still answers at once
+    before = rss_mb(satellite.proc.pid)
+    idle = [websocket.create_connection(f"wss://{host}:{satellite.port}/ws", socket=satellite.tls_socket(host),
+                                        header=[f"Authorization: token {link['token']}"]) for _ in range(args.idle_websockets)]
+    during = rss_mb(satellite.proc.pid)
+    start = time.perf_counter()
+    status = satellite.request("127.0.0.1", "/healthz")[0]
+    answer_ms = (time.perf_counter() - start) * 1000
+    for ws in idle:
+        ws.close()
+    lines.append(f"| satellite RSS with {args.idle_websockets:,} idle WebSockets | {during:.0f} MB "
+                 f"(+{during - before:.0f} MB over {before:.0f}) |")
+    lines.append(f"| a new request meanwhile (new TLS connection) | {answer_ms:.1f} ms, status {status} |")
+    # from redeem to the first proxied answer, and getlink calls per second
+    timings = []
+    for _ in range(20):
+        new = satellite.getlink()
+        start = time.perf_counter()
+        satellite.api("redeem", key=new["key"], port=plain_app.port)
+        satellite.request(f"{new['alias']}.sat.test", "/?token=" + new["token"])
+        timings.append(time.perf_counter() - start)
+    lines.append(f"| redeem → first proxied response | {statistics.median(timings) * 1000:.1f} ms (median of 20) |")
+    conn = satellite.connection("127.0.0.1")
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < max(1.0, args.seconds) and count < 100_000:
+        conn.request("GET", "/api/getlink")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 201, response.status
+        count += 1
+    lines.append(f"| getlink calls per second (one keep-alive client) | {count / (time.perf_counter() - start):,.0f} |")
+    plain_app.stop()
+    tls_app.terminate()
+    tls_app.wait()
+    return "\n".join(lines) + "\n"
 
 
 def render(runs, paths, levels, args):

@@ -108,8 +108,12 @@ def test_open_ondemand_app_renders_and_its_script_launches_through_satellite(job
         url = wait_for(lambda: (tmp_path / "satellite_url").exists() and (tmp_path / "satellite_url").read_text()
                        .strip(), timeout=60, what="the link")
         host = url.split("/")[2].split(":")[0]
-        wait_for(lambda: job_satellite.request(host, "/lab?token=" + url.split("token=")[1])[0] == 200,
-                 timeout=60, what="JupyterLab through the link")
+        try:
+            wait_for(lambda: job_satellite.request(host, "/lab?token=" + url.split("token=")[1])[0] == 200,
+                     timeout=180, what="JupyterLab through the link")
+        except AssertionError:
+            logs = "".join(p.read_text() for p in (tmp_path / "home/.satellite/sessions").glob("*/job.log"))
+            raise AssertionError("JupyterLab did not answer through the link; job log:\n" + logs[-3000:]) from None
     finally:
         os.killpg(job.pid, signal.SIGTERM)
         job.wait(30)
