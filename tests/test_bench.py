@@ -18,3 +18,8 @@ def test_bench_smoke_measures_every_path():
     assert [name for name, _, _ in rows] == ["direct", "satellite", "chp", "nginx"]
     assert all(int(rate.replace(",", "")) > 0 and errors == "0" for _, rate, errors in rows)
     assert "satellite / chp" in result.stdout
+    bulk = re.findall(r"^\| bulk download 20 MB, (\w+) \| ([\d,]+) MB/s \|$", result.stdout, re.M)
+    assert [name for name, _ in bulk] == ["direct", "satellite", "chp", "nginx"]
+    for figure in ("WebSocket round trip through satellite", "idle WebSockets", "redeem → first proxied response",
+                   "getlink calls per second"):
+        assert figure in result.stdout
