@@ -771,12 +771,17 @@ class Metrics:
             self.latency[bucket] += 1
             self.latency_sum += seconds
 
-    def add(self, name: str, amount: int = 1, reason: Optional[str] = None) -> None:
+    def deny(self, reason: str) -> None:
         with self.lock:
-            if name == "denied":
-                self.denied[reason] = self.denied.get(reason, 0) + amount
-            else:
-                setattr(self, name, getattr(self, name) + amount)
+            self.denied[reason] = self.denied.get(reason, 0) + 1
+
+    def upstream_error(self) -> None:
+        with self.lock:
+            self.upstream_errors += 1
+
+    def websocket_opened(self, change: int) -> None:
+        with self.lock:
+            self.websockets_open += change
 
     def render(self, store: Store, cert_expiry: Optional[float]) -> str:
         out = []
@@ -1493,6 +1498,13 @@ STATUS_SCRIPT = """
 """
 
 
+def response_head(status: int, fields: Iterable, reason: str = "") -> bytes:
+    """Status line and header fields, ready to send in one write."""
+    lines = [f"HTTP/1.1 {status} {reason or HTTPStatus(status).phrase}"]
+    lines += [f"{name}: {value}" for name, value in fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 def page(title: str, body_html: str, script: str = "") -> bytes:
     script_tag = f"<script>{script}</script>" if script else ""
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
@@ -1836,8 +1848,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if not first:
                 return None
             if first != b"\x16":                        # not a TLS handshake record
-                raw.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-                            b"Content-Length: 42\r\n\r\nThis port speaks HTTPS; use https:// URLs\n")
+                raw.sendall(plain_answer(400, b"This port speaks HTTPS; use https:// URLs\n"))
                 return None
             return self.app.tls.wrap_socket(raw, server_side=True)
         except (OSError, ssl.SSLError) as exc:
@@ -1871,6 +1882,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         return keep and request is not None and request.keep_alive
 
     def log_access(self, request: Optional[Request], started: float) -> None:
+        if not access_log.isEnabledFor(logging.INFO):          # access-log = off: no formatting per request
+            return
         line = f"{request.method} {redact(request.target)} {request.version}" if request else "-"
         host = request.host_header if request else "-"
         access_log.info('%s - - [%s] "%s" %d %d "%s" %.3f', self.peer,
@@ -1879,9 +1892,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     # responses ---------------------------------------------------------------
     def send_head(self, status: int, headers: list, reason: str = "") -> None:
-        lines = [f"HTTP/1.1 {status} {reason or HTTPStatus(status).phrase}"]
-        lines += [f"{name}: {value}" for name, value in headers]
-        self.client.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.client.sock.sendall(response_head(status, headers, reason))
         self.status = status
 
     def send_page(self, status: int, body: bytes, content_type: str = "text/html; charset=utf-8",
@@ -1891,8 +1902,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         fields += PAGE_HEADERS + self.app.hsts + list(headers)
         if close:
             fields.append(("Connection", "close"))
-        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"] + [f"{n}: {v}" for n, v in fields]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        head = response_head(status, fields)
         self.client.sock.sendall(head if head_only else head + body)
         self.status, self.sent = status, (0 if head_only else len(body))
         return not close
@@ -2041,7 +2051,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def deny(self, reason: str, alias: Optional[str] = None, source_reason: str = "other") -> None:
         """A refused request: counted, and one audit line (no secret: only why)."""
-        self.app.metrics.add("denied", reason=source_reason)
+        self.app.metrics.deny(source_reason)
         self.app.events.record("denied", alias, self.peer, reason=reason, user=self.user)
 
     def credential(self, request: Request, session: Session) -> Optional[str]:
@@ -2120,11 +2130,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 upstream = self.connect_upstream(session)
             except CertificateMismatch as exc:
                 log.warning("%s: %s", session.alias, exc)
-                self.app.metrics.add("upstream_errors")
+                self.app.metrics.upstream_error()
                 return self.refuse(request, 502, "The app behind this link presented the wrong certificate.")
             except OSError as exc:
                 log.info("app of %s at %s not reachable: %s", session.alias, session.target, exc)
-                self.app.metrics.add("upstream_errors")
+                self.app.metrics.upstream_error()
                 if session.state == "mapped":
                     return self.send_status_page(request, session, cookie, "The app is not answering yet.")
                 return self.refuse(request, 502, "The app behind this link is not answering. "
@@ -2151,7 +2161,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 if retry:
                     continue                             # the pooled connection had gone stale
                 log.info("app of %s failed mid-request: %s", session.alias, exc)
-                self.app.metrics.add("upstream_errors")
+                self.app.metrics.upstream_error()
                 return self.refuse(request, 502, "The app closed the connection.")
         if session.state == "mapped":
             self.app.store.mark_proxied(session.alias)
@@ -2225,14 +2235,20 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 self.client.sock.sendall(upstream.stream.take_buffered())
             alias = session.alias
             still_open = lambda: not self.app.store.cached_session(alias).is_over(time.time())
-            self.app.metrics.add("websockets_open")
+            self.app.metrics.websocket_opened(+1)
             self.received, self.sent = relay_websocket(self.client.sock, upstream.stream.sock, still_open)
         except (ConnectionError, socket.timeout, OSError) as exc:
             log.debug("websocket of %s ended: %s", session.alias, exc)
         finally:
-            self.app.metrics.add("websockets_open", -1)
+            self.app.metrics.websocket_opened(-1)
             upstream.close()
         return False
+
+
+def plain_answer(status: int, body: bytes, fields: Iterable = ()) -> bytes:
+    """A whole short text/plain answer that closes the connection (outside the TLS handler)."""
+    return response_head(status, [*fields, ("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
+                                  ("Connection", "close")]) + body
 
 
 class RedirectHandler(socketserver.BaseRequestHandler):
@@ -2249,18 +2265,13 @@ class RedirectHandler(socketserver.BaseRequestHandler):
                 return
             port = "" if settings.link_port == 443 else f":{settings.link_port}"
             host = f"[{request.host}]" if ":" in request.host else request.host
-            location = f"https://{host}{port}{request.target}"
-            body = b"Use HTTPS.\n"
-            head = (f"HTTP/1.1 301 Moved Permanently\r\nLocation: {location}\r\nContent-Type: text/plain\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            answer = plain_answer(301, b"Use HTTPS.\n", [("Location", f"https://{host}{port}{request.target}")])
         except HttpError as exc:
-            body = f"{exc.reason}\n".encode()
-            head = (f"HTTP/1.1 {exc.status} {HTTPStatus(exc.status).phrase}\r\nContent-Type: text/plain\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            answer = plain_answer(exc.status, f"{exc.reason}\n".encode())
         except (OSError, ValueError):
             return
         try:
-            self.request.sendall(head.encode("latin-1") + body)
+            self.request.sendall(answer)
         except OSError:
             pass
 

@@ -267,12 +267,8 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
         value = getattr(options, name)
         if value is not None:
             setattr(options, name, positive_int(name, value))
-    if not options.satellite:
-        raise UsageError("where is satellite? give --satellite https://manage.<domain>, set SATELLITE_URL, "
-                         f"or ask your admins for a site config ({SITE_CONFIG})")
-    parsed = urllib.parse.urlsplit(options.satellite)
-    if parsed.scheme != "https" or not parsed.hostname:
-        raise UsageError(f"--satellite {options.satellite!r}: give an https:// URL")
+    if options.satellite:
+        check_satellite_url(options.satellite)
     if options.cacert and not os.path.isfile(options.cacert):
         raise UsageError(f"--cacert {options.cacert}: no such file")
     workdir = os.path.abspath(os.path.expanduser(options.workdir or "."))
@@ -288,6 +284,15 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
                 options.python or sys.executable or "python3")
     scheduler.directives(plan, Path("/"), "check")       # raises UsageError for what it cannot express
     return plan
+
+
+def check_satellite_url(url: Optional[str]) -> None:
+    if not url:
+        raise UsageError("where is satellite? give --satellite https://manage.<domain>, set SATELLITE_URL, "
+                         f"or ask your admins for a site config ({SITE_CONFIG})")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "https" or not parsed.hostname:
+        raise UsageError(f"--satellite {url!r}: give an https:// URL")
 
 
 def container_prefix(options: LaunchOptions) -> str:
@@ -998,6 +1003,7 @@ def stop_process_group(proc: Optional[subprocess.Popen], grace: float = 10) -> N
 ###############################################################################
 
 def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_run: bool) -> int:
+    check_satellite_url(options.satellite)
     plan = plan_launch(options, need_cli=not dry_run)
     if dry_run:
         placeholder = SessionDir.root() / "ALIAS"
@@ -1198,7 +1204,7 @@ def command_profile(action: str, name: Optional[str], options: LaunchOptions) ->
         given = options.given()
         if not given:
             raise UsageError("profile save NAME takes launch options to remember, e.g. --partition gpu --gpus 1")
-        plan_launch(LaunchOptions(satellite="https://placeholder.invalid").merged(options), need_cli=False)
+        plan_launch(options, need_cli=False)             # a profile that cannot launch is refused now
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.write_text(json.dumps(given, indent=1) + "\n")
         print(f"saved profile {name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items()))

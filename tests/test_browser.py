@@ -58,8 +58,7 @@ def test_browser_follows_a_queued_job_into_jupyterlab_and_runs_a_cell(browser, j
                                timeout=60000)
         page.screenshot(path=str(ARTIFACTS / "2-starting.png"))
         # 3. JupyterLab replaces the status page by itself
-        page.wait_for_selector(".jp-LauncherCard", timeout=90000)
-        assert "JupyterLab" in page.title() or page.url.startswith(link.split("?")[0])
+        page.wait_for_selector(".jp-LauncherCard", timeout=90000)   # on the page we opened; we never reloaded it
         page.screenshot(path=str(ARTIFACTS / "3-jupyterlab.png"))
         # 4. a notebook, a cell, its output
         page.locator('.jp-LauncherCard[data-category="Notebook"]').first.click()
