@@ -215,7 +215,7 @@ def test_status_page_until_the_app_answers_then_the_app(satellite, new_app):
     link = satellite.getlink()
     host = satellite.host(link["alias"])
     status, headers, body = satellite.request(host, "/lab?token=" + link["token"])
-    assert status == 503 and headers["Content-Type"].startswith("text/html")
+    assert status == 503 and headers["Content-Type"].startswith("text/html") and headers["Retry-After"] == "2"
     assert link["alias"].encode() in body and link["token"].encode() not in body
     assert b"Job waiting in the queue" in body and b"<script>" in body
     cookie = headers["Set-Cookie"].split(";")[0]
