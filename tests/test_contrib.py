@@ -109,11 +109,13 @@ def test_open_ondemand_app_renders_and_its_script_launches_through_satellite(job
                        .strip(), timeout=60, what="the link")
         host = url.split("/")[2].split(":")[0]
         try:
-            wait_for(lambda: job_satellite.request(host, "/lab?token=" + url.split("token=")[1])[0] == 200,
-                     timeout=180, what="JupyterLab through the link")
-        except AssertionError:
+            def lab_answers():
+                assert job.poll() is None, f"the OnDemand script exited early with status {job.returncode}"
+                return job_satellite.request(host, "/lab?token=" + url.split("token=")[1])[0] == 200
+            wait_for(lab_answers, timeout=180, what="JupyterLab through the link")
+        except AssertionError as exc:
             logs = "".join(p.read_text() for p in (tmp_path / "home/.satellite/sessions").glob("*/job.log"))
-            raise AssertionError("JupyterLab did not answer through the link; job log:\n" + logs[-3000:]) from None
+            raise AssertionError(f"{exc}; job log:\n" + logs[-3000:]) from None
     finally:
         os.killpg(job.pid, signal.SIGTERM)
         job.wait(30)
