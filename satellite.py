@@ -24,10 +24,11 @@ who deploys it. Sections, top-down:
     6. HTTP parsing          Stream (buffered socket), strict request/response heads
     7. Management API        /api/getlink, redeem, state, release, status, jobstates, /healthz
     8. Pages                 status page, 403/404/410/502 pages
-    9. Proxy                 forward a request, relay bodies, WebSocket tunnel
-   10. Server                TLS per connection, handler, certificate reload, HTTP redirect
-   11. Commands              serve, refresh, list, show, revoke, stats; main()
-   12. Word list            aliases are three words from this list
+    9. Proxy                 forward a request, relay bodies, relay WebSockets
+   10. Tunnel protocol       frames that carry a session through a tunnel the job opened
+   11. Server                TLS per connection, handler, certificate reload, HTTP redirect
+   12. Commands              serve, refresh, list, show, revoke, stats; main()
+   13. Word list             aliases are three words from this list
 
 Why not BaseHTTPRequestHandler: it parses headers with ``email.parser``, which
 silently ends the header block at a malformed line (so ``Transfer-Encoding :
@@ -38,6 +39,7 @@ headers. A proxy that is a security boundary parses strictly itself (RFC 9112).
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import configparser
 import dataclasses
@@ -57,6 +59,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -371,10 +374,16 @@ class Session:
     user: Optional[str] = None
     tls_pin: Optional[str] = None
     legacy: Optional[int] = None
+    tunnel_attach: Optional[int] = None
 
     @property
     def target(self) -> Optional[tuple]:
         return (self.target_host, self.target_port) if self.target_host else None
+
+    @property
+    def tunneled(self) -> bool:
+        """Reached through the job's tunnel, not by connecting to target."""
+        return self.tunnel_attach is not None
 
     def is_over(self, now: float) -> bool:
         return self.state == "ended" or now >= self.expires
@@ -385,7 +394,9 @@ class Session:
                 "created": iso_time(self.created), "expires": iso_time(self.expires)}
         if self.jobid:
             info["jobid"] = self.jobid
-        if self.target:
+        if self.tunneled:
+            info["target"] = f"tunnel from {self.target_host}"
+        elif self.target:
             host = self.target_host
             info["target"] = f"[{host}]:{self.target_port}" if ":" in host else f"{host}:{self.target_port}"
         if self.jobstate:
@@ -427,6 +438,7 @@ ADDED_COLUMNS = [
     ("user", "TEXT"),                      # with SSO: the first signed-in user who opened it owns it
     ("tls_pin", "TEXT"),                   # sha256 of the app's own certificate: satellite speaks TLS to it
     ("legacy", "INTEGER"),                 # issued by the legacy API: the alias redeems, no proxy token check
+    ("tunnel_attach", "INTEGER"),          # reached through the job's tunnel: its last attach number
 ]
 
 
@@ -593,6 +605,8 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             session = self.live_session_by_key(key)
+            if session.tunneled:
+                raise ApiError(409, "this session is reached through its tunnel")
             if session.target_host and session.target_host != host:
                 raise ApiError(409, "already redeemed from another host")
             state = "proxied" if session.state == "proxied" and session.target == (host, port) else "mapped"
@@ -606,6 +620,36 @@ class Store:
         finally:
             self.invalidate()
         return self.session(session.alias)
+
+    def attach_tunnel(self, key: str, host: str, attach: int) -> Session:
+        """Map a session to the tunnel its job opened from `host`. Attach numbers only grow,
+        so a recorded or replayed attach request is refused; the lifetime starts at the first."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            session = self.live_session_by_key(key)
+            if session.target and not session.tunneled:
+                raise ApiError(409, "already redeemed for direct connections")
+            if session.tunneled and attach <= session.tunnel_attach:
+                raise ApiError(409, "stale attach number: a replayed or out-of-order tunnel connection")
+            now = time.time()
+            db.execute("UPDATE sessions SET state = ?, target_host = ?, target_port = 0, tunnel_attach = ?,"
+                       " redeemed = ?, expires = ?, backend_gone = NULL WHERE alias = ?",
+                       ("proxied" if session.state == "proxied" else "mapped", host, attach,
+                        session.redeemed or now, session.expires if session.redeemed else now + session.lifetime,
+                        session.alias))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            self.invalidate()
+        return self.session(session.alias)
+
+    def mark_tunnels_down(self, since: float) -> None:
+        """At start: no tunnel is attached to a fresh process, so refresh may count their absence."""
+        self._write("UPDATE sessions SET backend_gone = ? WHERE tunnel_attach IS NOT NULL AND state != 'ended'"
+                    " AND backend_gone IS NULL", (since,))
 
     def report_state(self, key: str, state: str, jobid: Optional[str]) -> Session:
         session = self.live_session_by_key(key)
@@ -760,6 +804,7 @@ class Metrics:
         self.upstream_errors = 0
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
+        self.tunnels_open: Callable = lambda: 0    # set by the server: its tunnel registry's count
 
     def request_done(self, status: int, seconds: float, received: int, sent: int) -> None:
         bucket = next((i for i, edge in enumerate(LATENCY_BUCKETS) if seconds <= edge), len(LATENCY_BUCKETS))
@@ -808,6 +853,8 @@ class Metrics:
                    [("", self.bytes_in)])
             metric("satellite_sent_bytes_total", "counter", "Response body bytes to clients.", [("", self.bytes_out)])
             metric("satellite_websockets_open", "gauge", "WebSockets being relayed.", [("", self.websockets_open)])
+            metric("satellite_tunnels_open", "gauge", "Tunnels jobs have open to this process.",
+                   [("", self.tunnels_open())])
             metric("satellite_upstream_errors_total", "counter", "Failures talking to apps.",
                    [("", self.upstream_errors)])
             cumulative, samples = 0, []
@@ -872,7 +919,14 @@ def refresh(store: Store, settings: Settings, events: Events, dry_run: bool = Fa
             reason = "link never redeemed" if session.target is None else "session lifetime over"
             if not dry_run and store.end(session.alias, "expired"):
                 events.record("expire", session.alias, reason=reason)
-    mapped = [s for s in live if s.target and now < s.expires]
+    mapped = [s for s in live if s.target and not s.tunneled and now < s.expires]
+    for session in live:                       # serve records when a session's tunnel dropped
+        if session.tunneled and session.backend_gone and now < session.expires:
+            summary["down"] += 1
+            if now - session.backend_gone >= settings.dead_after:
+                summary["dead"] += 1
+                if not dry_run and store.end(session.alias, "tunnel gone"):
+                    events.record("dead", session.alias, gone_since=iso_time(session.backend_gone))
     workers = max(1, min(32, len(mapped)))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         alive = list(pool.map(probe, [s.target for s in mapped]))
@@ -1315,7 +1369,7 @@ class ManagementApi:
 
     def redeem(self, params: dict, peer: str) -> tuple:
         self._from(peer, self.settings.redeem_from, "redeem")
-        check_params(params, ("key", "port", "fingerprint"))
+        check_params(params, ("key", "port", "fingerprint", "check"))
         key, port_text = require(params, "key"), require(params, "port")
         low, high = self.settings.port_range
         if not port_text.isdigit() or not low <= int(port_text) <= high:
@@ -1325,9 +1379,29 @@ class ManagementApi:
             pin = params["fingerprint"].replace(":", "").lower()
             if not re.fullmatch(r"[0-9a-f]{64}", pin):
                 raise ApiError(400, "fingerprint must be the SHA-256 of the app's certificate (64 hex digits)")
+        if params.get("check") == "1" and self.store.session_by_key(key) and not probe((peer, int(port_text)), 2.0):
+            raise ApiError(502, f"satellite cannot connect to {peer}:{port_text}; the app is not listening there,"
+                                " or the node takes no inbound connections (use a tunnel)")
         session = self.store.redeem(key, peer, int(port_text), pin)
         self.events.record("redeem", session.alias, peer, target=session.describe()["target"])
         return 200, session.describe()
+
+    def attach_tunnel(self, request: Request, peer: str) -> Session:
+        """`GET /api/tunnel` with `Upgrade: satellite-tunnel/1`, `Authorization: Bearer <key>` (a header,
+        so the key is in no URL or log) and `Satellite-Tunnel-Attach: <number>`, larger than any before
+        (so a replayed request is refused). The connection then carries the session (section 10)."""
+        self._from(peer, self.settings.redeem_from, "a tunnel")
+        if request.method != "GET" or TUNNEL_PROTOCOL not in request.headers.tokens("upgrade"):
+            raise ApiError(400, f"ask for a tunnel with GET and Upgrade: {TUNNEL_PROTOCOL}")
+        scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
+        attach = request.headers.get("satellite-tunnel-attach") or ""
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(403, "a tunnel needs the session key as Authorization: Bearer <key>")
+        if not attach.isdigit() or len(attach) > 18:
+            raise ApiError(400, "Satellite-Tunnel-Attach must be a number")
+        session = self.store.attach_tunnel(key.strip(), peer, int(attach))
+        self.events.record("tunnel", session.alias, peer)
+        return session
 
     def state(self, params: dict, peer: str) -> tuple:
         self._from(peer, self.settings.issue_from + self.settings.redeem_from, "state")
@@ -1546,6 +1620,13 @@ class CertificateMismatch(Exception):
     """The app presented a certificate other than the one pinned at redeem."""
 
 
+class TunnelDown(Exception):
+    """The session is reached through its job's tunnel, and that is not connected right now."""
+
+
+TUNNEL_DOWN_NOTE = "The job's tunnel to satellite is reconnecting; this page moves on by itself."
+
+
 def pinned_client_context() -> ssl.SSLContext:
     """TLS to an app with a self-signed certificate: no CA, no name; the pin decides."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -1562,11 +1643,17 @@ class Upstream:
     """A keep-alive connection to one app, reused by one client connection. With a pin, it is
     TLS and accepted only if the app's certificate has exactly that SHA-256 fingerprint."""
 
-    def __init__(self, target: tuple, timeout: float, connect_timeout: float, pin: Optional[str] = None):
+    def __init__(self, target: tuple, timeout: float, connect_timeout: float, pin: Optional[str] = None,
+                 tunnel: Optional[Tunnel] = None):
         self.target = target
         self.pin = pin
-        sock = socket.create_connection(target, timeout=connect_timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tunnel = tunnel
+        if tunnel is not None:                      # a stream through the job's tunnel
+            sock = tunnel.open_stream()
+            sock.settimeout(connect_timeout)
+        else:
+            sock = socket.create_connection(target, timeout=connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if pin:
             sock = PINNED_CONTEXT.wrap_socket(sock)
             presented = hashlib.sha256(sock.getpeercert(binary_form=True) or b"").hexdigest()
@@ -1723,7 +1810,378 @@ def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: 
 
 
 ###############################################################################
-# 10. Server
+# 10. Tunnel protocol: the same text in satellite.py and satellite_client.py
+#     (tests/test_tunnel.py checks that the two copies are identical)
+###############################################################################
+
+# For nodes satellite cannot connect to: the job's agent connects out to satellite and asks,
+# with `GET /api/tunnel`, `Upgrade: satellite-tunnel/1` and its session key, to carry the
+# session's traffic. After the 101 answer both ends exchange frames on that TLS connection:
+#
+#     kind (1 byte) | stream (4 bytes) | payload length (4 bytes) | payload
+#
+#     OPEN       satellite -> agent   a browser connection starts; the agent connects it to its app
+#     DATA       both ways            bytes of one stream, never more than the receiver's credit
+#     CREDIT     both ways            4-byte count: the receiver has passed on that many bytes
+#     EOF        both ways            the sender will send no more on this stream (half close)
+#     RESET      both ways            the stream is gone; payload: a short reason
+#     PING/PONG  both ways            keepalive; any frame is a sign of life
+#
+# Each stream starts with STREAM_WINDOW bytes of credit each way, so a browser tab that stops
+# reading stops only its own stream, never the tunnel. Only satellite opens streams, and an
+# agent connects every stream to its own app and nowhere else: neither end can make the other
+# open a connection of its choosing.
+
+TUNNEL_PROTOCOL = "satellite-tunnel/1"
+FRAME_HEAD = struct.Struct("!BII")
+CREDIT_FIELD = struct.Struct("!I")
+OPEN, DATA, CREDIT, EOF, RESET, PING, PONG = range(1, 8)
+MAX_FRAME_PAYLOAD = 64 * 1024
+STREAM_WINDOW = 1024 * 1024
+TUNNEL_PING_AFTER = 10.0                # seconds of silence before a PING
+TUNNEL_DEAD_AFTER = 30.0                # seconds without any frame: the peer is gone
+TUNNEL_CHECK_EVERY = 5.0                # how often the owner is asked whether the tunnel is still wanted
+TUNNEL_BATCH = 256 * 1024               # bytes of queued frames handed to TLS at once
+
+
+class TunnelError(Exception):
+    """The peer broke the protocol; the tunnel closes."""
+
+
+class TunnelStream:
+    """One connection carried by a tunnel, bridged to a local socket by two threads: one reads
+    the socket into DATA frames (within the peer's credit), the other writes the peer's DATA
+    to the socket and then gives the credit back. The tunnel's thread only hands over bytes."""
+
+    def __init__(self, tunnel: "Tunnel", stream_id: int):
+        self.tunnel = tunnel
+        self.id = stream_id
+        self.sock: Optional[socket.socket] = None
+        self.ready = threading.Condition()
+        self.credit = STREAM_WINDOW              # bytes we may still send
+        self.unwritten = 0                       # bytes received and not yet passed on
+        self.inbox: collections.deque = collections.deque()     # bytes for the socket; None = EOF
+        self.aborted = False
+        self.pumps_running = 2
+
+    def start(self, connect: Callable) -> None:
+        """Connect the local end (`connect()` returns a socket) and pump both ways, in new threads."""
+        threading.Thread(target=self.connect_and_pump, args=(connect,), daemon=True).start()
+
+    def connect_and_pump(self, connect: Callable) -> None:
+        try:
+            self.sock = connect()
+        except OSError as exc:
+            self.tunnel.send(RESET, self.id, str(exc).encode()[:200])
+            self.tunnel.forget(self.id)
+            return
+        threading.Thread(target=self.pump_to_socket, daemon=True).start()
+        self.pump_to_tunnel()
+
+    # called from the tunnel's thread: never blocks --------------------------------
+    def deliver(self, data: Optional[bytes]) -> None:
+        with self.ready:
+            if data:
+                self.unwritten += len(data)
+                if self.unwritten > STREAM_WINDOW:
+                    raise TunnelError(f"stream {self.id} sent more than its credit")
+            self.inbox.append(data)
+            self.ready.notify_all()
+
+    def grant(self, count: int) -> None:
+        with self.ready:
+            self.credit += count
+            self.ready.notify_all()
+
+    def abort(self) -> None:
+        with self.ready:
+            self.aborted = True
+            self.ready.notify_all()
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)     # wakes a pump blocked in recv
+            except OSError:
+                pass
+
+    # the two pumps ---------------------------------------------------------------
+    def pump_to_tunnel(self) -> None:
+        try:
+            while True:
+                with self.ready:
+                    while self.credit <= 0 and not self.aborted:
+                        self.ready.wait()
+                    if self.aborted:
+                        return
+                    room = min(self.credit, MAX_FRAME_PAYLOAD)
+                data = self.sock.recv(room)
+                if self.aborted:
+                    return
+                if not data:
+                    self.tunnel.send(EOF, self.id)
+                    return
+                with self.ready:
+                    self.credit -= len(data)
+                self.tunnel.send(DATA, self.id, data)
+        except OSError as exc:
+            self.fail(exc)
+        finally:
+            self.pump_stopped()
+
+    def pump_to_socket(self) -> None:
+        try:
+            while True:
+                with self.ready:
+                    while not self.inbox and not self.aborted:
+                        self.ready.wait()
+                    if self.aborted:
+                        return
+                    data = self.inbox.popleft()
+                if data is None:
+                    self.sock.shutdown(socket.SHUT_WR)
+                    return
+                self.sock.sendall(data)
+                with self.ready:
+                    self.unwritten -= len(data)
+                self.tunnel.send(CREDIT, self.id, CREDIT_FIELD.pack(len(data)))
+        except OSError as exc:
+            self.fail(exc)
+        finally:
+            self.pump_stopped()
+
+    def fail(self, exc: OSError) -> None:
+        if not self.aborted:
+            self.tunnel.send(RESET, self.id, str(exc).encode()[:200])
+            self.abort()
+
+    def pump_stopped(self) -> None:
+        with self.ready:
+            self.pumps_running -= 1
+            last = self.pumps_running == 0
+        if last:
+            self.sock.close()
+            self.tunnel.forget(self.id)
+
+
+class Tunnel:
+    """One TLS connection carrying many streams.
+
+    Only the thread in `run` touches the TLS socket: OpenSSL must not read and write one
+    connection from two threads at once. Other threads queue frames with `send`, which
+    wakes that thread through a pipe; `stop` asks it to finish.
+    """
+
+    def __init__(self, sock: ssl.SSLSocket, connect_app: Optional[Callable] = None, early: bytes = b""):
+        self.sock = sock
+        self.connect_app = connect_app          # the agent's: a new socket to its app. satellite: None
+        self.inbound = bytearray(early)
+        self.outbox: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+        self.streams: dict = {}
+        self.next_id = 1
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_read, False)
+        os.set_blocking(self.wake_write, False)
+        self.closed = False
+        self.stop_reason = ""
+
+    # any thread --------------------------------------------------------------------
+    def send(self, kind: int, stream_id: int = 0, payload: bytes = b"") -> None:
+        frame = FRAME_HEAD.pack(kind, stream_id, len(payload)) + payload
+        with self.lock:
+            if self.closed:
+                return
+            was_empty = not self.outbox
+            self.outbox.append(frame)
+            if was_empty:
+                self.wake()
+
+    def stop(self, reason: str) -> None:
+        with self.lock:
+            self.stop_reason = self.stop_reason or reason
+            if not self.closed:
+                self.wake()
+
+    def wake(self) -> None:
+        """Caller holds the lock (so the pipe cannot be closed meanwhile)."""
+        try:
+            os.write(self.wake_write, b"!")
+        except BlockingIOError:                 # the pipe is full: the thread is awake anyway
+            pass
+
+    def open_stream(self) -> socket.socket:
+        """Satellite: a new stream to the agent's app; returns this end of a socket pair."""
+        ours, theirs = socket.socketpair()
+        with self.lock:
+            if self.closed:
+                ours.close()
+                theirs.close()
+                raise ConnectionError("the tunnel is closed")
+            stream = TunnelStream(self, self.next_id)
+            self.streams[stream.id] = stream
+            self.next_id += 1
+        self.send(OPEN, stream.id)
+        stream.start(lambda: theirs)
+        return ours
+
+    def forget(self, stream_id: int) -> None:
+        with self.lock:
+            self.streams.pop(stream_id, None)
+
+    def stream_count(self) -> int:
+        with self.lock:
+            return len(self.streams)
+
+    # the tunnel's own thread --------------------------------------------------------
+    def run(self, still_wanted: Callable = lambda: True) -> str:
+        """Carry frames until the peer closes, breaks the protocol or falls silent, or
+        `stop` is called, or `still_wanted()` (asked every few seconds) says no. Returns why."""
+        sock = self.sock
+        sock.setblocking(False)
+        poller = select.poll()
+        poller.register(self.wake_read, select.POLLIN)
+        unsent = b""
+        heard = pinged = checked = time.monotonic()
+        try:
+            self.dispatch()
+            while True:
+                wants_write = False
+                while True:                      # write what is queued, as far as TLS takes it
+                    if not unsent:
+                        unsent = self.take_outbox()
+                        if not unsent:
+                            break
+                    try:
+                        unsent = unsent[sock.send(unsent):]
+                    except (ssl.SSLWantWriteError, BlockingIOError):
+                        wants_write = True       # retried later with the same bytes, as OpenSSL needs
+                        break
+                    except ssl.SSLWantReadError:
+                        break
+                if not sock.pending():
+                    poller.register(sock, select.POLLIN | (select.POLLOUT if wants_write else 0))
+                    for fd, _ in poller.poll(1000):
+                        if fd == self.wake_read:
+                            self.drain_wake_pipe()
+                got = self.read_available()
+                now = time.monotonic()
+                if got is None:
+                    return "closed by the other end"
+                if got:
+                    heard = now
+                if self.stop_reason:
+                    return self.stop_reason
+                if now - heard > TUNNEL_DEAD_AFTER:
+                    return f"nothing heard for {TUNNEL_DEAD_AFTER:.0f}s"
+                if now - heard > TUNNEL_PING_AFTER and now - pinged > TUNNEL_PING_AFTER:
+                    self.send(PING, 0, struct.pack("!d", now))
+                    pinged = now
+                if now - checked > TUNNEL_CHECK_EVERY:
+                    checked = now
+                    if not still_wanted():
+                        return "no longer wanted"
+        except TunnelError as exc:
+            return f"protocol error: {exc}"
+        except OSError as exc:                   # ssl.SSLError included
+            return f"connection lost: {exc}"
+        finally:
+            self.close()
+
+    def take_outbox(self) -> bytes:
+        with self.lock:
+            frames, size = [], 0
+            while self.outbox and size < TUNNEL_BATCH:
+                frames.append(self.outbox.popleft())
+                size += len(frames[-1])
+        return b"".join(frames)
+
+    def drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self.wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def read_available(self) -> Optional[bool]:
+        """Read what TLS has (bounded, so writes get their turn) and act on whole frames.
+        True if anything came, False if nothing, None at end of stream."""
+        got = False
+        for _ in range(16):
+            try:
+                data = self.sock.recv(TUNNEL_BATCH)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                break
+            if not data:
+                return None
+            self.inbound += data
+            got = True
+        if got:
+            self.dispatch()
+        return got
+
+    def dispatch(self) -> None:
+        """Act on every whole frame in `inbound`."""
+        buffer, offset = self.inbound, 0
+        while len(buffer) - offset >= FRAME_HEAD.size:
+            kind, stream_id, length = FRAME_HEAD.unpack_from(buffer, offset)
+            if length > MAX_FRAME_PAYLOAD:
+                raise TunnelError(f"a frame of {length} bytes")
+            end = offset + FRAME_HEAD.size + length
+            if len(buffer) < end:
+                break
+            self.on_frame(kind, stream_id, bytes(buffer[offset + FRAME_HEAD.size:end]))
+            offset = end
+        del buffer[:offset]
+
+    def on_frame(self, kind: int, stream_id: int, payload: bytes) -> None:
+        if kind == PING:
+            self.send(PONG, 0, payload)
+        elif kind == PONG:
+            pass
+        elif kind == OPEN:
+            if self.connect_app is None:
+                raise TunnelError("only satellite opens streams")
+            with self.lock:
+                if stream_id == 0 or stream_id in self.streams:
+                    raise TunnelError(f"OPEN of stream {stream_id}, which is in use")
+                stream = self.streams[stream_id] = TunnelStream(self, stream_id)
+            stream.start(self.connect_app)
+        elif kind in (DATA, EOF, CREDIT, RESET):
+            with self.lock:
+                stream = self.streams.get(stream_id)
+            if stream is None:                   # ended here while the peer was still sending
+                return
+            if kind == DATA:
+                stream.deliver(payload)
+            elif kind == EOF:
+                stream.deliver(None)
+            elif kind == CREDIT:
+                if len(payload) != CREDIT_FIELD.size:
+                    raise TunnelError("malformed CREDIT")
+                stream.grant(CREDIT_FIELD.unpack(payload)[0])
+            else:
+                stream.abort()
+        else:
+            raise TunnelError(f"unknown frame kind {kind}")
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            streams = list(self.streams.values())
+            self.streams.clear()
+            os.close(self.wake_read)
+            os.close(self.wake_write)
+        for stream in streams:
+            stream.abort()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+###############################################################################
+# 11. Server
 ###############################################################################
 
 def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -1732,6 +2190,36 @@ def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+class Tunnels:
+    """The tunnels jobs have opened to this process, by alias; at most one per alias."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.by_alias: dict = {}
+
+    def attach(self, alias: str, tunnel: Tunnel) -> None:
+        with self.lock:
+            old, self.by_alias[alias] = self.by_alias.get(alias), tunnel
+        if old is not None:
+            old.stop("replaced by a newer connection from the job")
+
+    def detach(self, alias: str, tunnel: Tunnel) -> bool:
+        """True if `tunnel` was still the alias's tunnel (not replaced meanwhile)."""
+        with self.lock:
+            if self.by_alias.get(alias) is tunnel:
+                del self.by_alias[alias]
+                return True
+            return False
+
+    def get(self, alias: str) -> Optional[Tunnel]:
+        with self.lock:
+            return self.by_alias.get(alias)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.by_alias)
 
 
 class Satellite:
@@ -1748,6 +2236,8 @@ class Satellite:
         self.cert_expiry = certificate_expiry(settings.cert)
         self.domain_suffix = "." + settings.domain
         self.hsts = [("Strict-Transport-Security", f"max-age={settings.hsts}")] if settings.hsts else []
+        self.tunnels = Tunnels()
+        self.metrics.tunnels_open = self.tunnels.count
 
     def reload_certificate(self) -> bool:
         """Swap in a freshly loaded context; connections already open keep theirs."""
@@ -1931,6 +2421,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                                   head_only=request.method == "HEAD")
         if request.path in self.app.api.legacy_routes:
             return self.serve_legacy(request)
+        if request.path == "/api/tunnel":
+            return self.serve_tunnel(request)
         endpoint = self.app.api.routes.get(request.path)
         as_json = "application/json" in (request.headers.get("accept") or "")
         retry_after = 0
@@ -1953,11 +2445,40 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         except sqlite3.OperationalError as exc:
             status, fields = 503, {"error": "database unavailable, try again"}
             log.error("database error on %s: %s", request.path, exc)
+        return self.send_api_answer(request, status, fields, as_json, retry_after)
+
+    def send_api_answer(self, request: Request, status: int, fields: dict, as_json: bool,
+                        retry_after: int = 0) -> bool:
         ctype, body = format_fields(fields, as_json)
         extra = [("Allow", "GET, POST, HEAD")] if status == 405 else []
         if retry_after:
             extra.append(("Retry-After", str(retry_after)))
         return self.send_page(status, body, ctype, headers=extra, head_only=request.method == "HEAD")
+
+    def serve_tunnel(self, request: Request) -> bool:
+        """A job's agent asks to carry its session over this connection: after 101 it does so
+        until the connection drops (the agent then reconnects) or the session ends."""
+        try:
+            session = self.app.api.attach_tunnel(request, self.peer)
+        except ApiError as exc:
+            log.info("tunnel from %s refused: %d %s", self.peer, exc.status, exc.reason)
+            if exc.status in (403, 404):
+                self.deny(f"tunnel: {exc.reason}", source_reason=f"api_{exc.status}")
+            self.send_api_answer(request, exc.status, {"error": exc.reason}, True)
+            return False
+        alias = session.alias
+        self.send_head(101, [("Connection", "Upgrade"), ("Upgrade", TUNNEL_PROTOCOL)])
+        tunnel = Tunnel(self.client.sock, early=self.client.take_buffered())
+        self.app.tunnels.attach(alias, tunnel)
+        log.info("tunnel of %s attached from %s", alias, self.peer)
+        reason = tunnel.run(still_wanted=lambda: not self.app.store.cached_session(alias).is_over(time.time()))
+        if self.app.tunnels.detach(alias, tunnel):
+            try:
+                self.app.store.set_backend_gone(alias, time.time())     # refresh ends it if it stays away
+            except sqlite3.Error as exc:
+                log.warning("could not record the tunnel of %s as gone: %s", alias, exc)
+        log.info("tunnel of %s closed: %s", alias, reason)
+        return False
 
     def answer_front(self, request: Request, session: Session) -> bool:
         """nginx's auth_request (see `export`): may the original request (X-Original-URI, and the
@@ -2081,11 +2602,17 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             info["message"] = jobstate_note(session) or {"queued": "Waiting for the batch system to start the job.",
                                "running": "The job is running; the app is starting.",
                                "mapped": "The app has registered; waiting for it to answer."}.get(session.state, "")
+            if session.tunneled:
+                info["tunnel"] = "connected" if info["ready"] else "reconnecting"
+                if not info["ready"]:
+                    info["message"] = TUNNEL_DOWN_NOTE
             ctype, body = format_fields(info, True)
             return self.send_page(200, body, ctype, head_only=request.method == "HEAD")
         return self.refuse(request, 404, "No such satellite page.")
 
     def app_answers(self, session: Session) -> bool:
+        if session.tunneled:
+            return self.app.tunnels.get(session.alias) is not None
         if session.target is None:
             return False
         try:
@@ -2100,15 +2627,18 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     # proxying ------------------------------------------------------------------
     def connect_upstream(self, session: Session) -> Upstream:
+        tunnel = self.app.tunnels.get(session.alias) if session.tunneled else None
+        if session.tunneled and tunnel is None:
+            raise TunnelDown()
         if self.upstream is not None:
-            if (self.upstream.target, self.upstream.pin) == (session.target, session.tls_pin) \
-                    and self.upstream.is_idle_and_open():
+            if (self.upstream.target, self.upstream.pin, self.upstream.tunnel) == \
+                    (session.target, session.tls_pin, tunnel) and self.upstream.is_idle_and_open():
                 self.upstream.reused = True
                 return self.upstream
             self.upstream.close()
             self.upstream = None
         self.upstream = Upstream(session.target, self.settings.upstream_timeout,
-                                 self.settings.upstream_connect_timeout, session.tls_pin)
+                                 self.settings.upstream_connect_timeout, session.tls_pin, tunnel)
         return self.upstream
 
     def drop_upstream(self) -> None:
@@ -2128,6 +2658,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         for attempt in (1, 2):
             try:
                 upstream = self.connect_upstream(session)
+            except TunnelDown:
+                return self.send_status_page(request, session, cookie, TUNNEL_DOWN_NOTE)
             except CertificateMismatch as exc:
                 log.warning("%s: %s", session.alias, exc)
                 self.app.metrics.upstream_error()
@@ -2277,7 +2809,7 @@ class RedirectHandler(socketserver.BaseRequestHandler):
 
 
 ###############################################################################
-# 11. Commands
+# 12. Commands
 ###############################################################################
 
 def setup_logging(settings: Settings) -> None:
@@ -2309,6 +2841,7 @@ def command_serve(settings: Settings) -> int:
     raise_descriptor_limit()
     try:
         app = Satellite(settings)
+        app.store.mark_tunnels_down(time.time())
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot load certificate %s / key %s: %s", settings.cert, settings.key, exc)
         return 1
@@ -2614,7 +3147,7 @@ def main(argv: Optional[list] = None) -> int:
 
 
 ###############################################################################
-# 12. Word list
+# 13. Word list
 ###############################################################################
 # Aliases are three words drawn from this list: the words of 3 to 7 letters of the
 # EFF Large Wordlist (https://www.eff.org/dice, CC BY 3.0 US), 4,438 words, ~36 bits
