@@ -319,6 +319,12 @@ class Slurm:
         if self.started_munge:
             subprocess.run(["pkill", "-x", "munged"])
 
+    def wait_until_empty(self, timeout=120):
+        """No job queued, running or completing: the node is all free."""
+        wait_for(lambda: not subprocess.run(["squeue", "-h"], env=self.env(), capture_output=True,
+                                            text=True).stdout.strip(), timeout=timeout, interval=0.5,
+                 what="the Slurm queue to empty")
+
     def job_state(self, jobid):
         out = subprocess.run(["scontrol", "show", "job", jobid], env=self.env(), capture_output=True, text=True)
         match = re.search(r"JobState=(\S+)", out.stdout)

@@ -100,10 +100,11 @@ def test_jupyterlab_through_slurm_runs_code_via_the_link(client, job_satellite, 
 
 
 def test_wait_shows_progress_while_the_job_queues(client, job_satellite, slurm):
+    slurm.wait_until_empty()                   # jobs of earlier tests may still be completing
     blocker = subprocess.run(["sbatch", "--parsable", "--cpus-per-task", str(slurm.cpus), "--output", "/dev/null",
                               "--wrap", "sleep 300"], env=slurm.env(), capture_output=True, text=True, check=True)
     blocker_id = blocker.stdout.strip().split(";")[0]
-    wait_for(lambda: slurm.job_state(blocker_id) == "RUNNING", what="the blocker to run")
+    wait_for(lambda: slurm.job_state(blocker_id) == "RUNNING", timeout=60, what="the blocker to run")
     proc = subprocess.Popen([sys.executable, str(ROOT / "satellite_client.py"), "launch", "--command", ECHO_APP,
                              "--time-limit", "10", "--wait"], env=client.env, cwd=client.home,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -4,8 +4,11 @@ Most tests run the agent with the local scheduler and the app on loopback; the l
 the "compute node" in a network namespace of its own, launched through the real Slurm, that
 satellite cannot connect to at all (see `node_namespace`).
 """
+import http.client
 import json
+import os
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -120,3 +123,204 @@ def test_tunnel_carries_http_websocket_download_upload_and_events(client, job_sa
         if i < 2:
             get(job_satellite, result["url"], "/next")      # the app sends the next event only now
     conn.close()
+
+
+def agent_pid(client, alias):
+    out = subprocess.run(["pgrep", "-f", f"agent {client.session_dir(alias)}"], capture_output=True, text=True)
+    pids = out.stdout.split()
+    assert len(pids) == 1, out
+    return int(pids[0])
+
+
+def cut_connections(satellite):
+    """What a NAT box or firewall timing out does: drop every connection to satellite's port."""
+    subprocess.run(["ss", "-K", "state", "established", "( sport = :%d )" % satellite.port],
+                   check=True, capture_output=True)
+
+
+def test_a_cut_tunnel_reconnects_by_itself_and_the_status_page_says_so(client, job_satellite):
+    result = launch(client)
+    alias, token = result["alias"], result["url"].split("token=")[1]
+    assert get(job_satellite, result["url"], "/")[0] == 200
+    agent = agent_pid(client, alias)
+    os.kill(agent, signal.SIGSTOP)                    # hold the agent so the gap can be seen
+    try:
+        cut_connections(job_satellite)
+        wait_for(lambda: get(job_satellite, result["url"], "/")[0] == 503, what="the status page")
+        status, _, body = get(job_satellite, result["url"], "/")
+        assert b"reconnecting" in body
+        status, _, body = get(job_satellite, result["url"], "/__satellite/status")
+        assert json_body(body)["tunnel"] == "reconnecting" and json_body(body)["ready"] is False
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    wait_for(lambda: get(job_satellite, result["url"], "/")[0] == 200, timeout=60, what="the tunnel back")
+    log = job_log(client, alias)
+    assert "tunnel lost" in log and log.count("tunnel to satellite connected") == 2
+    status, _, body = get(job_satellite, result["url"], "/download?size=3000000")
+    assert status == 200 and len(body) == 3_000_000
+
+
+def test_a_tunnel_gone_for_good_ends_the_session_at_refresh_and_the_agent_stops(client, job_satellite):
+    result = launch(client)
+    alias = result["alias"]
+    agent = agent_pid(client, alias)
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        cut_connections(job_satellite)
+        wait_for(lambda: get(job_satellite, result["url"], "/")[0] == 503, what="the tunnel to drop")
+        refresh = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "refresh", "--db",
+                                  str(job_satellite.db), "--dead-after", "0"], capture_output=True, text=True)
+        assert refresh.returncode == 0 and "1 ended as gone" in refresh.stdout, refresh.stdout + refresh.stderr
+        assert get(job_satellite, result["url"], "/")[0] == 410
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    # the agent's next attach is refused (the session is over): it stops the app and exits
+    wait_for(lambda: not os.path.exists(f"/proc/{agent}") or open(f"/proc/{agent}/stat").read().split()[2] == "Z",
+             timeout=60, what="the agent to exit")
+    log = job_log(client, alias)
+    assert "the tunnel was refused: this session has ended (410)" in log and "stopping the app" in log
+
+
+# who may attach -------------------------------------------------------------------------
+
+def test_attach_needs_the_right_key_network_headers_and_a_fresh_attach_number(job_satellite, satellite):
+    link = job_satellite.getlink()
+    rows_before = job_satellite.rows()
+    for key, attach, expected in (("wrong-key", 1, 404), ("", 1, 403), (link["key"], "x", 400)):
+        status, head, sock = open_raw_tunnel(job_satellite, key, attach)
+        sock.close()
+        assert status == expected, head
+    other = satellite.getlink()                       # a satellite that takes redeems only from 127.0.0.2/31
+    status, head, sock = open_raw_tunnel(satellite, other["key"], 1, source="127.0.0.1")
+    sock.close()
+    assert status == 403
+    assert job_satellite.rows() == rows_before        # refused attaches changed nothing
+
+    status, head, first = open_raw_tunnel(job_satellite, link["key"], 1000)
+    assert status == 101 and "Upgrade: satellite-tunnel/1" in head
+    for attach in (1000, 999):                        # the same request again (a replay), or an older one
+        status, head, sock = open_raw_tunnel(job_satellite, link["key"], attach)
+        sock.close()
+        assert status == 409 and "replayed" in head
+    status, head, second = open_raw_tunnel(job_satellite, link["key"], 1001)
+    assert status == 101                              # the job reconnecting: the newer connection wins
+    first.settimeout(10)
+    assert first.recv(100) == b""                     # the older one is closed
+    second.close()
+
+
+def read_frame(sock):
+    head = b""
+    while len(head) < FRAME.size:
+        data = sock.recv(FRAME.size - len(head))
+        if not data:
+            return None
+        head += data
+    kind, stream, length = FRAME.unpack(head)
+    payload = b""
+    while len(payload) < length:
+        payload += sock.recv(length - len(payload))
+    return kind, stream, payload
+
+
+def request_in_background(satellite, link, target="/"):
+    """A browser request that the test answers (or not) through a raw tunnel; its outcome in the dict."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["answer"] = satellite.request(f"{link['alias']}.sat.test", f"{target}?token={link['token']}")
+        except (OSError, http.client.HTTPException) as exc:
+            outcome["error"] = exc
+    threading.Thread(target=run, daemon=True).start()
+    return outcome
+
+
+def test_a_tunnel_serves_only_its_own_alias_and_cannot_open_streams(job_satellite):
+    mine, other = job_satellite.getlink(), job_satellite.getlink()
+    status, _, tunnel = open_raw_tunnel(job_satellite, mine["key"], 1)
+    assert status == 101
+    tunnel.settimeout(10)
+    # the other alias is not served by this tunnel: no OPEN arrives, its status page answers
+    status, _, _ = job_satellite.request(f"{other['alias']}.sat.test", f"/?token={other['token']}")
+    assert status == 503
+    # a browser request for this alias arrives as OPEN + DATA, and nothing names where to connect
+    outcome = request_in_background(job_satellite, mine, "/hello")
+    kind, stream, payload = read_frame(tunnel)
+    assert (kind, payload) == (OPEN, b"")
+    kind, stream_again, payload = read_frame(tunnel)
+    assert kind == DATA and stream_again == stream and payload.startswith(b"GET /hello?token=")
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+    tunnel.sendall(FRAME.pack(DATA, stream, len(reply)) + reply)
+    wait_for(lambda: outcome, what="the answer through the raw tunnel")
+    assert outcome["answer"][0] == 200 and outcome["answer"][2] == b"hi"
+    # the agent end may not open streams: satellite closes the tunnel, and the alias shows its status page
+    tunnel.sendall(FRAME.pack(OPEN, 99, 0))
+    while read_frame(tunnel) is not None:
+        pass
+    wait_for(lambda: "protocol error: only satellite opens streams" in job_satellite.log_text(), what="the log")
+    assert job_satellite.request(f"{mine['alias']}.sat.test", f"/?token={mine['token']}")[0] == 503
+
+
+@pytest.mark.parametrize("frame, error", [
+    (FRAME.pack(DATA, 1, 70_000), "a frame of 70000 bytes"),
+    (FRAME.pack(42, 0, 0), "unknown frame kind 42"),
+    (FRAME.pack(CREDIT, 1, 3) + b"abc", "malformed CREDIT"),
+])
+def test_malformed_frames_close_the_tunnel(job_satellite, frame, error):
+    link = job_satellite.getlink()
+    status, _, tunnel = open_raw_tunnel(job_satellite, link["key"], 1)
+    assert status == 101
+    if b"CREDIT" in error.encode():                   # CREDIT must name a live stream to be parsed
+        request_in_background(job_satellite, link)
+        tunnel.settimeout(10)
+        assert read_frame(tunnel)[0] == OPEN
+    tunnel.sendall(frame)
+    tunnel.settimeout(10)
+    while read_frame(tunnel) is not None:
+        pass
+    wait_for(lambda: f"protocol error: {error}" in job_satellite.log_text(), what="the protocol error logged")
+
+
+def test_data_beyond_the_credit_closes_the_tunnel(job_satellite):
+    link = job_satellite.getlink()
+    status, _, tunnel = open_raw_tunnel(job_satellite, link["key"], 1)
+    host = f"{link['alias']}.sat.test"
+    browser = job_satellite.tls_socket(host)          # asks, then never reads: satellite cannot pass data on
+    browser.sendall(f"GET /?token={link['token']} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    tunnel.settimeout(10)
+    kind, stream, _ = read_frame(tunnel)
+    assert kind == OPEN
+    chunk = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n".ljust(65536, b"x")
+    try:                                              # 64 MiB: beyond the window and every socket buffer
+        for _ in range(1024):
+            tunnel.sendall(FRAME.pack(DATA, stream, len(chunk)) + chunk)
+    except OSError:
+        pass                                          # satellite closed the tunnel while we still wrote
+    browser.close()
+    wait_for(lambda: f"stream {stream} sent more than its credit" in job_satellite.log_text(),
+             what="the credit violation logged")
+
+
+def test_a_stalled_download_does_not_hold_up_a_websocket_on_the_same_tunnel(client, job_satellite):
+    result = launch(client)
+    host, token = host_of(result["url"]), result["url"].split("token=")[1]
+    stalled = job_satellite.tls_socket(host)
+    stalled.sendall(f"GET /download?size=500000000&token={token} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    stalled.settimeout(10)
+    assert stalled.recv(100).startswith(b"HTTP/1.1 200")  # the download runs, then this reader stops reading
+    time.sleep(2)                                         # its stream's credit runs out; buffers fill
+    ws = websocket.create_connection(f"wss://{host}:{job_satellite.port}/ws?token={token}",
+                                     socket=job_satellite.tls_socket(host), timeout=30)
+    for i in range(20):
+        ws.send(f"message {i}")
+        assert ws.recv() == f"message {i}"
+    ws.close()
+    status, _, body = get(job_satellite, result["url"], "/download?size=2000000")
+    assert status == 200 and len(body) == 2_000_000    # other requests flow too
+    received = 0
+    while received < 50_000_000:                          # and the stalled one resumes where it stopped
+        data = stalled.recv(1 << 20)
+        assert data, "the stalled download was cut"
+        received += len(data)
+    stalled.close()
