@@ -4,13 +4,14 @@ Most tests run the agent with the local scheduler and the app on loopback; the l
 the "compute node" in a network namespace of its own, launched through the real Slurm, that
 satellite cannot connect to at all (see `node_namespace`).
 """
+import ctypes
+import hashlib
 import http.client
-import json
 import os
 import re
+import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import time
 import pytest
 import websocket
 
-from conftest import ECHO_APP, ROOT, Client, json_body, parse_fields, wait_for
+from conftest import ECHO_APP, ROOT, Client, json_body, wait_for
+from test_jupyter import execute
 
 SATELLITE_PY = (ROOT / "satellite.py").read_text()
 CLIENT_PY = (ROOT / "satellite_client.py").read_text()
@@ -140,7 +142,7 @@ def cut_connections(satellite):
 
 def test_a_cut_tunnel_reconnects_by_itself_and_the_status_page_says_so(client, job_satellite):
     result = launch(client)
-    alias, token = result["alias"], result["url"].split("token=")[1]
+    alias = result["alias"]
     assert get(job_satellite, result["url"], "/")[0] == 200
     agent = agent_pid(client, alias)
     os.kill(agent, signal.SIGSTOP)                    # hold the agent so the gap can be seen
@@ -324,3 +326,196 @@ def test_a_stalled_download_does_not_hold_up_a_websocket_on_the_same_tunnel(clie
         assert data, "the stalled download was cut"
         received += len(data)
     stalled.close()
+
+
+# a compute node satellite cannot reach, through the real Slurm ---------------------------
+
+class NodeNamespace:
+    """A network namespace standing for a compute node behind NAT: it has only its own loopback.
+    The one way out is a relay (the site's gateway) that listens on the namespace's 127.0.0.1 at
+    satellite's port and connects to satellite from 127.0.0.3. Satellite sees the node as
+    127.0.0.3, where nothing listens, and cannot open any connection into the namespace."""
+
+    GATEWAY = "127.0.0.3"
+
+    def __init__(self, satellite_port):
+        self.name = f"satnode{os.getpid()}"
+        self.port = satellite_port
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        subprocess.run(["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"], check=True)
+        self.listener = self.socket_inside()
+        self.lock = threading.Lock()
+        self.relayed = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def socket_inside(self):
+        """A listening socket created in the namespace (setns applies to the calling thread only)."""
+        made = {}
+
+        def make():
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/run/netns/{self.name}") as ns:
+                if libc.setns(ns.fileno(), 0x40000000) != 0:            # CLONE_NEWNET
+                    made["error"] = OSError(ctypes.get_errno(), "setns")
+                    return
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", self.port))
+            sock.listen(64)
+            made["sock"] = sock
+        thread = threading.Thread(target=make)
+        thread.start()
+        thread.join()
+        if "error" in made:
+            raise made["error"]
+        return made["sock"]
+
+    def accept(self):
+        while True:
+            try:
+                inside, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                outside = socket.create_connection(("127.0.0.1", self.port), 10, (self.GATEWAY, 0))
+            except OSError:                               # satellite is restarting or gone
+                inside.close()
+                continue
+            with self.lock:
+                self.relayed += [inside, outside]
+            for src, dst in ((inside, outside), (outside, inside)):
+                threading.Thread(target=self.pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        """The gateway drops every connection it carries (a NAT timeout, a firewall reload)."""
+        with self.lock:
+            relayed, self.relayed = self.relayed, []
+        for sock in relayed:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def python(self, directory):
+        """The job's python, run inside the namespace: the agent and its app live on the "node"."""
+        wrapper = directory / "node-python"
+        wrapper.write_text(f"#!/bin/sh\nexec ip netns exec {self.name} {sys.executable} \"$@\"\n")
+        wrapper.chmod(0o755)
+        return str(wrapper)
+
+    def close(self):
+        self.listener.close()
+        self.cut()
+        subprocess.run(["ip", "netns", "del", self.name])
+
+
+@pytest.fixture(scope="module")
+def node(job_satellite):
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        if os.environ.get("CI"):
+            raise AssertionError("CI must run the network-namespace tests: needs root and iproute2")
+        pytest.skip("network namespaces need root and iproute2")
+    namespace = NodeNamespace(job_satellite.port)
+    yield namespace
+    namespace.close()
+
+
+@pytest.fixture
+def slurm_client(tmp_path, job_satellite, slurm):
+    return Client(tmp_path / "home", job_satellite, env={"SLURM_CONF": str(slurm.conf)})
+
+
+def test_jupyterlab_on_a_node_satellite_cannot_reach_works_through_the_tunnel(slurm_client, job_satellite,
+                                                                              node, slurm, tmp_path):
+    slurm.wait_until_empty()
+    big = slurm_client.home / "results.bin"
+    big.write_bytes(os.urandom(1 << 20) * 48)                      # 48 MiB to download
+    result = slurm_client.launch_json("--jupyter", "lab", "--venv", str(ROOT / ".venv"), "--connect", "auto",
+                                      "--python", node.python(tmp_path), "--workdir", str(slurm_client.home),
+                                      "--time-limit", "15", "--wait", timeout=300)
+    assert result["scheduler"] == "slurm" and result["state"] == "proxied"
+    log = job_log(slurm_client, result["alias"])
+    assert "satellite cannot connect to 127.0.0.3:" in log and "using a tunnel instead" in log
+    token = result["url"].split("token=")[1]
+    assert job_satellite.api("status", token=token)[1]["target"] == "tunnel from 127.0.0.3"
+    host = host_of(result["url"])
+
+    def run_code(code):
+        auth = {"Authorization": "token " + token}
+        status, _, body = job_satellite.request(host, "/api/kernels", "POST", headers=auth, body=b"{}")
+        assert status == 201, body
+        ws = websocket.create_connection(f"wss://{host}:{job_satellite.port}/api/kernels/{json_body(body)['id']}"
+                                         "/channels", socket=job_satellite.tls_socket(host), timeout=60,
+                                         header=[f"Authorization: token {token}"])
+        return ws, execute(ws, code)
+
+    status, _, body = get(job_satellite, result["url"], "/lab")
+    assert status == 200 and b"JupyterLab" in body
+    ws, answer = run_code("6 * 7")
+    assert answer == "42"
+    status, _, body = get(job_satellite, result["url"], "/files/results.bin")
+    assert status == 200 and hashlib.sha256(body).digest() == hashlib.sha256(big.read_bytes()).digest()
+
+    node.cut()                                                    # the gateway drops the tunnel mid-session
+    with pytest.raises((websocket.WebSocketException, OSError)):
+        for _ in range(100):
+            ws.send('{"ping": 1}')
+            time.sleep(0.1)
+            ws.recv()
+    wait_for(lambda: get(job_satellite, result["url"], "/lab")[0] == 200, timeout=90, interval=1,
+             what="the link to come back by itself")
+    assert run_code("sum(range(10))")[1] == "45"
+    assert "tunnel lost" in job_log(slurm_client, result["alias"])
+    assert slurm_client.run("cancel", result["alias"]).returncode == 0
+    wait_for(lambda: get(job_satellite, result["url"], "/")[0] == 410, timeout=60, what="the link to end")
+
+
+def test_an_event_stream_from_a_node_satellite_cannot_reach(slurm_client, job_satellite, node, slurm, tmp_path):
+    slurm.wait_until_empty()
+    result = slurm_client.launch_json("--command", ECHO_APP, "--connect", "tunnel", "--python",
+                                      node.python(tmp_path), "--time-limit", "10", "--wait", timeout=300)
+    token, host = result["url"].split("token=")[1], host_of(result["url"])
+    conn = job_satellite.connection(host)
+    conn.request("GET", f"/events?n=5&token={token}")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+    for i in range(5):
+        line = resp.fp.readline()
+        while not line.startswith(b"data"):
+            line = resp.fp.readline()
+            assert line, "stream ended early"
+        assert line == f"data: event {i}\n".encode()
+        if i < 4:
+            get(job_satellite, result["url"], "/next")
+    conn.close()
+    assert slurm_client.run("cancel", result["alias"]).returncode == 0
+
+
+def test_connect_mode_is_checked_before_anything_is_contacted(client, tmp_path, job_satellite):
+    rows = job_satellite.rows()
+    result = client.run("launch", "--scheduler", "local", "--command", ECHO_APP, "--connect", "sideways")
+    assert result.returncode == 2 and "invalid choice: 'sideways'" in result.stderr
+    config = tmp_path / "client.ini"
+    config.write_text("[client]\nconnect = sometimes\n")
+    client.env["SATELLITE_CLIENT_CONFIG"] = str(config)
+    result = client.run("launch", "--scheduler", "local", "--command", ECHO_APP)
+    assert result.returncode == 2 and "connect 'sometimes': choose direct, tunnel or auto" in result.stderr
+    assert job_satellite.rows() == rows and client.sessions() == []
+    config.write_text("[client]\nconnect = tunnel\n")               # a site whose nodes all need the tunnel
+    result = client.launch_json("--scheduler", "local", "--command", ECHO_APP, "--time-limit", "10", "--wait")
+    assert "tunnel to satellite connected" in job_log(client, result["alias"])
