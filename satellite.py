@@ -2471,7 +2471,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         tunnel = Tunnel(self.client.sock, early=self.client.take_buffered())
         self.app.tunnels.attach(alias, tunnel)
         log.info("tunnel of %s attached from %s", alias, self.peer)
-        reason = tunnel.run(still_wanted=lambda: not self.app.store.cached_session(alias).is_over(time.time()))
+        def session_lives() -> bool:
+            current = self.app.store.cached_session(alias)
+            return current is not None and not current.is_over(time.time())
+        reason = tunnel.run(still_wanted=session_lives)
         if self.app.tunnels.detach(alias, tunnel):
             try:
                 self.app.store.set_backend_gone(alias, time.time())     # refresh ends it if it stays away
@@ -2726,8 +2729,16 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             fields.append(("Connection", "close"))
         if self.app.hsts and not response.headers.get("strict-transport-security"):
             fields += self.app.hsts
-        self.send_head(response.status, fields + cookie, response.reason)
         source, sink = self.upstream.stream, self.client.sock
+        if response.body == "length" and len(source.buf) >= response.length:
+            # the whole (small) body came with the head: one write, one TLS record, one syscall
+            body = source.read_exact(response.length)
+            sink.sendall(response_head(response.status, fields + cookie, response.reason) + body)
+            self.status, self.sent = response.status, len(body)
+            if not upstream_keep:
+                self.drop_upstream()
+            return client_keep
+        self.send_head(response.status, fields + cookie, response.reason)
         try:
             if response.body == "length":
                 self.sent = copy_exact(source, sink, response.length)
@@ -2842,6 +2853,7 @@ def command_serve(settings: Settings) -> int:
     try:
         app = Satellite(settings)
         app.store.mark_tunnels_down(time.time())
+        app.store.close_thread_connection()        # the main thread keeps none open (workers close theirs)
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot load certificate %s / key %s: %s", settings.cert, settings.key, exc)
         return 1

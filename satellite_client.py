@@ -374,8 +374,9 @@ class SatelliteApi:
                    f"Connection: Upgrade\r\nUpgrade: {TUNNEL_PROTOCOL}\r\nAuthorization: Bearer {key}\r\n"
                    f"Satellite-Tunnel-Attach: {attach}\r\nUser-Agent: satellite-client/{__version__}\r\n\r\n")
         try:
-            sock = self.context.wrap_socket(socket.create_connection(self.address, self.timeout),
-                                            server_hostname=host)
+            raw = socket.create_connection(self.address, self.timeout)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # frames go out at once (no Nagle wait)
+            sock = self.context.wrap_socket(raw, server_hostname=host)
             sock.sendall(request.encode())
             received = b""
             while b"\r\n\r\n" not in received:
@@ -1740,6 +1741,7 @@ LAUNCH_EXAMPLES = """examples:
   satellite-client launch --sif ~/images/lab.sif --bind /scratch --nv --jupyter lab
   satellite-client launch --command 'python3 -m http.server {port} --bind {host}' --quiet
   satellite-client launch --profile gpu --time-limit 30 --dry-run
+  satellite-client launch --jupyter lab --connect tunnel   # a node that accepts no inbound connections
 
 {host} and {port} in --command are filled in on the node. The link's token reaches the app in
 $SATELLITE_TOKEN (and $JUPYTER_TOKEN for Jupyter), and its path in $SATELLITE_TOKEN_FILE."""

@@ -207,7 +207,6 @@ def websocket_rtt_ms(connect, count=2000):
 
 def other_figures(satellite, paths, ports, work, args):
     """The rest of issue #6's figures: bulk transfer, WebSocket round trips, idle WebSockets, mapping speed."""
-    import websocket
     from conftest import App
     lines = ["", "| figure | value |", "|---|---:|"]
     for name, (port, headers) in paths.items():
@@ -219,6 +218,16 @@ def other_figures(satellite, paths, ports, work, args):
                                stdout=subprocess.PIPE, text=True)
     tls_port = int(tls_app.stdout.readline().split()[2])
     plain_app = App(work, host="127.0.0.1")
+    try:
+        return measure_other_figures(satellite, paths, ports, work, args, lines, tls_port, plain_app)
+    finally:
+        plain_app.stop()
+        tls_app.terminate()
+        tls_app.wait()
+
+
+def measure_other_figures(satellite, paths, ports, work, args, lines, tls_port, plain_app):
+    import websocket
     link = satellite.getlink()
     satellite.api("redeem", key=link["key"], port=plain_app.port)
     host = f"{link['alias']}.sat.test"
@@ -230,6 +239,7 @@ def other_figures(satellite, paths, ports, work, args):
         header=[f"Authorization: token {link['token']}"]))
     lines.append(f"| WebSocket round trip, direct (TLS) | {direct_rtt:.3f} ms |")
     lines.append(f"| WebSocket round trip through satellite | {via_rtt:.3f} ms (+{via_rtt - direct_rtt:.3f}) |")
+    lines += tunnel_figures(satellite, paths, ports, plain_app, work, args, via_rtt)
     # idle WebSockets: satellite's memory, and whether it still answers at once
     before = rss_mb(satellite.proc.pid)
     idle = [websocket.create_connection(f"wss://{host}:{satellite.port}/ws", socket=satellite.tls_socket(host),
@@ -261,10 +271,59 @@ def other_figures(satellite, paths, ports, work, args):
         assert response.status == 201, response.status
         count += 1
     lines.append(f"| getlink calls per second (one keep-alive client) | {count / (time.perf_counter() - start):,.0f} |")
-    plain_app.stop()
-    tls_app.terminate()
-    tls_app.wait()
     return "\n".join(lines) + "\n"
+
+
+def tunneled_link(satellite, app_port, work):
+    """A link whose app is reached through a tunnel (bench/tunnel_end.py as the job's end)."""
+    link = satellite.getlink()
+    end = subprocess.Popen([sys.executable, str(ROOT / "bench/tunnel_end.py"), f"https://127.0.0.1:{satellite.port}",
+                            str(work / "certs/ca.pem"), str(app_port)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    end.stdin.write(link["key"] + "\n")
+    end.stdin.close()
+    for line in end.stdout:                       # the agent's own progress lines come first
+        if line.strip() == "connected":
+            return link, end
+    end.wait(10)
+    raise RuntimeError("the tunnel's end exited before connecting")
+
+
+def tunnel_figures(satellite, paths, ports, echo_app, work, args, direct_ws_rtt):
+    """Tunnel vs direct, both through satellite: small requests, bulk download, WebSocket round trip."""
+    import websocket
+    rows, ends = [], []
+    try:
+        link, end = tunneled_link(satellite, ports["backend"], work)
+        ends.append(end)
+        echo_link, echo_end = tunneled_link(satellite, echo_app.port, work)
+        ends.append(echo_end)
+        tunneled = (satellite.port, [f"Host: {link['alias']}.sat.test:{satellite.port}",
+                                     f"Authorization: token {link['token']}"])
+        for c in (1, 16):
+            direct, tunnel = [], []
+            for _ in range(args.rounds):                  # interleaved, like the main table
+                direct.append(wrk(paths["satellite"][0], c, args.seconds, paths["satellite"][1]))
+                tunnel.append(wrk(tunneled[0], c, args.seconds, tunneled[1]))
+            d_rate, t_rate = (statistics.median(r["rate"] for r in runs) for runs in (direct, tunnel))
+            d_p50, t_p50 = (statistics.median(r["p50"] for r in runs) for runs in (direct, tunnel))
+            rows.append(f"| small requests at concurrency {c}, tunnel / direct | {t_rate:,.0f} / {d_rate:,.0f} "
+                        f"req/s = {t_rate / d_rate:.2f}; p50 {t_p50:.2f} / {d_p50:.2f} ms |")
+        t_rate = download_mb_per_s(*tunneled, args.bulk_mb << 20)
+        d_rate = download_mb_per_s(*paths["satellite"], args.bulk_mb << 20)
+        rows.append(f"| bulk download {args.bulk_mb} MB, tunnel / direct | {t_rate:,.0f} / {d_rate:,.0f} MB/s "
+                    f"= {t_rate / d_rate:.2f} |")
+        host = f"{echo_link['alias']}.sat.test"
+        rtt = websocket_rtt_ms(lambda: websocket.create_connection(
+            f"wss://{host}:{satellite.port}/ws", socket=satellite.tls_socket(host),
+            header=[f"Authorization: token {echo_link['token']}"]))
+        rows.append(f"| WebSocket round trip through satellite, tunnel / direct | {rtt:.3f} / {direct_ws_rtt:.3f} ms "
+                    f"(+{rtt - direct_ws_rtt:.3f}) |")
+    finally:
+        for process in ends:
+            process.terminate()
+            process.wait(10)
+    return rows
 
 
 def render(runs, paths, levels, args):
