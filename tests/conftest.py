@@ -305,6 +305,12 @@ class Slurm:
         return dict(os.environ, SLURM_CONF=str(self.conf))
 
     def stop(self):
+        """Cancel what is left and let it finish first: stopped daemons would orphan running jobs."""
+        subprocess.run(["scancel", "--user", "root"], env=self.env(), capture_output=True)
+        try:
+            self.wait_until_empty(timeout=60)
+        except AssertionError:
+            pass
         for name in ("slurmd", "slurmctld"):
             pid_file = self.dir / f"{name}.pid"
             if pid_file.exists():
