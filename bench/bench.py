@@ -44,17 +44,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_listening(port):
+def wait_listening(port, timeout=20):
     def up():
         try:
             socket.create_connection(("127.0.0.1", port), 0.5).close()
             return True
         except OSError:
             return False
-    wait_for(up, timeout=30, what=f"port {port}")
+    wait_for(up, timeout=timeout, what=f"port {port}")
 
 
-def start_nginx(work, certs, backend, direct, front, big_file=None):
+def start_nginx(work, certs, backend, direct, front, big_file=None, jupyter=None, jupyter_front=None):
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (work / sub).mkdir(exist_ok=True)
     conf = work / "nginx.conf"
@@ -71,12 +71,62 @@ http {{
   server {{ listen 127.0.0.1:{front} ssl; ssl_certificate {certs}/cert.pem; ssl_certificate_key {certs}/key.pem;
            location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
                         proxy_set_header Host $host; }} }}
+  map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+  server {{ listen 127.0.0.1:{jupyter_front} ssl; ssl_certificate {certs}/cert.pem; ssl_certificate_key {certs}/key.pem;
+           location / {{ proxy_pass http://127.0.0.1:{jupyter}; proxy_http_version 1.1; proxy_set_header Host $host;
+                        proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade; }} }}
 }}
 """)
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)])
-    for port in (backend, direct, front):
+    for port in (backend, direct, front, jupyter_front):
         wait_listening(port)
     return proc
+
+
+def start_jupyterlab(work, port):
+    """JupyterLab for the page-load figure. No token of its own (loopback only, a benchmark): every path then
+    loads the same page, and satellite still checks its link's token in front of it."""
+    home = work / "jupyter"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), JUPYTER_RUNTIME_DIR=str(home / "rt"), JUPYTER_CONFIG_DIR=str(home / "cfg"),
+               JUPYTER_DATA_DIR=str(home / "data"))
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "jupyter-lab"), "--no-browser", "--allow-root",
+                             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+                             f"--ServerApp.root_dir={home}", "--ServerApp.allow_remote_access=True",
+                             "--IdentityProvider.token=", "--ServerApp.disable_check_xsrf=True"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(work / "jupyter.log", "w"))
+    wait_listening(port, timeout=120)
+    return proc
+
+
+def page_load_figures(urls, rounds):
+    """Cold loads of JupyterLab in Chromium (a new profile each time) until its main area is drawn, through each
+    path in turn: (median ms, requests the page made) per path. A first warm-up load per path is not counted."""
+    from playwright.sync_api import sync_playwright
+    chromium_path = shutil.which("chromium") or "/usr/bin/chromium"
+    times, requests = {name: [] for name in urls}, {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--host-resolver-rules=MAP *.sat.test 127.0.0.1"])
+        try:
+            for attempt in range(rounds + 1):
+                for name, url in urls.items():
+                    context = browser.new_context(ignore_https_errors=True)
+                    page = context.new_page()
+                    seen = []
+                    page.on("request", lambda request: seen.append(request.url))
+                    start = time.perf_counter()
+                    page.goto(url, wait_until="load", timeout=120_000)
+                    page.wait_for_selector("#jp-main-dock-panel", timeout=120_000)
+                    elapsed = (time.perf_counter() - start) * 1000
+                    context.close()
+                    if attempt:
+                        times[name].append(elapsed)
+                        requests[name] = len(seen)
+        finally:
+            browser.close()
+    return {name: (statistics.median(times[name]), requests[name]) for name in urls}
 
 
 def start_chp(certs, port, backend):
@@ -134,14 +184,16 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="satellite-bench-"))
     subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(work / "certs"), "sat.test"], check=True)
     certs = work / "certs"
-    ports = {name: free_port() for name in ("backend", "direct", "nginx", "chp")}
+    ports = {name: free_port() for name in ("backend", "direct", "nginx", "chp", "jupyter", "nginx_lab", "chp_lab")}
     big_file = work / "big"
     with open(big_file, "wb") as f:
         f.truncate(args.bulk_mb << 20)                       # sparse: served from the page cache
     work.chmod(0o755)                                        # nginx's workers run unprivileged
     big_file.chmod(0o644)
-    procs = [start_nginx(work, certs, ports["backend"], ports["direct"], ports["nginx"], big_file),
-             start_chp(certs, ports["chp"], ports["backend"])]
+    procs = [start_jupyterlab(work, ports["jupyter"])]
+    procs += [start_nginx(work, certs, ports["backend"], ports["direct"], ports["nginx"], big_file,
+                          ports["jupyter"], ports["nginx_lab"]),
+              start_chp(certs, ports["chp"], ports["backend"]), start_chp(certs, ports["chp_lab"], ports["jupyter"])]
     satellite = SatelliteServer(certs, work, ["--access-log", "off", "--redeem-from", "127.0.0.0/8",
                                               "--max-connections", "8192", "--getlink-rate", "0",
                                               "--max-live-per-source", "0"]).start()
@@ -164,6 +216,7 @@ def main():
                     runs[(name, c)].append(wrk(port, c, args.seconds, headers))
         report = render(runs, paths, levels, args)
         report += other_figures(satellite, paths, ports, work, args)
+        report += jupyterlab_table(satellite, ports, args)
     finally:
         satellite.stop()
         for proc in procs:
@@ -324,6 +377,22 @@ def tunnel_figures(satellite, paths, ports, echo_app, work, args, direct_ws_rtt)
             process.terminate()
             process.wait(10)
     return rows
+
+
+def jupyterlab_table(satellite, ports, args):
+    link = satellite.getlink()
+    satellite.api("redeem", key=link["key"], port=ports["jupyter"])
+    urls = {"direct (plain HTTP)": f"http://127.0.0.1:{ports['jupyter']}/lab",
+            "satellite": f"https://{link['alias']}.sat.test:{satellite.port}/lab?token={link['token']}",
+            "chp": f"https://127.0.0.1:{ports['chp_lab']}/lab",
+            "nginx": f"https://127.0.0.1:{ports['nginx_lab']}/lab"}
+    rounds = 1 if args.smoke else 5
+    loads = page_load_figures(urls, rounds)
+    lines = ["", f"JupyterLab page load in Chromium (headless, a cold profile each time, until the main area is drawn; "
+                 f"median of {rounds}):", "", "| path | load ms | requests | vs chp | vs nginx |", "|---|---:|---:|---:|---:|"]
+    for name, (ms, count) in loads.items():
+        lines.append(f"| {name} | {ms:,.0f} | {count} | {ms / loads['chp'][0]:.2f} | {ms / loads['nginx'][0]:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def render(runs, paths, levels, args):

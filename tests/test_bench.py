@@ -21,5 +21,9 @@ def test_bench_smoke_measures_every_path():
     bulk = re.findall(r"^\| bulk download 20 MB, (\w+) \| ([\d,]+) MB/s \|$", result.stdout, re.M)
     assert [name for name, _ in bulk] == ["direct", "satellite", "chp", "nginx"]
     for figure in ("WebSocket round trip through satellite", "idle WebSockets", "redeem → first proxied response",
-                   "getlink calls per second"):
+                   "getlink calls per second", "tunnel / direct"):
         assert figure in result.stdout
+    loads = re.findall(r"^\| ([\w ()]+) \| ([\d,]+) \| (\d+) \| [\d.]+ \| [\d.]+ \|$", result.stdout, re.M)
+    assert [name for name, _, _ in loads] == ["direct (plain HTTP)", "satellite", "chp", "nginx"]
+    counts = [int(count) for _, _, count in loads]     # every path loaded the whole JupyterLab (its polls may differ)
+    assert min(counts) > 20 and max(counts) - min(counts) <= 5, counts
