@@ -442,6 +442,9 @@ ADDED_COLUMNS = [
 ]
 
 
+NOT_CACHED = object()
+
+
 class Store:
     """Sessions in SQLite (WAL), one connection per thread.
 
@@ -530,16 +533,20 @@ class Store:
     def cached_session(self, alias: str) -> Optional[Session]:
         """session(alias), from memory while nothing has changed (see the class docstring)."""
         now = time.monotonic()
-        with self._cache_lock:
-            if now - self._checked >= self.CACHE_CHECK_SECONDS:
-                self._checked = now
-                signature = self._files_signature()
-                if signature != self._signature or now - self._cleared >= self.CACHE_MAX_AGE:
-                    self._signature = signature
-                    self._clear_cache(now)
-            if alias in self._cache:
-                return self._cache[alias]
-            generation = self._generation
+        if now - self._checked >= self.CACHE_CHECK_SECONDS:
+            with self._cache_lock:
+                if now - self._checked >= self.CACHE_CHECK_SECONDS:
+                    self._checked = now
+                    signature = self._files_signature()
+                    if signature != self._signature or now - self._cleared >= self.CACHE_MAX_AGE:
+                        self._signature = signature
+                        self._clear_cache(now)
+        # The hit path takes no lock: one dict lookup is atomic, and the dict is replaced, never
+        # emptied in place, when cleared. (A lock here made every request queue behind it.)
+        generation = self._generation
+        cached = self._cache.get(alias, NOT_CACHED)
+        if cached is not NOT_CACHED:
+            return cached
         try:
             session = self.session(alias)
         except sqlite3.Error as exc:
@@ -2629,13 +2636,15 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                               close=request.body != "none", head_only=request.method == "HEAD")
 
     # proxying ------------------------------------------------------------------
-    def connect_upstream(self, session: Session) -> Upstream:
+    def connect_upstream(self, session: Session, retryable: bool) -> Upstream:
+        """The client connection's pooled upstream if it still fits, else a new one. A retryable request
+        skips the staleness probe (a syscall per request): if the app had closed it, it is retried anyway."""
         tunnel = self.app.tunnels.get(session.alias) if session.tunneled else None
         if session.tunneled and tunnel is None:
             raise TunnelDown()
         if self.upstream is not None:
             if (self.upstream.target, self.upstream.pin, self.upstream.tunnel) == \
-                    (session.target, session.tls_pin, tunnel) and self.upstream.is_idle_and_open():
+                    (session.target, session.tls_pin, tunnel) and (retryable or self.upstream.is_idle_and_open()):
                 self.upstream.reused = True
                 return self.upstream
             self.upstream.close()
@@ -2658,9 +2667,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             self.client.unread(line)
         header = self.settings.trusted_user_header.lower()
         head = forwarded_request_head(request, self.peer, frozenset((header,)) if header and not self.user else frozenset())
+        retryable = request.body == "none" and request.method in IDEMPOTENT_METHODS
         for attempt in (1, 2):
             try:
-                upstream = self.connect_upstream(session)
+                upstream = self.connect_upstream(session, retryable and attempt == 1)
             except TunnelDown:
                 return self.send_status_page(request, session, cookie, TUNNEL_DOWN_NOTE)
             except CertificateMismatch as exc:
@@ -2690,8 +2700,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                     raise
                 return self.refuse(request, 502, exc.reason)
             except (ConnectionError, socket.timeout, OSError) as exc:
-                retry = upstream.reused and attempt == 1 and request.body == "none" \
-                    and request.method in IDEMPOTENT_METHODS
+                retry = upstream.reused and attempt == 1 and retryable
                 self.drop_upstream()
                 if retry:
                     continue                             # the pooled connection had gone stale

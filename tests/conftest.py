@@ -161,12 +161,13 @@ class SatelliteServer:
 class App:
     """tests/apps/echo_app.py as a separate process on a "compute node" address."""
 
-    def __init__(self, workdir, host=NODE, env=None):
+    def __init__(self, workdir, host=NODE, env=None, port=0):
         self.host = host
         self.request_log = Path(workdir) / f"app-{host}-{time.monotonic_ns()}.log"
         self.request_log.touch()
         environ = dict(os.environ, APP_REQUEST_LOG=str(self.request_log), **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests/apps/echo_app.py"), "--host", host],
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests/apps/echo_app.py"), "--host", host,
+                                      "--port", str(port)],
                                      stdout=subprocess.PIPE, text=True, env=environ)
         line = self.proc.stdout.readline()
         assert line.startswith("listening"), line

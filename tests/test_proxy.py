@@ -9,7 +9,7 @@ import time
 import pytest
 import websocket
 
-from conftest import NODE, json_body, wait_for
+from conftest import NODE, App, json_body, wait_for
 
 PATTERN = random.Random(1234).randbytes(1 << 20)      # what tests/apps/echo_app.py serves
 
@@ -314,3 +314,24 @@ def test_websocket_relay_works_beyond_1024_descriptors(fresh_satellite, app):
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_an_app_restarted_between_requests_is_reached_on_the_same_browser_connection(satellite, tmp_path):
+    """The upstream connection kept from the last request is dead: a GET is retried on a new one,
+    and a POST (never retried: its body may have been acted on) first checks the kept one."""
+    app = App(tmp_path)
+    link = satellite.mapped_session(app)
+    conn = satellite.connection(satellite.host(link["alias"]))
+    auth = {"Authorization": "token " + link["token"]}
+    conn.request("GET", "/", headers=auth)
+    assert conn.getresponse().read().startswith(b"<!doctype html>")
+    for method, target, body in (("GET", "/headers", None), ("POST", "/upload", b"x" * 5000)):
+        app.stop()
+        app = App(tmp_path, port=app.port)                 # same address and port, a new process
+        conn.request(method, target, body=body, headers=auth)
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        response.read()
+        assert app.seen() == [f"{method} {target}"]        # arrived once, at the new process
+    app.stop()
+    conn.close()
