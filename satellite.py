@@ -42,6 +42,7 @@ import argparse
 import collections
 import concurrent.futures
 import configparser
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -503,6 +504,20 @@ class Store:
             conn.close()
             del self._local.conn
 
+    @contextlib.contextmanager
+    def immediate_transaction(self):
+        """BEGIN IMMEDIATE .. COMMIT, ROLLBACK on any error: a check-then-write no other process can interleave."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            self.invalidate()
+
     def _write(self, sql: str, params: tuple = ()) -> int:
         rowcount = self.db.execute(sql, params).rowcount
         self.invalidate()
@@ -608,9 +623,7 @@ class Store:
         raise ApiError(503, "could not find an unused alias; the word list is exhausted")
 
     def redeem(self, key: str, host: str, port: int, tls_pin: Optional[str] = None) -> Session:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.immediate_transaction() as db:
             session = self.live_session_by_key(key)
             if session.tunneled:
                 raise ApiError(409, "this session is reached through its tunnel")
@@ -620,20 +633,12 @@ class Store:
             db.execute("UPDATE sessions SET state = ?, target_host = ?, target_port = ?, redeemed = ?,"
                        " expires = ?, tls_pin = ? WHERE alias = ?",
                        (state, host, port, time.time(), time.time() + session.lifetime, tls_pin, session.alias))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            self.invalidate()
         return self.session(session.alias)
 
     def attach_tunnel(self, key: str, host: str, attach: int) -> Session:
         """Map a session to the tunnel its job opened from `host`. Attach numbers only grow,
         so a recorded or replayed attach request is refused; the lifetime starts at the first."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.immediate_transaction() as db:
             session = self.live_session_by_key(key)
             if session.target and not session.tunneled:
                 raise ApiError(409, "already redeemed for direct connections")
@@ -645,12 +650,6 @@ class Store:
                        ("proxied" if session.state == "proxied" else "mapped", host, attach,
                         session.redeemed or now, session.expires if session.redeemed else now + session.lifetime,
                         session.alias))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            self.invalidate()
         return self.session(session.alias)
 
     def mark_tunnels_down(self, since: float) -> None:

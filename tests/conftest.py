@@ -238,6 +238,19 @@ def new_app(tmp_path):
         application.stop()
 
 
+def follow_events(resp, count, release_next):
+    """Read an event stream one event at a time: event i must arrive before release_next() lets the app send
+    event i+1, so a proxy that buffers the stream would never deliver it. resp: an http.client response."""
+    for i in range(count):
+        line = resp.fp.readline()             # raw stream: chunk-size lines, then the event's lines
+        while not line.startswith(b"data"):
+            line = resp.fp.readline()
+            assert line, "stream ended early"
+        assert line == f"data: event {i}\n".encode()
+        if i < count - 1:
+            release_next()
+
+
 def json_body(data):
     return json.loads(data.decode())
 

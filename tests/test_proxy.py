@@ -9,7 +9,7 @@ import time
 import pytest
 import websocket
 
-from conftest import NODE, App, json_body, wait_for
+from conftest import NODE, App, follow_events, json_body, wait_for
 
 PATTERN = random.Random(1234).randbytes(1 << 20)      # what tests/apps/echo_app.py serves
 
@@ -152,14 +152,7 @@ def test_event_stream_arrives_incrementally(satellite, new_app):
     conn.request("GET", "/events?n=3", headers={"Authorization": "token " + link["token"]})
     resp = conn.getresponse()
     assert resp.headers["Content-Type"] == "text/event-stream"
-    for i in range(3):
-        line = resp.fp.readline()             # raw stream: chunk-size lines, then the event's lines
-        while not line.startswith(b"data"):
-            line = resp.fp.readline()
-            assert line, "stream ended early"
-        assert line == f"data: event {i}\n".encode()
-        if i < 2:
-            app.direct("/next")
+    follow_events(resp, 3, lambda: app.direct("/next"))
     conn.close()
 
 

@@ -21,7 +21,7 @@ import time
 import pytest
 import websocket
 
-from conftest import ECHO_APP, ROOT, Client, json_body, wait_for
+from conftest import ECHO_APP, ROOT, Client, follow_events, json_body, wait_for
 from test_jupyter import execute
 
 SATELLITE_PY = (ROOT / "satellite.py").read_text()
@@ -116,14 +116,7 @@ def test_tunnel_carries_http_websocket_download_upload_and_events(client, job_sa
     conn.request("GET", f"/events?n=3&token={token}")
     resp = conn.getresponse()
     assert resp.status == 200
-    for i in range(3):
-        line = resp.fp.readline()             # raw stream: chunk-size lines, then the event's lines
-        while not line.startswith(b"data"):
-            line = resp.fp.readline()
-            assert line, "stream ended early"
-        assert line == f"data: event {i}\n".encode()
-        if i < 2:
-            get(job_satellite, result["url"], "/next")      # the app sends the next event only now
+    follow_events(resp, 3, lambda: get(job_satellite, result["url"], "/next"))
     conn.close()
 
 
@@ -494,14 +487,7 @@ def test_an_event_stream_from_a_node_satellite_cannot_reach(slurm_client, job_sa
     conn.request("GET", f"/events?n=5&token={token}")
     resp = conn.getresponse()
     assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
-    for i in range(5):
-        line = resp.fp.readline()
-        while not line.startswith(b"data"):
-            line = resp.fp.readline()
-            assert line, "stream ended early"
-        assert line == f"data: event {i}\n".encode()
-        if i < 4:
-            get(job_satellite, result["url"], "/next")
+    follow_events(resp, 5, lambda: get(job_satellite, result["url"], "/next"))
     conn.close()
     assert slurm_client.run("cancel", result["alias"]).returncode == 0
 
