@@ -810,7 +810,6 @@ class Metrics:
         self.upstream_errors = 0
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
-        self.tunnels_open: Callable = lambda: 0    # set by the server: its tunnel registry's count
 
     def request_done(self, status: int, seconds: float, received: int, sent: int) -> None:
         bucket = next((i for i, edge in enumerate(LATENCY_BUCKETS) if seconds <= edge), len(LATENCY_BUCKETS))
@@ -834,7 +833,7 @@ class Metrics:
         with self.lock:
             self.websockets_open += change
 
-    def render(self, store: Store, cert_expiry: Optional[float]) -> str:
+    def render(self, store: Store, cert_expiry: Optional[float], tunnels_open: int = 0) -> str:
         out = []
 
         def metric(name, kind, help_text, samples):
@@ -860,7 +859,7 @@ class Metrics:
             metric("satellite_sent_bytes_total", "counter", "Response body bytes to clients.", [("", self.bytes_out)])
             metric("satellite_websockets_open", "gauge", "WebSockets being relayed.", [("", self.websockets_open)])
             metric("satellite_tunnels_open", "gauge", "Tunnels jobs have open to this process.",
-                   [("", self.tunnels_open())])
+                   [("", tunnels_open)])
             metric("satellite_upstream_errors_total", "counter", "Failures talking to apps.",
                    [("", self.upstream_errors)])
             cumulative, samples = 0, []
@@ -925,19 +924,15 @@ def refresh(store: Store, settings: Settings, events: Events, dry_run: bool = Fa
             reason = "link never redeemed" if session.target is None else "session lifetime over"
             if not dry_run and store.end(session.alias, "expired"):
                 events.record("expire", session.alias, reason=reason)
-    mapped = [s for s in live if s.target and not s.tunneled and now < s.expires]
-    for session in live:                       # serve records when a session's tunnel dropped
-        if session.tunneled and session.backend_gone and now < session.expires:
-            summary["down"] += 1
-            if now - session.backend_gone >= settings.dead_after:
-                summary["dead"] += 1
-                if not dry_run and store.end(session.alias, "tunnel gone"):
-                    events.record("dead", session.alias, gone_since=iso_time(session.backend_gone))
-    workers = max(1, min(32, len(mapped)))
+    mapped = [s for s in live if s.target and now < s.expires]
+    direct = [s for s in mapped if not s.tunneled]
+    workers = max(1, min(32, len(direct)))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        alive = list(pool.map(probe, [s.target for s in mapped]))
-    summary["probed"] = len(mapped)
-    for session, up in zip(mapped, alive):
+        answered = dict(zip((s.alias for s in direct), pool.map(probe, [s.target for s in direct])))
+    summary["probed"] = len(direct)
+    for session in mapped:
+        # a direct app is probed; a tunnel's absence is recorded by serve when it drops (backend_gone)
+        up = not session.backend_gone if session.tunneled else answered[session.alias]
         if up:
             if session.backend_gone and not dry_run:
                 store.set_backend_gone(session.alias, None)
@@ -948,7 +943,8 @@ def refresh(store: Store, settings: Settings, events: Events, dry_run: bool = Fa
             store.set_backend_gone(session.alias, now)
         if now - gone_since >= settings.dead_after:
             summary["dead"] += 1
-            if not dry_run and store.end(session.alias, "app gone"):
+            reason = "tunnel gone" if session.tunneled else "app gone"
+            if not dry_run and store.end(session.alias, reason):
                 events.record("dead", session.alias, gone_since=iso_time(gone_since))
     summary["pruned"] = store.prune(now - settings.retention, dry_run)
     if not dry_run:
@@ -2243,7 +2239,6 @@ class Satellite:
         self.domain_suffix = "." + settings.domain
         self.hsts = [("Strict-Transport-Security", f"max-age={settings.hsts}")] if settings.hsts else []
         self.tunnels = Tunnels()
-        self.metrics.tunnels_open = self.tunnels.count
 
     def reload_certificate(self) -> bool:
         """Swap in a freshly loaded context; connections already open keep theirs."""
@@ -2422,7 +2417,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         if request.path == "/metrics":
             if not address_in(self.peer, self.settings.metrics_from):
                 return self.refuse(request, 403, "metrics are not shown to this address")
-            body = self.app.metrics.render(self.app.store, self.app.cert_expiry).encode()
+            body = self.app.metrics.render(self.app.store, self.app.cert_expiry, self.app.tunnels.count()).encode()
             return self.send_page(200, body, "text/plain; version=0.0.4; charset=utf-8",
                                   head_only=request.method == "HEAD")
         if request.path in self.app.api.legacy_routes:

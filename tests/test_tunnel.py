@@ -127,6 +127,11 @@ def agent_pid(client, alias):
     return int(pids[0])
 
 
+def wait_for_exit(pid):
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+             timeout=60, what="the agent to exit")
+
+
 def cut_connections(satellite):
     """What a NAT box or firewall timing out does: drop every connection to satellite's port."""
     subprocess.run(["ss", "-K", "state", "established", "( sport = :%d )" % satellite.port],
@@ -170,8 +175,7 @@ def test_a_tunnel_gone_for_good_ends_the_session_at_refresh_and_the_agent_stops(
     finally:
         os.kill(agent, signal.SIGCONT)
     # the agent's next attach is refused (the session is over): it stops the app and exits
-    wait_for(lambda: not os.path.exists(f"/proc/{agent}") or open(f"/proc/{agent}/stat").read().split()[2] == "Z",
-             timeout=60, what="the agent to exit")
+    wait_for_exit(agent)
     log = job_log(client, alias)
     assert "the tunnel was refused: this session has ended (410)" in log and "stopping the app" in log
 
@@ -257,16 +261,16 @@ def test_a_tunnel_serves_only_its_own_alias_and_cannot_open_streams(job_satellit
     assert job_satellite.request(f"{mine['alias']}.sat.test", f"/?token={mine['token']}")[0] == 503
 
 
-@pytest.mark.parametrize("frame, error", [
-    (FRAME.pack(DATA, 1, 70_000), "a frame of 70000 bytes"),
-    (FRAME.pack(42, 0, 0), "unknown frame kind 42"),
-    (FRAME.pack(CREDIT, 1, 3) + b"abc", "malformed CREDIT"),
+@pytest.mark.parametrize("frame, error, on_live_stream", [
+    (FRAME.pack(DATA, 1, 70_000), "a frame of 70000 bytes", False),
+    (FRAME.pack(42, 0, 0), "unknown frame kind 42", False),
+    (FRAME.pack(CREDIT, 1, 3) + b"abc", "malformed CREDIT", True),     # parsed only for a live stream
 ])
-def test_malformed_frames_close_the_tunnel(job_satellite, frame, error):
+def test_malformed_frames_close_the_tunnel(job_satellite, frame, error, on_live_stream):
     link = job_satellite.getlink()
     status, _, tunnel = open_raw_tunnel(job_satellite, link["key"], 1)
     assert status == 101
-    if b"CREDIT" in error.encode():                   # CREDIT must name a live stream to be parsed
+    if on_live_stream:
         request_in_background(job_satellite, link)
         tunnel.settimeout(10)
         assert read_frame(tunnel)[0] == OPEN
@@ -275,6 +279,37 @@ def test_malformed_frames_close_the_tunnel(job_satellite, frame, error):
     while read_frame(tunnel) is not None:
         pass
     wait_for(lambda: f"protocol error: {error}" in job_satellite.log_text(), what="the protocol error logged")
+
+
+def metric(satellite, name):
+    text = satellite.request("127.0.0.1", "/metrics")[2].decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def test_an_idle_tunnel_is_pinged_and_answers_pings(job_satellite):
+    link = job_satellite.getlink()
+    status, _, tunnel = open_raw_tunnel(job_satellite, link["key"], 1)
+    assert status == 101 and metric(job_satellite, "satellite_tunnels_open") >= 1
+    tunnel.settimeout(10)
+    tunnel.sendall(FRAME.pack(PING, 0, 8) + b"12345678")
+    assert read_frame(tunnel) == (PONG, 0, b"12345678")
+    tunnel.settimeout(20)                             # satellite pings after 10 s of silence
+    kind, _, payload = read_frame(tunnel)
+    assert kind == PING and len(payload) == 8
+    tunnel.close()
+    wait_for(lambda: metric(job_satellite, "satellite_tunnels_open") == 0, what="the tunnel gauge to drop")
+
+
+def test_revoking_a_session_closes_its_tunnel_and_the_agent_stops(client, job_satellite):
+    result = launch(client)
+    agent = agent_pid(client, result["alias"])
+    revoke = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "revoke", "--db", str(job_satellite.db),
+                             result["alias"]], capture_output=True, text=True)
+    assert revoke.returncode == 0, revoke.stderr
+    assert get(job_satellite, result["url"], "/")[0] == 410
+    wait_for_exit(agent)
+    log = job_log(client, result["alias"])
+    assert "tunnel lost" in log and "this session has ended (410)" in log and "stopping the app" in log
 
 
 def test_data_beyond_the_credit_closes_the_tunnel(job_satellite):
