@@ -21,14 +21,21 @@ who deploys it. Sections, top-down:
     3. Secrets and aliases   token/key generation, hashing, cookies
     4. Store                 SQLite (WAL) sessions table, shared with other processes
     5. Operations            audit events, metrics, rate limits, health probes, refresh
-    6. HTTP parsing          Stream (buffered socket), strict request/response heads
-    7. Management API        /api/getlink, redeem, state, release, status, jobstates, /healthz
-    8. Pages                 status page, 403/404/410/502 pages
-    9. Proxy                 forward a request, relay bodies, relay WebSockets
-   10. Tunnel protocol       frames that carry a session through a tunnel the job opened
-   11. Server                TLS per connection, handler, certificate reload, HTTP redirect
-   12. Commands              serve, refresh, list, show, revoke, stats; main()
-   13. Word list             aliases are three words from this list
+   A request, in the order it is handled:
+    6. HTTP messages         parse a head strictly (pure), read a body within its limit; Answer
+    7. Routing and access    where it goes; who asks; may they (networks, token, cookie, owner,
+                             limits) -- decided on the head, before any body is read
+    8. Management API        /api/getlink, redeem, state, release, status, jobstates; legacy CGIs
+    9. Pages                 status page, 403/404/410/502 pages
+   10. Proxy                 forward a request, relay bodies, relay WebSockets
+   11. Tunnel                frames that carry a session through a connection the job opened
+   12. Server                accept (connection limits), TLS and deadlines, the pipeline
+                             (route -> decide -> act), the one writer, HTTP redirect
+   13. Commands              serve, refresh, list, show, revoke, stats, export; main()
+   14. Word list             aliases are three words from this list
+
+Handlers return an Answer (status, fields, body or a streaming body); errors are answers
+too; `Connection.send` is the one place that writes them.
 
 Why not BaseHTTPRequestHandler: it parses headers with ``email.parser``, which
 silently ends the header block at a malformed line (so ``Transfer-Encoding :
@@ -90,7 +97,6 @@ MAX_REQUEST_LINE = 8192                            # bytes; longer -> 414
 MAX_HEADER_BYTES = 32 * 1024                       # all request header lines together; more -> 431
 MAX_HEADER_COUNT = 100
 MAX_UPSTREAM_HEADER_BYTES = 64 * 1024              # apps may send big cookies or CSPs
-MAX_API_BODY = 64 * 1024                           # form body of an API call
 COPY_BUFFER = 256 * 1024                           # bulk body relay buffer
 RECV_SIZE = 64 * 1024
 
@@ -117,6 +123,15 @@ ALIAS_SHAPE = re.compile(r"^[a-z]{3,7}-[a-z]{3,7}-[a-z]{3,7}$")
 JOBID_SHAPE = re.compile(r"^[A-Za-z0-9._\-\[\]@:+]{1,64}$")
 TARGET_SAFE = re.compile(r"^[\x21-\x7e]+$")                       # visible ASCII, no spaces
 REDACT_PARAMS = re.compile(r"(?i)([?&;](?:token|key)=)[^&;#\s]*")
+
+# Sent with every page and API answer satellite writes itself (not with the apps' answers).
+PAGE_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+                                "script-src 'unsafe-inline'; connect-src 'self'"),
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+]
 
 
 ###############################################################################
@@ -206,6 +221,7 @@ class Settings:
     upstream_connect_timeout: float = 5.0
     upstream_timeout: float = 600.0         # silence allowed from the app mid-response
     max_connections: int = 4096
+    max_connections_per_address: int = 256  # one address cannot take every slot (trusted fronts: no cap)
     # operations (refresh, audit, metrics, limits)
     audit_log: str = ""                     # JSON lines file; '' = off, '-' = stderr
     metrics_from: tuple = parse_networks("127.0.0.0/8,::1")
@@ -229,7 +245,7 @@ class Settings:
         "session_lifetime": parse_duration, "max_session_lifetime": parse_duration,
         "public_port": int, "handshake_timeout": float, "idle_timeout": float,
         "header_timeout": float, "upstream_connect_timeout": float, "upstream_timeout": float,
-        "max_connections": int, "metrics_from": parse_networks, "admin_from": parse_networks,
+        "max_connections": int, "max_connections_per_address": int, "metrics_from": parse_networks, "admin_from": parse_networks,
         "getlink_rate": parse_rate, "max_live_per_source": int, "token_failures": parse_rate,
         "dead_after": parse_duration, "retention": parse_duration, "hsts": parse_duration,
         "redirect_listen": parse_optional_listen, "trusted_fronts": parse_networks, "legacy_api": parse_bool,
@@ -283,9 +299,13 @@ class Settings:
     def link_port(self) -> int:
         return self.public_port or self.listen[1]
 
+    @property
+    def port_suffix(self) -> str:
+        """':PORT' for links and redirects, '' for HTTPS's own 443."""
+        return "" if self.link_port == 443 else f":{self.link_port}"
+
     def session_url(self, alias: str) -> str:
-        port = "" if self.link_port == 443 else f":{self.link_port}"
-        return f"https://{alias}.{self.domain}{port}/"
+        return f"https://{alias}.{self.domain}{self.port_suffix}/"
 
 
 def address_in(address: str, networks: Iterable) -> bool:
@@ -294,6 +314,11 @@ def address_in(address: str, networks: Iterable) -> bool:
     except ValueError:
         return False
     return any(ip.version == net.version and ip in net for net in networks)
+
+
+def host_port(host: str, port: int) -> str:
+    """'10.0.0.5:8888', or '[fd00::5]:8888' for IPv6."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def plain_address(address: str) -> str:
@@ -398,8 +423,7 @@ class Session:
         if self.tunneled:
             info["target"] = f"tunnel from {self.target_host}"
         elif self.target:
-            host = self.target_host
-            info["target"] = f"[{host}]:{self.target_port}" if ":" in host else f"{host}:{self.target_port}"
+            info["target"] = host_port(self.target_host, self.target_port)
         if self.jobstate:
             info["jobstate"] = self.jobstate
         if self.user:
@@ -769,7 +793,8 @@ class Events:
 
 class RateLimiter:
     """At most `count` events per key in any `window` seconds (a sliding window in memory).
-    Keys are source addresses; the table is bounded so a flood cannot grow it without end."""
+    Keys are source addresses, or (address, alias); the table is bounded so a flood cannot
+    grow it without end. Asking (`retry_after`) and counting (`record`) are separate."""
 
     def __init__(self, limit: tuple, max_keys: int = 100_000):
         self.count, self.window = limit
@@ -777,22 +802,26 @@ class RateLimiter:
         self.events: dict = {}
         self.lock = threading.Lock()
 
-    def retry_after(self, key: str, now: Optional[float] = None, consume: bool = True) -> int:
-        """0 if allowed (and counted, when consume), else the seconds until it would be."""
+    def retry_after(self, key, now: Optional[float] = None) -> int:
+        """0 if one more event is allowed now, else the seconds until it would be. Records nothing."""
         if not self.count:
             return 0
         now = time.monotonic() if now is None else now
         with self.lock:
             times = [t for t in self.events.get(key, ()) if t > now - self.window]
-            if len(times) >= self.count:
-                self.events[key] = times
-                return max(1, int(times[0] + self.window - now + 0.999))
-            if consume:
-                times.append(now)
+            if len(times) < self.count:
+                return 0
+            return max(1, int(times[0] + self.window - now + 0.999))
+
+    def record(self, key, now: Optional[float] = None) -> None:
+        if not self.count:
+            return
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            times = [t for t in self.events.get(key, ()) if t > now - self.window][-self.count:]
             if len(self.events) >= self.max_keys and key not in self.events:
                 self.events.clear()
-            self.events[key] = times
-            return 0
+            self.events[key] = times + [now]
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -954,7 +983,9 @@ def refresh(store: Store, settings: Settings, events: Events, dry_run: bool = Fa
 
 
 ###############################################################################
-# 6. HTTP parsing
+# 6. HTTP messages: strict parsing, bodies within limits, answers
+#    Parsing is pure: it takes lines from a function (a socket's, or a test's bytes)
+#    and returns a Request or raises HttpError. Nothing here decides who may do what.
 ###############################################################################
 
 class HttpError(Exception):
@@ -967,20 +998,32 @@ class HttpError(Exception):
 
 
 class Stream:
-    """A socket with a read buffer: line reads for message heads, bulk reads for bodies."""
+    """A socket with a read buffer: line reads for message heads, bulk reads for bodies.
+    Reads given a `deadline` (time.monotonic()) raise HttpError 408 once it has passed,
+    however slowly the bytes trickle in."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.buf = bytearray()
 
-    def fill(self) -> int:
-        data = self.sock.recv(RECV_SIZE)
+    def fill(self, deadline: Optional[float] = None) -> int:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HttpError(408, "request took too long")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except socket.timeout:
+                raise HttpError(408, "request took too long") from None
+        else:
+            data = self.sock.recv(RECV_SIZE)
         self.buf += data
         return len(data)
 
     def readline(self, limit: int, deadline: Optional[float] = None, too_long: int = 431) -> bytes:
-        """One line including its LF; b'' at EOF before any byte. Raises HttpError
-        `too_long` (431, or 414 for a request line) or 408 (deadline passed)."""
+        """One line including its LF; what is left at EOF (b'' if nothing). A line longer than
+        `limit` raises HttpError `too_long` (431, or 414 for a request line) before more is read."""
         start = 0
         while True:
             end = self.buf.find(b"\n", start)
@@ -993,25 +1036,15 @@ class Stream:
             if len(self.buf) > limit:
                 raise HttpError(too_long, "line too long")
             start = len(self.buf)
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise HttpError(408, "request head took too long")
-                self.sock.settimeout(remaining)
-                try:
-                    received = self.fill()
-                except socket.timeout:
-                    raise HttpError(408, "request head took too long") from None
-            else:
-                received = self.fill()
-            if not received:
+            if not self.fill(deadline):
                 line = bytes(self.buf)
                 self.buf.clear()
                 return line
 
-    def read_exact(self, n: int) -> bytes:
+    def read_exact(self, n: int, deadline: Optional[float] = None) -> bytes:
+        """n bytes (the caller has bounded n)."""
         while len(self.buf) < n:
-            if not self.fill():
+            if not self.fill(deadline):
                 raise ConnectionError("peer closed mid-message")
         data = bytes(self.buf[:n])
         del self.buf[:n]
@@ -1026,13 +1059,26 @@ class Stream:
             return n
         return self.sock.recv_into(view)
 
-    def unread(self, data: bytes) -> None:
-        self.buf[:0] = data
-
     def take_buffered(self) -> bytes:
         data = bytes(self.buf)
         self.buf.clear()
         return data
+
+
+class BytesLines:
+    """Lines from bytes in memory, as Stream.readline gives them from a socket: for parsing a
+    head without a socket (tests, fuzzing)."""
+
+    def __init__(self, data: bytes):
+        self.data, self.at = data, 0
+
+    def readline(self, limit: int, too_long: int = 431) -> bytes:
+        end = self.data.find(b"\n", self.at)
+        end = len(self.data) if end < 0 else end + 1
+        if end - self.at > limit:
+            raise HttpError(too_long, "line too long")
+        line, self.at = self.data[self.at:end], end
+        return line
 
 
 class Headers:
@@ -1054,33 +1100,6 @@ class Headers:
         return {t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip()}
 
 
-def read_head_fields(stream: Stream, max_bytes: int, deadline: Optional[float]) -> Headers:
-    """Header lines up to the empty line, strictly (RFC 9112 §5): no obs-fold, no space
-    before the colon, names are tokens, no CR/LF/NUL in values, CRLF line ends."""
-    fields, total = [], 0
-    while True:
-        line = stream.readline(max_bytes - total + 2, deadline)
-        total += len(line)
-        if total > max_bytes:
-            raise HttpError(431, "request headers too large")
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-            raise HttpError(400, "header line not ended by CRLF (bare CR or LF)" if line else "incomplete head")
-        if line == b"\r\n":
-            return Headers(fields)
-        if len(fields) >= MAX_HEADER_COUNT:
-            raise HttpError(431, "too many header fields")
-        if line[:1] in (b" ", b"\t"):
-            raise HttpError(400, "obsolete line folding in headers")
-        text = line[:-2].decode("latin-1")
-        name, colon, value = text.partition(":")
-        if not colon or not TOKEN_CHARS.match(name):
-            raise HttpError(400, "malformed header field name")
-        value = value.strip(" \t")
-        if FIELD_VALUE_BAD.search(value):
-            raise HttpError(400, "control character in header value")
-        fields.append((name, value))
-
-
 @dataclasses.dataclass
 class Request:
     method: str
@@ -1089,8 +1108,8 @@ class Request:
     headers: Headers
     host: str              # lower-case, without port
     host_header: str       # as sent (with port), forwarded unchanged
-    body: str              # 'none', 'length' or 'chunked'
-    length: int = 0
+    framing: str           # how the body is delimited: 'none', 'length' or 'chunked'
+    length: int = 0        # with framing 'length'
 
     @property
     def path(self) -> str:
@@ -1112,15 +1131,35 @@ class Request:
         return (self.method == "GET" and "websocket" in self.headers.tokens("upgrade")
                 and "upgrade" in self.headers.tokens("connection"))
 
+    @property
+    def expects_continue(self) -> bool:
+        return (self.headers.get("expect") or "").lower() == "100-continue" and self.framing != "none"
 
-def read_request(stream: Stream, header_timeout: float) -> Optional[Request]:
-    """The next request head from a client, or None if it closed the connection quietly."""
-    line = stream.readline(MAX_REQUEST_LINE, too_long=414)
+
+LineSource = Callable[[int, int], bytes]         # (limit, status if longer) -> one line with its LF, b'' at end
+
+
+def parse_request(next_line: LineSource) -> Optional[Request]:
+    """The next request head, strictly (RFC 9112), or None if the peer sent nothing.
+    A malformed request line is refused before any header line is read."""
+    line = next_line(MAX_REQUEST_LINE, 414)
     if line == b"\r\n":                              # RFC 9112 §2.2: ignore one leading empty line
-        line = stream.readline(MAX_REQUEST_LINE, too_long=414)
+        line = next_line(MAX_REQUEST_LINE, 414)
     if not line:
         return None
-    deadline = time.monotonic() + header_timeout
+    method, target, version = parse_request_line(line)
+    headers = parse_header_lines(next_line, MAX_HEADER_BYTES)
+    if method not in KNOWN_METHODS:
+        raise HttpError(501, f"method {method} is not supported")
+    return frame_request(method, target, version, headers)
+
+
+def request_from_bytes(data: bytes) -> Optional[Request]:
+    """parse_request over bytes in memory: the parser without a socket."""
+    return parse_request(BytesLines(data).readline)
+
+
+def parse_request_line(line: bytes) -> tuple:
     if line.startswith(b"PRI * HTTP/2.0"):
         raise HttpError(505, "HTTP/2 is not offered here; use HTTP/1.1")
     if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
@@ -1141,13 +1180,36 @@ def read_request(stream: Stream, header_timeout: float) -> Optional[Request]:
         raise HttpError(400, "malformed method")
     if not TARGET_SAFE.match(target):
         raise HttpError(400, "malformed request target")
-    headers = read_head_fields(stream, MAX_HEADER_BYTES, deadline)
-    if method not in KNOWN_METHODS:
-        raise HttpError(501, f"method {method} is not supported")
-    return validate_request(method, target, version, headers)
+    return method, target, version
 
 
-def validate_request(method: str, target: str, version: str, headers: Headers) -> Request:
+def parse_header_lines(next_line: LineSource, max_bytes: int) -> Headers:
+    """Header lines up to the empty line, strictly (RFC 9112 §5): no obs-fold, no space
+    before the colon, names are tokens, no CR/LF/NUL in values, CRLF line ends."""
+    fields, total = [], 0
+    while True:
+        line = next_line(max_bytes - total + 2, 431)
+        total += len(line)
+        if total > max_bytes:
+            raise HttpError(431, "request headers too large")
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            raise HttpError(400, "header line not ended by CRLF (bare CR or LF)" if line else "incomplete head")
+        if line == b"\r\n":
+            return Headers(fields)
+        if len(fields) >= MAX_HEADER_COUNT:
+            raise HttpError(431, "too many header fields")
+        if line[:1] in (b" ", b"\t"):
+            raise HttpError(400, "obsolete line folding in headers")
+        name, colon, value = line[:-2].decode("latin-1").partition(":")
+        if not colon or not TOKEN_CHARS.match(name):
+            raise HttpError(400, "malformed header field name")
+        value = value.strip(" \t")
+        if FIELD_VALUE_BAD.search(value):
+            raise HttpError(400, "control character in header value")
+        fields.append((name, value))
+
+
+def frame_request(method: str, target: str, version: str, headers: Headers) -> Request:
     """Host and body framing, refusing every ambiguous shape (RFC 9112 §3.2, §6.1, §6.3)."""
     for name, _ in headers.fields:
         if "_" in name and name.lower().replace("_", "-") in FRAMING_LOOKALIKES:
@@ -1180,17 +1242,17 @@ def validate_request(method: str, target: str, version: str, headers: Headers) -
             raise HttpError(400, "Transfer-Encoding must end in chunked, once")
         if codings != ["chunked"]:
             raise HttpError(501, "only Transfer-Encoding: chunked is accepted")
-        body, length = "chunked", 0
+        framing, length = "chunked", 0
     elif lengths:
         if len(lengths) > 1 or not CONTENT_LENGTH.match(lengths[0]):
             raise HttpError(400, "invalid or repeated Content-Length")
         length = int(lengths[0])
-        body = "length" if length else "none"
+        framing = "length" if length else "none"
     else:
-        body, length = "none", 0
+        framing, length = "none", 0
     host = host_header.lower()
     host = host[:host.rindex("]") + 1] if host.startswith("[") else host.split(":", 1)[0]
-    return Request(method, target, version, headers, host.rstrip("."), host_header, body, length)
+    return Request(method, target, version, headers, host.rstrip("."), host_header, framing, length)
 
 
 @dataclasses.dataclass
@@ -1198,13 +1260,13 @@ class Response:
     status: int
     reason: str
     headers: Headers
-    body: str              # 'none', 'length', 'chunked' or 'close' (until the app closes)
+    framing: str           # 'none', 'length', 'chunked' or 'close' (until the app closes)
     length: int = 0
 
 
-def read_response(stream: Stream, request_method: str) -> Response:
+def parse_response(next_line: LineSource, request_method: str) -> Response:
     """The app's response head, strictly; an ambiguous one is answered 502 by the caller."""
-    line = stream.readline(MAX_REQUEST_LINE)
+    line = next_line(MAX_REQUEST_LINE, 502)
     if not line:
         raise ConnectionError("app closed the connection before answering")
     match = re.fullmatch(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: ([\t -~\x80-\xff]*))?\r\n", line)
@@ -1213,7 +1275,7 @@ def read_response(stream: Stream, request_method: str) -> Response:
     status = int(match.group(1))
     reason = (match.group(2) or b"").decode("latin-1")
     try:
-        headers = read_head_fields(stream, MAX_UPSTREAM_HEADER_BYTES, None)
+        headers = parse_header_lines(next_line, MAX_UPSTREAM_HEADER_BYTES)
     except HttpError as exc:
         raise HttpError(502, f"bad response head from the app: {exc.reason}") from None
     transfer = headers.get_all("transfer-encoding")
@@ -1232,33 +1294,25 @@ def read_response(stream: Stream, request_method: str) -> Response:
     return Response(status, reason, headers, "close")
 
 
-def read_small_body(stream: Stream, request: Request, limit: int) -> bytes:
-    """A whole (small) request body, for API forms."""
-    if request.body == "length":
-        if request.length > limit:
-            raise HttpError(413, "request body too large")
-        return stream.read_exact(request.length)
-    if request.body == "chunked":
-        parts = []
-        for chunk in iter_chunks(stream):
-            parts.append(chunk)
-            if sum(map(len, parts)) > limit:
-                raise HttpError(413, "request body too large")
-        return b"".join(parts)
-    return b""
+def read_request(stream: Stream, deadline: float) -> Optional[Request]:
+    """The next request head from a client, whole before `deadline`, or None if it closed quietly."""
+    return parse_request(lambda limit, too_long: stream.readline(limit, deadline, too_long))
 
 
-def read_chunk_size(stream: Stream) -> int:
-    line = stream.readline(1024)
+def read_response(stream: Stream, request_method: str) -> Response:
+    return parse_response(lambda limit, too_long: stream.readline(limit, None, too_long), request_method)
+
+
+def parse_chunk_size(line: bytes) -> int:
     match = CHUNK_SIZE_LINE.match(line)
     if not match:
         raise HttpError(400, "malformed chunk size")
     return int(match.group(1), 16)
 
 
-def skip_trailers(stream: Stream) -> None:
+def skip_trailers(stream: Stream, deadline: Optional[float] = None) -> None:
     for _ in range(MAX_HEADER_COUNT + 1):
-        line = stream.readline(8192)
+        line = stream.readline(8192, deadline)
         if line == b"\r\n":
             return
         if not line.endswith(b"\r\n"):
@@ -1266,21 +1320,266 @@ def skip_trailers(stream: Stream) -> None:
     raise HttpError(431, "too many trailer fields")
 
 
-def iter_chunks(stream: Stream) -> Iterable:
-    """Decoded chunks of a chunked body (small bodies only; large ones are relayed)."""
+def read_small_body(stream: Stream, request: Request, limit: int, deadline: float) -> bytes:
+    """A whole request body of at most `limit` bytes (API forms), by `deadline`. Each chunk's
+    size is checked against what is left of the limit before a byte of it is read: 413 at once."""
+    if request.framing == "length":
+        if request.length > limit:
+            raise HttpError(413, "request body too large")
+        return stream.read_exact(request.length, deadline)
+    if request.framing != "chunked":
+        return b""
+    parts, left = [], limit
     while True:
-        size = read_chunk_size(stream)
+        size = parse_chunk_size(stream.readline(1024, deadline))
         if size == 0:
-            skip_trailers(stream)
-            return
-        data = stream.read_exact(size + 2)
+            skip_trailers(stream, deadline)
+            return b"".join(parts)
+        if size > left:
+            raise HttpError(413, "request body too large")
+        data = stream.read_exact(size + 2, deadline)
         if data[-2:] != b"\r\n":
             raise HttpError(400, "chunk not followed by CRLF")
-        yield data[:-2]
+        parts.append(data[:-2])
+        left -= size
+
+
+@dataclasses.dataclass
+class Answer:
+    """What a handler returns, errors included; the connection's one writer sends it (section 12).
+
+    `body` is the whole body, or `stream` sends it after the head (relayed bodies, WebSockets,
+    tunnels): stream(socket) -> (bytes sent, whether the connection can carry another request).
+    Unless `framed`, the writer adds Content-Length; `close` ends the connection after it."""
+    status: int
+    fields: list = dataclasses.field(default_factory=list)
+    body: bytes = b""
+    stream: Optional[Callable] = None
+    reason: str = ""
+    close: bool = False
+    framed: bool = False
+
+
+def response_head(status: int, fields: Iterable, reason: str = "") -> bytes:
+    """Status line and header fields, ready to send in one write."""
+    lines = [f"HTTP/1.1 {status} {reason or HTTPStatus(status).phrase}"]
+    lines += [f"{name}: {value}" for name, value in fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def plain_answer(status: int, body: bytes, fields: Iterable = ()) -> bytes:
+    """A whole short text/plain answer that closes the connection (before TLS, or on the redirect port)."""
+    return response_head(status, [*fields, ("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
+                                  ("Connection", "close")]) + body
+
+
+@dataclasses.dataclass
+class Exchange:
+    """One request on its way through satellite: who sent it, what was decided about the sender,
+    and what went each way. The only per-request state; the connection loop makes a new one each time."""
+    peer: str
+    started: float
+    request: Optional[Request] = None
+    user: Optional[str] = None             # the SSO user a trusted front named
+    status: int = 0
+    received: int = 0                      # request body bytes taken from the client
+    sent: int = 0                          # response body bytes given to the client
+    body_read: bool = False                # the request's body is consumed: the connection may go on
 
 
 ###############################################################################
-# 7. Management API
+# 7. Routing and access: where a request goes, who is asking, what they may spend
+#    Pure decisions of (request, peer, settings, session): no socket, no database
+#    write. The server acts on what they return.
+###############################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """A path on the management host: who may call it (Settings network fields; none = anyone),
+    and the largest form body it takes. Both are checked on the head, before any body is read."""
+    what: str
+    networks: tuple = ()
+    max_body: int = 0
+    legacy: bool = False
+
+
+FORM_BODY = 8 * 1024                     # an API form: a key, a port, a state
+FEED_BODY = 4 * 1024 * 1024              # scheduler states for a whole cluster, from the admin network only
+ISSUERS, REDEEMERS, ADMINS = ("issue_from",), ("redeem_from",), ("admin_from",)
+
+ENDPOINTS = {
+    "/healthz": Endpoint("health"),
+    "/metrics": Endpoint("metrics", ("metrics_from",)),
+    "/api/getlink": Endpoint("getlink", ISSUERS, FORM_BODY),
+    "/api/redeem": Endpoint("redeem", REDEEMERS, FORM_BODY),
+    "/api/tunnel": Endpoint("a tunnel", REDEEMERS),
+    "/api/state": Endpoint("state", ISSUERS + REDEEMERS, FORM_BODY),
+    "/api/release": Endpoint("release", ISSUERS + REDEEMERS, FORM_BODY),
+    "/api/status": Endpoint("status", (), FORM_BODY),
+    "/api/jobstates": Endpoint("jobstates", ADMINS, FEED_BODY),
+    # SDSC Satellite's CGIs (legacy-api = yes)
+    "/getlink.cgi": Endpoint("getlink", ISSUERS, FORM_BODY, legacy=True),
+    "/redeemtoken.cgi": Endpoint("redeem", REDEEMERS, FORM_BODY, legacy=True),
+    "/destroytoken.cgi": Endpoint("destroy", ISSUERS + REDEEMERS, FORM_BODY, legacy=True),
+    "/linktoken.cgi": Endpoint("link", ISSUERS + REDEEMERS, FORM_BODY, legacy=True),
+    "/tokenjobstate.cgi": Endpoint("jobstate", (), FORM_BODY, legacy=True),
+    "/update-jobs.cgi": Endpoint("update-jobs", ADMINS, FEED_BODY, legacy=True),
+}
+API_METHODS = ("GET", "POST", "HEAD")
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Where a request goes: 'endpoint' (path on the management host), 'unknown' (no such
+    endpoint), or on a session's host 'app', 'internal' (satellite's own page) or 'front-auth'."""
+    kind: str
+    path: str
+    alias: str = ""
+
+
+def alias_for_host(host: str, domain: str) -> Optional[str]:
+    """'<w1-w2-w3>.<domain>' -> alias; any other host is the management API."""
+    suffix = "." + domain
+    if host.endswith(suffix) and ALIAS_SHAPE.match(host[:-len(suffix)]):
+        return host[:-len(suffix)]
+    return None
+
+
+def route(request: Request, settings: Settings) -> Route:
+    path = request.path
+    alias = alias_for_host(request.host, settings.domain)
+    if alias is not None:
+        if path == INTERNAL_PREFIX + "auth":
+            return Route("front-auth", path, alias)
+        return Route("internal" if path.startswith(INTERNAL_PREFIX) else "app", path, alias)
+    endpoint = ENDPOINTS.get(path)
+    if endpoint is None or (endpoint.legacy and not settings.legacy_api):
+        return Route("unknown", path)
+    return Route("endpoint", path)
+
+
+def allowed_networks(settings: Settings, names: tuple) -> tuple:
+    return sum((getattr(settings, name) for name in names), ())
+
+
+def endpoint_refusal(endpoint: Endpoint, request: Request, peer: str, settings: Settings) -> Optional[ApiError]:
+    """Why this caller may not call this endpoint with this head, or None. Decided before any
+    byte of the body is read, so a caller from elsewhere spends one request head and no more."""
+    if endpoint.networks and not address_in(peer, allowed_networks(settings, endpoint.networks)):
+        return ApiError(403, f"{endpoint.what} is not allowed from {peer}")
+    if endpoint.max_body and request.method not in API_METHODS:
+        return ApiError(405, "Oops! Use GET or POST" if endpoint.legacy else "use GET or POST")
+    if request.framing != "none" and endpoint.max_body == 0:
+        return ApiError(413, f"{request.path} takes no request body")
+    if request.framing == "length" and request.length > endpoint.max_body:
+        return ApiError(413, f"request body too large (at most {endpoint.max_body} bytes)")
+    return None
+
+
+def sso_user(request: Request, peer: str, settings: Settings) -> Optional[str]:
+    """The signed-in user named by the SSO front, believed only from a trusted front address."""
+    header = settings.trusted_user_header
+    if not header or not address_in(peer, settings.trusted_fronts):
+        return None
+    user = (request.headers.get(header) or "").strip()
+    return user if 0 < len(user) <= 256 else None
+
+
+def session_cookie(server_secret: bytes, session: Session) -> tuple:
+    """Set on the first visit with the token, so later requests need not carry it."""
+    value = cookie_value(server_secret, session.alias, session.token_hash)
+    return ("Set-Cookie", f"{COOKIE_NAME}={value}; Path=/; Secure; HttpOnly; SameSite=Lax")
+
+
+def presented_credential(request: Request, session: Session, server_secret: bytes) -> Optional[str]:
+    """How the request proves it holds the session's token: 'query', 'cookie', 'header' or None.
+    Every comparison is constant-time."""
+    if "token=" in request.query:
+        for name, value in urllib.parse.parse_qsl(request.query, keep_blank_values=True):
+            if name == "token" and secret_matches(value, session.token_hash):
+                return "query"
+    expected = None
+    for header in request.headers.get_all("cookie"):
+        for part in header.split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == COOKIE_NAME:
+                expected = expected or cookie_value(server_secret, session.alias, session.token_hash)
+                if hmac.compare_digest(value.encode(), expected.encode()):
+                    return "cookie"
+    scheme, _, value = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() in ("token", "bearer") and secret_matches(value.strip(), session.token_hash):
+        return "header"
+    return None
+
+
+def tried_a_credential(request: Request) -> bool:
+    return bool("token=" in request.query or COOKIE_NAME in (request.headers.get("cookie") or "")
+                or request.headers.get("authorization"))
+
+
+@dataclasses.dataclass
+class Verdict:
+    """The access decision for one request to a session's host. Refused: `status` and `text` say
+    how, `why` and `label` are for the audit log and metrics. Allowed: `credential` says how the
+    caller proved it, `cookie` is set on the answer. The caller carries out `count_failure`
+    (a wrong token, counted for this address and alias), `bind_owner` (SSO: the first signed-in
+    user owns the session) and `end_expired` (a session past its time, not yet marked ended)."""
+    status: int = 200
+    text: str = ""
+    why: str = ""
+    label: str = ""
+    retry_after: int = 0
+    credential: Optional[str] = None
+    cookie: tuple = ()
+    count_failure: bool = False
+    bind_owner: bool = False
+    end_expired: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        return self.status == 200
+
+
+ENDED_TEXT = "This session has ended. Start a new one to get a new link."
+NEEDS_TOKEN_TEXT = "This link needs its token: open the full link you were given (the one ending in ?token=...)."
+
+
+def decide_session_access(request: Request, session: Optional[Session], user: Optional[str], settings: Settings,
+                          server_secret: bytes, failures_wait: Callable[[], int], now: float) -> Verdict:
+    """Who is asking and may they reach this session? A valid credential is checked first and is
+    never refused for others' failures; only wrong tokens meet the limiter (`failures_wait()`: its
+    answer for this address and alias)."""
+    if session is None:
+        return Verdict(404, "There is no session at this address.")
+    if session.is_over(now):
+        return Verdict(410, ENDED_TEXT, end_expired=session.state != "ended")
+    credential = "legacy" if session.legacy else presented_credential(request, session, server_secret)
+    if credential is None:
+        if not tried_a_credential(request):
+            return Verdict(403, NEEDS_TOKEN_TEXT, "no token", "no_token")
+        wait = failures_wait()
+        if wait:
+            return Verdict(429, "Too many attempts with wrong tokens from your address; wait a minute.",
+                           "too many wrong tokens", "rate_limited", retry_after=wait)
+        return Verdict(403, NEEDS_TOKEN_TEXT, "wrong token", "wrong_token", count_failure=True)
+    verdict = Verdict(credential=credential,
+                      cookie=() if credential in ("cookie", "legacy") else session_cookie(server_secret, session))
+    if settings.trusted_user_header:
+        if user is None:
+            text = "Sign in through the site's login page first; this link only works there."
+            return Verdict(403, text, text, "not_owner")
+        if session.user is None:
+            verdict.bind_owner = True
+        elif session.user != user:
+            return Verdict(403, "This session belongs to another user.", "This session belongs to another user.",
+                           "not_owner")
+    return verdict
+
+
+###############################################################################
+# 8. Management API: the new API, SDSC's legacy CGIs, and the tunnel attach
+#    Reached only after endpoint_refusal (section 7) let the caller in; the body is
+#    read here, within the endpoint's limit.
 ###############################################################################
 
 def parse_params(request: Request, body: bytes) -> dict:
@@ -1315,16 +1614,45 @@ def check_params(params: dict, allowed: Iterable) -> None:
         raise ApiError(400, f"unknown parameter {unknown[0]!r}")
 
 
+def redeemable_port(text: str, port_range: tuple) -> int:
+    low, high = port_range
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ApiError(400, f"port must be a number from {low} to {high}")
+    return int(text)
+
+
+def format_fields(fields: dict, as_json: bool) -> tuple:
+    """(content type, body) for an API reply: key=value lines, or JSON."""
+    if as_json:
+        return "application/json", (json.dumps(fields) + "\n").encode()
+    return "text/plain; charset=utf-8", "".join(f"{k}={v}\n" for k, v in fields.items()).encode()
+
+
+def api_answer(status: int, fields: dict, as_json: bool, retry_after: int = 0) -> Answer:
+    ctype, body = format_fields(fields, as_json)
+    extra = [("Allow", ", ".join(API_METHODS))] if status == 405 else []
+    if retry_after:
+        extra.append(("Retry-After", str(retry_after)))
+    return Answer(status, [("Content-Type", ctype)] + PAGE_HEADERS + extra, body)
+
+
+def legacy_answer(status: int, text: str) -> Answer:
+    return Answer(status, [("Content-Type", "text/plain; charset=utf-8")] + PAGE_HEADERS, text.encode())
+
+
 class ManagementApi:
     """The curl-able API on every host that is not a session alias.
 
-    Each endpoint takes (params, peer address) and returns (status, fields) or raises ApiError.
+    Each endpoint takes (params, peer address) and returns (status, fields) — the legacy ones
+    (status, text) — or raises ApiError. `answer` is the transport: it reads the form, calls the
+    endpoint and turns the outcome, errors included, into an Answer.
     """
 
-    def __init__(self, settings: Settings, store: Store, events: Events):
+    def __init__(self, settings: Settings, store: Store, events: Events, metrics: Metrics):
         self.settings = settings
         self.store = store
         self.events = events
+        self.metrics = metrics
         self.getlink_limit = RateLimiter(settings.getlink_rate)
         self.routes: dict = {
             "/api/getlink": self.getlink,
@@ -1333,22 +1661,57 @@ class ManagementApi:
             "/api/release": self.release,
             "/api/status": self.status,
             "/api/jobstates": self.jobstates,
-        }
-        self.legacy_routes: dict = {
             "/getlink.cgi": self.legacy_getlink,
             "/redeemtoken.cgi": self.legacy_redeem,
             "/destroytoken.cgi": self.legacy_destroy,
             "/linktoken.cgi": self.legacy_link,
             "/tokenjobstate.cgi": self.legacy_jobstate,
             "/update-jobs.cgi": self.legacy_update_jobs,
-        } if settings.legacy_api else {}
+        }
 
-    def _from(self, peer: str, networks: tuple, what: str) -> None:
-        if not address_in(peer, networks):
-            raise ApiError(403, f"{what} is not allowed from {peer}")
+    # transport -------------------------------------------------------------------
+    def answer(self, endpoint: Endpoint, path: str, request: Request, peer: str, user: Optional[str],
+               read_body: Callable[[int], bytes]) -> Answer:
+        """A call of a form endpoint, end to end: decide on the head, read the form within the
+        endpoint's limit, call it, and turn the outcome, errors included, into an Answer."""
+        as_json = "application/json" in (request.headers.get("accept") or "")
+        try:
+            refusal = endpoint_refusal(endpoint, request, peer, self.settings)
+            if refusal is not None:
+                raise refusal
+            params = parse_params(request, read_body(endpoint.max_body))
+            as_json = as_json or params.get("format") == "json"
+            status, reply = self.routes[path](params, peer)
+        except ApiError as exc:
+            return self.refused(exc, path, peer, user, as_json)
+        except sqlite3.Error as exc:
+            log.error("database error on %s: %s", path, exc)
+            return self.refused(ApiError(503, "database unavailable, try again", retry_after=5), path, peer, user,
+                                as_json)
+        if endpoint.legacy:
+            return legacy_answer(status, reply)
+        return api_answer(status, reply, as_json)
 
+    def refused(self, exc: ApiError, path: str, peer: str, user: Optional[str], as_json: bool) -> Answer:
+        """The one place an API error becomes an answer, in its transport's form (and a refusal
+        becomes an audit line)."""
+        endpoint = ENDPOINTS.get(path)
+        legacy = endpoint is not None and endpoint.legacy
+        log.info("api %s from %s: %d %s", path, peer, exc.status, exc.reason)
+        if exc.status in (403, 404, 429):
+            self.deny(f"{'legacy' if legacy else 'api'} {path}: {exc.reason}", peer, user, f"api_{exc.status}")
+        if legacy:
+            return legacy_answer(exc.status, (exc.reason if exc.reason.startswith("Oops!")
+                                              else f"Oops! {exc.reason}") + "\n")
+        return api_answer(exc.status, {"error": exc.reason}, as_json, exc.retry_after)
+
+    def deny(self, why: str, peer: str, user: Optional[str], label: str, alias: Optional[str] = None) -> None:
+        """A refused request: counted, and one audit line (no secret: only why)."""
+        self.metrics.deny(label)
+        self.events.record("denied", alias, peer, reason=why, user=user)
+
+    # the API -----------------------------------------------------------------------
     def getlink(self, params: dict, peer: str) -> tuple:
-        self._from(peer, self.settings.issue_from, "getlink")
         check_params(params, ("lifetime",))
         wait = self.getlink_limit.retry_after(peer)
         if wait:
@@ -1364,35 +1727,32 @@ class ManagementApi:
                 raise ApiError(400, str(exc)) from None
             if not 60 <= lifetime <= self.settings.max_session_lifetime:
                 raise ApiError(400, f"lifetime must be between 60s and {self.settings.max_session_lifetime}s")
+        self.getlink_limit.record(peer)
         session, token, key = self.store.create_link(peer, lifetime, self.settings.redeem_within)
         self.events.record("issue", session.alias, peer, lifetime=lifetime)
         return 201, {"alias": session.alias, "url": self.settings.session_url(session.alias) + "?token=" + token,
                      "token": token, "key": key, "state": session.state, "expires": iso_time(session.expires)}
 
     def redeem(self, params: dict, peer: str) -> tuple:
-        self._from(peer, self.settings.redeem_from, "redeem")
         check_params(params, ("key", "port", "fingerprint", "check"))
-        key, port_text = require(params, "key"), require(params, "port")
-        low, high = self.settings.port_range
-        if not port_text.isdigit() or not low <= int(port_text) <= high:
-            raise ApiError(400, f"port must be a number from {low} to {high}")
+        key = require(params, "key")
+        port = redeemable_port(require(params, "port"), self.settings.port_range)
         pin = None
         if params.get("fingerprint"):
             pin = params["fingerprint"].replace(":", "").lower()
             if not re.fullmatch(r"[0-9a-f]{64}", pin):
                 raise ApiError(400, "fingerprint must be the SHA-256 of the app's certificate (64 hex digits)")
-        if params.get("check") == "1" and self.store.session_by_key(key) and not probe((peer, int(port_text)), 2.0):
-            raise ApiError(502, f"satellite cannot connect to {peer}:{port_text}; the app is not listening there,"
-                                " or the node takes no inbound connections (use a tunnel)")
-        session = self.store.redeem(key, peer, int(port_text), pin)
+        if params.get("check") == "1" and self.store.session_by_key(key) and not probe((peer, port), 2.0):
+            raise ApiError(502, f"satellite cannot connect to {host_port(peer, port)}; the app is not listening "
+                                "there, or the node takes no inbound connections (use a tunnel)")
+        session = self.store.redeem(key, peer, port, pin)
         self.events.record("redeem", session.alias, peer, target=session.describe()["target"])
         return 200, session.describe()
 
     def attach_tunnel(self, request: Request, peer: str) -> Session:
         """`GET /api/tunnel` with `Upgrade: satellite-tunnel/1`, `Authorization: Bearer <key>` (a header,
         so the key is in no URL or log) and `Satellite-Tunnel-Attach: <number>`, larger than any before
-        (so a replayed request is refused). The connection then carries the session (section 10)."""
-        self._from(peer, self.settings.redeem_from, "a tunnel")
+        (so a replayed request is refused). The connection then carries the session (section 11)."""
         if request.method != "GET" or TUNNEL_PROTOCOL not in request.headers.tokens("upgrade"):
             raise ApiError(400, f"ask for a tunnel with GET and Upgrade: {TUNNEL_PROTOCOL}")
         scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
@@ -1406,7 +1766,6 @@ class ManagementApi:
         return session
 
     def state(self, params: dict, peer: str) -> tuple:
-        self._from(peer, self.settings.issue_from + self.settings.redeem_from, "state")
         check_params(params, ("key", "state", "jobid"))
         key, state = require(params, "key"), require(params, "state")
         if state not in REPORTABLE_STATES:
@@ -1419,7 +1778,6 @@ class ManagementApi:
         return 200, session.describe()
 
     def release(self, params: dict, peer: str) -> tuple:
-        self._from(peer, self.settings.issue_from + self.settings.redeem_from, "release")
         check_params(params, ("key",))
         session = self.store.session_by_key(require(params, "key"))
         if session is None:
@@ -1440,12 +1798,18 @@ class ManagementApi:
             raise ApiError(404, "unknown key or token")
         return 200, session.describe()
 
+    def jobstates(self, params: dict, peer: str) -> tuple:
+        """The scheduler's view, so status pages can say "in queue" or "held": jobstates=
+        lines of "JOBID STATE" (SDSC's update-jobs shape), from the admin network only."""
+        check_params(params, ("jobstates",))
+        states = read_jobstates(require(params, "jobstates"))
+        return 200, {"jobs": len(states), "sessions": self.store.set_jobstates(states)}
+
     # SDSC Satellite's API (--legacy-api) -------------------------------------------
     # Same endpoints, parameters and reply texts as the Perl CGIs, so galyleo and start-jupyter work
     # unchanged; but errors carry real status codes (the body still starts "Oops!", which they look for).
 
-    def legacy_session(self, params: dict, peer: str, networks: tuple, what: str) -> Session:
-        self._from(peer, networks, what)
+    def legacy_session(self, params: dict) -> Session:
         alias = params.get("token", "").strip().lower().split(".")[0]
         session = self.store.session(alias) if ALIAS_SHAPE.match(alias) else None
         if session is None or not session.legacy:
@@ -1453,27 +1817,23 @@ class ManagementApi:
         return session
 
     def legacy_getlink(self, params: dict, peer: str) -> tuple:
-        self._from(peer, self.settings.issue_from, "getlink")
         session, _, _ = self.store.create_link(peer, self.settings.session_lifetime, self.settings.redeem_within,
                                                legacy=True)
         self.events.record("issue", session.alias, peer, legacy=True)
         return 200, f"Your token is \n{session.alias}\n"
 
     def legacy_redeem(self, params: dict, peer: str) -> tuple:
-        session = self.legacy_session(params, peer, self.settings.redeem_from, "redeem")
-        port = params.get("port", "")
-        low, high = self.settings.port_range
-        if not port.isdigit() or not low <= int(port) <= high:
-            raise ApiError(400, f"Oops! Port must be between {low} and {high}")
+        session = self.legacy_session(params)
         try:
-            self.store.redeem(session.alias, peer, int(port))
+            port = redeemable_port(params.get("port", ""), self.settings.port_range)
+            self.store.redeem(session.alias, peer, port)
         except ApiError as exc:
             raise ApiError(exc.status, f"Oops! {exc.reason}") from None
-        self.events.record("redeem", session.alias, peer, target=f"{peer}:{port}", legacy=True)
+        self.events.record("redeem", session.alias, peer, target=host_port(peer, port), legacy=True)
         return 200, "Success!\n"
 
     def legacy_destroy(self, params: dict, peer: str) -> tuple:
-        session = self.legacy_session(params, peer, self.settings.issue_from + self.settings.redeem_from, "destroy")
+        session = self.legacy_session(params)
         if session.target_host and session.target_host != peer:
             raise ApiError(403, "Oops! Only the mapped host may destroy a mapped token")
         if self.store.end(session.alias, "released"):
@@ -1481,7 +1841,7 @@ class ManagementApi:
         return 200, "Success! Token destroyed.\n"
 
     def legacy_link(self, params: dict, peer: str) -> tuple:
-        session = self.legacy_session(params, peer, self.settings.issue_from + self.settings.redeem_from, "link")
+        session = self.legacy_session(params)
         jobid = params.get("jobid", "")
         if not JOBID_SHAPE.match(jobid):
             raise ApiError(400, "Oops! Invalid jobid")
@@ -1505,41 +1865,17 @@ class ManagementApi:
         return 200, code + "\n"
 
     def legacy_update_jobs(self, params: dict, peer: str) -> tuple:
-        self._from(peer, self.settings.admin_from, "update-jobs")
         self.store.set_jobstates(read_jobstates(params.get("jobstates", "")))
         return 200, "Success!\n"
 
-    def jobstates(self, params: dict, peer: str) -> tuple:
-        """The scheduler's view, so status pages can say "in queue" or "held": jobstates=
-        lines of "JOBID STATE" (SDSC's update-jobs shape), from the admin network only."""
-        self._from(peer, self.settings.admin_from, "jobstates")
-        check_params(params, ("jobstates",))
-        states = read_jobstates(require(params, "jobstates"))
-        return 200, {"jobs": len(states), "sessions": self.store.set_jobstates(states)}
-
-
-def format_fields(fields: dict, as_json: bool) -> tuple:
-    """(content type, body) for an API reply: key=value lines, or JSON."""
-    if as_json:
-        return "application/json", (json.dumps(fields) + "\n").encode()
-    return "text/plain; charset=utf-8", "".join(f"{k}={v}\n" for k, v in fields.items()).encode()
-
 
 ###############################################################################
-# 8. Pages
+# 9. Pages: satellite's own answers on a session's host
 ###############################################################################
 
 PAGE_STYLE = ("body{font:16px/1.5 system-ui,sans-serif;max-width:40em;margin:4em auto;padding:0 1em;color:#222}"
               "h1{font-size:1.4em}code{background:#eee;padding:0 .3em}ol{padding-left:1.2em}"
               "li{color:#999}li.done{color:#222}li.now{color:#222;font-weight:bold}")
-
-PAGE_HEADERS = [
-    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
-                                "script-src 'unsafe-inline'; connect-src 'self'"),
-    ("Cache-Control", "no-store"),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "no-referrer"),
-]
 
 STATE_STEPS = [
     ("queued", "Job waiting in the queue"),
@@ -1572,13 +1908,6 @@ STATUS_SCRIPT = """
   setTimeout(poll, 1000);
 })();
 """
-
-
-def response_head(status: int, fields: Iterable, reason: str = "") -> bytes:
-    """Status line and header fields, ready to send in one write."""
-    lines = [f"HTTP/1.1 {status} {reason or HTTPStatus(status).phrase}"]
-    lines += [f"{name}: {value}" for name, value in fields]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def page(title: str, body_html: str, script: str = "") -> bytes:
@@ -1614,8 +1943,36 @@ def message_page(status: int, text: str) -> bytes:
     return page(f"{status} {HTTPStatus(status).phrase}", f"<p>{html.escape(text)}</p>")
 
 
+HTML = "text/html; charset=utf-8"
+STATE_MESSAGES = {"queued": "Waiting for the batch system to start the job.",
+                  "running": "The job is running; the app is starting.",
+                  "mapped": "The app has registered; waiting for it to answer."}
+TUNNEL_DOWN_NOTE = "The job's tunnel to satellite is reconnecting; this page moves on by itself."
+
+
+def page_answer(status: int, text: str, fields: Iterable = ()) -> Answer:
+    return Answer(status, [("Content-Type", HTML), *PAGE_HEADERS, *fields], message_page(status, text))
+
+
+def status_page_answer(session: Session, note: str = "") -> Answer:
+    """503 with Retry-After while the job queues or starts: the page turns into the app by itself."""
+    return Answer(503, [("Content-Type", HTML), *PAGE_HEADERS, ("Retry-After", "2")], status_page(session, note))
+
+
+def status_info(session: Session, ready: bool) -> dict:
+    """What the status page polls (/__satellite/status): no secret."""
+    info = {"alias": session.alias, "state": session.state, "ready": ready, "expires": iso_time(session.expires),
+            "message": jobstate_note(session) or STATE_MESSAGES.get(session.state, "")}
+    if session.tunneled:
+        info["tunnel"] = "connected" if ready else "reconnecting"
+        if not ready:
+            info["message"] = TUNNEL_DOWN_NOTE
+    return info
+
+
 ###############################################################################
-# 9. Proxy
+# 10. Proxy: forward a request to the session's app, relay its answer and WebSockets
+#     Reached only for a caller the access decision (section 7) let in.
 ###############################################################################
 
 class CertificateMismatch(Exception):
@@ -1624,9 +1981,6 @@ class CertificateMismatch(Exception):
 
 class TunnelDown(Exception):
     """The session is reached through its job's tunnel, and that is not connected right now."""
-
-
-TUNNEL_DOWN_NOTE = "The job's tunnel to satellite is reconnecting; this page moves on by itself."
 
 
 def pinned_client_context() -> ssl.SSLContext:
@@ -1639,33 +1993,26 @@ def pinned_client_context() -> ssl.SSLContext:
 
 
 PINNED_CONTEXT = pinned_client_context()
+Connector = Callable[[], socket.socket]           # opens a new connection to an app
 
 
 class Upstream:
     """A keep-alive connection to one app, reused by one client connection. With a pin, it is
     TLS and accepted only if the app's certificate has exactly that SHA-256 fingerprint."""
 
-    def __init__(self, target: tuple, timeout: float, connect_timeout: float, pin: Optional[str] = None,
-                 tunnel: Optional[Tunnel] = None):
-        self.target = target
-        self.pin = pin
-        self.tunnel = tunnel
-        if tunnel is not None:                      # a stream through the job's tunnel
-            sock = tunnel.open_stream()
-            sock.settimeout(connect_timeout)
-        else:
-            sock = socket.create_connection(target, timeout=connect_timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, target: tuple, connect: Connector, timeout: float, pin: Optional[str] = None):
+        sock = connect()
         if pin:
             sock = PINNED_CONTEXT.wrap_socket(sock)
             presented = hashlib.sha256(sock.getpeercert(binary_form=True) or b"").hexdigest()
             if not hmac.compare_digest(presented, pin):
                 sock.close()
-                raise CertificateMismatch(f"the app at {target[0]}:{target[1]} presented certificate "
+                raise CertificateMismatch(f"the app at {host_port(*target)} presented certificate "
                                           f"sha256:{presented}, not the pinned one")
         sock.settimeout(timeout)
         self.stream = Stream(sock)
         self.reused = False
+        self.key: tuple = ()
 
     def is_idle_and_open(self) -> bool:
         """A pooled connection the app has not closed (readable while idle = EOF or junk)."""
@@ -1680,6 +2027,14 @@ class Upstream:
             self.stream.sock.close()
         except OSError:
             pass
+
+
+def direct_connector(target: tuple, connect_timeout: float) -> Connector:
+    def connect() -> socket.socket:
+        sock = socket.create_connection(target, timeout=connect_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    return connect
 
 
 def strip_satellite_cookie(value: str) -> str:
@@ -1709,9 +2064,9 @@ def forwarded_request_head(request: Request, peer: str, also_drop: frozenset = f
               "Via: 1.1 satellite"]
     if request.wants_websocket:
         lines += ["Connection: Upgrade", "Upgrade: websocket"]
-    if request.body == "length":
+    if request.framing == "length":
         lines.append(f"Content-Length: {request.length}")
-    elif request.body == "chunked":
+    elif request.framing == "chunked":
         lines.append("Transfer-Encoding: chunked")
     elif request.method in ("POST", "PUT", "PATCH"):
         lines.append("Content-Length: 0")
@@ -1731,30 +2086,34 @@ def copy_exact(src: Stream, dst: socket.socket, count: int) -> int:
     return total
 
 
-def copy_chunked(src: Stream, dst: socket.socket, error_status: int = 400) -> int:
-    """Relay a chunked body chunk by chunk (so event streams flow), re-validating framing."""
+def copy_chunked(src: Stream, dst: socket.socket, error_status: int = 400, reframe: bool = True) -> int:
+    """Relay a chunked body chunk by chunk (so event streams flow), re-validating framing.
+    Without `reframe` only the data is passed on (to an HTTP/1.0 client: the close ends it)."""
     total = 0
     while True:
         try:
-            size = read_chunk_size(src)
+            size = parse_chunk_size(src.readline(1024))
         except HttpError as exc:
             raise HttpError(error_status, exc.reason) from None
         if size == 0:
             skip_trailers(src)
-            dst.sendall(b"0\r\n\r\n")
+            if reframe:
+                dst.sendall(b"0\r\n\r\n")
             return total
         total += size
         if size <= RECV_SIZE:                        # small chunk: one write with its framing
             data = src.read_exact(size + 2)
             if data[-2:] != b"\r\n":
                 raise HttpError(error_status, "chunk not followed by CRLF")
-            dst.sendall(b"%x\r\n" % size + data)
+            dst.sendall(b"%x\r\n" % size + data if reframe else data[:-2])
             continue
-        dst.sendall(b"%x\r\n" % size)
+        if reframe:
+            dst.sendall(b"%x\r\n" % size)
         copy_exact(src, dst, size)
         if src.read_exact(2) != b"\r\n":
             raise HttpError(error_status, "chunk not followed by CRLF")
-        dst.sendall(b"\r\n")
+        if reframe:
+            dst.sendall(b"\r\n")
 
 
 def copy_until_close(src: Stream, dst: socket.socket, chunked: bool) -> int:
@@ -1811,9 +2170,184 @@ def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: 
             counts[sock] += len(data)
 
 
+class Forwarder:
+    """Forwards the requests of one client connection to sessions' apps and turns each app's
+    answer into an Answer whose body streams as it comes. Keeps one upstream connection for reuse."""
+
+    def __init__(self, client: Stream, settings: Settings, store: Store, metrics: Metrics,
+                 tunnel_for: Callable[[str], Optional[Connector]]):
+        self.client = client
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.tunnel_for = tunnel_for              # alias -> a connector through its tunnel, or None
+        self.upstream: Optional[Upstream] = None
+
+    def forward(self, ex: Exchange, session: Session, interim: Callable[[int], None]) -> Answer:
+        """Send the request to the session's app; the app's answer (or why there is none)."""
+        request = ex.request
+        if request.framing == "chunked" and not request.headers.get("expect"):
+            line = self.client.readline(1024)         # a malformed first chunk never reaches the app
+            parse_chunk_size(line)
+            self.client.buf[:0] = line
+        user_header = self.settings.trusted_user_header.lower()
+        drop = frozenset((user_header,)) if user_header and not ex.user else frozenset()
+        head = forwarded_request_head(request, ex.peer, drop)
+        retryable = request.framing == "none" and request.method in IDEMPOTENT_METHODS
+        for attempt in (1, 2):
+            try:
+                upstream = self.connect(session, retryable and attempt == 1)
+            except TunnelDown:
+                return status_page_answer(session, TUNNEL_DOWN_NOTE)
+            except CertificateMismatch as exc:
+                log.warning("%s: %s", session.alias, exc)
+                self.metrics.upstream_error()
+                return page_answer(502, "The app behind this link presented the wrong certificate.")
+            except OSError as exc:
+                log.info("app of %s at %s not reachable: %s", session.alias, session.target, exc)
+                self.metrics.upstream_error()
+                if session.state == "mapped":
+                    return status_page_answer(session, "The app is not answering yet.")
+                return page_answer(502, "The app behind this link is not answering. It may have stopped; "
+                                        "check your job.")
+            try:
+                upstream.stream.sock.sendall(head)
+                if request.framing != "none":
+                    if request.expects_continue:
+                        interim(100)
+                    ex.received = self.relay_request_body(request, upstream)
+                    ex.body_read = True
+                response = read_response(upstream.stream, request.method)
+                while 100 <= response.status < 200 and response.status != 101:
+                    response = read_response(upstream.stream, request.method)   # drop interim answers
+                break
+            except HttpError as exc:
+                self.drop_upstream()
+                if exc.status == 400:                    # the client's body was malformed
+                    raise
+                return page_answer(502, exc.reason)
+            except (ConnectionError, socket.timeout, OSError) as exc:
+                retry = upstream.reused and attempt == 1 and retryable
+                self.drop_upstream()
+                if retry:
+                    continue                             # the pooled connection had gone stale
+                log.info("app of %s failed mid-request: %s", session.alias, exc)
+                self.metrics.upstream_error()
+                return page_answer(502, "The app closed the connection.")
+        if session.state == "mapped":
+            self.store.mark_proxied(session.alias)
+        if response.status == 101:
+            return self.websocket_answer(ex, session, response)
+        return self.response_answer(request, response)
+
+    def connect(self, session: Session, retryable: bool) -> Upstream:
+        """The pooled upstream if it still fits, else a new one. A retryable request skips the
+        staleness probe (a syscall per request): if the app had closed it, it is retried anyway."""
+        through_tunnel = self.tunnel_for(session.alias) if session.tunneled else None
+        if session.tunneled and through_tunnel is None:
+            raise TunnelDown()
+        key = (session.target, session.tls_pin, through_tunnel)
+        if self.upstream is not None:
+            if self.upstream.key == key and (retryable or self.upstream.is_idle_and_open()):
+                self.upstream.reused = True
+                return self.upstream
+            self.drop_upstream()
+        connect = through_tunnel or direct_connector(session.target, self.settings.upstream_connect_timeout)
+        self.upstream = Upstream(session.target, connect, self.settings.upstream_timeout, session.tls_pin)
+        self.upstream.key = key
+        return self.upstream
+
+    def drop_upstream(self) -> None:
+        if self.upstream:
+            self.upstream.close()
+            self.upstream = None
+
+    def relay_request_body(self, request: Request, upstream: Upstream) -> int:
+        if request.framing == "length":
+            return copy_exact(self.client, upstream.stream.sock, request.length)
+        return copy_chunked(self.client, upstream.stream.sock)
+
+    def response_answer(self, request: Request, response: Response) -> Answer:
+        """Status and headers (hop-by-hop dropped), and the body streamed in its own framing."""
+        drop = HOP_BY_HOP | response.headers.tokens("connection") | {"content-length"}
+        fields = [(n, v) for n, v in response.headers.fields if n.lower() not in drop]
+        client_keep = request.keep_alive
+        upstream_keep = "close" not in response.headers.tokens("connection") and response.framing != "close"
+        to_http10 = request.version == "HTTP/1.0"
+        if response.framing == "length":
+            fields.append(("Content-Length", str(response.length)))
+        elif response.framing in ("chunked", "close"):
+            if to_http10:
+                client_keep = False
+            else:
+                fields.append(("Transfer-Encoding", "chunked"))
+        elif request.method == "HEAD" and response.headers.get("content-length"):
+            fields.append(("Content-Length", response.headers.get("content-length")))
+        source = self.upstream.stream
+        if response.framing == "none" or (response.framing == "length" and len(source.buf) >= response.length):
+            # no body, or a small one that came with the head: one write, one TLS record
+            body = source.read_exact(response.length) if response.framing == "length" else b""
+            if not upstream_keep:
+                self.drop_upstream()
+            return Answer(response.status, fields, body, reason=response.reason, close=not client_keep, framed=True)
+
+        def relay(sink: socket.socket) -> tuple:
+            sent = 0
+            try:
+                if response.framing == "length":
+                    sent = copy_exact(source, sink, response.length)
+                elif response.framing == "chunked":
+                    sent = copy_chunked(source, sink, error_status=502, reframe=not to_http10)
+                else:
+                    sent = copy_until_close(source, sink, chunked=not to_http10)
+            except HttpError as exc:                           # the app broke framing mid-body
+                log.info("bad body from app: %s", exc.reason)
+                self.drop_upstream()
+                return sent, False
+            except (ConnectionError, socket.timeout, OSError) as exc:
+                log.info("relay interrupted: %s", exc)
+                self.drop_upstream()
+                return sent, False
+            if not upstream_keep:
+                self.drop_upstream()
+            return sent, client_keep
+        return Answer(response.status, fields, stream=relay, reason=response.reason, close=not client_keep,
+                      framed=True)
+
+    def websocket_answer(self, ex: Exchange, session: Session, response: Response) -> Answer:
+        if not ex.request.wants_websocket:
+            self.drop_upstream()
+            return page_answer(502, "The app switched protocols unasked.")
+        drop = (HOP_BY_HOP - {"upgrade"}) | response.headers.tokens("connection") - {"upgrade"}
+        fields = [(n, v) for n, v in response.headers.fields if n.lower() not in drop] + [("Connection", "Upgrade")]
+        upstream, self.upstream = self.upstream, None
+        alias, client, store = session.alias, self.client, self.store
+
+        def still_open() -> bool:
+            current = store.cached_session(alias)
+            return current is not None and not current.is_over(time.time())
+
+        def relay(sink: socket.socket) -> tuple:
+            sent = 0
+            self.metrics.websocket_opened(+1)
+            try:
+                if client.buf:
+                    upstream.stream.sock.sendall(client.take_buffered())
+                if upstream.stream.buf:
+                    sink.sendall(upstream.stream.take_buffered())
+                ex.received, sent = relay_websocket(sink, upstream.stream.sock, still_open)
+            except (ConnectionError, socket.timeout, OSError) as exc:
+                log.debug("websocket of %s ended: %s", alias, exc)
+            finally:
+                self.metrics.websocket_opened(-1)
+                upstream.close()
+            return sent, False
+        return Answer(101, fields, stream=relay, reason=response.reason, close=True, framed=True)
+
+
 ###############################################################################
-# 10. Tunnel protocol: the same text in satellite.py and satellite_client.py
-#     (tests/test_tunnel.py checks that the two copies are identical)
+# 11. Tunnel: frames that carry a session through a connection the job opened
+#     satellite-client's agent imports this section (the one copy of the protocol).
 ###############################################################################
 
 # For nodes satellite cannot connect to: the job's agent connects out to satellite and asks,
@@ -1830,9 +2364,11 @@ def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: 
 #     PING/PONG  both ways            keepalive; any frame is a sign of life
 #
 # Each stream starts with STREAM_WINDOW bytes of credit each way, so a browser tab that stops
-# reading stops only its own stream, never the tunnel. Only satellite opens streams, and an
-# agent connects every stream to its own app and nowhere else: neither end can make the other
-# open a connection of its choosing.
+# reading stops only its own stream, never the tunnel. What one end queues for the other is
+# bounded: DATA by the credit, at most one PONG at a time, other frames by MAX_QUEUED_CONTROL;
+# an end that takes nothing for TUNNEL_DEAD_AFTER while frames wait for it is closed. Only
+# satellite opens streams, and an agent connects every stream to its own app and nowhere else:
+# neither end can make the other open a connection of its choosing.
 
 TUNNEL_PROTOCOL = "satellite-tunnel/1"
 FRAME_HEAD = struct.Struct("!BII")
@@ -1844,6 +2380,8 @@ TUNNEL_PING_AFTER = 10.0                # seconds of silence before a PING
 TUNNEL_DEAD_AFTER = 30.0                # seconds without any frame: the peer is gone
 TUNNEL_CHECK_EVERY = 5.0                # how often the owner is asked whether the tunnel is still wanted
 TUNNEL_BATCH = 256 * 1024               # bytes of queued frames handed to TLS at once
+MAX_QUEUED_CONTROL = 256 * 1024         # bytes of queued frames other than DATA: a peer that lets more
+                                        # pile up (it sends but does not read) is closed
 
 
 class TunnelError(Exception):
@@ -1976,7 +2514,9 @@ class Tunnel:
         self.sock = sock
         self.connect_app = connect_app          # the agent's: a new socket to its app. satellite: None
         self.inbound = bytearray(early)
-        self.outbox: collections.deque = collections.deque()
+        self.outbox: collections.deque = collections.deque()     # (kind, frame) in sending order
+        self.queued_control = 0                 # bytes of non-DATA frames in the outbox
+        self.pong_queued = False
         self.lock = threading.Lock()
         self.streams: dict = {}
         self.next_id = 1
@@ -1988,12 +2528,21 @@ class Tunnel:
 
     # any thread --------------------------------------------------------------------
     def send(self, kind: int, stream_id: int = 0, payload: bytes = b"") -> None:
+        """Queue a frame. DATA is bounded by the peer's credit; a PONG is dropped while one waits;
+        when other frames pile up beyond MAX_QUEUED_CONTROL the peer is not reading: stop."""
         frame = FRAME_HEAD.pack(kind, stream_id, len(payload)) + payload
         with self.lock:
-            if self.closed:
+            if self.closed or (kind == PONG and self.pong_queued):
                 return
+            if kind != DATA:
+                if self.queued_control + len(frame) > MAX_QUEUED_CONTROL:
+                    self.stop_reason = self.stop_reason or "the other end does not read what it is sent"
+                    self.wake()
+                    return
+                self.queued_control += len(frame)
+                self.pong_queued = self.pong_queued or kind == PONG
             was_empty = not self.outbox
-            self.outbox.append(frame)
+            self.outbox.append((kind, frame))
             if was_empty:
                 self.wake()
 
@@ -2029,10 +2578,6 @@ class Tunnel:
         with self.lock:
             self.streams.pop(stream_id, None)
 
-    def stream_count(self) -> int:
-        with self.lock:
-            return len(self.streams)
-
     # the tunnel's own thread --------------------------------------------------------
     def run(self, still_wanted: Callable = lambda: True) -> str:
         """Carry frames until the peer closes, breaks the protocol or falls silent, or
@@ -2042,7 +2587,7 @@ class Tunnel:
         poller = select.poll()
         poller.register(self.wake_read, select.POLLIN)
         unsent = b""
-        heard = pinged = checked = time.monotonic()
+        heard = pinged = checked = wrote = time.monotonic()
         try:
             self.dispatch()
             while True:
@@ -2051,9 +2596,11 @@ class Tunnel:
                     if not unsent:
                         unsent = self.take_outbox()
                         if not unsent:
+                            wrote = time.monotonic()     # nothing waits: the other end is not behind
                             break
                     try:
                         unsent = unsent[sock.send(unsent):]
+                        wrote = time.monotonic()
                     except (ssl.SSLWantWriteError, BlockingIOError):
                         wants_write = True       # retried later with the same bytes, as OpenSSL needs
                         break
@@ -2074,6 +2621,8 @@ class Tunnel:
                     return self.stop_reason
                 if now - heard > TUNNEL_DEAD_AFTER:
                     return f"nothing heard for {TUNNEL_DEAD_AFTER:.0f}s"
+                if wants_write and now - wrote > TUNNEL_DEAD_AFTER:
+                    return f"the other end took nothing for {TUNNEL_DEAD_AFTER:.0f}s"
                 if now - heard > TUNNEL_PING_AFTER and now - pinged > TUNNEL_PING_AFTER:
                     self.send(PING, 0, struct.pack("!d", now))
                     pinged = now
@@ -2092,8 +2641,12 @@ class Tunnel:
         with self.lock:
             frames, size = [], 0
             while self.outbox and size < TUNNEL_BATCH:
-                frames.append(self.outbox.popleft())
-                size += len(frames[-1])
+                kind, frame = self.outbox.popleft()
+                if kind != DATA:
+                    self.queued_control -= len(frame)
+                    self.pong_queued = self.pong_queued and kind != PONG
+                frames.append(frame)
+                size += len(frame)
         return b"".join(frames)
 
     def drain_wake_pipe(self) -> None:
@@ -2182,18 +2735,6 @@ class Tunnel:
             pass
 
 
-###############################################################################
-# 11. Server
-###############################################################################
-
-def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
 class Tunnels:
     """The tunnels jobs have opened to this process, by alias; at most one per alias."""
 
@@ -2224,20 +2765,67 @@ class Tunnels:
             return len(self.by_alias)
 
 
+    def connector(self, alias: str) -> Optional[Connector]:
+        """A way to open a stream to the alias's app through its tunnel, if one is attached."""
+        tunnel = self.get(alias)
+        return tunnel.open_stream if tunnel is not None else None
+
+
+def tunnel_answer(session: Session, peer: str, tunnels: Tunnels, store: Store, early: bytes) -> Answer:
+    """101, then the connection carries the session until it drops (the agent reconnects) or the
+    session ends; `early`: bytes the agent sent after its request head."""
+    alias = session.alias
+
+    def session_lives() -> bool:
+        current = store.cached_session(alias)
+        return current is not None and not current.is_over(time.time())
+
+    def carry(sock: socket.socket) -> tuple:
+        tunnel = Tunnel(sock, early=early)
+        tunnels.attach(alias, tunnel)
+        log.info("tunnel of %s attached from %s", alias, peer)
+        reason = tunnel.run(still_wanted=session_lives)
+        if tunnels.detach(alias, tunnel):
+            try:
+                store.set_backend_gone(alias, time.time())     # refresh ends it if it stays away
+            except sqlite3.Error as exc:
+                log.warning("could not record the tunnel of %s as gone: %s", alias, exc)
+        log.info("tunnel of %s closed: %s", alias, reason)
+        return 0, False
+    return Answer(101, [("Connection", "Upgrade"), ("Upgrade", TUNNEL_PROTOCOL)], stream=carry, close=True,
+                  framed=True)
+
+
+###############################################################################
+# 12. Server: accept, TLS, deadlines, the request pipeline, the one writer
+###############################################################################
+
+def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+TEXT = "text/plain; charset=utf-8"
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+NO_ENDPOINT = "no such endpoint {}; see /api/getlink, /api/redeem, /api/state, /api/release, /api/status, /healthz"
+
+
 class Satellite:
-    """The running service: settings, store, TLS context and the API, shared by all threads."""
+    """The running service, shared by all connections: settings, store, limits, TLS, tunnels —
+    and `respond`, the request pipeline: route -> decide -> act, returning an Answer."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = Store(settings.db)
         self.events = Events(self.store, settings.audit_log)
         self.metrics = Metrics()
-        self.token_failures = RateLimiter(settings.token_failures)
-        self.api = ManagementApi(settings, self.store, self.events)
+        self.token_failures = RateLimiter(settings.token_failures)     # keyed by (address, alias)
+        self.api = ManagementApi(settings, self.store, self.events, self.metrics)
         self.tls = load_tls_context(settings.cert, settings.key)
         self.cert_expiry = certificate_expiry(settings.cert)
-        self.domain_suffix = "." + settings.domain
-        self.hsts = [("Strict-Transport-Security", f"max-age={settings.hsts}")] if settings.hsts else []
         self.tunnels = Tunnels()
 
     def reload_certificate(self) -> bool:
@@ -2251,550 +2839,318 @@ class Satellite:
         log.info("certificate reloaded from %s", self.settings.cert)
         return True
 
-    def alias_for_host(self, host: str) -> Optional[str]:
-        """'<w1-w2-w3>.<domain>' -> alias; any other host is the management API."""
-        if host.endswith(self.domain_suffix):
-            label = host[:-len(self.domain_suffix)]
-            if ALIAS_SHAPE.match(label):
-                return label
+    # the pipeline ------------------------------------------------------------------
+    def respond(self, conn: "Connection", ex: Exchange) -> Answer:
+        """One request whose head has been read: where it goes, whether the caller may, the answer."""
+        ex.user = sso_user(ex.request, ex.peer, self.settings)
+        where = route(ex.request, self.settings)
+        if where.kind in ("endpoint", "unknown"):
+            return self.serve_management(conn, ex, where)
+        return self.serve_session(conn, ex, where)
+
+    def serve_management(self, conn: "Connection", ex: Exchange, where: Route) -> Answer:
+        request, peer = ex.request, ex.peer
+        as_json = "application/json" in (request.headers.get("accept") or "")
+        if where.kind == "unknown":
+            return self.api.refused(ApiError(404, NO_ENDPOINT.format(where.path)), where.path, peer, ex.user, as_json)
+        endpoint = ENDPOINTS[where.path]
+        if endpoint.max_body:
+            return self.api.answer(endpoint, where.path, request, peer, ex.user,
+                                   lambda limit: conn.read_form_body(ex, limit))
+        refusal = endpoint_refusal(endpoint, request, peer, self.settings)
+        if refusal is not None:
+            return self.api.refused(refusal, where.path, peer, ex.user, as_json or where.path == "/api/tunnel")
+        if where.path == "/healthz":
+            return Answer(200, [("Content-Type", TEXT)], b"ok\n")
+        if where.path == "/metrics":
+            text = self.metrics.render(self.store, self.cert_expiry, self.tunnels.count())
+            return Answer(200, [("Content-Type", METRICS_TYPE)], text.encode())
+        try:
+            session = self.api.attach_tunnel(request, peer)
+        except ApiError as exc:
+            log.info("tunnel from %s refused: %d %s", peer, exc.status, exc.reason)
+            return self.api.refused(exc, where.path, peer, ex.user, True)
+        return tunnel_answer(session, peer, self.tunnels, self.store, conn.stream.take_buffered())
+
+    def serve_session(self, conn: "Connection", ex: Exchange, where: Route) -> Answer:
+        request, alias = ex.request, where.alias
+        session = self.store.cached_session(alias)
+        if where.kind == "front-auth" and address_in(ex.peer, self.settings.admin_from) and session is not None \
+                and not session.is_over(time.time()):
+            return self.answer_front(ex, session)
+        verdict = decide_session_access(request, session, ex.user, self.settings, self.store.cookie_secret,
+                                        lambda: self.token_failures.retry_after((ex.peer, alias)), time.time())
+        self.carry_out(verdict, ex, session, alias)
+        if not verdict.allowed:
+            extra = [("Retry-After", str(verdict.retry_after))] if verdict.retry_after else []
+            return page_answer(verdict.status, verdict.text, extra)
+        if verdict.bind_owner and self.store.bind_user(alias, ex.user) != ex.user:
+            self.api.deny("This session belongs to another user.", ex.peer, ex.user, "not_owner", alias)
+            return page_answer(403, "This session belongs to another user.")
+        if where.kind != "app":
+            answer = self.internal_page(ex, session, where.path)
+        elif session.target is None:
+            answer = status_page_answer(session)
+        else:
+            answer = conn.forwarder.forward(ex, session, conn.send_interim)
+        if verdict.cookie:
+            answer.fields.append(verdict.cookie)
+        return answer
+
+    def carry_out(self, verdict: Verdict, ex: Exchange, session: Optional[Session], alias: str) -> None:
+        """What an access decision asks to be done: audit a refusal, count a wrong token, end an
+        expired session (best effort: refresh records it otherwise; the answer is 410 anyway)."""
+        if verdict.why:
+            self.api.deny(verdict.why, ex.peer, ex.user, verdict.label, alias)
+        if verdict.count_failure:
+            self.token_failures.record((ex.peer, alias))
+        if verdict.end_expired:
+            try:
+                if self.store.end(alias, "expired"):
+                    self.events.record("expire", alias, reason="lifetime over")
+            except sqlite3.Error as exc:
+                log.warning("could not end expired %s: %s", alias, exc)
+
+    def internal_page(self, ex: Exchange, session: Session, path: str) -> Answer:
+        if path != INTERNAL_PREFIX + "status":
+            return page_answer(404, "No such satellite page.")
+        ctype, body = format_fields(status_info(session, self.app_ready(session)), True)
+        return Answer(200, [("Content-Type", ctype), *PAGE_HEADERS], body)
+
+    def app_ready(self, session: Session) -> bool:
+        if session.tunneled:
+            return self.tunnels.get(session.alias) is not None
+        return session.target is not None and probe(session.target, 0.5)
+
+    def answer_front(self, ex: Exchange, session: Session) -> Answer:
+        """nginx's auth_request (see `export`): may the original request (X-Original-URI, and the
+        same cookies and Authorization) reach the app? 204, with the cookie to set on a first visit, or 403."""
+        original = ex.request.headers.get("x-original-uri") or "/"
+        if not original.startswith("/") or not TARGET_SAFE.match(original):
+            return page_answer(400, "bad X-Original-URI")
+        asked = dataclasses.replace(ex.request, target=original)
+        credential = "legacy" if session.legacy else presented_credential(asked, session, self.store.cookie_secret)
+        if credential is None:
+            self.api.deny("wrong or no token (via front)", ex.peer, ex.user, "front", session.alias)
+            return Answer(403, [("Content-Type", "text/plain")])
+        if session.state == "mapped":
+            self.store.mark_proxied(session.alias)
+        cookie = [session_cookie(self.store.cookie_secret, session)] if credential == "query" else []
+        return Answer(204, [("Content-Type", "text/plain"), *cookie])
+
+
+def answer_for_error(exc: Exception) -> Answer:
+    """The one mapping from a failure in the pipeline to what the client is told; the connection closes."""
+    if isinstance(exc, HttpError):
+        answer = page_answer(exc.status, exc.reason)
+    else:
+        log.error("database error: %s", exc)
+        answer = page_answer(503, "Satellite cannot read its database right now; try again soon.",
+                             [("Retry-After", "5")])
+    answer.close = True
+    return answer
+
+
+class Connection:
+    """One client's TLS connection: it reads heads and bodies within their deadlines, forwards
+    through its own pooled upstream, and is the one place that writes answers."""
+
+    def __init__(self, sock: ssl.SSLSocket, peer: str, service: Satellite):
+        self.peer = peer
+        self.stream = Stream(sock)
+        self.settings = service.settings
+        self.hsts = [("Strict-Transport-Security", f"max-age={service.settings.hsts}")] if service.settings.hsts else []
+        self.forwarder = Forwarder(self.stream, service.settings, service.store, service.metrics,
+                                   service.tunnels.connector)
+
+    def read_form_body(self, ex: Exchange, limit: int) -> bytes:
+        """An API form body (the endpoint already let the caller in), within `limit` and header-timeout."""
+        if ex.request.expects_continue:
+            self.send_interim(100)
+        body = read_small_body(self.stream, ex.request, limit, time.monotonic() + self.settings.header_timeout)
+        ex.body_read, ex.received = True, len(body)
+        return body
+
+    def send_interim(self, status: int) -> None:
+        self.stream.sock.sendall(response_head(status, []))
+
+    def send(self, ex: Exchange, answer: Answer) -> bool:
+        """Write an answer: head and whole body in one write, or the head and then its stream.
+        True if the connection may carry another request."""
+        request = ex.request
+        head_only = request is not None and request.method == "HEAD"
+        close = (answer.close or request is None or not request.keep_alive
+                 or (request.framing != "none" and not ex.body_read))     # an unread body ends the connection
+        fields = list(answer.fields)
+        names = {name.lower() for name, _ in fields}
+        if not answer.framed:
+            fields.append(("Content-Length", str(len(answer.body))))
+        if "strict-transport-security" not in names:
+            fields += self.hsts
+        if close and "connection" not in names:
+            fields.append(("Connection", "close"))
+        body = b"" if head_only else answer.body
+        self.stream.sock.sendall(response_head(answer.status, fields, answer.reason) + body)
+        ex.status, ex.sent = answer.status, len(body)
+        if answer.stream is not None and not head_only:
+            ex.sent, keep = answer.stream(self.stream.sock)
+            close = close or not keep
+        return not close
+
+    def close(self) -> None:
+        self.forwarder.drop_upstream()
+        try:
+            self.stream.sock.close()
+        except OSError:
+            pass
+
+
+def tls_handshake(raw: socket.socket, context: ssl.SSLContext, deadline: float, peer: str) -> Optional[ssl.SSLSocket]:
+    """TLS in the connection's own thread, whole before `deadline`: a client that dribbles its
+    handshake a byte at a time gets no longer than one that sends nothing. A plain-HTTP request
+    gets a plain-text hint."""
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        raw.settimeout(max(0.001, deadline - time.monotonic()))
+        first = raw.recv(1, socket.MSG_PEEK)
+        if not first:
+            return None
+        if first != b"\x16":                        # not a TLS handshake record
+            raw.sendall(plain_answer(400, b"This port speaks HTTPS; use https:// URLs\n"))
+            return None
+        sock = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        sock.setblocking(False)
+        poller = select.poll()
+        while True:
+            try:
+                sock.do_handshake()
+                return sock
+            except ssl.SSLWantReadError:
+                poller.register(sock, select.POLLIN)
+            except ssl.SSLWantWriteError:
+                poller.register(sock, select.POLLOUT)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the TLS handshake took too long")
+            poller.poll(remaining * 1000)
+    except (OSError, ssl.SSLError) as exc:
+        log.info("TLS handshake with %s failed: %s", peer, exc)
         return None
 
 
+class ConnectionHandler(socketserver.BaseRequestHandler):
+    """The connection loop: TLS, then requests until close. Each request's head must arrive
+    whole by one deadline: header-timeout from accept for the first (handshake included),
+    idle-timeout from the end of the previous one after that."""
+
+    server: "ThreadedServer"
+
+    def handle(self) -> None:
+        service = self.server.service
+        settings = service.settings
+        accepted = time.monotonic()
+        peer = plain_address(self.client_address[0])
+        sock = tls_handshake(self.request, service.tls, accepted + min(settings.handshake_timeout,
+                                                                       settings.header_timeout), peer)
+        if sock is None:
+            return
+        conn = Connection(sock, peer, service)
+        deadline = accepted + settings.header_timeout
+        try:
+            while self.serve_one(service, conn, deadline):
+                deadline = time.monotonic() + settings.idle_timeout
+        except (ConnectionError, socket.timeout, ssl.SSLError, OSError) as exc:
+            log.debug("connection from %s ended: %s", peer, exc)
+        finally:
+            conn.close()
+            service.store.close_thread_connection()
+
+    def serve_one(self, service: Satellite, conn: Connection, deadline: float) -> bool:
+        """Read a request, have the pipeline answer it, send the answer; True to go on."""
+        ex = Exchange(conn.peer, time.monotonic())
+        try:
+            try:
+                ex.request = read_request(conn.stream, deadline)
+                if ex.request is None:
+                    return False
+                conn.stream.sock.settimeout(service.settings.upstream_timeout)
+                answer = service.respond(conn, ex)
+            except (HttpError, sqlite3.Error) as exc:
+                answer = answer_for_error(exc)
+            return conn.send(ex, answer)
+        finally:
+            if ex.status:
+                log_access(ex)
+                service.metrics.request_done(ex.status, time.monotonic() - ex.started, ex.received, ex.sent)
+
+
+def log_access(ex: Exchange) -> None:
+    if not access_log.isEnabledFor(logging.INFO):          # access-log = off: no formatting per request
+        return
+    request = ex.request
+    line = f"{request.method} {redact(request.target)} {request.version}" if request else "-"
+    access_log.info('%s - - [%s] "%s" %d %d "%s" %.3f', ex.peer,
+                    time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime()), line,
+                    ex.status, ex.sent, request.host_header if request else "-", time.monotonic() - ex.started)
+
+
+def connection_refusal(open_total: int, open_from_peer: int, peer: str, settings: Settings) -> Optional[str]:
+    """Why a new connection is closed at once, or None. One address may hold only its share of
+    the slots, so it cannot lock out everyone else; a trusted front speaks for many and is not capped."""
+    if open_total >= settings.max_connections:
+        return f"connection limit {settings.max_connections} reached"
+    per_address = settings.max_connections_per_address
+    if per_address and open_from_peer >= per_address and not address_in(peer, settings.trusted_fronts):
+        return f"{per_address} connections from {peer} already"
+    return None
+
+
 class ThreadedServer(socketserver.ThreadingTCPServer):
-    """One thread per connection; connections beyond max_connections are refused at once."""
+    """One thread per connection, within the connection limits (counted at accept)."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
     block_on_close = False
 
-    def __init__(self, app: Satellite, address: Optional[tuple] = None, handler=None):
-        self.app = app
-        host, port = address or app.settings.listen
+    def __init__(self, service: Satellite, address: Optional[tuple] = None, handler=None):
+        self.service = service
+        host, port = address or service.settings.listen
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.open_connections = 0
+        self.open_by_address: dict = {}
         self._count_lock = threading.Lock()
+        self._warned = 0.0
         super().__init__((host, port), handler or ConnectionHandler)
 
     def process_request(self, request, client_address):
+        peer = plain_address(client_address[0])
         with self._count_lock:
-            if self.open_connections >= self.app.settings.max_connections:
-                log.warning("connection limit %d reached; refusing %s",
-                            self.app.settings.max_connections, client_address[0])
-                self.shutdown_request(request)
-                return
-            self.open_connections += 1
+            refusal = connection_refusal(self.open_connections, self.open_by_address.get(peer, 0), peer,
+                                         self.service.settings)
+            if refusal is None:
+                self.open_connections += 1
+                self.open_by_address[peer] = self.open_by_address.get(peer, 0) + 1
+        if refusal is not None:
+            if time.monotonic() - self._warned > 10:       # one line per 10 s, not one per refused connection
+                self._warned = time.monotonic()
+                log.warning("%s; refusing new connections from %s", refusal, peer)
+            self.shutdown_request(request)
+            return
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):
+        peer = plain_address(client_address[0])
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._count_lock:
                 self.open_connections -= 1
+                left = self.open_by_address.pop(peer) - 1
+                if left:
+                    self.open_by_address[peer] = left
 
     def handle_error(self, request, client_address):
         log.exception("unexpected error serving %s", client_address[0])
-
-
-class ConnectionHandler(socketserver.BaseRequestHandler):
-    """One client connection: TLS handshake, then requests until close.
-
-    A request's path: read_request (strict parse) -> route by Host -> management API, or
-    session host -> authorize (token, cookie) -> status page or proxy to the app.
-    """
-
-    server: ThreadedServer
-
-    # connection --------------------------------------------------------------
-    def handle(self) -> None:
-        self.app: Satellite = self.server.app
-        self.settings = self.app.settings
-        self.peer = plain_address(self.client_address[0])
-        self.upstream: Optional[Upstream] = None
-        sock = self.tls_handshake(self.request)
-        if sock is None:
-            return
-        self.client = Stream(sock)
-        try:
-            while self.handle_one_request():
-                pass
-        except (ConnectionError, socket.timeout, ssl.SSLError, OSError) as exc:
-            log.debug("connection from %s ended: %s", self.peer, exc)
-        finally:
-            if self.upstream:
-                self.upstream.close()
-            self.app.store.close_thread_connection()
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-    def tls_handshake(self, raw: socket.socket) -> Optional[ssl.SSLSocket]:
-        """Handshake in this worker thread, bounded by a timeout, so a silent client
-        blocks nobody else. A plain-HTTP request gets a plain-text hint."""
-        raw.settimeout(self.settings.handshake_timeout)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            first = raw.recv(1, socket.MSG_PEEK)
-            if not first:
-                return None
-            if first != b"\x16":                        # not a TLS handshake record
-                raw.sendall(plain_answer(400, b"This port speaks HTTPS; use https:// URLs\n"))
-                return None
-            return self.app.tls.wrap_socket(raw, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            log.info("TLS handshake with %s failed: %s", self.peer, exc)
-            return None
-
-    def handle_one_request(self) -> bool:
-        """Serve one request; True to keep the connection for another."""
-        self.client.sock.settimeout(self.settings.idle_timeout)
-        self.status, self.sent, self.received = 0, 0, 0
-        started = time.monotonic()
-        request = None
-        try:
-            request = read_request(self.client, self.settings.header_timeout)
-            if request is None:
-                return False
-            self.client.sock.settimeout(self.settings.upstream_timeout)
-            keep = self.route(request)
-        except HttpError as exc:
-            self.send_page(exc.status, message_page(exc.status, exc.reason), close=True)
-            keep = False
-        except sqlite3.Error as exc:
-            log.error("database error: %s", exc)
-            self.send_page(503, message_page(503, "Satellite cannot read its database right now; try again soon."),
-                           headers=[("Retry-After", "5")], close=True)
-            keep = False
-        finally:
-            if self.status:
-                self.log_access(request, started)
-                self.app.metrics.request_done(self.status, time.monotonic() - started, self.received, self.sent)
-        return keep and request is not None and request.keep_alive
-
-    def log_access(self, request: Optional[Request], started: float) -> None:
-        if not access_log.isEnabledFor(logging.INFO):          # access-log = off: no formatting per request
-            return
-        line = f"{request.method} {redact(request.target)} {request.version}" if request else "-"
-        host = request.host_header if request else "-"
-        access_log.info('%s - - [%s] "%s" %d %d "%s" %.3f', self.peer,
-                        time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime()), line,
-                        self.status, self.sent, host, time.monotonic() - started)
-
-    # responses ---------------------------------------------------------------
-    def send_head(self, status: int, headers: list, reason: str = "") -> None:
-        self.client.sock.sendall(response_head(status, headers, reason))
-        self.status = status
-
-    def send_page(self, status: int, body: bytes, content_type: str = "text/html; charset=utf-8",
-                  headers: Iterable = (), close: bool = False, head_only: bool = False) -> bool:
-        """A complete response from satellite itself, head and body in one write."""
-        fields = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        fields += PAGE_HEADERS + self.app.hsts + list(headers)
-        if close:
-            fields.append(("Connection", "close"))
-        head = response_head(status, fields)
-        self.client.sock.sendall(head if head_only else head + body)
-        self.status, self.sent = status, (0 if head_only else len(body))
-        return not close
-
-    def refuse(self, request: Request, status: int, text: str, headers: Iterable = ()) -> bool:
-        """An error page; the connection closes if the request's body was not read."""
-        return self.send_page(status, message_page(status, text), headers=headers,
-                              close=request.body != "none", head_only=request.method == "HEAD")
-
-    # routing -----------------------------------------------------------------
-    def route(self, request: Request) -> bool:
-        self.user = self.remote_user(request)
-        alias = self.app.alias_for_host(request.host)
-        if alias is None:
-            return self.serve_management(request)
-        return self.serve_session(request, alias)
-
-    def serve_management(self, request: Request) -> bool:
-        if request.path == "/healthz":
-            return self.send_page(200, b"ok\n", "text/plain; charset=utf-8", head_only=request.method == "HEAD")
-        if request.path == "/metrics":
-            if not address_in(self.peer, self.settings.metrics_from):
-                return self.refuse(request, 403, "metrics are not shown to this address")
-            body = self.app.metrics.render(self.app.store, self.app.cert_expiry, self.app.tunnels.count()).encode()
-            return self.send_page(200, body, "text/plain; version=0.0.4; charset=utf-8",
-                                  head_only=request.method == "HEAD")
-        if request.path in self.app.api.legacy_routes:
-            return self.serve_legacy(request)
-        if request.path == "/api/tunnel":
-            return self.serve_tunnel(request)
-        endpoint = self.app.api.routes.get(request.path)
-        as_json = "application/json" in (request.headers.get("accept") or "")
-        retry_after = 0
-        try:
-            if endpoint is None:
-                raise ApiError(404, f"no such endpoint {request.path}; see /api/getlink, /api/redeem,"
-                                    " /api/state, /api/release, /api/status, /healthz")
-            if request.method not in ("GET", "POST", "HEAD"):
-                raise ApiError(405, "use GET or POST")
-            if request.headers.get("expect", "").lower() == "100-continue" and request.body != "none":
-                self.client.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-            params = parse_params(request, read_small_body(self.client, request, MAX_API_BODY))
-            as_json = as_json or params.get("format") == "json"
-            status, fields = endpoint(params, self.peer)
-        except ApiError as exc:
-            status, fields, retry_after = exc.status, {"error": exc.reason}, exc.retry_after
-            log.info("api %s from %s: %d %s", request.path, self.peer, exc.status, exc.reason)
-            if exc.status in (403, 404, 429):
-                self.deny(f"api {request.path}: {exc.reason}", source_reason=f"api_{exc.status}")
-        except sqlite3.OperationalError as exc:
-            status, fields = 503, {"error": "database unavailable, try again"}
-            log.error("database error on %s: %s", request.path, exc)
-        return self.send_api_answer(request, status, fields, as_json, retry_after)
-
-    def send_api_answer(self, request: Request, status: int, fields: dict, as_json: bool,
-                        retry_after: int = 0) -> bool:
-        ctype, body = format_fields(fields, as_json)
-        extra = [("Allow", "GET, POST, HEAD")] if status == 405 else []
-        if retry_after:
-            extra.append(("Retry-After", str(retry_after)))
-        return self.send_page(status, body, ctype, headers=extra, head_only=request.method == "HEAD")
-
-    def serve_tunnel(self, request: Request) -> bool:
-        """A job's agent asks to carry its session over this connection: after 101 it does so
-        until the connection drops (the agent then reconnects) or the session ends."""
-        try:
-            session = self.app.api.attach_tunnel(request, self.peer)
-        except ApiError as exc:
-            log.info("tunnel from %s refused: %d %s", self.peer, exc.status, exc.reason)
-            if exc.status in (403, 404):
-                self.deny(f"tunnel: {exc.reason}", source_reason=f"api_{exc.status}")
-            self.send_api_answer(request, exc.status, {"error": exc.reason}, True)
-            return False
-        alias = session.alias
-        self.send_head(101, [("Connection", "Upgrade"), ("Upgrade", TUNNEL_PROTOCOL)])
-        tunnel = Tunnel(self.client.sock, early=self.client.take_buffered())
-        self.app.tunnels.attach(alias, tunnel)
-        log.info("tunnel of %s attached from %s", alias, self.peer)
-        def session_lives() -> bool:
-            current = self.app.store.cached_session(alias)
-            return current is not None and not current.is_over(time.time())
-        reason = tunnel.run(still_wanted=session_lives)
-        if self.app.tunnels.detach(alias, tunnel):
-            try:
-                self.app.store.set_backend_gone(alias, time.time())     # refresh ends it if it stays away
-            except sqlite3.Error as exc:
-                log.warning("could not record the tunnel of %s as gone: %s", alias, exc)
-        log.info("tunnel of %s closed: %s", alias, reason)
-        return False
-
-    def answer_front(self, request: Request, session: Session) -> bool:
-        """nginx's auth_request (see `export`): may the original request (X-Original-URI, and the
-        same cookies and Authorization) reach the app? 204, with the cookie to set on a first visit, or 403."""
-        original = request.headers.get("x-original-uri") or "/"
-        if not original.startswith("/") or not TARGET_SAFE.match(original):
-            return self.refuse(request, 400, "bad X-Original-URI")
-        asked = dataclasses.replace(request, target=original)
-        credential = "legacy" if session.legacy else self.credential(asked, session)
-        if credential is None:
-            self.deny("wrong or no token (via front)", session.alias, "front")
-            return self.send_page(403, b"", "text/plain")
-        cookie = self.session_cookie(session) if credential == "query" else []
-        if session.state == "mapped":
-            self.app.store.mark_proxied(session.alias)
-        return self.send_page(204, b"", "text/plain", headers=cookie)
-
-    def serve_legacy(self, request: Request) -> bool:
-        """SDSC Satellite's CGIs: plain-text replies; real status codes on errors."""
-        try:
-            if request.method not in ("GET", "POST", "HEAD"):
-                raise ApiError(405, "Oops! Use GET or POST")
-            params = parse_params(request, read_small_body(self.client, request, MAX_API_BODY))
-            status, text = self.app.api.legacy_routes[request.path](params, self.peer)
-        except ApiError as exc:
-            status, text = exc.status, (exc.reason if exc.reason.startswith("Oops!") else f"Oops! {exc.reason}") + "\n"
-            if exc.status in (403, 404):
-                self.deny(f"legacy {request.path}: {exc.reason}", source_reason=f"api_{exc.status}")
-        return self.send_page(status, text.encode(), "text/plain; charset=utf-8", head_only=request.method == "HEAD")
-
-    def serve_session(self, request: Request, alias: str) -> bool:
-        session = self.app.store.cached_session(alias)
-        if session is None:
-            return self.refuse(request, 404, "There is no session at this address.")
-        if session.is_over(time.time()):
-            try:
-                if session.state != "ended" and self.app.store.end(alias, "expired"):
-                    self.app.events.record("expire", alias, reason="lifetime over")
-            except sqlite3.Error as exc:                  # refresh will record it; the answer is 410 anyway
-                log.warning("could not end expired %s: %s", alias, exc)
-            return self.refuse(request, 410, "This session has ended. Start a new one to get a new link.")
-        if request.path == INTERNAL_PREFIX + "auth" and address_in(self.peer, self.settings.admin_from):
-            return self.answer_front(request, session)
-        wait = self.app.token_failures.retry_after(self.peer, consume=False)
-        if wait:
-            self.deny("too many wrong tokens", alias, "rate_limited")
-            return self.refuse(request, 429, "Too many attempts with wrong tokens from your address; wait a minute.",
-                               headers=[("Retry-After", str(wait))])
-        credential = "legacy" if session.legacy else self.credential(request, session)
-        if credential is None:
-            tried = "token=" in request.query or COOKIE_NAME in (request.headers.get("cookie") or "") \
-                or request.headers.get("authorization")
-            if tried:
-                self.app.token_failures.retry_after(self.peer)
-            self.deny("wrong token" if tried else "no token", alias, "wrong_token" if tried else "no_token")
-            return self.refuse(request, 403, "This link needs its token: open the full link you were given "
-                                             "(the one ending in ?token=...).")
-        if self.settings.trusted_user_header:
-            refusal = self.check_owner(session)
-            if refusal:
-                self.deny(refusal, alias, "not_owner")
-                return self.refuse(request, 403, refusal)
-        cookie = self.session_cookie(session) if credential not in ("cookie", "legacy") else []
-        if request.path.startswith(INTERNAL_PREFIX):
-            return self.serve_internal(request, session)
-        if session.target is None:
-            return self.send_status_page(request, session, cookie)
-        return self.proxy(request, session, cookie)
-
-    def session_cookie(self, session: Session) -> list:
-        """Set on the first visit with the token, so later requests need not carry it."""
-        value = cookie_value(self.app.store.cookie_secret, session.alias, session.token_hash)
-        return [("Set-Cookie", f"{COOKIE_NAME}={value}; Path=/; Secure; HttpOnly; SameSite=Lax")]
-
-    def remote_user(self, request: Request) -> Optional[str]:
-        """The signed-in user named by the SSO front, believed only from a trusted front address."""
-        header = self.settings.trusted_user_header
-        if not header or not address_in(self.peer, self.settings.trusted_fronts):
-            return None
-        user = (request.headers.get(header) or "").strip()
-        return user if 0 < len(user) <= 256 else None
-
-    def check_owner(self, session: Session) -> Optional[str]:
-        """With SSO: why this request may not use the session, or None. First signed-in user owns it."""
-        if self.user is None:
-            return "Sign in through the site's login page first; this link only works there."
-        owner = session.user or self.app.store.bind_user(session.alias, self.user)
-        if owner != self.user:
-            return "This session belongs to another user."
-        return None
-
-    def deny(self, reason: str, alias: Optional[str] = None, source_reason: str = "other") -> None:
-        """A refused request: counted, and one audit line (no secret: only why)."""
-        self.app.metrics.deny(source_reason)
-        self.app.events.record("denied", alias, self.peer, reason=reason, user=self.user)
-
-    def credential(self, request: Request, session: Session) -> Optional[str]:
-        """How the request proves it holds the session's token: 'query', 'cookie', 'header' or None."""
-        if "token=" in request.query:
-            for name, value in urllib.parse.parse_qsl(request.query, keep_blank_values=True):
-                if name == "token" and secret_matches(value, session.token_hash):
-                    return "query"
-        expected = None
-        for header in request.headers.get_all("cookie"):
-            for part in header.split(";"):
-                name, _, value = part.strip().partition("=")
-                if name == COOKIE_NAME:
-                    expected = expected or cookie_value(self.app.store.cookie_secret, session.alias,
-                                                        session.token_hash)
-                    if hmac.compare_digest(value.encode(), expected.encode()):
-                        return "cookie"
-        scheme, _, value = (request.headers.get("authorization") or "").partition(" ")
-        if scheme.lower() in ("token", "bearer") and secret_matches(value.strip(), session.token_hash):
-            return "header"
-        return None
-
-    def serve_internal(self, request: Request, session: Session) -> bool:
-        if request.path == INTERNAL_PREFIX + "status":
-            info = {"alias": session.alias, "state": session.state, "ready": self.app_answers(session),
-                    "expires": iso_time(session.expires)}
-            info["message"] = jobstate_note(session) or {"queued": "Waiting for the batch system to start the job.",
-                               "running": "The job is running; the app is starting.",
-                               "mapped": "The app has registered; waiting for it to answer."}.get(session.state, "")
-            if session.tunneled:
-                info["tunnel"] = "connected" if info["ready"] else "reconnecting"
-                if not info["ready"]:
-                    info["message"] = TUNNEL_DOWN_NOTE
-            ctype, body = format_fields(info, True)
-            return self.send_page(200, body, ctype, head_only=request.method == "HEAD")
-        return self.refuse(request, 404, "No such satellite page.")
-
-    def app_answers(self, session: Session) -> bool:
-        if session.tunneled:
-            return self.app.tunnels.get(session.alias) is not None
-        if session.target is None:
-            return False
-        try:
-            socket.create_connection(session.target, timeout=0.5).close()
-            return True
-        except OSError:
-            return False
-
-    def send_status_page(self, request: Request, session: Session, cookie: list, note: str = "") -> bool:
-        return self.send_page(503, status_page(session, note), headers=[("Retry-After", "2")] + cookie,
-                              close=request.body != "none", head_only=request.method == "HEAD")
-
-    # proxying ------------------------------------------------------------------
-    def connect_upstream(self, session: Session, retryable: bool) -> Upstream:
-        """The client connection's pooled upstream if it still fits, else a new one. A retryable request
-        skips the staleness probe (a syscall per request): if the app had closed it, it is retried anyway."""
-        tunnel = self.app.tunnels.get(session.alias) if session.tunneled else None
-        if session.tunneled and tunnel is None:
-            raise TunnelDown()
-        if self.upstream is not None:
-            if (self.upstream.target, self.upstream.pin, self.upstream.tunnel) == \
-                    (session.target, session.tls_pin, tunnel) and (retryable or self.upstream.is_idle_and_open()):
-                self.upstream.reused = True
-                return self.upstream
-            self.upstream.close()
-            self.upstream = None
-        self.upstream = Upstream(session.target, self.settings.upstream_timeout,
-                                 self.settings.upstream_connect_timeout, session.tls_pin, tunnel)
-        return self.upstream
-
-    def drop_upstream(self) -> None:
-        if self.upstream:
-            self.upstream.close()
-            self.upstream = None
-
-    def proxy(self, request: Request, session: Session, cookie: list) -> bool:
-        """Forward one request to the session's app and relay its answer."""
-        if request.body == "chunked" and not request.headers.get("expect"):
-            line = self.client.readline(1024)           # a malformed first chunk never reaches the app
-            if not CHUNK_SIZE_LINE.match(line):
-                raise HttpError(400, "malformed chunk size")
-            self.client.unread(line)
-        header = self.settings.trusted_user_header.lower()
-        head = forwarded_request_head(request, self.peer, frozenset((header,)) if header and not self.user else frozenset())
-        retryable = request.body == "none" and request.method in IDEMPOTENT_METHODS
-        for attempt in (1, 2):
-            try:
-                upstream = self.connect_upstream(session, retryable and attempt == 1)
-            except TunnelDown:
-                return self.send_status_page(request, session, cookie, TUNNEL_DOWN_NOTE)
-            except CertificateMismatch as exc:
-                log.warning("%s: %s", session.alias, exc)
-                self.app.metrics.upstream_error()
-                return self.refuse(request, 502, "The app behind this link presented the wrong certificate.")
-            except OSError as exc:
-                log.info("app of %s at %s not reachable: %s", session.alias, session.target, exc)
-                self.app.metrics.upstream_error()
-                if session.state == "mapped":
-                    return self.send_status_page(request, session, cookie, "The app is not answering yet.")
-                return self.refuse(request, 502, "The app behind this link is not answering. "
-                                                 "It may have stopped; check your job.")
-            try:
-                upstream.stream.sock.sendall(head)
-                if request.body != "none":
-                    if request.headers.get("expect", "").lower() == "100-continue":
-                        self.client.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    self.relay_request_body(request, upstream)
-                response = read_response(upstream.stream, request.method)
-                while 100 <= response.status < 200 and response.status != 101:
-                    response = read_response(upstream.stream, request.method)   # drop interim answers
-                break
-            except HttpError as exc:
-                self.drop_upstream()
-                if exc.status == 400:                    # the client's body was malformed
-                    raise
-                return self.refuse(request, 502, exc.reason)
-            except (ConnectionError, socket.timeout, OSError) as exc:
-                retry = upstream.reused and attempt == 1 and retryable
-                self.drop_upstream()
-                if retry:
-                    continue                             # the pooled connection had gone stale
-                log.info("app of %s failed mid-request: %s", session.alias, exc)
-                self.app.metrics.upstream_error()
-                return self.refuse(request, 502, "The app closed the connection.")
-        if session.state == "mapped":
-            self.app.store.mark_proxied(session.alias)
-        if response.status == 101:
-            return self.switch_to_websocket(request, session, response, cookie)
-        return self.relay_response(request, response, cookie)
-
-    def relay_request_body(self, request: Request, upstream: Upstream) -> None:
-        if request.body == "length":
-            self.received = copy_exact(self.client, upstream.stream.sock, request.length)
-        else:
-            self.received = copy_chunked(self.client, upstream.stream.sock)
-
-    def relay_response(self, request: Request, response: Response, cookie: list) -> bool:
-        """Status and headers (hop-by-hop dropped), then the body, streamed in its own framing."""
-        drop = HOP_BY_HOP | response.headers.tokens("connection") | {"content-length"}
-        fields = [(n, v) for n, v in response.headers.fields if n.lower() not in drop]
-        client_keep = request.keep_alive
-        upstream_keep = "close" not in response.headers.tokens("connection") and response.body != "close"
-        if response.body == "length":
-            fields.append(("Content-Length", str(response.length)))
-        elif response.body in ("chunked", "close"):
-            if request.version == "HTTP/1.1":
-                fields.append(("Transfer-Encoding", "chunked"))
-            else:
-                client_keep = False
-        elif request.method == "HEAD" and response.headers.get("content-length"):
-            fields.append(("Content-Length", response.headers.get("content-length")))
-        if not client_keep:
-            fields.append(("Connection", "close"))
-        if self.app.hsts and not response.headers.get("strict-transport-security"):
-            fields += self.app.hsts
-        source, sink = self.upstream.stream, self.client.sock
-        if response.body == "length" and len(source.buf) >= response.length:
-            # the whole (small) body came with the head: one write, one TLS record, one syscall
-            body = source.read_exact(response.length)
-            sink.sendall(response_head(response.status, fields + cookie, response.reason) + body)
-            self.status, self.sent = response.status, len(body)
-            if not upstream_keep:
-                self.drop_upstream()
-            return client_keep
-        self.send_head(response.status, fields + cookie, response.reason)
-        try:
-            if response.body == "length":
-                self.sent = copy_exact(source, sink, response.length)
-            elif response.body == "chunked":
-                if request.version == "HTTP/1.1":
-                    self.sent = copy_chunked(source, sink, error_status=502)
-                else:
-                    for chunk in iter_chunks(source):
-                        sink.sendall(chunk)
-                        self.sent += len(chunk)
-            elif response.body == "close":
-                self.sent = copy_until_close(source, sink, chunked=request.version == "HTTP/1.1")
-        except HttpError as exc:                           # the app broke framing mid-body
-            log.info("bad body from app: %s", exc.reason)
-            self.drop_upstream()
-            return False
-        except (ConnectionError, socket.timeout, OSError) as exc:
-            log.info("relay interrupted: %s", exc)
-            self.drop_upstream()
-            return False
-        if not upstream_keep:
-            self.drop_upstream()
-        return client_keep
-
-    def switch_to_websocket(self, request: Request, session: Session, response: Response, cookie: list) -> bool:
-        if not request.wants_websocket:
-            self.drop_upstream()
-            return self.refuse(request, 502, "The app switched protocols unasked.")
-        drop = (HOP_BY_HOP - {"upgrade"}) | response.headers.tokens("connection") - {"upgrade"}
-        fields = [(n, v) for n, v in response.headers.fields if n.lower() not in drop]
-        self.send_head(101, fields + [("Connection", "Upgrade")] + cookie, response.reason)
-        upstream, self.upstream = self.upstream, None
-        try:
-            if self.client.buf:
-                upstream.stream.sock.sendall(self.client.take_buffered())
-            if upstream.stream.buf:
-                self.client.sock.sendall(upstream.stream.take_buffered())
-            alias = session.alias
-            still_open = lambda: not self.app.store.cached_session(alias).is_over(time.time())
-            self.app.metrics.websocket_opened(+1)
-            self.received, self.sent = relay_websocket(self.client.sock, upstream.stream.sock, still_open)
-        except (ConnectionError, socket.timeout, OSError) as exc:
-            log.debug("websocket of %s ended: %s", session.alias, exc)
-        finally:
-            self.app.metrics.websocket_opened(-1)
-            upstream.close()
-        return False
-
-
-def plain_answer(status: int, body: bytes, fields: Iterable = ()) -> bytes:
-    """A whole short text/plain answer that closes the connection (outside the TLS handler)."""
-    return response_head(status, [*fields, ("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
-                                  ("Connection", "close")]) + body
 
 
 class RedirectHandler(socketserver.BaseRequestHandler):
@@ -2802,16 +3158,15 @@ class RedirectHandler(socketserver.BaseRequestHandler):
     301 to the same host and path over HTTPS. Nothing else is served in the clear."""
 
     def handle(self) -> None:
-        settings: Settings = self.server.app.settings
-        self.request.settimeout(settings.header_timeout)
+        settings: Settings = self.server.service.settings
         stream = Stream(self.request)
         try:
-            request = read_request(stream, settings.header_timeout)
+            request = read_request(stream, time.monotonic() + settings.header_timeout)
             if request is None:
                 return
-            port = "" if settings.link_port == 443 else f":{settings.link_port}"
             host = f"[{request.host}]" if ":" in request.host else request.host
-            answer = plain_answer(301, b"Use HTTPS.\n", [("Location", f"https://{host}{port}{request.target}")])
+            location = f"https://{host}{settings.port_suffix}{request.target}"
+            answer = plain_answer(301, b"Use HTTPS.\n", [("Location", location)])
         except HttpError as exc:
             answer = plain_answer(exc.status, f"{exc.reason}\n".encode())
         except (OSError, ValueError):
@@ -2823,7 +3178,7 @@ class RedirectHandler(socketserver.BaseRequestHandler):
 
 
 ###############################################################################
-# 12. Commands
+# 13. Commands
 ###############################################################################
 
 def setup_logging(settings: Settings) -> None:
@@ -2854,9 +3209,9 @@ def command_serve(settings: Settings) -> int:
     setup_logging(settings)
     raise_descriptor_limit()
     try:
-        app = Satellite(settings)
-        app.store.mark_tunnels_down(time.time())
-        app.store.close_thread_connection()        # the main thread keeps none open (workers close theirs)
+        service = Satellite(settings)
+        service.store.mark_tunnels_down(time.time())
+        service.store.close_thread_connection()    # the main thread keeps none open (workers close theirs)
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot load certificate %s / key %s: %s", settings.cert, settings.key, exc)
         return 1
@@ -2864,21 +3219,21 @@ def command_serve(settings: Settings) -> int:
         log.error("cannot open database %s: %s", settings.db, exc)
         return 1
     try:
-        server = ThreadedServer(app)
+        server = ThreadedServer(service)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", *settings.listen, exc)
         return 1
     servers = [server]
     if settings.redirect_listen:
         try:
-            redirect = ThreadedServer(app, settings.redirect_listen, RedirectHandler)
+            redirect = ThreadedServer(service, settings.redirect_listen, RedirectHandler)
         except OSError as exc:
             log.error("cannot listen on %s:%d for redirects: %s", *settings.redirect_listen, exc)
             return 1
         servers.append(redirect)
         threading.Thread(target=redirect.serve_forever, daemon=True).start()
         log.info("redirecting http://%s:%d to https", *redirect.server_address[:2])
-    signal.signal(signal.SIGHUP, lambda *_: app.reload_certificate())
+    signal.signal(signal.SIGHUP, lambda *_: service.reload_certificate())
 
     def stop(*_):
         for each in servers:
@@ -2937,8 +3292,7 @@ def export_map(store: Store, domain: str, fmt: str) -> str:
     for session in sorted(store.sessions(("mapped", "proxied")), key=lambda s: s.alias):
         if session.is_over(now) or session.tls_pin:
             continue
-        host = session.target_host
-        target = f"[{host}]:{session.target_port}" if ":" in host else f"{host}:{session.target_port}"
+        target = host_port(session.target_host, session.target_port)
         lines.append(EXPORT_LINE[fmt].format(host=f"{session.alias}.{domain}", target=target))
     return "\n".join(lines) + "\n"
 
@@ -3032,43 +3386,81 @@ def command_stats(settings: Settings) -> int:
 
 
 SETTING_FLAGS = [
-    # flag, dest, help
-    ("--domain", "domain", "DNS domain whose wildcard *.DOMAIN points at this host (required)"),
-    ("--listen", "listen", "HOST:PORT to listen on (default 127.0.0.1:8443; [::]:443 in production)"),
+    # flag, dest, help (the default is added from Settings: one copy of each default)
+    ("--domain", "domain", "DNS domain whose wildcard *.DOMAIN points at this host"),
+    ("--listen", "listen", "HOST:PORT to listen on ([::]:443 in production)"),
     ("--cert", "cert", "certificate chain (PEM) valid for *.DOMAIN; reloaded on SIGHUP"),
     ("--key", "key", "private key (PEM) of the certificate"),
-    ("--db", "db", "SQLite database file (default ./satellite.db)"),
+    ("--db", "db", "SQLite database file"),
     ("--issue-from", "issue_from", "CIDR[,CIDR] allowed to call /api/getlink: your login nodes"),
     ("--redeem-from", "redeem_from", "CIDR[,CIDR] allowed to call /api/redeem: your compute nodes"),
-    ("--port-range", "port_range", "ports a job may redeem (default 1024-65535)"),
-    ("--redeem-within", "redeem_within", "how long a link waits for its job to redeem it (default 2d)"),
-    ("--session-lifetime", "session_lifetime", "session length after redeem when getlink names none (default 12h)"),
-    ("--max-session-lifetime", "max_session_lifetime", "longest lifetime getlink may ask for (default 7d)"),
-    ("--public-port", "public_port", "port shown in links, if a front maps 443 elsewhere (default: listen port)"),
-    ("--access-log", "access_log", "access log file, '-' for stderr (default) or 'off'; secrets are redacted"),
-    ("--log-level", "log_level", "debug, info, warning or error (default info)"),
-    ("--max-connections", "max_connections", "open connections at most (default 4096)"),
-    ("--handshake-timeout", "handshake_timeout", "seconds a client has to finish the TLS handshake (default 10)"),
-    ("--header-timeout", "header_timeout", "seconds a client has to send a whole request head (default 30)"),
-    ("--idle-timeout", "idle_timeout", "seconds a keep-alive connection may wait for its next request (default 75)"),
+    ("--port-range", "port_range", "ports a job may redeem"),
+    ("--redeem-within", "redeem_within", "how long a link waits for its job to redeem it"),
+    ("--session-lifetime", "session_lifetime", "session length after redeem when getlink names none"),
+    ("--max-session-lifetime", "max_session_lifetime", "longest lifetime getlink may ask for"),
+    ("--public-port", "public_port", "port shown in links, if a front maps 443 elsewhere (0: the listen port)"),
+    ("--access-log", "access_log", "access log file, '-' for stderr or 'off'; secrets are redacted"),
+    ("--log-level", "log_level", "debug, info, warning or error"),
+    ("--max-connections", "max_connections", "open connections at most"),
+    ("--max-connections-per-address", "max_connections_per_address",
+     "open connections from one address at most, so one cannot take every slot (0 = no cap; "
+     "trusted fronts are not capped)"),
+    ("--handshake-timeout", "handshake_timeout", "seconds a client has to finish the TLS handshake, in all"),
+    ("--header-timeout", "header_timeout", "seconds from accept to a whole first request head, handshake included"),
+    ("--idle-timeout", "idle_timeout", "seconds a keep-alive connection has for its next whole request head"),
     ("--audit-log", "audit_log", "JSON-lines audit log of every issue/redeem/state/release/revoke/expire/denial "
-                                 "('-' for stderr; default off)"),
-    ("--metrics-from", "metrics_from", "CIDR[,CIDR] that may read /metrics (default loopback)"),
-    ("--admin-from", "admin_from", "CIDR[,CIDR] that may feed scheduler states to /api/jobstates (default loopback)"),
-    ("--getlink-rate", "getlink_rate", "getlink calls per address, COUNT/DURATION (default 120/1m; 0 = no limit)"),
-    ("--max-live-per-source", "max_live_per_source", "live sessions per issuing address (default 500; 0 = no limit)"),
-    ("--token-failures", "token_failures", "wrong tokens per address before 429, COUNT/DURATION (default 20/1m)"),
-    ("--dead-after", "dead_after", "refresh ends a session whose app has not answered for this long (default 10m)"),
-    ("--retention", "retention", "refresh deletes ended sessions after this long (default 30d)"),
+                                 "('-' for stderr, '' for off)"),
+    ("--metrics-from", "metrics_from", "CIDR[,CIDR] that may read /metrics"),
+    ("--admin-from", "admin_from", "CIDR[,CIDR] that may feed scheduler states to /api/jobstates"),
+    ("--getlink-rate", "getlink_rate", "getlink calls per address, COUNT/DURATION (0 = no limit)"),
+    ("--max-live-per-source", "max_live_per_source", "live sessions per issuing address (0 = no limit)"),
+    ("--token-failures", "token_failures", "wrong tokens per address and session before 429, COUNT/DURATION"),
+    ("--dead-after", "dead_after", "refresh ends a session whose app has not answered for this long"),
+    ("--retention", "retention", "refresh deletes ended sessions after this long"),
     ("--jobstate-command", "jobstate_command", "refresh runs this for 'JOBID STATE' lines, e.g. squeue -h -o '%%i %%T'"),
-    ("--hsts", "hsts", "Strict-Transport-Security max-age (default 365d; 0 = off)"),
-    ("--redirect-listen", "redirect_listen", "HOST:PORT of a plain-HTTP listener that redirects to HTTPS (default off)"),
+    ("--hsts", "hsts", "Strict-Transport-Security max-age (0 = off)"),
+    ("--redirect-listen", "redirect_listen", "HOST:PORT of a plain-HTTP listener that redirects to HTTPS"),
     ("--trusted-user-header", "trusted_user_header", "header naming the signed-in user, set by an SSO front "
                                                      "(e.g. X-Remote-User); a session then belongs to its first user"),
     ("--trusted-fronts", "trusted_fronts", "CIDR[,CIDR] of the SSO fronts; the user header from anyone else is dropped"),
     ("--legacy-api", "legacy_api", "also serve SDSC Satellite's getlink.cgi, redeemtoken.cgi, ... for old clients "
                                    "(weaker: the alias alone redeems; no proxy token check)"),
 ]
+
+
+def compact_duration(seconds: int) -> str:
+    """43200 -> '12h': the largest unit that divides it (as parse_duration reads it back)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def setting_text(name: str, value) -> str:
+    """A setting's value as it is written in the INI file or on the command line."""
+    parser = Settings.PARSERS.get(name)
+    if parser is parse_duration:
+        return compact_duration(value)
+    if parser is parse_networks:
+        return ",".join(str(net) for net in value) or "none"
+    if parser in (parse_listen, parse_optional_listen):
+        return host_port(*value) if value else "off"
+    if parser is parse_rate:
+        return "0" if not value[0] else f"{value[0]}/{compact_duration(value[1])}"
+    if parser is parse_port_range:
+        return f"{value[0]}-{value[1]}"
+    if parser is parse_bool:
+        return "yes" if value else "no"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value) if value != "" else "none"
+
+
+def flag_help(dest: str, text: str) -> str:
+    default = getattr(Settings, dest)
+    if dest in ("domain", "cert", "key"):
+        return f"{text} (required)"
+    return f"{text} (default: {setting_text(dest, default)})".replace("%", "%%").replace("%%%%", "%%")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3091,9 +3483,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-c", "--config", metavar="FILE", help="INI file with a [satellite] section")
     for flag, dest, help_text in SETTING_FLAGS:
         if isinstance(getattr(Settings, dest, None), bool):
-            serve.add_argument(flag, dest=dest, action="store_const", const="yes", help=help_text)
+            serve.add_argument(flag, dest=dest, action="store_const", const="yes", help=flag_help(dest, help_text))
         else:
-            serve.add_argument(flag, dest=dest, metavar=dest.split("_")[-1].upper(), help=help_text)
+            serve.add_argument(flag, dest=dest, metavar=dest.split("_")[-1].upper(), help=flag_help(dest, help_text))
 
     def admin(name, help_text, description):
         sub = commands.add_parser(name, help=help_text, description=description)
@@ -3162,7 +3554,7 @@ def main(argv: Optional[list] = None) -> int:
 
 
 ###############################################################################
-# 13. Word list
+# 14. Word list
 ###############################################################################
 # Aliases are three words drawn from this list: the words of 3 to 7 letters of the
 # EFF Large Wordlist (https://www.eff.org/dice, CC BY 3.0 US), 4,438 words, ~36 bits
