@@ -1,0 +1,338 @@
+"""The request pipeline's pure parts, driven without a socket, by the hundred: parse (bytes in,
+Request or HttpError out), route, the access decisions (endpoint networks and body limits on the
+head; a session's credential, owner and failure limit), body limit accounting, connection limits,
+and the bounds on what a tunnel queues. The end-to-end suites drive the same code through real TLS."""
+import itertools
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import satellite  # noqa: E402
+from satellite import HttpError, request_from_bytes  # noqa: E402
+
+DOMAIN = "sat.test"
+ALIAS = "brave-otter-lamp"
+SETTINGS = satellite.Settings(domain=DOMAIN, cert="c", key="k", issue_from=satellite.parse_networks("10.1.0.0/24"),
+                              redeem_from=satellite.parse_networks("10.2.0.0/16"),
+                              admin_from=satellite.parse_networks("10.9.0.1"),
+                              metrics_from=satellite.parse_networks("10.9.0.0/24"))
+SECRET = b"k" * 32
+TOKEN = "the-token"
+
+
+def head(first="GET / HTTP/1.1", *fields, host=f"manage.{DOMAIN}"):
+    lines = [first] + ([f"Host: {host}"] if host else []) + list(fields)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+# parse ------------------------------------------------------------------------------------------
+
+REFUSED = [
+    (b"GET / HTTP/1.1\nHost: a\n\n", 400), (b"GET /\r\n\r\n", 400), (b"GET / HTTP/2.0\r\n\r\n", 505),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505), (b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n", 400),
+    (b"G\x00T / HTTP/1.1\r\nHost: a\r\n\r\n", 400), (b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"BREW / HTTP/1.1\r\nHost: a\r\n\r\n", 501), (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400), (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n X: folded\r\n\r\n", 400), (b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n", 400),
+    (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400), (b"GET http://evil/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+    (b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"GET /" + b"a" * satellite.MAX_REQUEST_LINE + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"b" * satellite.MAX_HEADER_BYTES + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * (satellite.MAX_HEADER_COUNT + 1) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n", 400),                              # the head never ends
+]
+
+
+@pytest.mark.parametrize("data,status", REFUSED, ids=[str(i) for i in range(len(REFUSED))])
+def test_the_parser_refuses_each_ambiguous_or_oversized_head(data, status):
+    with pytest.raises(HttpError) as refused:
+        request_from_bytes(data)
+    assert refused.value.status == status
+
+
+FRAMINGS = [
+    (head("GET / HTTP/1.1"), "none", 0), (head("POST / HTTP/1.1", "Content-Length: 0"), "none", 0),
+    (head("POST / HTTP/1.1", "Content-Length: 12"), "length", 12),
+    (head("POST / HTTP/1.1", "Transfer-Encoding: chunked"), "chunked", 0),
+    (head("POST / HTTP/1.1", "Transfer-Encoding: Chunked"), "chunked", 0),
+]
+
+
+@pytest.mark.parametrize("data,framing,length", FRAMINGS)
+def test_the_parser_names_the_body_framing(data, framing, length):
+    request = request_from_bytes(data)
+    assert (request.framing, request.length) == (framing, length)
+
+
+def test_the_parser_normalises_host_and_absolute_form():
+    request = request_from_bytes(b"\r\nGET https://A.Sat.Test:8443/x?y=1 HTTP/1.1\r\nHost: A.Sat.Test:8443\r\n\r\n")
+    assert (request.target, request.host, request.host_header) == ("/x?y=1", "a.sat.test", "A.Sat.Test:8443")
+    assert request_from_bytes(b"") is None
+
+
+# route ------------------------------------------------------------------------------------------
+
+ROUTES = [
+    (f"{ALIAS}.{DOMAIN}", "/", ("app", ALIAS)), (f"{ALIAS}.{DOMAIN}", "/lab/tree", ("app", ALIAS)),
+    (f"{ALIAS}.{DOMAIN}", "/__satellite/status", ("internal", ALIAS)),
+    (f"{ALIAS}.{DOMAIN}", "/__satellite/auth", ("front-auth", ALIAS)),
+    (f"{ALIAS}.{DOMAIN}", "/api/getlink", ("app", ALIAS)),                # a session's host has no API
+    (f"manage.{DOMAIN}", "/api/getlink", ("endpoint", "")), ("10.0.0.1", "/api/redeem", ("endpoint", "")),
+    (f"manage.{DOMAIN}", "/healthz", ("endpoint", "")), (f"manage.{DOMAIN}", "/metrics", ("endpoint", "")),
+    (f"manage.{DOMAIN}", "/", ("unknown", "")), (f"manage.{DOMAIN}", "/getlink.cgi", ("unknown", "")),
+    (f"not-an-alias.{DOMAIN}", "/", ("unknown", "")), (f"a-b-c.{DOMAIN}", "/", ("unknown", "")),
+    (f"{ALIAS}.other.test", "/", ("unknown", "")), (f"x.{ALIAS}.{DOMAIN}", "/", ("unknown", "")),
+]
+
+
+@pytest.mark.parametrize("host,path,expected", ROUTES)
+def test_route_by_host_and_path(host, path, expected):
+    where = satellite.route(request_from_bytes(head(f"GET {path} HTTP/1.1", host=host)), SETTINGS)
+    assert (where.kind, where.alias) == expected
+
+
+def test_legacy_endpoints_exist_only_when_switched_on():
+    request = request_from_bytes(head("GET /getlink.cgi HTTP/1.1"))
+    legacy = satellite.Settings(domain=DOMAIN, cert="c", key="k", legacy_api=True)
+    assert satellite.route(request, legacy).kind == "endpoint"
+    assert satellite.route(request, SETTINGS).kind == "unknown"
+
+
+# decide: endpoints, on the head alone -------------------------------------------------------------
+
+PEERS = {"login": "10.1.0.7", "compute": "10.2.3.4", "admin": "10.9.0.1", "outsider": "192.0.2.9",
+         "mapped-v4": "::ffff:10.1.0.7"}
+MAY_CALL = {   # endpoint -> which peers may call it
+    "/api/getlink": {"login"}, "/api/redeem": {"compute"}, "/api/tunnel": {"compute"},
+    "/api/state": {"login", "compute"}, "/api/release": {"login", "compute"}, "/api/jobstates": {"admin"},
+    "/api/status": set(PEERS), "/healthz": set(PEERS), "/metrics": {"admin"},
+    "/getlink.cgi": {"login"}, "/redeemtoken.cgi": {"compute"}, "/update-jobs.cgi": {"admin"},
+    "/tokenjobstate.cgi": set(PEERS),
+}
+
+
+@pytest.mark.parametrize("path,who", list(itertools.product(sorted(MAY_CALL), sorted(PEERS))))
+def test_each_endpoint_admits_only_its_networks(path, who):
+    request = request_from_bytes(head(f"GET {path} HTTP/1.1"))
+    refusal = satellite.endpoint_refusal(satellite.ENDPOINTS[path], request, satellite.plain_address(PEERS[who]),
+                                         SETTINGS)
+    allowed = who in MAY_CALL[path] or (who == "mapped-v4" and "login" in MAY_CALL[path])
+    assert (refusal is None) == allowed, refusal
+    if not allowed:
+        assert refusal.status == 403
+
+
+BODIES = [("Content-Length: 10", None), ("Content-Length: 8192", None), ("Content-Length: 8193", 413),
+          ("Content-Length: 99999999999", 413), ("Transfer-Encoding: chunked", None)]
+
+
+@pytest.mark.parametrize("path", ["/api/getlink", "/api/status", "/getlink.cgi"])
+@pytest.mark.parametrize("field,status", BODIES)
+def test_a_form_body_too_large_for_its_endpoint_is_refused_on_the_head(path, field, status):
+    request = request_from_bytes(head(f"POST {path} HTTP/1.1", field))
+    refusal = satellite.endpoint_refusal(satellite.ENDPOINTS[path], request, "10.1.0.7", SETTINGS)
+    assert (refusal and refusal.status) == status
+
+
+@pytest.mark.parametrize("field", ["Content-Length: 5", "Transfer-Encoding: chunked"])
+@pytest.mark.parametrize("path", ["/healthz", "/metrics", "/api/tunnel"])
+def test_endpoints_without_a_form_take_no_body(path, field):
+    request = request_from_bytes(head(f"POST {path} HTTP/1.1", field))
+    assert satellite.endpoint_refusal(satellite.ENDPOINTS[path], request, "10.9.0.1", SETTINGS) is not None
+
+
+def test_the_network_is_checked_before_anything_about_the_body():
+    request = request_from_bytes(head("POST /api/getlink HTTP/1.1", "Content-Length: 99999999999"))
+    assert satellite.endpoint_refusal(satellite.ENDPOINTS["/api/getlink"], request, "192.0.2.9",
+                                      SETTINGS).status == 403
+
+
+# decide: a session's host --------------------------------------------------------------------------
+
+def session(**changes):
+    now = time.time()
+    values = dict(alias=ALIAS, token_hash=satellite.hash_secret(TOKEN), key_hash="k", state="proxied",
+                  created=now - 60, expires=now + 3600, lifetime=3600, issued_to="10.1.0.7", jobid=None,
+                  target_host="10.2.3.4", target_port=8888, redeemed=now - 30, ended=None, end_reason=None)
+    values.update(changes)
+    return satellite.Session(**values)
+
+
+GOOD_COOKIE = f"{satellite.COOKIE_NAME}={satellite.cookie_value(SECRET, ALIAS, satellite.hash_secret(TOKEN))}"
+CREDENTIALS = {   # name -> (target, extra header fields, credential it is)
+    "query": (f"/?token={TOKEN}", (), "query"),
+    "cookie": ("/", (f"Cookie: a=1; {GOOD_COOKIE}",), "cookie"),
+    "bearer": ("/", (f"Authorization: Bearer {TOKEN}",), "header"),
+    "token-scheme": ("/", (f"Authorization: token {TOKEN}",), "header"),
+    "wrong-query": ("/?token=guess", (), None),
+    "wrong-cookie": ("/", (f"Cookie: {satellite.COOKIE_NAME}=00",), None),
+    "other-alias-cookie": ("/", (f"Cookie: {satellite.COOKIE_NAME}="
+                                 f"{satellite.cookie_value(SECRET, 'other-alias-here', satellite.hash_secret(TOKEN))}",),
+                           None),
+    "wrong-bearer": ("/", ("Authorization: Bearer nope",), None),
+    "basic-scheme": ("/", (f"Authorization: Basic {TOKEN}",), None),
+    "none": ("/", (), None),
+}
+
+
+def decide(name, failures_wait=0, sso_user=None, settings=SETTINGS, **changes):
+    target, fields, _ = CREDENTIALS[name]
+    request = request_from_bytes(head(f"GET {target} HTTP/1.1", *fields, host=f"{ALIAS}.{DOMAIN}"))
+    return satellite.decide_session_access(request, session(**changes), sso_user, settings, SECRET,
+                                           lambda: failures_wait, time.time())
+
+
+@pytest.mark.parametrize("failures_wait", [0, 30])
+@pytest.mark.parametrize("name", sorted(CREDENTIALS))
+def test_a_valid_credential_is_never_refused_for_failures_and_a_wrong_one_is_counted(name, failures_wait):
+    verdict = decide(name, failures_wait)
+    expected = CREDENTIALS[name][2]
+    if expected:
+        assert verdict.allowed and verdict.credential == expected and not verdict.count_failure
+        assert bool(verdict.cookie) == (expected != "cookie")          # a first visit gets the cookie
+    elif name == "none":
+        assert (verdict.status, verdict.count_failure) == (403, False)  # nothing tried: nothing counted
+    elif failures_wait:
+        assert (verdict.status, verdict.retry_after, verdict.count_failure) == (429, 30, False)
+    else:
+        assert (verdict.status, verdict.count_failure) == (403, True)
+
+
+@pytest.mark.parametrize("name", sorted(CREDENTIALS))
+@pytest.mark.parametrize("state,over", [("ended", False), ("proxied", True), ("queued", True)])
+def test_an_ended_session_answers_410_to_everyone(name, state, over):
+    verdict = decide(name, state=state, expires=time.time() - 1 if over else time.time() + 60)
+    assert verdict.status == 410 and verdict.end_expired == (state != "ended")
+
+
+def test_no_session_is_404_and_legacy_sessions_need_no_token():
+    request = request_from_bytes(head("GET / HTTP/1.1", host=f"{ALIAS}.{DOMAIN}"))
+    assert satellite.decide_session_access(request, None, None, SETTINGS, SECRET, lambda: 0, time.time()).status == 404
+    assert decide("none", legacy=1).credential == "legacy"
+
+
+SSO = satellite.Settings(domain=DOMAIN, cert="c", key="k", trusted_user_header="X-Remote-User",
+                         trusted_fronts=satellite.parse_networks("10.9.0.2"))
+
+
+@pytest.mark.parametrize("owner,user,expected", [
+    (None, None, (403, False)), (None, "ann", (200, True)), ("ann", "ann", (200, False)), ("ann", "bob", (403, False)),
+])
+def test_with_sso_the_first_signed_in_user_owns_the_session(owner, user, expected):
+    verdict = decide("query", sso_user=user, settings=SSO, user=owner)
+    assert (verdict.status, verdict.bind_owner) == expected
+
+
+def test_the_sso_user_is_believed_only_from_a_trusted_front():
+    request = request_from_bytes(head("GET / HTTP/1.1", "X-Remote-User: ann", host=f"{ALIAS}.{DOMAIN}"))
+    assert satellite.sso_user(request, "10.9.0.2", SSO) == "ann"
+    assert satellite.sso_user(request, "10.9.0.3", SSO) is None
+    assert satellite.sso_user(request, "10.9.0.2", SETTINGS) is None
+
+
+# limits ----------------------------------------------------------------------------------------------
+
+def test_asking_the_rate_limiter_records_nothing():
+    limiter = satellite.RateLimiter((2, 60))
+    for _ in range(100):
+        assert limiter.retry_after("a", now=1000.0) == 0
+    limiter.record("a", now=1000.0)
+    limiter.record("a", now=1001.0)
+    assert limiter.retry_after("a", now=1002.0) == 58
+    assert limiter.retry_after(("a", ALIAS), now=1002.0) == 0              # keys are independent
+    assert limiter.retry_after("a", now=1060.5) == 0
+
+
+@pytest.mark.parametrize("total,from_peer,peer,refused", [
+    (0, 0, "10.0.0.1", False), (4095, 255, "10.0.0.1", False), (4096, 0, "10.0.0.1", True),
+    (10, 256, "10.0.0.1", True), (10, 256, "10.9.0.2", False), (4096, 0, "10.9.0.2", True),
+])
+def test_one_address_cannot_take_every_connection_slot(total, from_peer, peer, refused):
+    settings = satellite.Settings(domain=DOMAIN, cert="c", key="k", trusted_fronts=satellite.parse_networks("10.9.0.2"))
+    assert (satellite.connection_refusal(total, from_peer, peer, settings) is not None) == refused
+
+
+class BytesSocket:
+    """Bytes in memory where Stream expects a socket (as CPython's test_httpservers feeds a handler
+    BytesIO): counts how much was taken, so a test sees what a limit let through."""
+
+    def __init__(self, data: bytes):
+        self.data, self.taken = data, 0
+
+    def settimeout(self, _):
+        pass
+
+    def recv(self, size):
+        chunk = self.data[self.taken:self.taken + min(size, 4096)]
+        self.taken += len(chunk)
+        return chunk
+
+
+def form_request(framing_field):
+    return request_from_bytes(head("POST /api/status HTTP/1.1", framing_field))
+
+
+@pytest.mark.parametrize("size", ["7fffffffffffffff", "ffffffffffffffff", "2001", "10000"])
+def test_a_chunk_larger_than_what_is_left_is_refused_before_it_is_read(size):
+    sock = BytesSocket(size.encode() + b"\r\n" + b"x" * 1_000_000)
+    with pytest.raises(HttpError) as refused:
+        satellite.read_small_body(satellite.Stream(sock), form_request("Transfer-Encoding: chunked"), 0x2000,
+                                  time.monotonic() + 5)
+    assert refused.value.status == 413 and sock.taken <= 8192          # one read, not the chunk
+
+
+def test_chunks_count_against_one_limit():
+    chunks = b"1000\r\n" + b"a" * 0x1000 + b"\r\n"
+    body = satellite.read_small_body(satellite.Stream(BytesSocket(chunks * 2 + b"0\r\n\r\n")),
+                                     form_request("Transfer-Encoding: chunked"), 0x2000, time.monotonic() + 5)
+    assert body == b"a" * 0x2000
+    with pytest.raises(HttpError) as refused:
+        satellite.read_small_body(satellite.Stream(BytesSocket(chunks * 2 + b"1\r\na\r\n0\r\n\r\n")),
+                                  form_request("Transfer-Encoding: chunked"), 0x2000, time.monotonic() + 5)
+    assert refused.value.status == 413
+
+
+def test_a_body_that_does_not_arrive_by_its_deadline_is_408():
+    class Silent(BytesSocket):
+        def recv(self, size):
+            raise TimeoutError("timed out")
+    with pytest.raises(HttpError) as refused:
+        satellite.read_small_body(satellite.Stream(Silent(b"")), form_request("Content-Length: 5"), 100,
+                                  time.monotonic() + 0.01)
+    assert refused.value.status == 408
+
+
+# the tunnel's queue ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tunnel():
+    ours, theirs = satellite.socket.socketpair()
+    carried = satellite.Tunnel(ours)
+    yield carried
+    carried.close()
+    theirs.close()
+
+
+def test_a_pong_is_never_queued_twice(tunnel):
+    for _ in range(10_000):
+        tunnel.on_frame(satellite.PING, 0, b"12345678")
+    assert len(tunnel.outbox) == 1 and not tunnel.stop_reason
+    tunnel.take_outbox()
+    tunnel.on_frame(satellite.PING, 0, b"12345678")
+    assert len(tunnel.outbox) == 1                                      # the next one is queued again
+
+
+def test_control_frames_piling_up_stop_the_tunnel_instead_of_growing(tunnel):
+    for i in range(100_000):
+        tunnel.send(satellite.RESET, i, b"x" * 20)
+    queued = sum(len(frame) for _, frame in tunnel.outbox)
+    assert queued <= satellite.MAX_QUEUED_CONTROL and "does not read" in tunnel.stop_reason
