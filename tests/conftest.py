@@ -210,9 +210,9 @@ def fresh_satellite(certs, tmp_path):
     def make(*extra_args):
         workdir = tmp_path / f"satellite{len(servers)}"
         workdir.mkdir()
-        server = SatelliteServer(certs, workdir, extra_args).start()
-        servers.append(server)
-        return server
+        server = SatelliteServer(certs, workdir, extra_args)
+        servers.append(server)                    # before start: a start that fails leaves its name taken
+        return server.start()
     yield make
     for server in servers:
         server.stop()
