@@ -26,6 +26,46 @@ NODE = "127.0.0.2"
 OTHER_NODE = "127.0.0.3"
 
 
+# No silent skips --------------------------------------------------------------------
+# A skipped test proves nothing, and a missing test dependency or system tool would otherwise turn a
+# part of the suite off without anyone noticing: any skip fails the session (exit status 1) and is
+# listed, unless SATELLITE_ALLOW_SKIPS=1 (a developer on a machine without Slurm, root or Chromium).
+
+SKIPPED: list = []
+
+
+def skips_allowed():
+    return os.environ.get("SATELLITE_ALLOW_SKIPS") == "1"
+
+
+def skip_reason(report):
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def pytest_collectreport(report):
+    if report.skipped:                            # a whole module skipped while being collected
+        SKIPPED.append((report.nodeid, skip_reason(report)))
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        SKIPPED.append((report.nodeid, skip_reason(report)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if SKIPPED and not skips_allowed() and session.exitstatus in (pytest.ExitCode.OK,
+                                                                  pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SKIPPED and not skips_allowed():
+        terminalreporter.section("skipped tests fail the run (SATELLITE_ALLOW_SKIPS=1 allows them)", red=True)
+        for nodeid, reason in SKIPPED:
+            terminalreporter.line(f"SKIPPED {nodeid}: {reason}", red=True)
+
+
 def wait_for(predicate, timeout=20.0, interval=0.05, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -210,9 +250,9 @@ def fresh_satellite(certs, tmp_path):
     def make(*extra_args):
         workdir = tmp_path / f"satellite{len(servers)}"
         workdir.mkdir()
-        server = SatelliteServer(certs, workdir, extra_args).start()
-        servers.append(server)
-        return server
+        server = SatelliteServer(certs, workdir, extra_args)
+        servers.append(server)                    # before start: a start that fails leaves its name taken
+        return server.start()
     yield make
     for server in servers:
         server.stop()

@@ -1,8 +1,10 @@
 """The management API, driven by real curl and wget over real TLS, every endpoint and error."""
+import calendar
 import json
 import re
 import sqlite3
 import subprocess
+import time
 
 from conftest import DOMAIN, LOGIN, NODE, OTHER_NODE, parse_fields
 
@@ -54,15 +56,25 @@ def test_getlink_json_by_accept_header_and_by_format_parameter(satellite):
     assert status == 201 and set(json.loads(body)) >= {"alias", "url", "token", "key", "expires"}
 
 
+def granted_lifetime(satellite, key):
+    """(lowest, highest) the session's lifetime can be, from the redeem answer: it runs from the redeem."""
+    before = time.time()
+    status, fields = satellite.api("redeem", source=NODE, key=key, port=5000)
+    after = time.time()
+    assert status == 200, fields
+    expires = calendar.timegm(time.strptime(fields["expires"], "%Y-%m-%dT%H:%M:%SZ"))   # whole seconds, floored
+    return expires - after, expires - int(before)
+
+
 def test_getlink_by_post_form_with_lifetime(satellite):
     status, body = curl_api(satellite, "/api/getlink", "-d", "lifetime=2h")
     assert status == 201
-    key = parse_fields(body)["key"]
-    app_port = 5000
-    status, fields = satellite.api("redeem", source=NODE, key=key, port=app_port)
-    assert status == 200
-    created, expires = fields["created"], fields["expires"]
-    assert expires > created
+    low, high = granted_lifetime(satellite, parse_fields(body)["key"])
+    assert low <= 2 * 3600 <= high, (low, high)                       # the lifetime asked for
+    status, body = curl_api(satellite, "/api/getlink", "-d", "")
+    assert status == 201
+    low, high = granted_lifetime(satellite, parse_fields(body)["key"])
+    assert low <= 12 * 3600 <= high, (low, high)                      # the default, session-lifetime 12h
 
 
 def test_getlink_refused_outside_issue_networks(satellite):

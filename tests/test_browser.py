@@ -7,10 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from playwright import sync_api as playwright      # a missing test dependency fails the run, not skips it
 
 from conftest import ROOT, Client, wait_for
 
-playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"),

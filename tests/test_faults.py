@@ -3,6 +3,7 @@ Each leaves no thread or file descriptor behind and loses nothing that was ackno
 import os
 import signal
 import sqlite3
+import ssl
 import subprocess
 import threading
 
@@ -44,12 +45,18 @@ def test_app_killed_mid_download(leak_checked, new_app):
     conn = satellite.connection(satellite.host(link["alias"]), timeout=20)
     conn.request("GET", "/download?size=2000000000", headers={"Authorization": "token " + link["token"]})
     resp = conn.getresponse()
-    assert len(resp.read(1 << 20)) == 1 << 20
+    received = len(resp.read(1 << 20))
+    assert received == 1 << 20
     app.proc.kill()
-    with pytest.raises(Exception):                  # the short body ends promptly: no hang until timeout
-        while resp.read(1 << 20):
-            pass
-        raise ConnectionError("ended early")
+    try:                                            # the short body ends promptly: no hang until timeout
+        while data := resp.read(1 << 20):           # b'': the connection ended short of its Content-Length
+            received += len(data)
+    except TimeoutError:                            # socket.timeout, ssl's "read operation timed out" too
+        pytest.fail(f"the body did not end when the app was killed: the client waited out its 20 s timeout "
+                    f"after {received} bytes")
+    except (ConnectionError, ssl.SSLError):         # cut by a reset, or without TLS close_notify: ended too
+        pass
+    assert received < 2_000_000_000, "the whole body arrived although the app was killed"
     conn.close()
 
 

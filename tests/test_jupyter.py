@@ -6,13 +6,12 @@ import subprocess
 import sys
 import uuid
 
+import ipykernel  # noqa: F401  (a missing test dependency fails the run: tests/requirements.txt)
+import jupyter_server  # noqa: F401
 import pytest
 import websocket
 
 from conftest import OTHER_NODE, json_body, wait_for
-
-pytest.importorskip("jupyter_server")
-pytest.importorskip("ipykernel")
 
 
 def free_port(host):

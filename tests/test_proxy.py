@@ -105,23 +105,38 @@ def test_forwarded_request_is_clean(satellite, app):
 
 
 def test_app_cookies_and_statuses_pass_through(satellite, new_app):
+    """The app (with APP_TOKEN) checks its own ?token= or its own app-token cookie, and sets that cookie."""
     app = new_app(APP_TOKEN="apptoken")
     link = satellite.mapped_session(app)
     host = satellite.host(link["alias"])
     conn = satellite.connection(host)
     conn.request("GET", "/?token=apptoken&x=" + link["token"].replace("-", "%2D"))
     resp = conn.getresponse()
-    resp.read()
-    # satellite's token check and the app's own token check both happen; here the link token is
-    # in another parameter, so satellite refuses
-    assert resp.status == 403
+    body = resp.read()
+    # the link token is in another parameter: satellite refuses, and the app sees nothing
+    assert resp.status == 403 and b"app:" not in body
     conn.request("GET", "/?token=" + link["token"])
     resp = conn.getresponse()
-    resp.read()
-    assert resp.status == 403                            # the app's own check: its token differs
+    body = resp.read()
+    assert resp.status == 403 and body == b"app: wrong or missing token\n"   # the app's own refusal, as it sent it
+    assert [c.split("=")[0] for c in resp.headers.get_all("Set-Cookie")] == ["__Host-satellite"]
+    ours = resp.headers["Set-Cookie"].split(";")[0]
+    # satellite's credential in a header, the app's in the query: both cookies reach the browser
+    conn.request("GET", "/?token=apptoken", headers={"Authorization": "token " + link["token"]})
+    resp = conn.getresponse()
+    assert resp.status == 200 and b"Hello from the compute node" in resp.read()
     cookies = resp.headers.get_all("Set-Cookie")
-    assert any(c.startswith("__Host-satellite=") for c in cookies)
+    assert "app-token=apptoken; Path=/" in cookies, cookies
+    assert any(c.startswith("__Host-satellite=") for c in cookies), cookies
     conn.close()
+    # the browser sends both back: the app's cookie alone lets it in, and satellite's never reaches it
+    status, _, body = satellite.request(host, "/", headers={"Cookie": f"{ours}; app-token=apptoken"})
+    assert status == 200 and b"Hello from the compute node" in body
+    status, _, body = satellite.request(host, "/headers", headers={"Cookie": f"app-token=apptoken; {ours}"})
+    assert status == 200
+    seen = [v for k, v in json_body(body)["headers"] if k.lower() == "cookie"]
+    assert seen == ["app-token=apptoken"], seen
+    assert app.seen()[-2:] == ["GET /", "GET /headers"]
 
 
 def test_head_204_304_have_no_body_and_keep_alive_works(satellite, app):
