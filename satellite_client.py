@@ -864,9 +864,11 @@ def find_scheduler(name: Optional[str], need_cli: bool = True) -> Scheduler:
 ###############################################################################
 
 def client_path() -> str:
-    """This program as the job should run it: the .pyz when running from one."""
-    here = Path(__file__).resolve()
-    return str(here.parent if here.parent.suffix == ".pyz" else here)
+    """This program as the job should run it: the archive it was imported from, whatever its name
+    (`install -m 0755 dist/satellite-client.pyz /usr/local/bin/satellite-client`, a link to it), or
+    this source file. The zip importer knows its archive; a name ending in .pyz is not required."""
+    archive = getattr(__loader__, "archive", None)
+    return str(Path(archive or __file__).resolve())
 
 
 def render_script(plan: Plan, session: Path, alias: str) -> str:

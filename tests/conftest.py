@@ -363,7 +363,8 @@ def slurm(tmp_path_factory):
 
 
 class Client:
-    """satellite-client run as a user would run it, with a home directory of its own."""
+    """satellite-client run as a user would run it, with a home directory of its own.
+    `command`: how it is run (default: python3 satellite_client.py from this checkout)."""
     created: list = []
 
     def cancel_all(self):
@@ -371,8 +372,9 @@ class Client:
         for alias in self.sessions():
             self.run("cancel", alias, timeout=60)
 
-    def __init__(self, home, satellite, env=None):
+    def __init__(self, home, satellite, env=None, command=None):
         self.home = Path(home)
+        self.command = list(command or [sys.executable, str(ROOT / "satellite_client.py")])
         self.home.mkdir(parents=True, exist_ok=True)
         self.satellite = satellite
         self.env = dict(os.environ, HOME=str(self.home), SATELLITE_URL=f"https://127.0.0.1:{satellite.port}",
@@ -382,7 +384,7 @@ class Client:
         Client.created.append(self)
 
     def run(self, *args, timeout=180, check=False):
-        result = subprocess.run([sys.executable, str(ROOT / "satellite_client.py"), *args], env=self.env,
+        result = subprocess.run([*self.command, *args], env=self.env,
                                 capture_output=True, text=True, timeout=timeout, cwd=self.home)
         if check:
             assert result.returncode == 0, result.stdout + result.stderr
