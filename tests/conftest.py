@@ -36,6 +36,13 @@ def wait_for(predicate, timeout=20.0, interval=0.05, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def build_zipapps(directory):
+    """dist/satellite.pyz and dist/satellite-client.pyz as `make` builds them, into `directory`."""
+    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output-dir", str(directory)], check=True,
+                   capture_output=True, timeout=60)
+    return Path(directory)
+
+
 def parse_fields(text):
     """key=value lines -> dict."""
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)

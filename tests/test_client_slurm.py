@@ -9,7 +9,7 @@ import time
 import pytest
 import websocket
 
-from conftest import ECHO_APP, ROOT, Client, json_body, wait_for
+from conftest import ECHO_APP, ROOT, Client, build_zipapps, json_body, wait_for
 from test_jupyter import execute
 
 
@@ -61,19 +61,12 @@ def test_launch_wait_list_status_cancel(client, job_satellite, slurm):
     assert "state=ended" in client.run("status", result["alias"]).stdout
 
 
-def build_client_pyz(directory):
-    """dist/satellite-client.pyz as `make` builds it, into `directory`."""
-    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output-dir", str(directory)], check=True,
-                   capture_output=True, timeout=60)
-    return directory / "satellite-client.pyz"
-
-
 @pytest.mark.parametrize("how, connect", [("installed", "direct"), ("symlink", "tunnel"), ("other name", "tunnel")])
 def test_the_client_installed_as_the_readme_says_runs_its_jobs(tmp_path, job_satellite, slurm, how, connect):
     """The README's login-node install (install -m 0755 dist/satellite-client.pyz .../satellite-client),
     a symlink to it, and the archive under another name: each, run as a command, launches a Slurm job
     whose agent runs that same archive (tunnel: with the protocol from the satellite.py inside it)."""
-    pyz = build_client_pyz(tmp_path / "dist")
+    pyz = build_zipapps(tmp_path / "dist") / "satellite-client.pyz"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     installed = bin_dir / "satellite-client"
