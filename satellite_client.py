@@ -237,8 +237,13 @@ class Plan:
     python: str
 
 
-def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
-    """Validate everything that can be checked locally, so bad options fail before any contact."""
+def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: bool = True) -> Plan:
+    """Check everything that can be checked locally, so bad options fail before any contact, and resolve
+    them into a Plan. Only checks: nothing is rendered, and the caller's options are left as they are
+    (the Plan holds its own copy, with the counts made whole numbers). need_satellite=False (a profile):
+    no satellite URL is needed, but one that is given must be right."""
+    if need_satellite or options.satellite:
+        check_satellite_url(options.satellite)
     if sum(x is not None for x in (options.jupyter, options.app, options.command)) > 1:
         raise UsageError("choose one of --jupyter, --app and --command")
     if options.command is not None:
@@ -274,12 +279,9 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
     scheduler = find_scheduler(options.scheduler, need_cli)
     time_limit = parse_time_limit(options.time_limit or "1:00:00")
     memory = parse_memory_gb(options.memory) if options.memory is not None else None
-    for name in ("nodes", "ntasks_per_node", "cpus_per_task", "gpus"):
-        value = getattr(options, name)
-        if value is not None:
-            setattr(options, name, positive_int(name, value))
-    if options.satellite:
-        check_satellite_url(options.satellite)
+    options = dataclasses.replace(options, **{name: positive_int(name, getattr(options, name))
+                                              for name in ("nodes", "ntasks_per_node", "cpus_per_task", "gpus")
+                                              if getattr(options, name) is not None})
     if options.cacert and not os.path.isfile(options.cacert):
         raise UsageError(f"--cacert {options.cacert}: no such file")
     workdir = os.path.abspath(os.path.expanduser(options.workdir or "."))
@@ -293,10 +295,9 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
         raise UsageError("choose --nv (NVIDIA) or --rocm (AMD), not both")
     if options.connect is not None and options.connect not in CONNECT_MODES:
         raise UsageError(f"connect {options.connect!r}: choose direct, tunnel or auto")
-    plan = Plan(options, scheduler, time_limit, memory, command, token_env, workdir,
+    scheduler.check(options)
+    return Plan(options, scheduler, time_limit, memory, command, token_env, workdir,
                 options.python or sys.executable or "python3")
-    scheduler.directives(plan, Path("/"), "check")       # raises UsageError for what it cannot express
-    return plan
 
 
 def check_satellite_url(url: Optional[str]) -> None:
@@ -525,7 +526,7 @@ class Scheduler:
 
     prefix        the directive prefix in the script (#SBATCH, #PBS, ...)
     options       option -> directive template ("{}" is the value); options missing here
-                  cannot be expressed and are refused before anything is contacted
+                  cannot be expressed, and check() refuses them before anything is contacted
     directives()  the whole directive block; submit(), query() and cancel() run the CLIs
     """
     name = ""
@@ -536,19 +537,18 @@ class Scheduler:
     def directives(self, plan: Plan, session: Path, alias: str) -> list:
         return [f"{self.prefix} {line}" for line in self.fixed(plan, session, alias) + self.option_lines(plan)]
 
-    def option_lines(self, plan: Plan) -> list:
-        """The table rows for the options given; UsageError for one this scheduler cannot express."""
-        lines = []
-        for option, value in plan.options.given().items():
-            if option not in SCHEDULER_OPTIONS:
-                continue
-            template = self.options.get(option)
-            if template is None:
+    def check(self, options: LaunchOptions) -> None:
+        """UsageError for a given option this scheduler cannot express (no row in its table)."""
+        for option in options.given():
+            if option in SCHEDULER_OPTIONS and self.options.get(option) is None:
                 raise UsageError(f"--{option.replace('_', '-')} cannot be expressed for {self.name}"
                                  + self.hint(option))
-            if template:
-                lines.append(template.format(value))
-        return lines
+
+    def option_lines(self, plan: Plan) -> list:
+        """The table rows for the options given (check() has refused the others). An empty
+        template: the option is rendered by fixed(), with others (PBS's select, LSF's -n)."""
+        return [self.options[option].format(value) for option, value in plan.options.given().items()
+                if option in SCHEDULER_OPTIONS and self.options[option]]
 
     def hint(self, option: str) -> str:
         return ""
@@ -719,8 +719,7 @@ class HtCondor(Scheduler):
         return " (HTCondor matches jobs to machines; ask your admins for a requirements expression)"
 
     def directives(self, plan, session, alias):
-        self.option_lines(plan)                     # refuse what cannot be expressed
-        return []                                   # the script itself carries no directives
+        return []                                   # the script itself carries none: they go in job.sub
 
     def description(self, plan: Plan, session: Path, alias: str) -> str:
         lines = [f"# Satellite session {alias}", f"executable = {session / 'job.sh'}",
@@ -797,11 +796,7 @@ class Local(Scheduler):
     """Runs the job as a background process on this machine: for demos, laptops and workstations.
     The time limit is enforced with `timeout`; the job id is the process id."""
     name, prefix, cli = "local", "#", ""
-    options = {}                                    # the job runs on this machine as it is
-
-    def directives(self, plan, session, alias):
-        self.option_lines(plan)
-        return []
+    options = {}                                    # the job runs on this machine as it is: no directives
 
     def submit(self, session):
         info = session.info()
@@ -1148,7 +1143,6 @@ def stop_process_group(proc: Optional[subprocess.Popen], grace: float = 10) -> N
 ###############################################################################
 
 def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_run: bool) -> int:
-    check_satellite_url(options.satellite)
     plan = plan_launch(options, need_cli=not dry_run)
     if dry_run:
         placeholder = SessionDir.root() / "ALIAS"
@@ -1349,7 +1343,7 @@ def command_profile(action: str, name: Optional[str], options: LaunchOptions) ->
         given = options.given()
         if not given:
             raise UsageError("profile save NAME takes launch options to remember, e.g. --partition gpu --gpus 1")
-        plan_launch(options, need_cli=False)             # a profile that cannot launch is refused now
+        plan_launch(options, need_cli=False, need_satellite=False)     # a profile that cannot launch is refused now
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.write_text(json.dumps(given, indent=1) + "\n")
         print(f"saved profile {name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items()))
