@@ -6,8 +6,10 @@ and modes), so an admin can rebuild and compare before trusting a copy.
 
     python3 build_zipapp.py [--output-dir dist]
 
-Each archive holds the program's one source file, readable as is (unzip -p dist/satellite.pyz
-satellite.py), and a two-line __main__.py that runs it.
+Each archive holds the program's source, readable as is (unzip -p dist/satellite.pyz
+satellite.py), and a three-line __main__.py that runs it. satellite-client.pyz carries
+satellite.py as well, byte for byte: the job's agent speaks the tunnel protocol, whose one
+copy is satellite.py's (satellite_client.py imports it from there).
 """
 import argparse
 import io
@@ -17,15 +19,17 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-APPS = {"satellite.pyz": "satellite", "satellite-client.pyz": "satellite_client"}
+# archive -> (the module its __main__ runs, the modules it carries)
+APPS = {"satellite.pyz": ("satellite", ["satellite"]),
+        "satellite-client.pyz": ("satellite_client", ["satellite_client", "satellite"])}
 INTERPRETER = "/usr/bin/env python3"
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)          # zip's earliest date: no build time in the archive
 LAUNCHER = "import sys\nimport {module}\nsys.exit({module}.main())\n"
 
 
-def archive_bytes(module: str) -> io.BytesIO:
-    files = {"__main__.py": LAUNCHER.format(module=module),
-             f"{module}.py": (ROOT / f"{module}.py").read_text()}
+def archive_bytes(main: str, modules: list) -> io.BytesIO:
+    files = {"__main__.py": LAUNCHER.format(module=main).encode()}
+    files.update({f"{module}.py": (ROOT / f"{module}.py").read_bytes() for module in modules})
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name in sorted(files):
@@ -40,9 +44,9 @@ def archive_bytes(module: str) -> io.BytesIO:
 def build(output_dir: Path) -> list:
     output_dir.mkdir(parents=True, exist_ok=True)
     built = []
-    for name, module in APPS.items():
+    for name, (main, modules) in APPS.items():
         target = output_dir / name
-        zipapp.create_archive(archive_bytes(module), target, interpreter=INTERPRETER)
+        zipapp.create_archive(archive_bytes(main, modules), target, interpreter=INTERPRETER)
         built.append(target)
     return built
 

@@ -22,17 +22,19 @@ Pure standard library, Python >= 3.9. Sections, top-down:
     4. Sessions         the per-session directory on disk
     5. Schedulers       Slurm, PBS, LSF, HTCondor, SGE, local: directives, submit, query, cancel
     6. Batch script     rendering
-    7. Tunnel protocol  frames that carry the session when satellite cannot connect to the node
-    8. Agent            what runs inside the job
-    9. Commands         launch, list, status, cancel, profile
-   10. main             argparse
+    7. Agent            what runs inside the job; a tunnel to satellite when it cannot connect to the node
+    8. Commands         launch, list, status, cancel, profile
+    9. main             argparse
+
+The tunnel protocol (frames, streams, credit) has one copy, in satellite.py: this program
+imports it from there. satellite.py sits beside this file in the source tree, and inside
+dist/satellite-client.pyz, byte for byte.
 """
 
 from __future__ import annotations
 
 import argparse
 import calendar
-import collections
 import configparser
 import dataclasses
 import hashlib
@@ -41,21 +43,21 @@ import json
 import os
 import random
 import re
-import select
 import shlex
 import shutil
 import signal
 import socket
 import ssl
 import string
-import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
+
+from satellite import TUNNEL_PROTOCOL, Tunnel     # the tunnel protocol's one copy (see above)
 
 __version__ = "0.1.0"
 
@@ -235,8 +237,13 @@ class Plan:
     python: str
 
 
-def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
-    """Validate everything that can be checked locally, so bad options fail before any contact."""
+def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: bool = True) -> Plan:
+    """Check everything that can be checked locally, so bad options fail before any contact, and resolve
+    them into a Plan. Only checks: nothing is rendered, and the caller's options are left as they are
+    (the Plan holds its own copy, with the counts made whole numbers). need_satellite=False (a profile):
+    no satellite URL is needed, but one that is given must be right."""
+    if need_satellite or options.satellite:
+        check_satellite_url(options.satellite)
     if sum(x is not None for x in (options.jupyter, options.app, options.command)) > 1:
         raise UsageError("choose one of --jupyter, --app and --command")
     if options.command is not None:
@@ -272,12 +279,9 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
     scheduler = find_scheduler(options.scheduler, need_cli)
     time_limit = parse_time_limit(options.time_limit or "1:00:00")
     memory = parse_memory_gb(options.memory) if options.memory is not None else None
-    for name in ("nodes", "ntasks_per_node", "cpus_per_task", "gpus"):
-        value = getattr(options, name)
-        if value is not None:
-            setattr(options, name, positive_int(name, value))
-    if options.satellite:
-        check_satellite_url(options.satellite)
+    options = dataclasses.replace(options, **{name: positive_int(name, getattr(options, name))
+                                              for name in ("nodes", "ntasks_per_node", "cpus_per_task", "gpus")
+                                              if getattr(options, name) is not None})
     if options.cacert and not os.path.isfile(options.cacert):
         raise UsageError(f"--cacert {options.cacert}: no such file")
     workdir = os.path.abspath(os.path.expanduser(options.workdir or "."))
@@ -291,10 +295,9 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True) -> Plan:
         raise UsageError("choose --nv (NVIDIA) or --rocm (AMD), not both")
     if options.connect is not None and options.connect not in CONNECT_MODES:
         raise UsageError(f"connect {options.connect!r}: choose direct, tunnel or auto")
-    plan = Plan(options, scheduler, time_limit, memory, command, token_env, workdir,
+    scheduler.check(options)
+    return Plan(options, scheduler, time_limit, memory, command, token_env, workdir,
                 options.python or sys.executable or "python3")
-    scheduler.directives(plan, Path("/"), "check")       # raises UsageError for what it cannot express
-    return plan
 
 
 def check_satellite_url(url: Optional[str]) -> None:
@@ -523,7 +526,7 @@ class Scheduler:
 
     prefix        the directive prefix in the script (#SBATCH, #PBS, ...)
     options       option -> directive template ("{}" is the value); options missing here
-                  cannot be expressed and are refused before anything is contacted
+                  cannot be expressed, and check() refuses them before anything is contacted
     directives()  the whole directive block; submit(), query() and cancel() run the CLIs
     """
     name = ""
@@ -534,19 +537,18 @@ class Scheduler:
     def directives(self, plan: Plan, session: Path, alias: str) -> list:
         return [f"{self.prefix} {line}" for line in self.fixed(plan, session, alias) + self.option_lines(plan)]
 
-    def option_lines(self, plan: Plan) -> list:
-        """The table rows for the options given; UsageError for one this scheduler cannot express."""
-        lines = []
-        for option, value in plan.options.given().items():
-            if option not in SCHEDULER_OPTIONS:
-                continue
-            template = self.options.get(option)
-            if template is None:
+    def check(self, options: LaunchOptions) -> None:
+        """UsageError for a given option this scheduler cannot express (no row in its table)."""
+        for option in options.given():
+            if option in SCHEDULER_OPTIONS and self.options.get(option) is None:
                 raise UsageError(f"--{option.replace('_', '-')} cannot be expressed for {self.name}"
                                  + self.hint(option))
-            if template:
-                lines.append(template.format(value))
-        return lines
+
+    def option_lines(self, plan: Plan) -> list:
+        """The table rows for the options given (check() has refused the others). An empty
+        template: the option is rendered by fixed(), with others (PBS's select, LSF's -n)."""
+        return [self.options[option].format(value) for option, value in plan.options.given().items()
+                if option in SCHEDULER_OPTIONS and self.options[option]]
 
     def hint(self, option: str) -> str:
         return ""
@@ -717,8 +719,7 @@ class HtCondor(Scheduler):
         return " (HTCondor matches jobs to machines; ask your admins for a requirements expression)"
 
     def directives(self, plan, session, alias):
-        self.option_lines(plan)                     # refuse what cannot be expressed
-        return []                                   # the script itself carries no directives
+        return []                                   # the script itself carries none: they go in job.sub
 
     def description(self, plan: Plan, session: Path, alias: str) -> str:
         lines = [f"# Satellite session {alias}", f"executable = {session / 'job.sh'}",
@@ -795,11 +796,7 @@ class Local(Scheduler):
     """Runs the job as a background process on this machine: for demos, laptops and workstations.
     The time limit is enforced with `timeout`; the job id is the process id."""
     name, prefix, cli = "local", "#", ""
-    options = {}                                    # the job runs on this machine as it is
-
-    def directives(self, plan, session, alias):
-        self.option_lines(plan)
-        return []
+    options = {}                                    # the job runs on this machine as it is: no directives
 
     def submit(self, session):
         info = session.info()
@@ -864,9 +861,11 @@ def find_scheduler(name: Optional[str], need_cli: bool = True) -> Scheduler:
 ###############################################################################
 
 def client_path() -> str:
-    """This program as the job should run it: the .pyz when running from one."""
-    here = Path(__file__).resolve()
-    return str(here.parent if here.parent.suffix == ".pyz" else here)
+    """This program as the job should run it: the archive it was imported from, whatever its name
+    (`install -m 0755 dist/satellite-client.pyz /usr/local/bin/satellite-client`, a link to it), or
+    this source file. The zip importer knows its archive; a name ending in .pyz is not required."""
+    archive = getattr(__loader__, "archive", None)
+    return str(Path(archive or __file__).resolve())
 
 
 def render_script(plan: Plan, session: Path, alias: str) -> str:
@@ -890,378 +889,7 @@ def render_script(plan: Plan, session: Path, alias: str) -> str:
 
 
 ###############################################################################
-# 7. Tunnel protocol: the same text in satellite.py and satellite_client.py
-#     (tests/test_tunnel.py checks that the two copies are identical)
-###############################################################################
-
-# For nodes satellite cannot connect to: the job's agent connects out to satellite and asks,
-# with `GET /api/tunnel`, `Upgrade: satellite-tunnel/1` and its session key, to carry the
-# session's traffic. After the 101 answer both ends exchange frames on that TLS connection:
-#
-#     kind (1 byte) | stream (4 bytes) | payload length (4 bytes) | payload
-#
-#     OPEN       satellite -> agent   a browser connection starts; the agent connects it to its app
-#     DATA       both ways            bytes of one stream, never more than the receiver's credit
-#     CREDIT     both ways            4-byte count: the receiver has passed on that many bytes
-#     EOF        both ways            the sender will send no more on this stream (half close)
-#     RESET      both ways            the stream is gone; payload: a short reason
-#     PING/PONG  both ways            keepalive; any frame is a sign of life
-#
-# Each stream starts with STREAM_WINDOW bytes of credit each way, so a browser tab that stops
-# reading stops only its own stream, never the tunnel. Only satellite opens streams, and an
-# agent connects every stream to its own app and nowhere else: neither end can make the other
-# open a connection of its choosing.
-
-TUNNEL_PROTOCOL = "satellite-tunnel/1"
-FRAME_HEAD = struct.Struct("!BII")
-CREDIT_FIELD = struct.Struct("!I")
-OPEN, DATA, CREDIT, EOF, RESET, PING, PONG = range(1, 8)
-MAX_FRAME_PAYLOAD = 64 * 1024
-STREAM_WINDOW = 1024 * 1024
-TUNNEL_PING_AFTER = 10.0                # seconds of silence before a PING
-TUNNEL_DEAD_AFTER = 30.0                # seconds without any frame: the peer is gone
-TUNNEL_CHECK_EVERY = 5.0                # how often the owner is asked whether the tunnel is still wanted
-TUNNEL_BATCH = 256 * 1024               # bytes of queued frames handed to TLS at once
-
-
-class TunnelError(Exception):
-    """The peer broke the protocol; the tunnel closes."""
-
-
-class TunnelStream:
-    """One connection carried by a tunnel, bridged to a local socket by two threads: one reads
-    the socket into DATA frames (within the peer's credit), the other writes the peer's DATA
-    to the socket and then gives the credit back. The tunnel's thread only hands over bytes."""
-
-    def __init__(self, tunnel: "Tunnel", stream_id: int):
-        self.tunnel = tunnel
-        self.id = stream_id
-        self.sock: Optional[socket.socket] = None
-        self.ready = threading.Condition()
-        self.credit = STREAM_WINDOW              # bytes we may still send
-        self.unwritten = 0                       # bytes received and not yet passed on
-        self.inbox: collections.deque = collections.deque()     # bytes for the socket; None = EOF
-        self.aborted = False
-        self.pumps_running = 2
-
-    def start(self, connect: Callable) -> None:
-        """Connect the local end (`connect()` returns a socket) and pump both ways, in new threads."""
-        threading.Thread(target=self.connect_and_pump, args=(connect,), daemon=True).start()
-
-    def connect_and_pump(self, connect: Callable) -> None:
-        try:
-            self.sock = connect()
-        except OSError as exc:
-            self.tunnel.send(RESET, self.id, str(exc).encode()[:200])
-            self.tunnel.forget(self.id)
-            return
-        threading.Thread(target=self.pump_to_socket, daemon=True).start()
-        self.pump_to_tunnel()
-
-    # called from the tunnel's thread: never blocks --------------------------------
-    def deliver(self, data: Optional[bytes]) -> None:
-        with self.ready:
-            if data:
-                self.unwritten += len(data)
-                if self.unwritten > STREAM_WINDOW:
-                    raise TunnelError(f"stream {self.id} sent more than its credit")
-            self.inbox.append(data)
-            self.ready.notify_all()
-
-    def grant(self, count: int) -> None:
-        with self.ready:
-            self.credit += count
-            self.ready.notify_all()
-
-    def abort(self) -> None:
-        with self.ready:
-            self.aborted = True
-            self.ready.notify_all()
-        if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)     # wakes a pump blocked in recv
-            except OSError:
-                pass
-
-    # the two pumps ---------------------------------------------------------------
-    def pump_to_tunnel(self) -> None:
-        try:
-            while True:
-                with self.ready:
-                    while self.credit <= 0 and not self.aborted:
-                        self.ready.wait()
-                    if self.aborted:
-                        return
-                    room = min(self.credit, MAX_FRAME_PAYLOAD)
-                data = self.sock.recv(room)
-                if self.aborted:
-                    return
-                if not data:
-                    self.tunnel.send(EOF, self.id)
-                    return
-                with self.ready:
-                    self.credit -= len(data)
-                self.tunnel.send(DATA, self.id, data)
-        except OSError as exc:
-            self.fail(exc)
-        finally:
-            self.pump_stopped()
-
-    def pump_to_socket(self) -> None:
-        try:
-            while True:
-                with self.ready:
-                    while not self.inbox and not self.aborted:
-                        self.ready.wait()
-                    if self.aborted:
-                        return
-                    data = self.inbox.popleft()
-                if data is None:
-                    self.sock.shutdown(socket.SHUT_WR)
-                    return
-                self.sock.sendall(data)
-                with self.ready:
-                    self.unwritten -= len(data)
-                self.tunnel.send(CREDIT, self.id, CREDIT_FIELD.pack(len(data)))
-        except OSError as exc:
-            self.fail(exc)
-        finally:
-            self.pump_stopped()
-
-    def fail(self, exc: OSError) -> None:
-        if not self.aborted:
-            self.tunnel.send(RESET, self.id, str(exc).encode()[:200])
-            self.abort()
-
-    def pump_stopped(self) -> None:
-        with self.ready:
-            self.pumps_running -= 1
-            last = self.pumps_running == 0
-        if last:
-            self.sock.close()
-            self.tunnel.forget(self.id)
-
-
-class Tunnel:
-    """One TLS connection carrying many streams.
-
-    Only the thread in `run` touches the TLS socket: OpenSSL must not read and write one
-    connection from two threads at once. Other threads queue frames with `send`, which
-    wakes that thread through a pipe; `stop` asks it to finish.
-    """
-
-    def __init__(self, sock: ssl.SSLSocket, connect_app: Optional[Callable] = None, early: bytes = b""):
-        self.sock = sock
-        self.connect_app = connect_app          # the agent's: a new socket to its app. satellite: None
-        self.inbound = bytearray(early)
-        self.outbox: collections.deque = collections.deque()
-        self.lock = threading.Lock()
-        self.streams: dict = {}
-        self.next_id = 1
-        self.wake_read, self.wake_write = os.pipe()
-        os.set_blocking(self.wake_read, False)
-        os.set_blocking(self.wake_write, False)
-        self.closed = False
-        self.stop_reason = ""
-
-    # any thread --------------------------------------------------------------------
-    def send(self, kind: int, stream_id: int = 0, payload: bytes = b"") -> None:
-        frame = FRAME_HEAD.pack(kind, stream_id, len(payload)) + payload
-        with self.lock:
-            if self.closed:
-                return
-            was_empty = not self.outbox
-            self.outbox.append(frame)
-            if was_empty:
-                self.wake()
-
-    def stop(self, reason: str) -> None:
-        with self.lock:
-            self.stop_reason = self.stop_reason or reason
-            if not self.closed:
-                self.wake()
-
-    def wake(self) -> None:
-        """Caller holds the lock (so the pipe cannot be closed meanwhile)."""
-        try:
-            os.write(self.wake_write, b"!")
-        except BlockingIOError:                 # the pipe is full: the thread is awake anyway
-            pass
-
-    def open_stream(self) -> socket.socket:
-        """Satellite: a new stream to the agent's app; returns this end of a socket pair."""
-        ours, theirs = socket.socketpair()
-        with self.lock:
-            if self.closed:
-                ours.close()
-                theirs.close()
-                raise ConnectionError("the tunnel is closed")
-            stream = TunnelStream(self, self.next_id)
-            self.streams[stream.id] = stream
-            self.next_id += 1
-        self.send(OPEN, stream.id)
-        stream.start(lambda: theirs)
-        return ours
-
-    def forget(self, stream_id: int) -> None:
-        with self.lock:
-            self.streams.pop(stream_id, None)
-
-    def stream_count(self) -> int:
-        with self.lock:
-            return len(self.streams)
-
-    # the tunnel's own thread --------------------------------------------------------
-    def run(self, still_wanted: Callable = lambda: True) -> str:
-        """Carry frames until the peer closes, breaks the protocol or falls silent, or
-        `stop` is called, or `still_wanted()` (asked every few seconds) says no. Returns why."""
-        sock = self.sock
-        sock.setblocking(False)
-        poller = select.poll()
-        poller.register(self.wake_read, select.POLLIN)
-        unsent = b""
-        heard = pinged = checked = time.monotonic()
-        try:
-            self.dispatch()
-            while True:
-                wants_write = False
-                while True:                      # write what is queued, as far as TLS takes it
-                    if not unsent:
-                        unsent = self.take_outbox()
-                        if not unsent:
-                            break
-                    try:
-                        unsent = unsent[sock.send(unsent):]
-                    except (ssl.SSLWantWriteError, BlockingIOError):
-                        wants_write = True       # retried later with the same bytes, as OpenSSL needs
-                        break
-                    except ssl.SSLWantReadError:
-                        break
-                if not sock.pending():
-                    poller.register(sock, select.POLLIN | (select.POLLOUT if wants_write else 0))
-                    for fd, _ in poller.poll(1000):
-                        if fd == self.wake_read:
-                            self.drain_wake_pipe()
-                got = self.read_available()
-                now = time.monotonic()
-                if got is None:
-                    return "closed by the other end"
-                if got:
-                    heard = now
-                if self.stop_reason:
-                    return self.stop_reason
-                if now - heard > TUNNEL_DEAD_AFTER:
-                    return f"nothing heard for {TUNNEL_DEAD_AFTER:.0f}s"
-                if now - heard > TUNNEL_PING_AFTER and now - pinged > TUNNEL_PING_AFTER:
-                    self.send(PING, 0, struct.pack("!d", now))
-                    pinged = now
-                if now - checked > TUNNEL_CHECK_EVERY:
-                    checked = now
-                    if not still_wanted():
-                        return "no longer wanted"
-        except TunnelError as exc:
-            return f"protocol error: {exc}"
-        except OSError as exc:                   # ssl.SSLError included
-            return f"connection lost: {exc}"
-        finally:
-            self.close()
-
-    def take_outbox(self) -> bytes:
-        with self.lock:
-            frames, size = [], 0
-            while self.outbox and size < TUNNEL_BATCH:
-                frames.append(self.outbox.popleft())
-                size += len(frames[-1])
-        return b"".join(frames)
-
-    def drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self.wake_read, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def read_available(self) -> Optional[bool]:
-        """Read what TLS has (bounded, so writes get their turn) and act on whole frames.
-        True if anything came, False if nothing, None at end of stream."""
-        got = False
-        for _ in range(16):
-            try:
-                data = self.sock.recv(TUNNEL_BATCH)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                break
-            if not data:
-                return None
-            self.inbound += data
-            got = True
-        if got:
-            self.dispatch()
-        return got
-
-    def dispatch(self) -> None:
-        """Act on every whole frame in `inbound`."""
-        buffer, offset = self.inbound, 0
-        while len(buffer) - offset >= FRAME_HEAD.size:
-            kind, stream_id, length = FRAME_HEAD.unpack_from(buffer, offset)
-            if length > MAX_FRAME_PAYLOAD:
-                raise TunnelError(f"a frame of {length} bytes")
-            end = offset + FRAME_HEAD.size + length
-            if len(buffer) < end:
-                break
-            self.on_frame(kind, stream_id, bytes(buffer[offset + FRAME_HEAD.size:end]))
-            offset = end
-        del buffer[:offset]
-
-    def on_frame(self, kind: int, stream_id: int, payload: bytes) -> None:
-        if kind == PING:
-            self.send(PONG, 0, payload)
-        elif kind == PONG:
-            pass
-        elif kind == OPEN:
-            if self.connect_app is None:
-                raise TunnelError("only satellite opens streams")
-            with self.lock:
-                if stream_id == 0 or stream_id in self.streams:
-                    raise TunnelError(f"OPEN of stream {stream_id}, which is in use")
-                stream = self.streams[stream_id] = TunnelStream(self, stream_id)
-            stream.start(self.connect_app)
-        elif kind in (DATA, EOF, CREDIT, RESET):
-            with self.lock:
-                stream = self.streams.get(stream_id)
-            if stream is None:                   # ended here while the peer was still sending
-                return
-            if kind == DATA:
-                stream.deliver(payload)
-            elif kind == EOF:
-                stream.deliver(None)
-            elif kind == CREDIT:
-                if len(payload) != CREDIT_FIELD.size:
-                    raise TunnelError("malformed CREDIT")
-                stream.grant(CREDIT_FIELD.unpack(payload)[0])
-            else:
-                stream.abort()
-        else:
-            raise TunnelError(f"unknown frame kind {kind}")
-
-    def close(self) -> None:
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-            streams = list(self.streams.values())
-            self.streams.clear()
-            os.close(self.wake_read)
-            os.close(self.wake_write)
-        for stream in streams:
-            stream.abort()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-###############################################################################
-# 8. Agent
+# 7. Agent
 ###############################################################################
 
 class StopFlag:
@@ -1361,7 +989,7 @@ def start_app(command: str, host: str, env: dict, start_timeout: float, stop: St
 
 
 class TunnelKeeper:
-    """Holds the session's tunnel to satellite open from inside the job (section 7): reconnects
+    """Holds the session's tunnel to satellite open from inside the job (satellite.Tunnel): reconnects
     with backoff and jitter when it drops, and gives up only when satellite refuses it for good
     (the session is over) or the agent closes it."""
 
@@ -1511,11 +1139,10 @@ def stop_process_group(proc: Optional[subprocess.Popen], grace: float = 10) -> N
 
 
 ###############################################################################
-# 9. Commands
+# 8. Commands
 ###############################################################################
 
 def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_run: bool) -> int:
-    check_satellite_url(options.satellite)
     plan = plan_launch(options, need_cli=not dry_run)
     if dry_run:
         placeholder = SessionDir.root() / "ALIAS"
@@ -1716,7 +1343,7 @@ def command_profile(action: str, name: Optional[str], options: LaunchOptions) ->
         given = options.given()
         if not given:
             raise UsageError("profile save NAME takes launch options to remember, e.g. --partition gpu --gpus 1")
-        plan_launch(options, need_cli=False)             # a profile that cannot launch is refused now
+        plan_launch(options, need_cli=False, need_satellite=False)     # a profile that cannot launch is refused now
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.write_text(json.dumps(given, indent=1) + "\n")
         print(f"saved profile {name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items()))
@@ -1731,7 +1358,7 @@ def command_profile(action: str, name: Optional[str], options: LaunchOptions) ->
 
 
 ###############################################################################
-# 10. main
+# 9. main
 ###############################################################################
 
 LAUNCH_EXAMPLES = """examples:

@@ -76,6 +76,13 @@ def wait_for(predicate, timeout=20.0, interval=0.05, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def build_zipapps(directory):
+    """dist/satellite.pyz and dist/satellite-client.pyz as `make` builds them, into `directory`."""
+    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output-dir", str(directory)], check=True,
+                   capture_output=True, timeout=60)
+    return Path(directory)
+
+
 def parse_fields(text):
     """key=value lines -> dict."""
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
@@ -403,7 +410,8 @@ def slurm(tmp_path_factory):
 
 
 class Client:
-    """satellite-client run as a user would run it, with a home directory of its own."""
+    """satellite-client run as a user would run it, with a home directory of its own.
+    `command`: how it is run (default: python3 satellite_client.py from this checkout)."""
     created: list = []
 
     def cancel_all(self):
@@ -411,8 +419,9 @@ class Client:
         for alias in self.sessions():
             self.run("cancel", alias, timeout=60)
 
-    def __init__(self, home, satellite, env=None):
+    def __init__(self, home, satellite, env=None, command=None):
         self.home = Path(home)
+        self.command = list(command or [sys.executable, str(ROOT / "satellite_client.py")])
         self.home.mkdir(parents=True, exist_ok=True)
         self.satellite = satellite
         self.env = dict(os.environ, HOME=str(self.home), SATELLITE_URL=f"https://127.0.0.1:{satellite.port}",
@@ -422,7 +431,7 @@ class Client:
         Client.created.append(self)
 
     def run(self, *args, timeout=180, check=False):
-        result = subprocess.run([sys.executable, str(ROOT / "satellite_client.py"), *args], env=self.env,
+        result = subprocess.run([*self.command, *args], env=self.env,
                                 capture_output=True, text=True, timeout=timeout, cwd=self.home)
         if check:
             assert result.returncode == 0, result.stdout + result.stderr

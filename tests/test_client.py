@@ -1,5 +1,6 @@
 """satellite-client: schedulers (local for real; STAND-IN CLIs for PBS, LSF, HTCondor and Grid Engine),
 rendered scripts, options, profiles and every failure path."""
+import dataclasses
 import json
 import os
 import re
@@ -259,9 +260,16 @@ def test_help_teaches():
     assert result.returncode == 2 and "launch" in result.stdout
 
 
-def test_scheduler_detection_from_path(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT))
+def client_module():
+    """satellite_client imported into the tests, from this checkout."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     import satellite_client
+    return satellite_client
+
+
+def test_scheduler_detection_from_path(tmp_path, monkeypatch):
+    satellite_client = client_module()
     for clis, expected in [((), "local"), (("bsub",), "lsf"), (("qsub",), "pbs"), (("qsub", "qconf"), "sge"),
                            (("condor_submit",), "htcondor"), (("sbatch", "qsub"), "slurm")]:
         bin_dir = tmp_path / "-".join(clis or ("none",))
@@ -292,3 +300,51 @@ def test_tls_launch_pins_the_apps_own_certificate(client, job_satellite):
     assert "upstream=tls, pinned sha256:" in shown
     bad = client.run("launch", "--scheduler", "local", "--tls", "--command", ECHO_APP)
     assert bad.returncode == 2 and "{certfile} and {keyfile}" in bad.stderr
+
+
+# planning: checks only --------------------------------------------------------------
+
+def test_launch_checks_the_satellite_url_once(tmp_path, monkeypatch, capsys):
+    satellite_client = client_module()
+    checked = []
+    check = satellite_client.check_satellite_url
+    monkeypatch.setattr(satellite_client, "check_satellite_url", lambda url: checked.append(url) or check(url))
+    (tmp_path / "client.ini").write_text("[client]\n")
+    monkeypatch.setenv("SATELLITE_CLIENT_CONFIG", str(tmp_path / "client.ini"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    code = satellite_client.main(["launch", "--dry-run", "--scheduler", "local", "--command", "app --port {port}",
+                                  "--satellite", "https://manage.sat.test"])
+    assert code == 0 and "app --port {port}" in capsys.readouterr().out
+    assert checked == ["https://manage.sat.test"]
+
+
+def test_planning_checks_without_rendering_a_made_up_job_or_changing_the_options(tmp_path, monkeypatch):
+    satellite_client = client_module()
+    rendered = []
+    for scheduler in satellite_client.SCHEDULERS.values():
+        def directives(self, plan, session, alias, render=scheduler.directives):
+            rendered.append((self.name, session, alias))
+            return render(self, plan, session, alias)
+        monkeypatch.setattr(scheduler, "directives", directives)
+    monkeypatch.chdir(tmp_path)
+    options = satellite_client.LaunchOptions(scheduler="slurm", partition="gpu", nodes="2", cpus_per_task="4",
+                                             gpus="1", time_limit="30", command="app --port {port}",
+                                             satellite="https://manage.sat.test")
+    given = dataclasses.replace(options)
+    plan = satellite_client.plan_launch(options, need_cli=False)
+    assert options == given                               # the caller's options as they were: "2", not 2
+    assert rendered == []                                 # checked by the scheduler's table, not by rendering
+    assert (plan.options.nodes, plan.options.cpus_per_task, plan.options.gpus) == (2, 4, 1)
+    script = satellite_client.render_script(plan, tmp_path / "session", "some-alias")
+    assert rendered == [("slurm", tmp_path / "session", "some-alias")]
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --nodes=2", "#SBATCH --cpus-per-task=4", "#SBATCH --gpus=1"):
+        assert line in script
+    for name, option, message in [("pbs", {"qos": "high"}, "--qos cannot be expressed for pbs"),
+                                  ("sge", {"nodes": 2}, "SGE places slots"),
+                                  ("local", {"partition": "gpu"}, "--partition cannot be expressed for local")]:
+        refused = satellite_client.LaunchOptions(scheduler=name, command="app {port}", satellite=options.satellite,
+                                                 **option)
+        with pytest.raises(satellite_client.UsageError, match=message):
+            satellite_client.plan_launch(refused, need_cli=False)
+    assert rendered == [("slurm", tmp_path / "session", "some-alias")]

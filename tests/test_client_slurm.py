@@ -1,5 +1,6 @@
 """satellite-client against a real single-node Slurm and a real satellite."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import time
 import pytest
 import websocket
 
-from conftest import ECHO_APP, ROOT, Client, json_body, wait_for
+from conftest import ECHO_APP, ROOT, Client, build_zipapps, json_body, wait_for
 from test_jupyter import execute
 
 
@@ -58,6 +59,43 @@ def test_launch_wait_list_status_cancel(client, job_satellite, slurm):
     assert link_status(job_satellite, result["url"])[0] == 410
     assert client.run("cancel", result["alias"]).returncode == 0            # again: nothing to do, no error
     assert "state=ended" in client.run("status", result["alias"]).stdout
+
+
+@pytest.mark.parametrize("how, connect", [("installed", "direct"), ("symlink", "tunnel"), ("other name", "tunnel")])
+def test_the_client_installed_as_the_readme_says_runs_its_jobs(tmp_path, job_satellite, slurm, how, connect):
+    """The README's login-node install (install -m 0755 dist/satellite-client.pyz .../satellite-client),
+    a symlink to it, and the archive under another name: each, run as a command, launches a Slurm job
+    whose agent runs that same archive (tunnel: with the protocol from the satellite.py inside it)."""
+    pyz = build_zipapps(tmp_path / "dist") / "satellite-client.pyz"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    installed = bin_dir / "satellite-client"
+    subprocess.run(["install", "-m", "0755", str(pyz), str(installed)], check=True)
+    command = installed
+    if how == "symlink":
+        command = tmp_path / "links" / "sat"
+        command.parent.mkdir()
+        command.symlink_to(installed)
+    elif how == "other name":
+        command = bin_dir / "satellite-client-0.1.0"
+        installed.rename(command)
+    client = Client(tmp_path / "home", job_satellite, command=[str(command)],
+                    env={"SLURM_CONF": str(slurm.conf), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    result = client.launch_json("--command", ECHO_APP, "--connect", connect, "--time-limit", "10", "--wait")
+    assert result["scheduler"] == "slurm" and result["state"] == "proxied"
+    status, body = link_status(job_satellite, result["url"])
+    assert status == 200 and b"Hello from the compute node" in body
+    session = client.session_dir(result["alias"])
+    script = (session / "job.sh").read_text()
+    assert f" {command.resolve()} agent " in script                 # the archive itself, not a path inside it
+    log = (session / "job.log").read_text()
+    assert "satellite-agent: link ready" in log and "can't find '__main__'" not in log
+    if connect == "tunnel":
+        assert "tunnel to satellite connected" in log
+        token = result["url"].split("token=")[1]
+        assert job_satellite.api("status", token=token)[1]["target"].startswith("tunnel from ")
+    assert client.run("cancel", result["alias"]).returncode == 0
+    wait_for(lambda: link_status(job_satellite, result["url"])[0] == 410, timeout=30, what="the link to end")
 
 
 def test_time_limit_releases_the_link(client, job_satellite, slurm):

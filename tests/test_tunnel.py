@@ -17,29 +17,46 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import pytest
 import websocket
 
-from conftest import ECHO_APP, ROOT, Client, follow_events, json_body, wait_for
+from conftest import ECHO_APP, ROOT, Client, build_zipapps, follow_events, json_body, wait_for
 from test_jupyter import execute
 
-SATELLITE_PY = (ROOT / "satellite.py").read_text()
-CLIENT_PY = (ROOT / "satellite_client.py").read_text()
 FRAME = struct.Struct("!BII")
 OPEN, DATA, CREDIT, EOF, RESET, PING, PONG = range(1, 8)
 
+# Imports the client with only `path` (the source tree or the client's .pyz) to import from: which copy of
+# the protocol does it speak?
+WHOSE_PROTOCOL = """import sys
+sys.path[:0] = [sys.argv[1]]
+import satellite, satellite_client
+assert satellite_client.Tunnel is satellite.Tunnel and satellite_client.TUNNEL_PROTOCOL is satellite.TUNNEL_PROTOCOL
+print(satellite.__file__)
+"""
 
-def tunnel_section(source):
-    """The shared protocol section: from its banner to the next one."""
-    match = re.search(r"# \d+\. Tunnel protocol: .*?\n#{79}\n(.*?)\n#{79}\n", source, re.S)
-    assert match, "no tunnel protocol section"
-    return match.group(1)
+
+def test_the_client_speaks_the_protocol_from_satellites_one_copy(tmp_path):
+    client_source = (ROOT / "satellite_client.py").read_text()
+    assert not re.search(r"^(class (Tunnel|TunnelStream|TunnelError)\b|[A-Z_]+ = struct\.Struct)", client_source, re.M)
+    pyz = build_zipapps(tmp_path) / "satellite-client.pyz"
+    for path, copy in [(ROOT, ROOT / "satellite.py"), (pyz, pyz / "satellite.py")]:
+        result = subprocess.run([sys.executable, "-I", "-S", "-c", WHOSE_PROTOCOL, str(path)], capture_output=True,
+                                text=True, cwd=tmp_path, timeout=30)
+        assert result.returncode == 0 and result.stdout.strip() == str(copy), result.stderr
+    with zipfile.ZipFile(pyz) as archive:
+        assert archive.read("satellite.py") == (ROOT / "satellite.py").read_bytes()
 
 
-def test_both_programs_carry_the_same_protocol_text():
-    assert tunnel_section(SATELLITE_PY) == tunnel_section(CLIENT_PY)
-    assert "class Tunnel:" in tunnel_section(SATELLITE_PY)
+@pytest.mark.skipif(shutil.which("duplicates") is None, reason="the duplicates command is not installed here")
+def test_no_text_is_copied_between_satellite_and_the_client():
+    result = subprocess.run(["duplicates", "--repo", str(ROOT), "--most", "200"], capture_output=True, text=True,
+                            timeout=120)
+    assert "incomplete:" not in result.stdout, result.stdout
+    shared = [row for row in result.stdout.splitlines() if "satellite.py:" in row and "satellite_client.py:" in row]
+    assert shared == [], result.stdout
 
 
 # helpers -------------------------------------------------------------------------
@@ -528,8 +545,7 @@ def test_an_event_stream_from_a_node_satellite_cannot_reach(slurm_client, job_sa
 
 
 def test_connect_mode_is_checked_before_anything_is_contacted(client, tmp_path, job_satellite):
-    aliases = lambda: [row[0] for row in job_satellite.rows()]     # (earlier tests' tunnels may still be closing)
-    rows = aliases()
+    issued = {row[0] for row in job_satellite.rows()}    # aliases: earlier sessions' rows may still change
     result = client.run("launch", "--scheduler", "local", "--command", ECHO_APP, "--connect", "sideways")
     assert result.returncode == 2 and "invalid choice: 'sideways'" in result.stderr
     config = tmp_path / "client.ini"
@@ -537,7 +553,7 @@ def test_connect_mode_is_checked_before_anything_is_contacted(client, tmp_path, 
     client.env["SATELLITE_CLIENT_CONFIG"] = str(config)
     result = client.run("launch", "--scheduler", "local", "--command", ECHO_APP)
     assert result.returncode == 2 and "connect 'sometimes': choose direct, tunnel or auto" in result.stderr
-    assert aliases() == rows and client.sessions() == []
+    assert {row[0] for row in job_satellite.rows()} == issued and client.sessions() == []
     config.write_text("[client]\nconnect = tunnel\n")               # a site whose nodes all need the tunnel
     result = client.launch_json("--scheduler", "local", "--command", ECHO_APP, "--time-limit", "10", "--wait")
     assert "tunnel to satellite connected" in job_log(client, result["alias"])
