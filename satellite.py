@@ -77,7 +77,7 @@ from http import HTTPStatus
 from typing import Callable, Iterable, Optional
 
 __version__ = "0.1.0"
-__all__ = ["Settings", "Store", "Satellite", "main"]
+__all__ = ["Settings", "Store", "Satellite", "main", "TUNNEL_PROTOCOL", "Tunnel"]     # Tunnel*: the client's too
 
 log = logging.getLogger("satellite")
 access_log = logging.getLogger("satellite.access")
@@ -726,7 +726,7 @@ class Store:
         return counts
 
     def set_backend_gone(self, alias: str, since: Optional[float]) -> None:
-        self._write("UPDATE sessions SET backend_gone = ? WHERE alias = ?", (since, alias))
+        self._write("UPDATE sessions SET backend_gone = ? WHERE alias = ? AND state != 'ended'", (since, alias))
 
     def set_jobstates(self, states: dict) -> int:
         """Scheduler states by job id (from a feed); returns how many sessions they named."""
