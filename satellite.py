@@ -234,6 +234,7 @@ class Settings:
     jobstate_command: str = ""              # refresh runs it: lines "JOBID STATE" (e.g. squeue -h -o '%i %T')
     hsts: int = 365 * 86400                 # Strict-Transport-Security max-age; 0 = off
     redirect_listen: Optional[tuple] = None # plain-HTTP listener that only redirects to HTTPS
+    control_listen: Optional[tuple] = None  # the API, tunnels, metrics, front auth on their own listener
     trusted_user_header: str = ""           # e.g. X-Remote-User, set by an authenticating front (SSO)
     trusted_fronts: tuple = ()              # the only addresses whose user header is believed
     legacy_api: bool = False                # SDSC Satellite's *.cgi endpoints (weaker: see README)
@@ -248,7 +249,8 @@ class Settings:
         "max_connections": int, "max_connections_per_address": int, "metrics_from": parse_networks, "admin_from": parse_networks,
         "getlink_rate": parse_rate, "max_live_per_source": int, "token_failures": parse_rate,
         "dead_after": parse_duration, "retention": parse_duration, "hsts": parse_duration,
-        "redirect_listen": parse_optional_listen, "trusted_fronts": parse_networks, "legacy_api": parse_bool,
+        "redirect_listen": parse_optional_listen,
+        "control_listen": parse_optional_listen, "trusted_fronts": parse_networks, "legacy_api": parse_bool,
     }
 
     @classmethod
@@ -294,6 +296,14 @@ class Settings:
             raise ValueError("trusted_user_header: give a header name, e.g. X-Remote-User")
         if self.max_session_lifetime < self.session_lifetime:
             raise ValueError("max_session_lifetime is shorter than session_lifetime")
+        for name in ("issue_from", "redeem_from"):
+            overlap = [str(n) for n in getattr(self, name) for f in self.trusted_fronts
+                       if n.version == f.version and n.overlaps(f)]
+            if overlap:
+                raise ValueError(f"{name} ({', '.join(overlap)}) includes a trusted front: requests through a front "
+                                 "count as the client the front names, so a front's own address must not issue or "
+                                 f"redeem links. Give {name.replace('_', '-')} your nodes' own networks (a front on "
+                                 "this host is loopback: leave loopback out)")
 
     @property
     def link_port(self) -> int:
@@ -1377,8 +1387,9 @@ def plain_answer(status: int, body: bytes, fields: Iterable = ()) -> bytes:
 class Exchange:
     """One request on its way through satellite: who sent it, what was decided about the sender,
     and what went each way. The only per-request state; the connection loop makes a new one each time."""
-    peer: str
+    peer: str                              # the client: the connection's address, or the one a trusted front names
     started: float
+    via: str = ""                          # the connection's own address (a front's, if it came through one)
     request: Optional[Request] = None
     user: Optional[str] = None             # the SSO user a trusted front named
     status: int = 0
@@ -1445,17 +1456,37 @@ def alias_for_host(host: str, domain: str) -> Optional[str]:
     return None
 
 
-def route(request: Request, settings: Settings) -> Route:
+PLANES = ("all", "data", "control")     # which listener: the only one, sessions only, or the control plane
+
+
+def route(request: Request, settings: Settings, plane: str = "all") -> Route:
+    """With control-listen set, the data plane (the listener a front forwards to) serves sessions and
+    /healthz only, and the control plane serves the API, tunnels, metrics and the front's auth."""
     path = request.path
     alias = alias_for_host(request.host, settings.domain)
     if alias is not None:
-        if path == INTERNAL_PREFIX + "auth":
+        if path == INTERNAL_PREFIX + "auth" and plane != "data":
             return Route("front-auth", path, alias)
+        if plane == "control":
+            return Route("unknown", path)
         return Route("internal" if path.startswith(INTERNAL_PREFIX) else "app", path, alias)
     endpoint = ENDPOINTS.get(path)
-    if endpoint is None or (endpoint.legacy and not settings.legacy_api):
+    if endpoint is None or (endpoint.legacy and not settings.legacy_api) or (plane == "data" and path != "/healthz"):
         return Route("unknown", path)
     return Route("endpoint", path)
+
+
+def client_address(request: Request, via: str, settings: Settings) -> str:
+    """Who is asking: the connection's address, or — from a trusted front — the address the front
+    appended last to X-Forwarded-For (what it saw; earlier entries are the client's own claims).
+    A trusted front that names no client is refused: it would otherwise be taken for itself."""
+    if not address_in(via, settings.trusted_fronts):
+        return via
+    forwarded = ",".join(request.headers.get_all("x-forwarded-for")).split(",")[-1].strip().strip("[]")
+    try:
+        return plain_address(str(ipaddress.ip_address(forwarded)))
+    except ValueError:
+        raise HttpError(400, "a request from a trusted front must name its client in X-Forwarded-For") from None
 
 
 def allowed_networks(settings: Settings, names: tuple) -> tuple:
@@ -1481,7 +1512,8 @@ def sso_user(request: Request, peer: str, settings: Settings) -> Optional[str]:
     header = settings.trusted_user_header
     if not header or not address_in(peer, settings.trusted_fronts):
         return None
-    user = (request.headers.get(header) or "").strip()
+    values = request.headers.get_all(header)
+    user = values[0].strip() if len(values) == 1 else ""          # two names for one request: believe neither
     return user if 0 < len(user) <= 256 else None
 
 
@@ -1509,6 +1541,25 @@ def presented_credential(request: Request, session: Session, server_secret: byte
     scheme, _, value = (request.headers.get("authorization") or "").partition(" ")
     if scheme.lower() in ("token", "bearer") and secret_matches(value.strip(), session.token_hash):
         return "header"
+    return None
+
+
+UNSAFE_METHODS = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+
+
+def foreign_origin(request: Request) -> Optional[str]:
+    """Why a browser request from another site, or from another session's host (sessions share a
+    domain, so browsers call them same-site), must not reach the app — or None. Only methods that
+    change state and WebSocket upgrades are checked; clients that send no Origin (curl, scripts)
+    and same-origin requests pass."""
+    if request.method not in UNSAFE_METHODS and not request.wants_websocket:
+        return None
+    origin = request.headers.get("origin")
+    own = "https://" + re.sub(r":443$", "", request.host_header.lower())
+    if origin is not None and re.sub(r":443$", "", origin.strip().lower()) != own:
+        return f"a {'WebSocket' if request.wants_websocket else request.method} from {origin[:100]}"
+    if (request.headers.get("sec-fetch-site") or "").lower() in ("cross-site", "same-site"):
+        return f"a {'WebSocket' if request.wants_websocket else request.method} from another site"
     return None
 
 
@@ -1553,6 +1604,10 @@ def decide_session_access(request: Request, session: Optional[Session], user: Op
         return Verdict(404, "There is no session at this address.")
     if session.is_over(now):
         return Verdict(410, ENDED_TEXT, end_expired=session.state != "ended")
+    foreign = foreign_origin(request)
+    if foreign:
+        return Verdict(403, "This request came from another site or another session's page, so it was not passed "
+                            "on to the app. Open the app from its own link.", f"cross-origin: {foreign}", "cross_origin")
     credential = "legacy" if session.legacy else presented_credential(request, session, server_secret)
     if credential is None:
         if not tried_a_credential(request):
@@ -2043,14 +2098,16 @@ def strip_satellite_cookie(value: str) -> str:
                      if p and p.split("=", 1)[0].strip() != COOKIE_NAME)
 
 
-def forwarded_request_head(request: Request, peer: str, also_drop: frozenset = frozenset()) -> bytes:
-    """The head sent to the app: hop-by-hop fields dropped, forwarding fields set by satellite."""
+def forwarded_request_head(request: Request, peer: str, user_header: str = "", user: Optional[str] = None) -> bytes:
+    """The head sent to the app: hop-by-hop fields dropped, forwarding fields set by satellite, and
+    with SSO the user header set by satellite to the user it believes (`user`), whatever the client
+    sent under that name or a look-alike (X_Remote_User: CGI and WSGI gateways fold '_' into '-')."""
     drop = HOP_BY_HOP | FORWARDING_HEADERS | request.headers.tokens("connection") | {"content-length", "expect"}
-    drop |= also_drop
+    user_name = user_header.lower().replace("_", "-")
     lines = [f"{request.method} {request.target} HTTP/1.1"]
     for name, value in request.headers.fields:
         lower = name.lower()
-        if lower in drop:
+        if lower in drop or (user_name and lower.replace("_", "-") == user_name):
             continue
         if lower == "cookie":
             value = strip_satellite_cookie(value)
@@ -2062,6 +2119,8 @@ def forwarded_request_head(request: Request, peer: str, also_drop: frozenset = f
               f"X-Forwarded-Host: {request.host_header}",
               f'Forwarded: for={for_value};proto=https;host="{request.host_header}"',
               "Via: 1.1 satellite"]
+    if user_name and user:
+        lines.append(f"{user_header}: {user}")
     if request.wants_websocket:
         lines += ["Connection: Upgrade", "Upgrade: websocket"]
     if request.framing == "length":
@@ -2071,6 +2130,32 @@ def forwarded_request_head(request: Request, peer: str, also_drop: frozenset = f
     elif request.method in ("POST", "PUT", "PATCH"):
         lines.append("Content-Length: 0")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def host_only_cookie(set_cookie: str) -> Optional[str]:
+    """An app's Set-Cookie made host-only: its Domain attribute removed, so the cookie stays on this
+    session's host and never rides along to sibling sessions under the same domain (a cookie bomb,
+    or cookies fixed on other users' apps). A cookie named like satellite's own is dropped (None)."""
+    name, _, rest = set_cookie.partition(";")
+    if name.split("=", 1)[0].strip().lower() == COOKIE_NAME.lower():
+        return None
+    attributes = [a for a in rest.split(";") if a.strip() and a.split("=", 1)[0].strip().lower() != "domain"]
+    return ";".join([name] + attributes)
+
+
+def app_answer_fields(headers: Headers, drop: Iterable) -> list:
+    """The app's header fields as passed to the browser: `drop`ped names left out, cookies host-only."""
+    fields = []
+    for name, value in headers.fields:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == "set-cookie":
+            value = host_only_cookie(value)
+            if value is None:
+                continue
+        fields.append((name, value))
+    return fields
 
 
 def copy_exact(src: Stream, dst: socket.socket, count: int) -> int:
@@ -2190,9 +2275,7 @@ class Forwarder:
             line = self.client.readline(1024)         # a malformed first chunk never reaches the app
             parse_chunk_size(line)
             self.client.buf[:0] = line
-        user_header = self.settings.trusted_user_header.lower()
-        drop = frozenset((user_header,)) if user_header and not ex.user else frozenset()
-        head = forwarded_request_head(request, ex.peer, drop)
+        head = forwarded_request_head(request, ex.peer, self.settings.trusted_user_header, ex.user)
         retryable = request.framing == "none" and request.method in IDEMPOTENT_METHODS
         for attempt in (1, 2):
             try:
@@ -2269,8 +2352,8 @@ class Forwarder:
 
     def response_answer(self, request: Request, response: Response) -> Answer:
         """Status and headers (hop-by-hop dropped), and the body streamed in its own framing."""
-        drop = HOP_BY_HOP | response.headers.tokens("connection") | {"content-length"}
-        fields = [(n, v) for n, v in response.headers.fields if n.lower() not in drop]
+        fields = app_answer_fields(response.headers, HOP_BY_HOP | response.headers.tokens("connection")
+                                   | {"content-length"})
         client_keep = request.keep_alive
         upstream_keep = "close" not in response.headers.tokens("connection") and response.framing != "close"
         to_http10 = request.version == "HTTP/1.0"
@@ -2319,7 +2402,7 @@ class Forwarder:
             self.drop_upstream()
             return page_answer(502, "The app switched protocols unasked.")
         drop = (HOP_BY_HOP - {"upgrade"}) | response.headers.tokens("connection") - {"upgrade"}
-        fields = [(n, v) for n, v in response.headers.fields if n.lower() not in drop] + [("Connection", "Upgrade")]
+        fields = app_answer_fields(response.headers, drop) + [("Connection", "Upgrade")]
         upstream, self.upstream = self.upstream, None
         alias, client, store = session.alias, self.client, self.store
 
@@ -2842,8 +2925,10 @@ class Satellite:
     # the pipeline ------------------------------------------------------------------
     def respond(self, conn: "Connection", ex: Exchange) -> Answer:
         """One request whose head has been read: where it goes, whether the caller may, the answer."""
-        ex.user = sso_user(ex.request, ex.peer, self.settings)
-        where = route(ex.request, self.settings)
+        ex.via = conn.peer
+        ex.peer = client_address(ex.request, conn.peer, self.settings)
+        ex.user = sso_user(ex.request, ex.via, self.settings)
+        where = route(ex.request, self.settings, conn.plane)
         if where.kind in ("endpoint", "unknown"):
             return self.serve_management(conn, ex, where)
         return self.serve_session(conn, ex, where)
@@ -2875,18 +2960,12 @@ class Satellite:
     def serve_session(self, conn: "Connection", ex: Exchange, where: Route) -> Answer:
         request, alias = ex.request, where.alias
         session = self.store.cached_session(alias)
-        if where.kind == "front-auth" and address_in(ex.peer, self.settings.admin_from) and session is not None \
-                and not session.is_over(time.time()):
-            return self.answer_front(ex, session)
-        verdict = decide_session_access(request, session, ex.user, self.settings, self.store.cookie_secret,
-                                        lambda: self.token_failures.retry_after((ex.peer, alias)), time.time())
-        self.carry_out(verdict, ex, session, alias)
+        if where.kind == "front-auth" and address_in(ex.via, self.settings.admin_from):
+            return self.answer_front(ex, session, alias)
+        verdict = self.decide(request, ex, session, alias)
         if not verdict.allowed:
             extra = [("Retry-After", str(verdict.retry_after))] if verdict.retry_after else []
             return page_answer(verdict.status, verdict.text, extra)
-        if verdict.bind_owner and self.store.bind_user(alias, ex.user) != ex.user:
-            self.api.deny("This session belongs to another user.", ex.peer, ex.user, "not_owner", alias)
-            return page_answer(403, "This session belongs to another user.")
         if where.kind != "app":
             answer = self.internal_page(ex, session, where.path)
         elif session.target is None:
@@ -2896,6 +2975,17 @@ class Satellite:
         if verdict.cookie:
             answer.fields.append(verdict.cookie)
         return answer
+
+    def decide(self, request: Request, ex: Exchange, session: Optional[Session], alias: str) -> Verdict:
+        """The access decision for a session's host, and what it asks to be done."""
+        verdict = decide_session_access(request, session, ex.user, self.settings, self.store.cookie_secret,
+                                        lambda: self.token_failures.retry_after((ex.peer, alias)), time.time())
+        self.carry_out(verdict, ex, session, alias)
+        if verdict.bind_owner and self.store.bind_user(alias, ex.user) != ex.user:
+            verdict = Verdict(403, "This session belongs to another user.", "This session belongs to another user.",
+                              "not_owner")
+            self.carry_out(verdict, ex, session, alias)
+        return verdict
 
     def carry_out(self, verdict: Verdict, ex: Exchange, session: Optional[Session], alias: str) -> None:
         """What an access decision asks to be done: audit a refusal, count a wrong token, end an
@@ -2922,26 +3012,33 @@ class Satellite:
             return self.tunnels.get(session.alias) is not None
         return session.target is not None and probe(session.target, 0.5)
 
-    def answer_front(self, ex: Exchange, session: Session) -> Answer:
-        """nginx's auth_request (see `export`): may the original request (X-Original-URI, and the
-        same cookies and Authorization) reach the app? 204, with the cookie to set on a first visit, or 403."""
+    def answer_front(self, ex: Exchange, session: Optional[Session], alias: str) -> Answer:
+        """nginx's auth_request (see `export`): may the original request (X-Original-URI, with the
+        same method, cookies, Authorization and Origin) reach the app? The same decision as for a
+        request to satellite itself — token, owner, origin, failure limit — answered 204 (with the
+        cookie to set on a first visit) or 403, the only refusal auth_request passes on."""
         original = ex.request.headers.get("x-original-uri") or "/"
         if not original.startswith("/") or not TARGET_SAFE.match(original):
             return page_answer(400, "bad X-Original-URI")
-        asked = dataclasses.replace(ex.request, target=original)
-        credential = "legacy" if session.legacy else presented_credential(asked, session, self.store.cookie_secret)
-        if credential is None:
-            self.api.deny("wrong or no token (via front)", ex.peer, ex.user, "front", session.alias)
+        verdict = self.decide(dataclasses.replace(ex.request, target=original), ex, session, alias)
+        if not verdict.allowed:
             return Answer(403, [("Content-Type", "text/plain")])
         if session.state == "mapped":
             self.store.mark_proxied(session.alias)
-        cookie = [session_cookie(self.store.cookie_secret, session)] if credential == "query" else []
+        cookie = [verdict.cookie] if verdict.credential == "query" else []
         return Answer(204, [("Content-Type", "text/plain"), *cookie])
+
+
+TOO_MANY_COOKIES = ("Your browser sent more header data than satellite accepts, most likely too many or too large "
+                    "cookies for this site. Clear the cookies of this site (in the browser's site settings, or a "
+                    "private window), then open your link again: the link's token signs you in anew.")
 
 
 def answer_for_error(exc: Exception) -> Answer:
     """The one mapping from a failure in the pipeline to what the client is told; the connection closes."""
-    if isinstance(exc, HttpError):
+    if isinstance(exc, HttpError) and exc.status == 431:
+        answer = page_answer(431, TOO_MANY_COOKIES)
+    elif isinstance(exc, HttpError):
         answer = page_answer(exc.status, exc.reason)
     else:
         log.error("database error: %s", exc)
@@ -2955,8 +3052,9 @@ class Connection:
     """One client's TLS connection: it reads heads and bodies within their deadlines, forwards
     through its own pooled upstream, and is the one place that writes answers."""
 
-    def __init__(self, sock: ssl.SSLSocket, peer: str, service: Satellite):
+    def __init__(self, sock: ssl.SSLSocket, peer: str, service: Satellite, plane: str = "all"):
         self.peer = peer
+        self.plane = plane
         self.stream = Stream(sock)
         self.settings = service.settings
         self.hsts = [("Strict-Transport-Security", f"max-age={service.settings.hsts}")] if service.settings.hsts else []
@@ -3054,7 +3152,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                                                                        settings.header_timeout), peer)
         if sock is None:
             return
-        conn = Connection(sock, peer, service)
+        conn = Connection(sock, peer, service, self.server.plane)
         deadline = accepted + settings.header_timeout
         try:
             while self.serve_one(service, conn, deadline):
@@ -3112,8 +3210,9 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
     request_queue_size = 1024
     block_on_close = False
 
-    def __init__(self, service: Satellite, address: Optional[tuple] = None, handler=None):
+    def __init__(self, service: Satellite, address: Optional[tuple] = None, handler=None, plane: str = "all"):
         self.service = service
+        self.plane = plane
         host, port = address or service.settings.listen
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.open_connections = 0
@@ -3218,21 +3317,27 @@ def command_serve(settings: Settings) -> int:
     except sqlite3.Error as exc:
         log.error("cannot open database %s: %s", settings.db, exc)
         return 1
-    try:
-        server = ThreadedServer(service)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", *settings.listen, exc)
-        return 1
-    servers = [server]
-    if settings.redirect_listen:
+    listeners = [("HTTPS", settings.listen, ConnectionHandler, "data" if settings.control_listen else "all"),
+                 ("the control plane", settings.control_listen, ConnectionHandler, "control"),
+                 ("redirects", settings.redirect_listen, RedirectHandler, "all")]
+    servers = []
+    for what, address, handler, plane in listeners:
+        if address is None:
+            continue
         try:
-            redirect = ThreadedServer(service, settings.redirect_listen, RedirectHandler)
+            servers.append(ThreadedServer(service, address, handler, plane))
         except OSError as exc:
-            log.error("cannot listen on %s:%d for redirects: %s", *settings.redirect_listen, exc)
+            log.error("cannot listen on %s for %s: %s", host_port(*address), what, exc)
+            for each in servers:
+                each.server_close()
             return 1
-        servers.append(redirect)
-        threading.Thread(target=redirect.serve_forever, daemon=True).start()
-        log.info("redirecting http://%s:%d to https", *redirect.server_address[:2])
+    server, others = servers[0], servers[1:]
+    for each in others:
+        threading.Thread(target=each.serve_forever, daemon=True).start()
+        host, port = each.server_address[:2]
+        kind = "redirecting http://{} to https" if each.RequestHandlerClass is RedirectHandler else \
+            "control plane (API, tunnels, metrics, front auth) on {}"
+        log.info(kind.format(host_port(host, port)))
     signal.signal(signal.SIGHUP, lambda *_: service.reload_certificate())
 
     def stop(*_):
@@ -3286,11 +3391,12 @@ EXPORT_LINE = {
 
 
 def export_map(store: Store, domain: str, fmt: str) -> str:
-    """The live alias -> target map. Sessions whose app speaks pinned TLS stay with satellite itself."""
+    """The live alias -> target map. Sessions whose app speaks pinned TLS, or that are reached through
+    their job's tunnel, stay with satellite itself."""
     lines = [f"# satellite export --format {fmt}: live sessions under {domain} (generated; do not edit)"]
     now = time.time()
     for session in sorted(store.sessions(("mapped", "proxied")), key=lambda s: s.alias):
-        if session.is_over(now) or session.tls_pin:
+        if session.is_over(now) or session.tls_pin or session.tunneled:
             continue
         target = host_port(session.target_host, session.target_port)
         lines.append(EXPORT_LINE[fmt].format(host=f"{session.alias}.{domain}", target=target))
@@ -3420,9 +3526,15 @@ SETTING_FLAGS = [
     ("--jobstate-command", "jobstate_command", "refresh runs this for 'JOBID STATE' lines, e.g. squeue -h -o '%%i %%T'"),
     ("--hsts", "hsts", "Strict-Transport-Security max-age (0 = off)"),
     ("--redirect-listen", "redirect_listen", "HOST:PORT of a plain-HTTP listener that redirects to HTTPS"),
+    ("--control-listen", "control_listen", "HOST:PORT of a separate listener for the API, tunnels, /metrics and "
+                                           "a front's auth requests; --listen then serves sessions only (use it "
+                                           "with a front such as contrib/nginx-satellite.conf, which forwards "
+                                           "only sessions)"),
     ("--trusted-user-header", "trusted_user_header", "header naming the signed-in user, set by an SSO front "
                                                      "(e.g. X-Remote-User); a session then belongs to its first user"),
-    ("--trusted-fronts", "trusted_fronts", "CIDR[,CIDR] of the SSO fronts; the user header from anyone else is dropped"),
+    ("--trusted-fronts", "trusted_fronts", "CIDR[,CIDR] of fronts (nginx, an SSO proxy): their requests count as the "
+                                           "client they name last in X-Forwarded-For; the user header from anyone "
+                                           "else is dropped"),
     ("--legacy-api", "legacy_api", "also serve SDSC Satellite's getlink.cgi, redeemtoken.cgi, ... for old clients "
                                    "(weaker: the alias alone redeems; no proxy token check)"),
 ]

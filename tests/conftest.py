@@ -110,6 +110,7 @@ class SatelliteServer:
         self.log_path = self.workdir / "satellite.log"
         self.extra_args = list(extra_args)
         self.port = 0
+        self.control_port = None
         self.proc = None
         self.context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
 
@@ -132,6 +133,8 @@ class SatelliteServer:
             text = self.log_path.read_text()[start_at:]
             return re.search(r"serving .* on 127\.0\.0\.1:(\d+)", text)
         self.port = int(wait_for(serving, what="satellite to listen").group(1))
+        control = re.search(r"control plane .* on 127\.0\.0\.1:(\d+)", self.log_path.read_text()[start_at:])
+        self.control_port = int(control.group(1)) if control else None     # --control-listen: the API is there
         return self
 
     def stop(self, sig=signal.SIGTERM):
@@ -157,8 +160,8 @@ class SatelliteServer:
         """http.client connection; host is an alias host name or an address (management)."""
         return LoopbackHTTPS(host, self.port, self.context, source, timeout)
 
-    def request(self, host, target, method="GET", headers=None, body=None, source=None):
-        conn = self.connection(host, source)
+    def request(self, host, target, method="GET", headers=None, body=None, source=None, port=None):
+        conn = LoopbackHTTPS(host, port or self.port, self.context, source) if port else self.connection(host, source)
         try:
             conn.request(method, target, body=body, headers=headers or {})
             resp = conn.getresponse()
@@ -172,7 +175,7 @@ class SatelliteServer:
         target = f"/api/{endpoint}" + (f"?{query}" if query and method == "GET" else "")
         body = query.encode() if method == "POST" else None
         headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
-        status, _, data = self.request(LOGIN, target, method, headers, body, source)
+        status, _, data = self.request(LOGIN, target, method, headers, body, source, self.control_port)
         return status, parse_fields(data.decode())
 
     def getlink(self, **params):

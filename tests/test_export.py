@@ -17,6 +17,9 @@ def export(satellite, *args):
                            "--domain", DOMAIN, *args], capture_output=True, text=True, timeout=60)
 
 
+FRONT = "127.0.0.5"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,12 +47,16 @@ def test_export_formats_and_atomic_unchanged_writes(fresh_satellite, app, tmp_pa
 @pytest.fixture
 def nginx_front(fresh_satellite, tmp_path, certs):
     """A real nginx running contrib/nginx-satellite.conf, with only ports, paths and domain adapted."""
-    satellite = fresh_satellite("--admin-from", "127.0.0.1/32")
+    # nginx connects from 127.0.0.5 here (the tests' login node is 127.0.0.1, which may not be a front)
+    satellite = fresh_satellite("--admin-from", f"{FRONT}/32", "--trusted-fronts", f"{FRONT}/32",
+                                "--control-listen", "127.0.0.1:0")
     port = free_port()
     map_file = tmp_path / "satellite-map.conf"
     map_file.write_text("")
     site = (ROOT / "contrib/nginx-satellite.conf").read_text()
     for old, new in [("server 127.0.0.1:8443;", f"server 127.0.0.1:{satellite.port};"),
+                     ("server 127.0.0.1:8444;", f"server 127.0.0.1:{satellite.control_port};"),
+                     ("# proxy_bind 127.0.0.1;", f"proxy_bind {FRONT};"),
                      ("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
                      ("satellite.example.edu", DOMAIN), ("/etc/nginx/satellite-map.conf", str(map_file)),
                      ("/etc/satellite/tls/fullchain.pem", str(certs / "cert.pem")),
@@ -114,3 +121,26 @@ def test_nginx_front_routes_http_and_websockets_with_satellite_checking_tokens(n
     export(satellite, "--format", "nginx", "--output", str(map_file), "--reload-command", reload)
     wait_for(lambda: through_nginx(satellite, port, link["alias"], "/?token=" + link["token"])[0] == 410,
              what="the released alias to leave nginx's map")
+
+
+def test_an_outsider_through_the_front_reaches_no_control_endpoint(nginx_front, app):
+    """Everything nginx forwards comes from nginx's address; none of it may be the control plane:
+    the API, tunnels, /metrics and the auth endpoint are on satellite's control listener, which the
+    front never forwards to (the old layout answered /metrics and getlink here, and a redeem through the
+    front mapped a link to a service on the proxy node's own loopback)."""
+    satellite, port, map_file, reload = nginx_front
+    link = satellite.mapped_session(app)
+    waiting = satellite.getlink()
+    export(satellite, "--format", "nginx", "--output", str(map_file), "--reload-command", reload)
+    wait_for(lambda: through_nginx(satellite, port, link["alias"], "/?token=" + link["token"])[0] == 200,
+             what="nginx to serve the session")
+    for host in ("manage", waiting["alias"], "no-such-alias"):
+        for target in ("/api/getlink", f"/api/redeem?key={waiting['key']}&port={app.port}", "/api/status?key=x",
+                       "/api/jobstates?jobstates=1%20RUNNING", "/api/tunnel", "/metrics",
+                       "/__satellite/auth", f"/__satellite/auth?token={waiting['token']}"):
+            status, _, body = through_nginx(satellite, port, host, target, {"X-Original-URI": "/"})
+            assert status in (403, 404), (host, target, status, body[:200])
+    assert satellite.rows() and all(row[3] != "mapped" or row[0] == link["alias"] for row in satellite.rows())
+    # the control plane itself still serves the nodes, and the session still works through the front
+    assert satellite.api("status", key=waiting["key"])[0] == 200
+    assert through_nginx(satellite, port, link["alias"], "/?token=" + link["token"])[0] == 200

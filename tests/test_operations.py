@@ -310,26 +310,71 @@ def test_http_listener_only_redirects(ops_satellite, app):
 
 # SSO front ---------------------------------------------------------------------------------------
 
+FRONT = "127.0.0.5"                  # the SSO front's own address; it names its clients in X-Forwarded-For
+
+
+def through_front(satellite, host, target, user=None, client="198.51.100.7", **headers):
+    headers = dict(headers, **{"X-Forwarded-For": client})
+    if user:
+        headers["X-Remote-User"] = user
+    return satellite.request(host, target, headers=headers, source=FRONT)
+
+
 def test_sso_binds_a_session_to_its_first_user(ops_satellite, app):
-    satellite = ops_satellite("--trusted-user-header", "X-Remote-User", "--trusted-fronts", "127.0.0.1/32")
+    satellite = ops_satellite("--trusted-user-header", "X-Remote-User", "--trusted-fronts", f"{FRONT}/32")
     link = satellite.mapped_session(app)
     host = satellite.host(link["alias"])
     target = "/headers?token=" + link["token"]
     before = len(app.seen())
     # no signed-in user (no header, or a header from an address that is not a front): refused
-    assert satellite.request(host, target)[0] == 403
+    assert through_front(satellite, host, target)[0] == 403
     assert satellite.request(host, target, headers={"X-Remote-User": "alice"}, source="127.0.0.4")[0] == 403
     # alice through the front: allowed, and now the session is hers
-    status, _, body = satellite.request(host, target, headers={"X-Remote-User": "alice"})
+    status, _, body = through_front(satellite, host, target, "alice")
     assert status == 200 and ["X-Remote-User", "alice"] in json.loads(body)["headers"]
     assert "user=alice" in admin(satellite, "show", link["alias"]).stdout
     # bob has the token but not the session; alice without the token does not get in either
-    status, _, body = satellite.request(host, target, headers={"X-Remote-User": "bob"})
+    status, _, body = through_front(satellite, host, target, "bob")
     assert status == 403 and b"belongs to another user" in body
-    assert satellite.request(host, "/headers", headers={"X-Remote-User": "alice"})[0] == 403
+    assert through_front(satellite, host, "/headers", "alice")[0] == 403
     assert len(app.seen()) == before + 1
     denied = [l for l in audit_lines(satellite) if l["event"] == "denied" and l.get("user") == "bob"]
     assert denied and denied[0]["reason"] == "This session belongs to another user."
+    assert denied[0]["source"] == "198.51.100.7"                       # the client, not the front
+
+
+def test_sso_user_header_look_alikes_never_reach_the_app(ops_satellite, app):
+    """CGI/WSGI gateways fold '_' into '-': X_Remote_User from a client must not become the app's user."""
+    satellite = ops_satellite("--trusted-user-header", "X-Remote-User", "--trusted-fronts", f"{FRONT}/32")
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    status, _, body = through_front(satellite, host, "/headers?token=" + link["token"], "alice",
+                                    **{"X_Remote_User": "mallory", "X-Remote_User": "eve"})
+    names = {(n.lower().replace("_", "-"), v) for n, v in json.loads(body)["headers"]}
+    assert status == 200 and {v for n, v in names if n == "x-remote-user"} == {"alice"}
+    # a request naming two users is believed for neither
+    status, _, _ = through_front(satellite, host, "/headers?token=" + link["token"], "alice", **{"x-remote-user": "eve"})
+    assert status == 403
+
+
+def test_a_front_names_its_client_and_is_never_taken_for_it(ops_satellite, app):
+    satellite = ops_satellite("--trusted-fronts", f"{FRONT}/32")
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    assert satellite.request(host, "/?token=" + link["token"], source=FRONT)[0] == 400     # no X-Forwarded-For
+    # the client's own claims come first; the front's entry (last) is believed
+    status, _, _ = through_front(satellite, host, "/?token=wrong", client="127.0.0.1, 203.0.113.9")
+    assert status == 403
+    assert [l["source"] for l in audit_lines(satellite) if l["event"] == "denied"][-1] == "203.0.113.9"
+    # the API through a front: the client's address decides, so an outsider gets 403, not the front's rights
+    assert satellite.request("127.0.0.1", "/api/getlink", headers={"X-Forwarded-For": "203.0.113.9"},
+                             source=FRONT)[0] == 403
+
+
+def test_a_front_may_not_be_in_issue_or_redeem_networks(tmp_path, certs):
+    result = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "serve", "--domain", "x.org", "--cert", "c",
+                             "--key", "k", "--trusted-fronts", "127.0.0.1/32"], capture_output=True, text=True)
+    assert result.returncode == 2 and "issue_from (127.0.0.0/8) includes a trusted front" in result.stderr
 
 
 def test_sso_settings_must_name_the_fronts(tmp_path, certs):

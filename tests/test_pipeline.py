@@ -336,3 +336,64 @@ def test_control_frames_piling_up_stop_the_tunnel_instead_of_growing(tunnel):
         tunnel.send(satellite.RESET, i, b"x" * 20)
     queued = sum(len(frame) for _, frame in tunnel.outbox)
     assert queued <= satellite.MAX_QUEUED_CONTROL and "does not read" in tunnel.stop_reason
+
+
+# decide: requests from another site or another session -------------------------------------------
+
+OWN = f"https://{ALIAS}.{DOMAIN}"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "websocket"])
+@pytest.mark.parametrize("origin,fetch_site,foreign", [
+    (None, None, False), (OWN, None, False), (OWN + ":443", "same-origin", False), (OWN.upper(), None, False),
+    (None, "none", False), (f"https://other-alias-here.{DOMAIN}", None, True), ("https://evil.example", None, True),
+    ("null", None, True), (None, "same-site", True), (None, "cross-site", True), (OWN, "cross-site", True),
+])
+def test_only_state_changing_requests_and_websockets_from_elsewhere_are_refused(method, origin, fetch_site, foreign):
+    fields = [f"Origin: {origin}"] if origin else []
+    fields += [f"Sec-Fetch-Site: {fetch_site}"] if fetch_site else []
+    if method == "websocket":
+        fields += ["Upgrade: websocket", "Connection: Upgrade"]
+    request = request_from_bytes(head(f"{'GET' if method == 'websocket' else method} / HTTP/1.1", *fields,
+                                      host=f"{ALIAS}.{DOMAIN}"))
+    changes_state = method in ("POST", "PUT", "PATCH", "DELETE", "websocket")
+    assert (satellite.foreign_origin(request) is not None) == (foreign and changes_state)
+
+
+@pytest.mark.parametrize("forwarded,via,expected", [
+    (None, "10.1.0.7", "10.1.0.7"), ("203.0.113.9", "10.1.0.7", "10.1.0.7"),        # not a front: ignored
+    ("203.0.113.9", "10.9.0.2", "203.0.113.9"), ("10.1.0.7, 203.0.113.9", "10.9.0.2", "203.0.113.9"),
+    ("2001:db8::1", "10.9.0.2", "2001:db8::1"), ("[2001:db8::1]", "10.9.0.2", "2001:db8::1"),
+    (None, "10.9.0.2", 400), ("unknown", "10.9.0.2", 400), ("203.0.113.9, ", "10.9.0.2", 400),
+])
+def test_a_trusted_front_is_attributed_to_the_client_it_names_last(forwarded, via, expected):
+    request = request_from_bytes(head("GET / HTTP/1.1", *([f"X-Forwarded-For: {forwarded}"] if forwarded else [])))
+    settings = satellite.Settings(domain=DOMAIN, cert="c", key="k", trusted_fronts=satellite.parse_networks("10.9.0.2"))
+    if expected == 400:
+        with pytest.raises(HttpError) as refused:
+            satellite.client_address(request, via, settings)
+        assert refused.value.status == 400
+    else:
+        assert satellite.client_address(request, via, settings) == expected
+
+
+@pytest.mark.parametrize("plane,host,path,kind", [
+    ("data", "manage", "/api/getlink", "unknown"), ("data", "manage", "/metrics", "unknown"),
+    ("data", "manage", "/api/tunnel", "unknown"), ("data", "manage", "/healthz", "endpoint"),
+    ("data", ALIAS, "/__satellite/auth", "internal"), ("data", ALIAS, "/", "app"),
+    ("control", "manage", "/api/getlink", "endpoint"), ("control", ALIAS, "/__satellite/auth", "front-auth"),
+    ("control", ALIAS, "/", "unknown"), ("control", ALIAS, "/__satellite/status", "unknown"),
+    ("all", "manage", "/metrics", "endpoint"), ("all", ALIAS, "/__satellite/auth", "front-auth"),
+])
+def test_with_a_control_listener_the_data_plane_serves_sessions_only(plane, host, path, kind):
+    request = request_from_bytes(head(f"GET {path} HTTP/1.1", host=f"{host}.{DOMAIN}"))
+    assert satellite.route(request, SETTINGS, plane).kind == kind
+
+
+@pytest.mark.parametrize("cookie,expected", [
+    (f"a=1; Domain={DOMAIN}; Path=/", "a=1; Path=/"), ("a=1;domain=x;Path=/", "a=1;Path=/"),
+    ("a=1; Path=/; Secure", "a=1; Path=/; Secure"), ("a=b=c; Max-Age=5", "a=b=c; Max-Age=5"),
+    ("__Host-satellite=x; Path=/", None), ("__host-SATELLITE=x", None), ("a=1; DOMAIN =.x", "a=1"),
+])
+def test_app_cookies_are_made_host_only(cookie, expected):
+    assert satellite.host_only_cookie(cookie) == expected
