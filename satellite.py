@@ -88,6 +88,7 @@ access_log = logging.getLogger("satellite.access")
 ###############################################################################
 
 SESSION_STATES = ("queued", "running", "mapped", "proxied", "ended")
+USER_PROOFS = ("claim", "munge")                  # what getlink takes as the asking user's identity
 REPORTABLE_STATES = ("queued", "running")          # what a job may report via /api/state
 
 COOKIE_NAME = "__Host-satellite"                   # host-only, Secure, Path=/ by the prefix's rules
@@ -209,7 +210,7 @@ class Settings:
     issue_from: tuple = parse_networks("127.0.0.0/8,::1")
     redeem_from: tuple = parse_networks("127.0.0.0/8,::1")
     port_range: tuple = (1024, 65535)
-    redeem_within: int = 2 * 86400          # an unredeemed link waits this long for its job
+    redeem_within: int = 12 * 3600          # an unredeemed link waits this long for its job
     session_lifetime: int = 12 * 3600       # after redeem, unless getlink asked for another lifetime
     max_session_lifetime: int = 7 * 86400
     public_port: int = 0                    # port shown in links; 0 = the listen port
@@ -226,8 +227,11 @@ class Settings:
     audit_log: str = ""                     # JSON lines file; '' = off, '-' = stderr
     metrics_from: tuple = parse_networks("127.0.0.0/8,::1")
     admin_from: tuple = parse_networks("127.0.0.0/8,::1")     # may feed scheduler states
-    getlink_rate: tuple = (120, 60)         # getlink calls per source address per window (a login node
-    max_live_per_source: int = 500          # or portal asks for many users); live sessions per address
+    getlink_rate: tuple = (120, 60)         # getlink calls per user (per address if no user is named) per window
+    max_live_per_source: int = 500          # live sessions per issuing address: a login node's ceiling
+    max_live_per_user: int = 20             # live sessions per user: one user cannot fill the node's ceiling
+    user_proof: str = "claim"               # how getlink learns the user: 'claim' (user=, believed as a label)
+                                            # or 'munge' (a MUNGE credential, checked with unmunge)
     token_failures: tuple = (20, 60)        # wrong tokens per source address per window, then 429
     dead_after: int = 600                   # refresh ends a session whose app has been gone this long
     retention: int = 30 * 86400             # refresh deletes ended sessions this old (their aliases then free)
@@ -248,6 +252,7 @@ class Settings:
         "header_timeout": float, "upstream_connect_timeout": float, "upstream_timeout": float,
         "max_connections": int, "max_connections_per_address": int, "metrics_from": parse_networks, "admin_from": parse_networks,
         "getlink_rate": parse_rate, "max_live_per_source": int, "token_failures": parse_rate,
+        "max_live_per_user": int,
         "dead_after": parse_duration, "retention": parse_duration, "hsts": parse_duration,
         "redirect_listen": parse_optional_listen,
         "control_listen": parse_optional_listen, "trusted_fronts": parse_networks, "legacy_api": parse_bool,
@@ -296,6 +301,8 @@ class Settings:
             raise ValueError("trusted_user_header: give a header name, e.g. X-Remote-User")
         if self.max_session_lifetime < self.session_lifetime:
             raise ValueError("max_session_lifetime is shorter than session_lifetime")
+        if self.user_proof not in USER_PROOFS:
+            raise ValueError(f"user_proof: choose {' or '.join(USER_PROOFS)}")
         for name in ("issue_from", "redeem_from"):
             overlap = [str(n) for n in getattr(self, name) for f in self.trusted_fronts
                        if n.version == f.version and n.overlaps(f)]
@@ -411,6 +418,8 @@ class Session:
     tls_pin: Optional[str] = None
     legacy: Optional[int] = None
     tunnel_attach: Optional[int] = None
+    issued_for: Optional[str] = None
+    user_proof: Optional[str] = None
 
     @property
     def target(self) -> Optional[tuple]:
@@ -438,6 +447,8 @@ class Session:
             info["jobstate"] = self.jobstate
         if self.user:
             info["user"] = self.user
+        if self.issued_for:
+            info["issued_for"] = f"{self.issued_for} ({self.user_proof})"
         if self.tls_pin:
             info["upstream"] = "tls, pinned sha256:" + self.tls_pin
         if self.end_reason:
@@ -474,6 +485,8 @@ ADDED_COLUMNS = [
     ("tls_pin", "TEXT"),                   # sha256 of the app's own certificate: satellite speaks TLS to it
     ("legacy", "INTEGER"),                 # issued by the legacy API: the alias redeems, no proxy token check
     ("tunnel_attach", "INTEGER"),          # reached through the job's tunnel: its last attach number
+    ("issued_for", "TEXT"),                # the user who asked for the link, if named
+    ("user_proof", "TEXT"),                # how that was known: 'sso', 'munge' (verified) or 'claim' (not)
 ]
 
 
@@ -638,9 +651,10 @@ class Store:
         return session
 
     # changes ---------------------------------------------------------------
-    def create_link(self, issued_to: str, lifetime: int, redeem_within: int, legacy: bool = False) -> tuple:
+    def create_link(self, issued_to: str, lifetime: int, redeem_within: int, legacy: bool = False,
+                    user: Optional[tuple] = None) -> tuple:
         """A new session; returns (Session, token, key). Aliases are never reused.
-        A legacy session's key is its alias, as in SDSC's Satellite."""
+        A legacy session's key is its alias, as in SDSC's Satellite. `user`: (name, how it is known)."""
         token = new_secret()
         now = time.time()
         for _ in range(20):
@@ -648,9 +662,10 @@ class Store:
             key = alias if legacy else new_secret()
             try:
                 self._write("INSERT INTO sessions (alias, token_hash, key_hash, state, created, expires,"
-                            " lifetime, issued_to, legacy) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                            " lifetime, issued_to, legacy, issued_for, user_proof)"
+                            " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
                             (alias, hash_secret(token), hash_secret(key), now, now + redeem_within,
-                             lifetime, issued_to, 1 if legacy else None))
+                             lifetime, issued_to, 1 if legacy else None, *(user or (None, None))))
             except sqlite3.IntegrityError:
                 continue                       # alias taken (or retained): draw again
             return self.session(alias), token, key
@@ -729,6 +744,15 @@ class Store:
     def live_count_from(self, source: str) -> int:
         return self.db.execute("SELECT count(*) FROM sessions WHERE issued_to = ? AND state != 'ended'"
                                " AND expires > ?", (source, time.time())).fetchone()[0]
+
+    def live_count_for(self, user: str) -> int:
+        return self.db.execute("SELECT count(*) FROM sessions WHERE issued_for = ? AND state != 'ended'"
+                               " AND expires > ?", (user, time.time())).fetchone()[0]
+
+    def live_by_user(self) -> dict:
+        """Live sessions per named user ('' for links nobody was named for)."""
+        return dict(self.db.execute("SELECT coalesce(issued_for, ''), count(*) FROM sessions WHERE state != 'ended'"
+                                    " AND expires > ? GROUP BY 1 ORDER BY 2 DESC", (time.time(),)).fetchall())
 
     def count_by_state(self) -> dict:
         counts = dict.fromkeys(SESSION_STATES, 0)
@@ -880,6 +904,8 @@ class Metrics:
             out.extend(f"{name}{labels} {value}" for labels, value in samples)
         metric("satellite_sessions", "gauge", "Sessions by state.",
                [(f'{{state="{k}"}}', v) for k, v in store.count_by_state().items()])
+        metric("satellite_live_sessions_by_user", "gauge", "Live sessions by the user they were issued for "
+               "('' = none named).", [(f'{{user="{k}"}}', v) for k, v in store.live_by_user().items()])
         counters = store.counters()
         metric("satellite_link_events_total", "counter", "Session lifecycle events (all processes).",
                [(f'{{event="{e}"}}', counters.get(f"events_{e}", 0)) for e in LIFECYCLE_EVENTS])
@@ -1669,6 +1695,32 @@ def check_params(params: dict, allowed: Iterable) -> None:
         raise ApiError(400, f"unknown parameter {unknown[0]!r}")
 
 
+USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+MUNGE_CREDENTIAL = re.compile(r"^MUNGE:[A-Za-z0-9+/=]{16,4096}:$")
+
+
+def munge_user(credential: str) -> str:
+    """The user who made a MUNGE credential (`munge -n` on a login node), checked by this node's
+    munged through `unmunge`: the proxy node must share the cluster's MUNGE key. A replayed,
+    expired or foreign credential is refused."""
+    if not MUNGE_CREDENTIAL.match(credential):
+        raise ApiError(400, "munge must be a credential made by `munge -n`")
+    try:
+        result = subprocess.run(["unmunge"], input=credential, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.error("cannot check a MUNGE credential: %s", exc)
+        raise ApiError(503, "satellite cannot check MUNGE credentials right now") from None
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in result.stdout.splitlines())}
+    status = fields.get("STATUS", "") or result.stderr.strip()[:200]
+    if result.returncode != 0 or not status.startswith("Success"):
+        raise ApiError(403, f"MUNGE credential refused: {status}")
+    match = re.fullmatch(r"(\S+) \((\d+)\)", fields.get("UID", ""))
+    if not match:
+        raise ApiError(403, "the MUNGE credential names no user")
+    name, uid = match.groups()
+    return name if USER_NAME.match(name) else f"uid-{uid}"
+
+
 def redeemable_port(text: str, port_range: tuple) -> int:
     low, high = port_range
     if not text.isdigit() or not low <= int(text) <= high:
@@ -1736,7 +1788,10 @@ class ManagementApi:
                 raise refusal
             params = parse_params(request, read_body(endpoint.max_body))
             as_json = as_json or params.get("format") == "json"
-            status, reply = self.routes[path](params, peer)
+            if path == "/api/getlink":
+                status, reply = self.getlink(params, peer, user)     # the only endpoint that asks who
+            else:
+                status, reply = self.routes[path](params, peer)
         except ApiError as exc:
             return self.refused(exc, path, peer, user, as_json)
         except sqlite3.Error as exc:
@@ -1766,14 +1821,10 @@ class ManagementApi:
         self.events.record("denied", alias, peer, reason=why, user=user)
 
     # the API -----------------------------------------------------------------------
-    def getlink(self, params: dict, peer: str) -> tuple:
-        check_params(params, ("lifetime",))
-        wait = self.getlink_limit.retry_after(peer)
-        if wait:
-            raise ApiError(429, f"too many links asked for from {peer}; try again in {wait}s", retry_after=wait)
-        quota = self.settings.max_live_per_source
-        if quota and self.store.live_count_from(peer) >= quota:
-            raise ApiError(429, f"{quota} live sessions from {peer} already; release one first", retry_after=60)
+    def getlink(self, params: dict, peer: str, sso_user: Optional[str] = None) -> tuple:
+        check_params(params, ("lifetime", "user", "munge"))
+        user = self.asking_user(params, sso_user)
+        self.check_issue_limits(peer, user)
         lifetime = self.settings.session_lifetime
         if params.get("lifetime"):
             try:
@@ -1782,11 +1833,45 @@ class ManagementApi:
                 raise ApiError(400, str(exc)) from None
             if not 60 <= lifetime <= self.settings.max_session_lifetime:
                 raise ApiError(400, f"lifetime must be between 60s and {self.settings.max_session_lifetime}s")
-        self.getlink_limit.record(peer)
-        session, token, key = self.store.create_link(peer, lifetime, self.settings.redeem_within)
-        self.events.record("issue", session.alias, peer, lifetime=lifetime)
+        self.getlink_limit.record(("user", user[0]) if user else peer)
+        session, token, key = self.store.create_link(peer, lifetime, self.settings.redeem_within, user=user)
+        self.events.record("issue", session.alias, peer, lifetime=lifetime, issued_for=user and user[0],
+                           user_proof=user and user[1])
         return 201, {"alias": session.alias, "url": self.settings.session_url(session.alias) + "?token=" + token,
                      "token": token, "key": key, "state": session.state, "expires": iso_time(session.expires)}
+
+    def asking_user(self, params: dict, sso_user: Optional[str]) -> Optional[tuple]:
+        """(name, how it is known) of the user asking for a link, or None if none is named: the SSO
+        front's user, the maker of a MUNGE credential (checked), or a user= claim (a label: believed,
+        not checked, and refused when the site sets user-proof = munge)."""
+        claimed = params.get("user") or None
+        if claimed is not None and not USER_NAME.match(claimed):
+            raise ApiError(400, "user must be a user name (letters, digits, '.', '_', '-')")
+        if sso_user:
+            return sso_user, "sso"
+        if params.get("munge"):
+            name = munge_user(params["munge"])
+            if claimed and claimed != name:
+                raise ApiError(403, f"the MUNGE credential was made by {name}, not {claimed}")
+            return name, "munge"
+        if self.settings.user_proof == "munge":
+            raise ApiError(403, "this satellite needs proof of who asks: add munge=$(munge -n) "
+                                "(satellite-client does so where munge is installed)")
+        return (claimed, "claim") if claimed else None
+
+    def check_issue_limits(self, peer: str, user: Optional[tuple]) -> None:
+        """Links are rationed per user where the user is named, so one user on a shared login node
+        cannot use up everyone's; the address's own ceiling stays."""
+        who = f"user {user[0]}" if user else peer
+        wait = self.getlink_limit.retry_after(("user", user[0]) if user else peer)
+        if wait:
+            raise ApiError(429, f"too many links asked for by {who}; try again in {wait}s", retry_after=wait)
+        quota = self.settings.max_live_per_user
+        if user and quota and self.store.live_count_for(user[0]) >= quota:
+            raise ApiError(429, f"{quota} live sessions for {who} already; release one first", retry_after=60)
+        quota = self.settings.max_live_per_source
+        if quota and self.store.live_count_from(peer) >= quota:
+            raise ApiError(429, f"{quota} live sessions from {peer} already; release one first", retry_after=60)
 
     def redeem(self, params: dict, peer: str) -> tuple:
         check_params(params, ("key", "port", "fingerprint", "check"))
@@ -3484,6 +3569,8 @@ def command_stats(settings: Settings) -> int:
     store = admin_store(settings)
     counters = store.counters()
     print("sessions: " + ", ".join(f"{k} {v}" for k, v in store.count_by_state().items()))
+    by_user = store.live_by_user()
+    print("live by user: " + (", ".join(f"{k or '(none named)'} {v}" for k, v in by_user.items()) or "none"))
     print("events:   " + ", ".join(f"{e} {counters.get('events_' + e, 0)}" for e in LIFECYCLE_EVENTS))
     last = json.loads(store.meta("last_refresh") or "{}")
     when = iso_time(last["time"]) if last else "never"
@@ -3518,8 +3605,13 @@ SETTING_FLAGS = [
                                  "('-' for stderr, '' for off)"),
     ("--metrics-from", "metrics_from", "CIDR[,CIDR] that may read /metrics"),
     ("--admin-from", "admin_from", "CIDR[,CIDR] that may feed scheduler states to /api/jobstates"),
-    ("--getlink-rate", "getlink_rate", "getlink calls per address, COUNT/DURATION (0 = no limit)"),
-    ("--max-live-per-source", "max_live_per_source", "live sessions per issuing address (0 = no limit)"),
+    ("--getlink-rate", "getlink_rate", "getlink calls per user (per address if none is named), COUNT/DURATION "
+                                       "(0 = no limit)"),
+    ("--max-live-per-source", "max_live_per_source", "live sessions per issuing address, its ceiling (0 = no limit)"),
+    ("--max-live-per-user", "max_live_per_user", "live sessions per user named at getlink (0 = no limit)"),
+    ("--user-proof", "user_proof", "how getlink knows who asks: 'claim' (user=, a label, not checked) or 'munge' "
+                                   "(munge=CREDENTIAL, checked with unmunge; the proxy node shares the cluster's "
+                                   "MUNGE key); an SSO front's user is always believed"),
     ("--token-failures", "token_failures", "wrong tokens per address and session before 429, COUNT/DURATION"),
     ("--dead-after", "dead_after", "refresh ends a session whose app has not answered for this long"),
     ("--retention", "retention", "refresh deletes ended sessions after this long"),

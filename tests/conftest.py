@@ -331,6 +331,18 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def start_munge():
+    """A running munged (Debian's munge), started if none answers; True if this call started it."""
+    if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
+        return False
+    if not Path("/etc/munge/munge.key").exists():
+        subprocess.run(["runuser", "-u", "munge", "--", "mungekey", "--create"], check=True)
+    subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"], check=True)
+    subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+    wait_for(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, what="munge")
+    return True
+
+
 class Slurm:
     """A real single-node Slurm (Debian's slurm-wlm + munge), started for the test session."""
 
@@ -348,13 +360,7 @@ class Slurm:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.cpus = min(os.cpu_count() or 1, 2)
         self.conf.write_text(SLURM_CONF.format(dir=self.dir, cpus=self.cpus))
-        if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
-            if not Path("/etc/munge/munge.key").exists():
-                subprocess.run(["runuser", "-u", "munge", "--", "mungekey", "--create"], check=True)
-            subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"], check=True)
-            subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
-            self.started_munge = True
-            wait_for(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, what="munge")
+        self.started_munge = start_munge()
         env = self.env()
         subprocess.run(["slurmctld", "-f", str(self.conf)], env=env, check=True)
         subprocess.run(["slurmd", "-f", str(self.conf), "-N", "localhost"], env=env, check=True)
