@@ -646,9 +646,15 @@ class Store:
             return self.session(alias), token, key
         raise ApiError(503, "could not find an unused alias; the word list is exhausted")
 
-    def redeem(self, key: str, host: str, port: int, tls_pin: Optional[str] = None) -> Session:
+    def redeem(self, key: str, host: str, port: int, tls_pin: Optional[str] = None, once: bool = False) -> Session:
+        """Map a session to host:port. `once` (the legacy API, whose key is the alias): a redeemed session
+        keeps its target; the same host and port again is a retry and changes nothing."""
         with self.immediate_transaction() as db:
             session = self.live_session_by_key(key)
+            if once and session.target:
+                if session.target == (host, port) and not session.tunneled:
+                    return session
+                raise ApiError(409, "nonce already used: this link was redeemed already")
             if session.tunneled:
                 raise ApiError(409, "this session is reached through its tunnel")
             if session.target_host and session.target_host != host:
@@ -1826,10 +1832,11 @@ class ManagementApi:
         session = self.legacy_session(params)
         try:
             port = redeemable_port(params.get("port", ""), self.settings.port_range)
-            self.store.redeem(session.alias, peer, port)
+            redeemed = self.store.redeem(session.alias, peer, port, once=True)
         except ApiError as exc:
             raise ApiError(exc.status, f"Oops! {exc.reason}") from None
-        self.events.record("redeem", session.alias, peer, target=host_port(peer, port), legacy=True)
+        if redeemed.redeemed != session.redeemed:          # a retry changed nothing: nothing to record
+            self.events.record("redeem", session.alias, peer, target=host_port(peer, port), legacy=True)
         return 200, "Success!\n"
 
     def legacy_destroy(self, params: dict, peer: str) -> tuple:

@@ -60,3 +60,35 @@ def test_legacy_links_do_not_weaken_new_ones(fresh_satellite, app):
     assert curl(satellite, f"/redeemtoken.cgi?token={link['alias']}&port={app.port}", source=NODE)[0] == 404
     assert curl(satellite, f"/destroytoken.cgi?token={link['alias']}")[0] == 404
     assert satellite.api("status", key=link["key"])[1]["state"] == "queued"
+
+
+def legacy_link(satellite):
+    status, body = curl(satellite, "/getlink.cgi")
+    assert status == 200, body
+    return body.splitlines()[1]
+
+
+def expires(satellite, alias):
+    return {row[0]: row[5] for row in satellite.rows()}[alias]
+
+
+def test_another_user_on_the_node_cannot_repoint_a_redeemed_legacy_session(fresh_satellite, new_app):
+    satellite = fresh_satellite("--legacy-api")
+    job = new_app(APP_TOKEN="jupyter-own-token")            # the user's JupyterLab on the compute node
+    attacker = new_app()                                     # another user's server on the same node
+    alias = legacy_link(satellite)
+    assert curl(satellite, f"/redeemtoken.cgi?token={alias}&port={job.port}", source=NODE) == (200, "Success!\n")
+    mapped_until = expires(satellite, alias)
+    # the attack: the alias is in the job's script and the link; re-point it from the same node, then elsewhere
+    same_node = curl(satellite, f"/redeemtoken.cgi?token={alias}&port={attacker.port}", source=NODE)
+    other_node = curl(satellite, f"/redeemtoken.cgi?token={alias}&port={attacker.port}", source=OTHER_NODE)
+    # the user's next visit carries Jupyter's token: it must reach the user's app and nobody else's
+    assert satellite.request(satellite.host(alias), "/?token=jupyter-own-token")[0] == 200
+    assert attacker.seen() == []
+    assert job.seen()[-1] == "GET /?token=jupyter-own-token"
+    assert same_node[0] == 409 and same_node[1].startswith("Oops! nonce already used")
+    assert other_node[0] == 409 and other_node[1].startswith("Oops! nonce already used")
+    # the same host and port again is a retried redeem: Success!, and nothing changes (not even the expiry)
+    assert curl(satellite, f"/redeemtoken.cgi?token={alias}&port={job.port}", source=NODE) == (200, "Success!\n")
+    assert expires(satellite, alias) == mapped_until
+
