@@ -1428,7 +1428,7 @@ ENDPOINTS = {
     "/redeemtoken.cgi": Endpoint("redeem", REDEEMERS, FORM_BODY, legacy=True),
     "/destroytoken.cgi": Endpoint("destroy", ISSUERS + REDEEMERS, FORM_BODY, legacy=True),
     "/linktoken.cgi": Endpoint("link", ISSUERS + REDEEMERS, FORM_BODY, legacy=True),
-    "/tokenjobstate.cgi": Endpoint("jobstate", (), FORM_BODY, legacy=True),
+    "/tokenjobstate.cgi": Endpoint("jobstate", ISSUERS + REDEEMERS, FORM_BODY, legacy=True),
     "/update-jobs.cgi": Endpoint("update-jobs", ADMINS, FEED_BODY, legacy=True),
 }
 API_METHODS = ("GET", "POST", "HEAD")
@@ -1858,18 +1858,19 @@ class ManagementApi:
         return 200, "Success!\n"
 
     def legacy_jobstate(self, params: dict, peer: str) -> tuple:
-        """One code: U unknown, PE pending, Q in queue, R running (not redeemed), M mapped, PR proxied, D dead."""
-        alias = params.get("token", "").strip().lower().split(".")[0]
-        session = self.store.session(alias) if ALIAS_SHAPE.match(alias) else None
-        if session is None:
-            return 200, "U\n"
+        """One code, and nothing after it (SDSC's status page compares the reply exactly): U unknown (or not
+        a legacy session), PE pending, Q in queue, R running (not redeemed), M mapped, PR proxied, D dead."""
+        try:
+            session = self.legacy_session(params)
+        except ApiError:
+            return 200, "U"
         if session.is_over(time.time()):
-            return 200, "D\n"
+            return 200, "D"
         code = {"mapped": "M", "proxied": "PR", "running": "R"}.get(session.state)
         if code is None:
             job = (session.jobstate or "").upper()
             code = "R" if job in ("RUNNING", "R") else "Q" if job else "PE"
-        return 200, code + "\n"
+        return 200, code
 
     def legacy_update_jobs(self, params: dict, peer: str) -> tuple:
         self.store.set_jobstates(read_jobstates(params.get("jobstates", "")))

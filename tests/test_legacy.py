@@ -23,7 +23,7 @@ def test_legacy_flow_as_galyleo_runs_it(fresh_satellite, new_app):
     status, body = curl(satellite, "/getlink.cgi")
     assert status == 200 and body.startswith("Your token is \n")
     alias = body.splitlines()[1]
-    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "PE\n")
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "PE")
     assert curl(satellite, f"/linktoken.cgi?token={alias}&jobid=4242") == (200, "Success!\n")
     assert curl(satellite, f"/linktoken.cgi?token={alias}&jobid=4243")[0] == 409
     # the scheduler feed (update-jobs.cgi) makes it Q, then the job redeems from its node: M
@@ -31,14 +31,14 @@ def test_legacy_flow_as_galyleo_runs_it(fresh_satellite, new_app):
                              "jobstates=4242 PENDING", satellite.url(LOGIN, "/update-jobs.cgi")],
                             capture_output=True, text=True)
     assert result.stdout == "Success!\n"
-    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}.sat.test") == (200, "Q\n")
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}.sat.test") == (200, "Q")
     assert curl(satellite, f"/redeemtoken.cgi?token={alias}&port={app.port}", source=NODE) == (200, "Success!\n")
-    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "M\n")
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "M")
     # no proxy-level token: the app's own token is the only protection (why it is off by default)
     host = satellite.host(alias)
     assert satellite.request(host, "/?token=jupyter-own-token")[0] == 200
     assert satellite.request(host, "/")[0] == 403                               # the app's own refusal
-    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "PR\n")
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "PR")
     # errors: real status codes, bodies still start with "Oops!" as the old clients expect
     status, body = curl(satellite, f"/redeemtoken.cgi?token={alias}&port=80", source=NODE)
     assert status == 400 and body.startswith("Oops!")
@@ -48,9 +48,9 @@ def test_legacy_flow_as_galyleo_runs_it(fresh_satellite, new_app):
     assert status == 404 and body.startswith("Oops!")
     assert curl(satellite, f"/destroytoken.cgi?token={alias}", source=OTHER_NODE)[0] == 403   # not the mapped host
     assert curl(satellite, f"/destroytoken.cgi?token={alias}", source=NODE) == (200, "Success! Token destroyed.\n")
-    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "D\n")
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "D")
     assert satellite.request(host, "/?token=jupyter-own-token")[0] == 410
-    assert curl(satellite, "/tokenjobstate.cgi?token=never-issued-here") == (200, "U\n")
+    assert curl(satellite, "/tokenjobstate.cgi?token=never-issued-here") == (200, "U")
 
 
 def test_legacy_links_do_not_weaken_new_ones(fresh_satellite, app):
@@ -92,3 +92,13 @@ def test_another_user_on_the_node_cannot_repoint_a_redeemed_legacy_session(fresh
     assert curl(satellite, f"/redeemtoken.cgi?token={alias}&port={job.port}", source=NODE) == (200, "Success!\n")
     assert expires(satellite, alias) == mapped_until
 
+
+def test_tokenjobstate_answers_the_cluster_only_and_only_for_legacy_aliases(fresh_satellite):
+    satellite = fresh_satellite("--legacy-api")
+    alias, new_style = legacy_link(satellite), satellite.getlink()["alias"]
+    status, body = curl(satellite, f"/tokenjobstate.cgi?token={alias}", source="127.0.0.5")
+    assert status == 403 and body.startswith("Oops!")                  # not from outside the cluster
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "PE")               # login node
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}.sat.test", source=NODE) == (200, "PE")
+    assert curl(satellite, f"/tokenjobstate.cgi?token={new_style}") == (200, "U")  # new-style: unknown here
+    assert curl(satellite, "/tokenjobstate.cgi?token=never-issued-here") == (200, "U")
