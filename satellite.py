@@ -1687,6 +1687,8 @@ class ManagementApi:
                 raise refusal
             params = parse_params(request, read_body(endpoint.max_body))
             as_json = as_json or params.get("format") == "json"
+            if not endpoint.legacy and params.get("key"):
+                self.refuse_legacy_key(params["key"])
             status, reply = self.routes[path](params, peer)
         except ApiError as exc:
             return self.refused(exc, path, peer, user, as_json)
@@ -1710,6 +1712,14 @@ class ManagementApi:
             return legacy_answer(exc.status, (exc.reason if exc.reason.startswith("Oops!")
                                               else f"Oops! {exc.reason}") + "\n")
         return api_answer(exc.status, {"error": exc.reason}, as_json, exc.retry_after)
+
+    def refuse_legacy_key(self, key: str) -> None:
+        """The new API takes no legacy session's key: it is the session's alias (SDSC's design), public in
+        its link, so there it would end, re-point or tunnel a mapped session from anywhere in the cluster.
+        A legacy session is redeemed, destroyed and watched only through its CGIs, under their rules."""
+        session = self.store.session_by_key(key)
+        if session is not None and session.legacy:
+            raise ApiError(404, "unknown key")
 
     def deny(self, why: str, peer: str, user: Optional[str], label: str, alias: Optional[str] = None) -> None:
         """A refused request: counted, and one audit line (no secret: only why)."""
@@ -1767,6 +1777,7 @@ class ManagementApi:
             raise ApiError(403, "a tunnel needs the session key as Authorization: Bearer <key>")
         if not attach.isdigit() or len(attach) > 18:
             raise ApiError(400, "Satellite-Tunnel-Attach must be a number")
+        self.refuse_legacy_key(key.strip())
         session = self.store.attach_tunnel(key.strip(), peer, int(attach))
         self.events.record("tunnel", session.alias, peer)
         return session

@@ -93,6 +93,30 @@ def test_another_user_on_the_node_cannot_repoint_a_redeemed_legacy_session(fresh
     assert expires(satellite, alias) == mapped_until
 
 
+def test_the_new_api_takes_no_legacy_key(fresh_satellite, new_app):
+    """A legacy session's key is its alias: through the new API it would end a mapped session from a login node
+    (where destroytoken.cgi refuses), re-point it from its node, or attach a tunnel to a pending one."""
+    satellite = fresh_satellite("--legacy-api")
+    job, attacker = new_app(APP_TOKEN="jupyter-own-token"), new_app()
+    alias = legacy_link(satellite)
+    assert curl(satellite, f"/redeemtoken.cgi?token={alias}&port={job.port}", source=NODE) == (200, "Success!\n")
+    assert curl(satellite, f"/destroytoken.cgi?token={alias}")[0] == 403             # the rule of the legacy API
+    assert satellite.api("release", key=alias)[0] == 404                             # the same from the new API
+    assert satellite.api("release", key=alias, source=NODE)[0] == 404
+    assert satellite.api("redeem", key=alias, port=attacker.port, source=NODE)[0] == 404
+    assert satellite.api("state", key=alias, state="running")[0] == 404
+    assert satellite.api("status", key=alias)[0] == 404
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "M")
+    assert satellite.request(satellite.host(alias), "/?token=jupyter-own-token")[0] == 200
+    assert attacker.seen() == []
+    pending = legacy_link(satellite)
+    status, _, _ = satellite.request("127.0.0.1", "/api/tunnel", headers={
+        "Upgrade": "satellite-tunnel/1", "Connection": "Upgrade", "Authorization": "Bearer " + pending,
+        "Satellite-Tunnel-Attach": "1"}, source=NODE)
+    assert status == 404
+    assert curl(satellite, f"/tokenjobstate.cgi?token={pending}") == (200, "PE")
+
+
 def test_tokenjobstate_answers_the_cluster_only_and_only_for_legacy_aliases(fresh_satellite):
     satellite = fresh_satellite("--legacy-api")
     alias, new_style = legacy_link(satellite), satellite.getlink()["alias"]
