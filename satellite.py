@@ -1634,16 +1634,20 @@ def format_fields(fields: dict, as_json: bool) -> tuple:
     return "text/plain; charset=utf-8", "".join(f"{k}={v}\n" for k, v in fields.items()).encode()
 
 
-def api_answer(status: int, fields: dict, as_json: bool, retry_after: int = 0) -> Answer:
-    ctype, body = format_fields(fields, as_json)
+def management_answer(status: int, ctype: str, body: bytes, retry_after: int) -> Answer:
+    """An answer of either API: Allow with a 405, Retry-After with a limit."""
     extra = [("Allow", ", ".join(API_METHODS))] if status == 405 else []
     if retry_after:
         extra.append(("Retry-After", str(retry_after)))
     return Answer(status, [("Content-Type", ctype)] + PAGE_HEADERS + extra, body)
 
 
-def legacy_answer(status: int, text: str) -> Answer:
-    return Answer(status, [("Content-Type", "text/plain; charset=utf-8")] + PAGE_HEADERS, text.encode())
+def api_answer(status: int, fields: dict, as_json: bool, retry_after: int = 0) -> Answer:
+    return management_answer(status, *format_fields(fields, as_json), retry_after)
+
+
+def legacy_answer(status: int, text: str, retry_after: int = 0) -> Answer:
+    return management_answer(status, "text/plain; charset=utf-8", text.encode(), retry_after)
 
 
 class ManagementApi:
@@ -1710,7 +1714,7 @@ class ManagementApi:
             self.deny(f"{'legacy' if legacy else 'api'} {path}: {exc.reason}", peer, user, f"api_{exc.status}")
         if legacy:
             return legacy_answer(exc.status, (exc.reason if exc.reason.startswith("Oops!")
-                                              else f"Oops! {exc.reason}") + "\n")
+                                              else f"Oops! {exc.reason}") + "\n", exc.retry_after)
         return api_answer(exc.status, {"error": exc.reason}, as_json, exc.retry_after)
 
     def refuse_legacy_key(self, key: str) -> None:
@@ -1727,14 +1731,18 @@ class ManagementApi:
         self.events.record("denied", alias, peer, reason=why, user=user)
 
     # the API -----------------------------------------------------------------------
-    def getlink(self, params: dict, peer: str) -> tuple:
-        check_params(params, ("lifetime",))
+    def admit_getlink(self, peer: str) -> None:
+        """The getlink rate and the live quota of an address, the same for both APIs' getlink."""
         wait = self.getlink_limit.retry_after(peer)
         if wait:
             raise ApiError(429, f"too many links asked for from {peer}; try again in {wait}s", retry_after=wait)
         quota = self.settings.max_live_per_source
         if quota and self.store.live_count_from(peer) >= quota:
             raise ApiError(429, f"{quota} live sessions from {peer} already; release one first", retry_after=60)
+
+    def getlink(self, params: dict, peer: str) -> tuple:
+        check_params(params, ("lifetime",))
+        self.admit_getlink(peer)
         lifetime = self.settings.session_lifetime
         if params.get("lifetime"):
             try:
@@ -1834,6 +1842,8 @@ class ManagementApi:
         return session
 
     def legacy_getlink(self, params: dict, peer: str) -> tuple:
+        self.admit_getlink(peer)
+        self.getlink_limit.record(peer)
         session, _, _ = self.store.create_link(peer, self.settings.session_lifetime, self.settings.redeem_within,
                                                legacy=True)
         self.events.record("issue", session.alias, peer, legacy=True)

@@ -117,6 +117,23 @@ def test_the_new_api_takes_no_legacy_key(fresh_satellite, new_app):
     assert curl(satellite, f"/tokenjobstate.cgi?token={pending}") == (200, "PE")
 
 
+def test_legacy_getlink_has_the_getlink_rate_and_the_live_quota(fresh_satellite):
+    satellite = fresh_satellite("--legacy-api", "--getlink-rate", "3/1m")
+    for _ in range(3):
+        legacy_link(satellite)
+    result = satellite.curl("-s", "-D", "-", satellite.url(LOGIN, "/getlink.cgi"))
+    assert result.stdout.startswith("HTTP/1.1 429") and "\nOops! too many links" in result.stdout
+    assert "Retry-After: " in result.stdout
+    assert satellite.api("getlink")[0] == 429                          # one limit for both APIs
+    quota = fresh_satellite("--legacy-api", "--max-live-per-source", "2")
+    first = legacy_link(quota)
+    quota.getlink()
+    status, body = curl(quota, "/getlink.cgi")
+    assert status == 429 and body.startswith("Oops! 2 live sessions")
+    assert curl(quota, f"/destroytoken.cgi?token={first}") == (200, "Success! Token destroyed.\n")
+    assert curl(quota, "/getlink.cgi")[0] == 200
+
+
 def test_tokenjobstate_answers_the_cluster_only_and_only_for_legacy_aliases(fresh_satellite):
     satellite = fresh_satellite("--legacy-api")
     alias, new_style = legacy_link(satellite), satellite.getlink()["alias"]
