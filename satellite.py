@@ -365,6 +365,14 @@ def redact(target: str) -> str:
     return REDACT_PARAMS.sub(r"\1REDACTED", target)
 
 
+def logged_alias(session: "Session") -> str:
+    """What logs call a session. A legacy session's alias is its redeem secret (SDSC's design), so no log
+    holds it: it is 'legacy-' and the first 12 hex digits of its token's SHA-256 (a token drawn at random
+    and handed to no one, so the name reveals nothing; any digest of the alias itself could be reversed
+    by trying all 36 bits of aliases). The database's token_hash column finds the session again."""
+    return f"legacy-{session.token_hash[:12]}" if session.legacy else session.alias
+
+
 ###############################################################################
 # 4. Store
 ###############################################################################
@@ -592,7 +600,8 @@ class Store:
             with self._cache_lock:
                 if alias not in self._stale:
                     raise
-            log.warning("database unreadable (%s); serving %s from its last known state", exc, alias)
+            log.warning("database unreadable (%s); serving %s from its last known state", exc,
+                        logged_alias(self._stale[alias]))
             return self._stale[alias]
         with self._cache_lock:
             if generation == self._generation:    # nothing was written meanwhile: safe to keep
@@ -703,12 +712,13 @@ class Store:
         self._write("UPDATE sessions SET user = ? WHERE alias = ? AND user IS NULL", (user, alias))
         return self.session(alias).user
 
-    def mark_proxied(self, alias: str) -> None:
+    def mark_proxied(self, session: Session) -> None:
         """Best effort: a full or read-only disk must not stop the proxy from serving."""
         try:
-            self._write("UPDATE sessions SET state = 'proxied' WHERE alias = ? AND state = 'mapped'", (alias,))
+            self._write("UPDATE sessions SET state = 'proxied' WHERE alias = ? AND state = 'mapped'",
+                        (session.alias,))
         except sqlite3.Error as exc:
-            log.warning("could not mark %s proxied: %s", alias, exc)
+            log.warning("could not mark %s proxied: %s", logged_alias(session), exc)
 
     def end(self, alias: str, reason: str) -> bool:
         """End a session; True if this call ended it (so one of two racing callers records it)."""
@@ -792,9 +802,22 @@ class Events:
         if self.audit is None:
             return
         line = {"time": iso_time(time.time()), "event": event, "alias": alias, "source": source}
+        if alias is not None:
+            line.update(self.naming(alias))
         line.update((k, v) for k, v in fields.items() if v is not None)
         with self.lock:
             self.audit.write(json.dumps(line) + "\n")
+
+    def naming(self, alias: str) -> dict:
+        """How an audit line names a session: by its alias, or a legacy session by `legacy_session`
+        (logged_alias) and no alias, whoever records it (the API, the proxy, refresh, revoke)."""
+        try:
+            session = self.store.cached_session(alias)
+        except sqlite3.Error:
+            return {"alias": None, "legacy_session": "unknown (database unreadable)"}
+        if session is not None and session.legacy:
+            return {"alias": None, "legacy_session": logged_alias(session)}
+        return {}
 
 
 class RateLimiter:
@@ -1391,6 +1414,7 @@ class Exchange:
     received: int = 0                      # request body bytes taken from the client
     sent: int = 0                          # response body bytes given to the client
     body_read: bool = False                # the request's body is consumed: the connection may go on
+    logged_host: Optional[str] = None      # the access log's Host, if not as sent (a legacy session's alias)
 
 
 ###############################################################################
@@ -2229,11 +2253,11 @@ class Forwarder:
             except TunnelDown:
                 return status_page_answer(session, TUNNEL_DOWN_NOTE)
             except CertificateMismatch as exc:
-                log.warning("%s: %s", session.alias, exc)
+                log.warning("%s: %s", logged_alias(session), exc)
                 self.metrics.upstream_error()
                 return page_answer(502, "The app behind this link presented the wrong certificate.")
             except OSError as exc:
-                log.info("app of %s at %s not reachable: %s", session.alias, session.target, exc)
+                log.info("app of %s at %s not reachable: %s", logged_alias(session), session.target, exc)
                 self.metrics.upstream_error()
                 if session.state == "mapped":
                     return status_page_answer(session, "The app is not answering yet.")
@@ -2260,11 +2284,11 @@ class Forwarder:
                 self.drop_upstream()
                 if retry:
                     continue                             # the pooled connection had gone stale
-                log.info("app of %s failed mid-request: %s", session.alias, exc)
+                log.info("app of %s failed mid-request: %s", logged_alias(session), exc)
                 self.metrics.upstream_error()
                 return page_answer(502, "The app closed the connection.")
         if session.state == "mapped":
-            self.store.mark_proxied(session.alias)
+            self.store.mark_proxied(session)
         if response.status == 101:
             return self.websocket_answer(ex, session, response)
         return self.response_answer(request, response)
@@ -2366,7 +2390,7 @@ class Forwarder:
                     sink.sendall(upstream.stream.take_buffered())
                 ex.received, sent = relay_websocket(sink, upstream.stream.sock, still_open)
             except (ConnectionError, socket.timeout, OSError) as exc:
-                log.debug("websocket of %s ended: %s", alias, exc)
+                log.debug("websocket of %s ended: %s", logged_alias(session), exc)
             finally:
                 self.metrics.websocket_opened(-1)
                 upstream.close()
@@ -2904,6 +2928,8 @@ class Satellite:
     def serve_session(self, conn: "Connection", ex: Exchange, where: Route) -> Answer:
         request, alias = ex.request, where.alias
         session = self.store.cached_session(alias)
+        if session is not None and session.legacy:
+            ex.logged_host = f"{logged_alias(session)}.{self.settings.domain}"
         if where.kind == "front-auth" and address_in(ex.peer, self.settings.admin_from) and session is not None \
                 and not session.is_over(time.time()):
             return self.answer_front(ex, session)
@@ -2938,7 +2964,7 @@ class Satellite:
                 if self.store.end(alias, "expired"):
                     self.events.record("expire", alias, reason="lifetime over")
             except sqlite3.Error as exc:
-                log.warning("could not end expired %s: %s", alias, exc)
+                log.warning("could not end expired %s: %s", logged_alias(session), exc)
 
     def internal_page(self, ex: Exchange, session: Session, path: str) -> Answer:
         if path != INTERNAL_PREFIX + "status":
@@ -2963,7 +2989,7 @@ class Satellite:
             self.api.deny("wrong or no token (via front)", ex.peer, ex.user, "front", session.alias)
             return Answer(403, [("Content-Type", "text/plain")])
         if session.state == "mapped":
-            self.store.mark_proxied(session.alias)
+            self.store.mark_proxied(session)
         cookie = [session_cookie(self.store.cookie_secret, session)] if credential == "query" else []
         return Answer(204, [("Content-Type", "text/plain"), *cookie])
 
@@ -3120,7 +3146,8 @@ def log_access(ex: Exchange) -> None:
     line = f"{request.method} {redact(request.target)} {request.version}" if request else "-"
     access_log.info('%s - - [%s] "%s" %d %d "%s" %.3f', ex.peer,
                     time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime()), line,
-                    ex.status, ex.sent, request.host_header if request else "-", time.monotonic() - ex.started)
+                    ex.status, ex.sent, ex.logged_host or (request.host_header if request else "-"),
+                    time.monotonic() - ex.started)
 
 
 def connection_refusal(open_total: int, open_from_peer: int, peer: str, settings: Settings) -> Optional[str]:

@@ -1,7 +1,10 @@
 """--legacy-api: SDSC Satellite's CGI endpoints, driven with curl the way galyleo and start-jupyter call them."""
+import json
+import re
 import subprocess
 
 from conftest import LOGIN, NODE, OTHER_NODE
+from test_operations import admin
 
 
 def curl(satellite, path, source=None):
@@ -143,3 +146,35 @@ def test_tokenjobstate_answers_the_cluster_only_and_only_for_legacy_aliases(fres
     assert curl(satellite, f"/tokenjobstate.cgi?token={alias}.sat.test", source=NODE) == (200, "PE")
     assert curl(satellite, f"/tokenjobstate.cgi?token={new_style}") == (200, "U")  # new-style: unknown here
     assert curl(satellite, "/tokenjobstate.cgi?token=never-issued-here") == (200, "U")
+
+
+def test_a_legacy_alias_is_in_no_log(fresh_satellite, new_app):
+    """In legacy mode the alias is the redeem secret: the access log, the audit log and satellite's own log name
+    a legacy session by a digest that is not derived from it."""
+    satellite = fresh_satellite("--legacy-api", "--audit-log", "audit.log")
+    job = new_app(APP_TOKEN="jupyter-own-token")
+    alias = legacy_link(satellite)
+    assert curl(satellite, f"/linktoken.cgi?token={alias}&jobid=4242")[0] == 200
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}.sat.test")[0] == 200
+    result = satellite.curl("-s", "--interface", NODE, "-d", f"token={alias}", "-d", f"port={job.port}",
+                            satellite.url(LOGIN, "/redeemtoken.cgi"))
+    assert result.stdout == "Success!\n"
+    host = satellite.host(alias)
+    assert satellite.request(host, "/?token=jupyter-own-token")[0] == 200
+    assert satellite.request(host, "/tree?token=jupyter-own-token", headers={"Host": f"{host}:{satellite.port}"})[0] \
+        in (200, 404)
+    job.stop()
+    assert satellite.request(host, "/")[0] == 502                      # the app is gone: satellite logs why
+    assert curl(satellite, f"/redeemtoken.cgi?token={alias}&port={job.port}", source=OTHER_NODE)[0] == 409
+    assert curl(satellite, f"/destroytoken.cgi?token={alias}", source=NODE)[0] == 200
+    assert satellite.request(host, "/")[0] == 410
+    revoked = legacy_link(satellite)                                    # the admin's command names it too
+    assert admin(satellite, "revoke", revoked).returncode == 0
+    audit = [json.loads(line) for line in (satellite.workdir / "audit.log").read_text().splitlines()]
+    log = satellite.log_text()
+    assert alias not in log + json.dumps(audit) and revoked not in log + json.dumps(audit)
+    first, second = audit[0]["legacy_session"], audit[-1]["legacy_session"]
+    assert re.fullmatch(r"legacy-[0-9a-f]{12}", first) and second != first
+    named = [(line["event"], line["legacy_session"]) for line in audit if line["alias"] is None]
+    assert named == [(e, first) for e in ("issue", "redeem", "release")] + [(e, second) for e in ("issue", "revoke")]
+    assert f'"{first}.sat.test' in log and "REDACTED" in log           # the access log's Host and target
