@@ -1857,6 +1857,8 @@ class ManagementApi:
     # SDSC Satellite's API (--legacy-api) -------------------------------------------
     # Same endpoints, parameters and reply texts as the Perl CGIs, so galyleo and start-jupyter work
     # unchanged; but errors carry real status codes (the body still starts "Oops!", which they look for).
+    # The alias is a legacy session's only secret, so: it redeems once (as SDSC's "nonce already used"),
+    # only the new API's limits issue it, only these endpoints take it, and no log shows it (logged_alias).
 
     def legacy_session(self, params: dict) -> Session:
         alias = params.get("token", "").strip().lower().split(".")[0]
