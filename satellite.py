@@ -382,6 +382,14 @@ def redact(target: str) -> str:
     return REDACT_PARAMS.sub(r"\1REDACTED", target)
 
 
+def logged_alias(session: "Session") -> str:
+    """What logs call a session. A legacy session's alias is its redeem secret (SDSC's design), so no log
+    holds it: it is 'legacy-' and the first 12 hex digits of its token's SHA-256 (a token drawn at random
+    and handed to no one, so the name reveals nothing; any digest of the alias itself could be reversed
+    by trying all 36 bits of aliases). The database's token_hash column finds the session again."""
+    return f"legacy-{session.token_hash[:12]}" if session.legacy else session.alias
+
+
 ###############################################################################
 # 4. Store
 ###############################################################################
@@ -615,7 +623,8 @@ class Store:
             with self._cache_lock:
                 if alias not in self._stale:
                     raise
-            log.warning("database unreadable (%s); serving %s from its last known state", exc, alias)
+            log.warning("database unreadable (%s); serving %s from its last known state", exc,
+                        logged_alias(self._stale[alias]))
             return self._stale[alias]
         with self._cache_lock:
             if generation == self._generation:    # nothing was written meanwhile: safe to keep
@@ -671,9 +680,15 @@ class Store:
             return self.session(alias), token, key
         raise ApiError(503, "could not find an unused alias; the word list is exhausted")
 
-    def redeem(self, key: str, host: str, port: int, tls_pin: Optional[str] = None) -> Session:
+    def redeem(self, key: str, host: str, port: int, tls_pin: Optional[str] = None, once: bool = False) -> Session:
+        """Map a session to host:port. `once` (the legacy API, whose key is the alias): a redeemed session
+        keeps its target; the same host and port again is a retry and changes nothing."""
         with self.immediate_transaction() as db:
             session = self.live_session_by_key(key)
+            if once and session.target:
+                if session.target == (host, port) and not session.tunneled:
+                    return session
+                raise ApiError(409, "nonce already used: this link was redeemed already")
             if session.tunneled:
                 raise ApiError(409, "this session is reached through its tunnel")
             if session.target_host and session.target_host != host:
@@ -722,12 +737,13 @@ class Store:
         self._write("UPDATE sessions SET user = ? WHERE alias = ? AND user IS NULL", (user, alias))
         return self.session(alias).user
 
-    def mark_proxied(self, alias: str) -> None:
+    def mark_proxied(self, session: Session) -> None:
         """Best effort: a full or read-only disk must not stop the proxy from serving."""
         try:
-            self._write("UPDATE sessions SET state = 'proxied' WHERE alias = ? AND state = 'mapped'", (alias,))
+            self._write("UPDATE sessions SET state = 'proxied' WHERE alias = ? AND state = 'mapped'",
+                        (session.alias,))
         except sqlite3.Error as exc:
-            log.warning("could not mark %s proxied: %s", alias, exc)
+            log.warning("could not mark %s proxied: %s", logged_alias(session), exc)
 
     def end(self, alias: str, reason: str) -> bool:
         """End a session; True if this call ended it (so one of two racing callers records it)."""
@@ -820,9 +836,22 @@ class Events:
         if self.audit is None:
             return
         line = {"time": iso_time(time.time()), "event": event, "alias": alias, "source": source}
+        if alias is not None:
+            line.update(self.naming(alias))
         line.update((k, v) for k, v in fields.items() if v is not None)
         with self.lock:
             self.audit.write(json.dumps(line) + "\n")
+
+    def naming(self, alias: str) -> dict:
+        """How an audit line names a session: by its alias, or a legacy session by `legacy_session`
+        (logged_alias) and no alias, whoever records it (the API, the proxy, refresh, revoke)."""
+        try:
+            session = self.store.cached_session(alias)
+        except sqlite3.Error:
+            return {"alias": None, "legacy_session": "unknown (database unreadable)"}
+        if session is not None and session.legacy:
+            return {"alias": None, "legacy_session": logged_alias(session)}
+        return {}
 
 
 class RateLimiter:
@@ -1422,6 +1451,7 @@ class Exchange:
     received: int = 0                      # request body bytes taken from the client
     sent: int = 0                          # response body bytes given to the client
     body_read: bool = False                # the request's body is consumed: the connection may go on
+    logged_host: Optional[str] = None      # the access log's Host, if not as sent (a legacy session's alias)
 
 
 ###############################################################################
@@ -1459,7 +1489,7 @@ ENDPOINTS = {
     "/redeemtoken.cgi": Endpoint("redeem", REDEEMERS, FORM_BODY, legacy=True),
     "/destroytoken.cgi": Endpoint("destroy", ISSUERS + REDEEMERS, FORM_BODY, legacy=True),
     "/linktoken.cgi": Endpoint("link", ISSUERS + REDEEMERS, FORM_BODY, legacy=True),
-    "/tokenjobstate.cgi": Endpoint("jobstate", (), FORM_BODY, legacy=True),
+    "/tokenjobstate.cgi": Endpoint("jobstate", ISSUERS + REDEEMERS, FORM_BODY, legacy=True),
     "/update-jobs.cgi": Endpoint("update-jobs", ADMINS, FEED_BODY, legacy=True),
 }
 API_METHODS = ("GET", "POST", "HEAD")
@@ -1735,16 +1765,20 @@ def format_fields(fields: dict, as_json: bool) -> tuple:
     return "text/plain; charset=utf-8", "".join(f"{k}={v}\n" for k, v in fields.items()).encode()
 
 
-def api_answer(status: int, fields: dict, as_json: bool, retry_after: int = 0) -> Answer:
-    ctype, body = format_fields(fields, as_json)
+def management_answer(status: int, ctype: str, body: bytes, retry_after: int) -> Answer:
+    """An answer of either API: Allow with a 405, Retry-After with a limit."""
     extra = [("Allow", ", ".join(API_METHODS))] if status == 405 else []
     if retry_after:
         extra.append(("Retry-After", str(retry_after)))
     return Answer(status, [("Content-Type", ctype)] + PAGE_HEADERS + extra, body)
 
 
-def legacy_answer(status: int, text: str) -> Answer:
-    return Answer(status, [("Content-Type", "text/plain; charset=utf-8")] + PAGE_HEADERS, text.encode())
+def api_answer(status: int, fields: dict, as_json: bool, retry_after: int = 0) -> Answer:
+    return management_answer(status, *format_fields(fields, as_json), retry_after)
+
+
+def legacy_answer(status: int, text: str, retry_after: int = 0) -> Answer:
+    return management_answer(status, "text/plain; charset=utf-8", text.encode(), retry_after)
 
 
 class ManagementApi:
@@ -1788,6 +1822,8 @@ class ManagementApi:
                 raise refusal
             params = parse_params(request, read_body(endpoint.max_body))
             as_json = as_json or params.get("format") == "json"
+            if not endpoint.legacy and params.get("key"):
+                self.refuse_legacy_key(params["key"])
             if path == "/api/getlink":
                 status, reply = self.getlink(params, peer, user)     # the only endpoint that asks who
             else:
@@ -1812,8 +1848,16 @@ class ManagementApi:
             self.deny(f"{'legacy' if legacy else 'api'} {path}: {exc.reason}", peer, user, f"api_{exc.status}")
         if legacy:
             return legacy_answer(exc.status, (exc.reason if exc.reason.startswith("Oops!")
-                                              else f"Oops! {exc.reason}") + "\n")
+                                              else f"Oops! {exc.reason}") + "\n", exc.retry_after)
         return api_answer(exc.status, {"error": exc.reason}, as_json, exc.retry_after)
+
+    def refuse_legacy_key(self, key: str) -> None:
+        """The new API takes no legacy session's key: it is the session's alias (SDSC's design), public in
+        its link, so there it would end, re-point or tunnel a mapped session from anywhere in the cluster.
+        A legacy session is redeemed, destroyed and watched only through its CGIs, under their rules."""
+        session = self.store.session_by_key(key)
+        if session is not None and session.legacy:
+            raise ApiError(404, "unknown key")
 
     def deny(self, why: str, peer: str, user: Optional[str], label: str, alias: Optional[str] = None) -> None:
         """A refused request: counted, and one audit line (no secret: only why)."""
@@ -1901,6 +1945,7 @@ class ManagementApi:
             raise ApiError(403, "a tunnel needs the session key as Authorization: Bearer <key>")
         if not attach.isdigit() or len(attach) > 18:
             raise ApiError(400, "Satellite-Tunnel-Attach must be a number")
+        self.refuse_legacy_key(key.strip())
         session = self.store.attach_tunnel(key.strip(), peer, int(attach))
         self.events.record("tunnel", session.alias, peer)
         return session
@@ -1948,6 +1993,8 @@ class ManagementApi:
     # SDSC Satellite's API (--legacy-api) -------------------------------------------
     # Same endpoints, parameters and reply texts as the Perl CGIs, so galyleo and start-jupyter work
     # unchanged; but errors carry real status codes (the body still starts "Oops!", which they look for).
+    # The alias is a legacy session's only secret, so: it redeems once (as SDSC's "nonce already used"),
+    # only the new API's limits issue it, only these endpoints take it, and no log shows it (logged_alias).
 
     def legacy_session(self, params: dict) -> Session:
         alias = params.get("token", "").strip().lower().split(".")[0]
@@ -1957,6 +2004,8 @@ class ManagementApi:
         return session
 
     def legacy_getlink(self, params: dict, peer: str) -> tuple:
+        self.check_issue_limits(peer, None)          # SDSC's client names no user: the address's limits
+        self.getlink_limit.record(peer)
         session, _, _ = self.store.create_link(peer, self.settings.session_lifetime, self.settings.redeem_within,
                                                legacy=True)
         self.events.record("issue", session.alias, peer, legacy=True)
@@ -1966,10 +2015,11 @@ class ManagementApi:
         session = self.legacy_session(params)
         try:
             port = redeemable_port(params.get("port", ""), self.settings.port_range)
-            self.store.redeem(session.alias, peer, port)
+            redeemed = self.store.redeem(session.alias, peer, port, once=True)
         except ApiError as exc:
             raise ApiError(exc.status, f"Oops! {exc.reason}") from None
-        self.events.record("redeem", session.alias, peer, target=host_port(peer, port), legacy=True)
+        if redeemed.redeemed != session.redeemed:          # a retry changed nothing: nothing to record
+            self.events.record("redeem", session.alias, peer, target=host_port(peer, port), legacy=True)
         return 200, "Success!\n"
 
     def legacy_destroy(self, params: dict, peer: str) -> tuple:
@@ -1991,18 +2041,19 @@ class ManagementApi:
         return 200, "Success!\n"
 
     def legacy_jobstate(self, params: dict, peer: str) -> tuple:
-        """One code: U unknown, PE pending, Q in queue, R running (not redeemed), M mapped, PR proxied, D dead."""
-        alias = params.get("token", "").strip().lower().split(".")[0]
-        session = self.store.session(alias) if ALIAS_SHAPE.match(alias) else None
-        if session is None:
-            return 200, "U\n"
+        """One code, and nothing after it (SDSC's status page compares the reply exactly): U unknown (or not
+        a legacy session), PE pending, Q in queue, R running (not redeemed), M mapped, PR proxied, D dead."""
+        try:
+            session = self.legacy_session(params)
+        except ApiError:
+            return 200, "U"
         if session.is_over(time.time()):
-            return 200, "D\n"
+            return 200, "D"
         code = {"mapped": "M", "proxied": "PR", "running": "R"}.get(session.state)
         if code is None:
             job = (session.jobstate or "").upper()
             code = "R" if job in ("RUNNING", "R") else "Q" if job else "PE"
-        return 200, code + "\n"
+        return 200, code
 
     def legacy_update_jobs(self, params: dict, peer: str) -> tuple:
         self.store.set_jobstates(read_jobstates(params.get("jobstates", "")))
@@ -2368,11 +2419,11 @@ class Forwarder:
             except TunnelDown:
                 return status_page_answer(session, TUNNEL_DOWN_NOTE)
             except CertificateMismatch as exc:
-                log.warning("%s: %s", session.alias, exc)
+                log.warning("%s: %s", logged_alias(session), exc)
                 self.metrics.upstream_error()
                 return page_answer(502, "The app behind this link presented the wrong certificate.")
             except OSError as exc:
-                log.info("app of %s at %s not reachable: %s", session.alias, session.target, exc)
+                log.info("app of %s at %s not reachable: %s", logged_alias(session), session.target, exc)
                 self.metrics.upstream_error()
                 if session.state == "mapped":
                     return status_page_answer(session, "The app is not answering yet.")
@@ -2399,11 +2450,11 @@ class Forwarder:
                 self.drop_upstream()
                 if retry:
                     continue                             # the pooled connection had gone stale
-                log.info("app of %s failed mid-request: %s", session.alias, exc)
+                log.info("app of %s failed mid-request: %s", logged_alias(session), exc)
                 self.metrics.upstream_error()
                 return page_answer(502, "The app closed the connection.")
         if session.state == "mapped":
-            self.store.mark_proxied(session.alias)
+            self.store.mark_proxied(session)
         if response.status == 101:
             return self.websocket_answer(ex, session, response)
         return self.response_answer(request, response)
@@ -2505,7 +2556,7 @@ class Forwarder:
                     sink.sendall(upstream.stream.take_buffered())
                 ex.received, sent = relay_websocket(sink, upstream.stream.sock, still_open)
             except (ConnectionError, socket.timeout, OSError) as exc:
-                log.debug("websocket of %s ended: %s", alias, exc)
+                log.debug("websocket of %s ended: %s", logged_alias(session), exc)
             finally:
                 self.metrics.websocket_opened(-1)
                 upstream.close()
@@ -3045,6 +3096,8 @@ class Satellite:
     def serve_session(self, conn: "Connection", ex: Exchange, where: Route) -> Answer:
         request, alias = ex.request, where.alias
         session = self.store.cached_session(alias)
+        if session is not None and session.legacy:
+            ex.logged_host = f"{logged_alias(session)}.{self.settings.domain}"
         if where.kind == "front-auth" and address_in(ex.via, self.settings.admin_from):
             return self.answer_front(ex, session, alias)
         verdict = self.decide(request, ex, session, alias)
@@ -3084,7 +3137,7 @@ class Satellite:
                 if self.store.end(alias, "expired"):
                     self.events.record("expire", alias, reason="lifetime over")
             except sqlite3.Error as exc:
-                log.warning("could not end expired %s: %s", alias, exc)
+                log.warning("could not end expired %s: %s", logged_alias(session), exc)
 
     def internal_page(self, ex: Exchange, session: Session, path: str) -> Answer:
         if path != INTERNAL_PREFIX + "status":
@@ -3109,7 +3162,7 @@ class Satellite:
         if not verdict.allowed:
             return Answer(403, [("Content-Type", "text/plain")])
         if session.state == "mapped":
-            self.store.mark_proxied(session.alias)
+            self.store.mark_proxied(session)
         cookie = [verdict.cookie] if verdict.credential == "query" else []
         return Answer(204, [("Content-Type", "text/plain"), *cookie])
 
@@ -3274,7 +3327,8 @@ def log_access(ex: Exchange) -> None:
     line = f"{request.method} {redact(request.target)} {request.version}" if request else "-"
     access_log.info('%s - - [%s] "%s" %d %d "%s" %.3f', ex.peer,
                     time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime()), line,
-                    ex.status, ex.sent, request.host_header if request else "-", time.monotonic() - ex.started)
+                    ex.status, ex.sent, ex.logged_host or (request.host_header if request else "-"),
+                    time.monotonic() - ex.started)
 
 
 def connection_refusal(open_total: int, open_from_peer: int, peer: str, settings: Settings) -> Optional[str]:

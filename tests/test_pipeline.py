@@ -116,7 +116,7 @@ MAY_CALL = {   # endpoint -> which peers may call it
     "/api/state": {"login", "compute"}, "/api/release": {"login", "compute"}, "/api/jobstates": {"admin"},
     "/api/status": set(PEERS), "/healthz": set(PEERS), "/metrics": {"admin"},
     "/getlink.cgi": {"login"}, "/redeemtoken.cgi": {"compute"}, "/update-jobs.cgi": {"admin"},
-    "/tokenjobstate.cgi": set(PEERS),
+    "/tokenjobstate.cgi": {"login", "compute"},
 }
 
 
