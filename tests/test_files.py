@@ -201,12 +201,17 @@ def test_rotate_needs_an_existing_key_file(tmp_path):
     assert list(tmp_path.iterdir()) == []                         # nothing written in the wrong place
 
 
+ROTATE = "make a new key with satellite rotate-cookie-key -c FILE, as the user satellite runs as"
+
+
 @pytest.mark.parametrize("file_mode, owner, content, refusal", [
-    (0o640, None, None, "other users can read or change it (mode 0640)"),
-    (0o604, None, None, "other users can read or change it (mode 0604)"),
-    (0o620, None, None, "other users can read or change it (mode 0620)"),
-    (0o600, ATTACKER, None, "is owned by uid 65534, not by the user satellite runs as"),
-    (0o600, None, "not-a-key\n", "is not a cookie key"),
+    (0o640, None, None, f"can be read or changed by other users (mode 0640), so anyone may hold a copy that "
+                        f"forges cookies: {ROTATE}"),
+    (0o604, None, None, "can be read or changed by other users (mode 0604)"),
+    (0o620, None, None, "can be read or changed by other users (mode 0620)"),
+    (0o600, ATTACKER, None, "is owned by uid 65534, not by the user satellite runs as (uid 0), so that user could "
+                            "replace it: remove it and satellite makes a new one at start"),
+    (0o600, None, "not-a-key\n", f"is not a cookie key (64 hex digits): {ROTATE.replace('key', 'one', 1)}"),
 ], ids=["group-readable", "other-readable", "group-writable", "owned-by-nobody", "not-a-key"])
 def test_a_cookie_key_file_others_could_read_or_replace_is_refused_at_start(certs, tmp_path, file_mode, owner,
                                                                            content, refusal):
@@ -224,8 +229,7 @@ def test_a_cookie_key_file_others_could_read_or_replace_is_refused_at_start(cert
     finally:
         server.stop()
     assert server.proc.returncode == 1
-    log = server.log_text()
-    assert f"cookie-key: {key_file} {refusal}" in log and "rotate-cookie-key" in log, log
+    assert f"ERROR cookie-key: {key_file} {refusal}" in server.log_text()
     assert key_file.read_bytes() == before and mode(key_file) == file_mode      # refused, not replaced
 
 
@@ -262,8 +266,25 @@ def test_admin_commands_make_the_audit_log_private_under_a_loose_umask(open_dir,
     server = server_in(open_dir)
     alias = server.getlink()["alias"]
     audit = open_dir / f"{command[0]}-audit.log"
-    result = subprocess.run([sys.executable, str(ROOT / "satellite.py"), *[alias if a == "ALIAS" else a for a in command],
-                             "--db", str(server.db), "--audit-log", str(audit)],
+    args = [alias if word == "ALIAS" else word for word in command]
+    result = subprocess.run([sys.executable, str(ROOT / "satellite.py"), *args, "--db", str(server.db),
+                             "--audit-log", str(audit)],
                             capture_output=True, text=True, timeout=60, umask=0o022)
     assert result.returncode == 0, result.stderr
     assert mode(audit) == 0o600 and read_as_attacker(audit) is None
+
+
+def test_exports_map_is_the_one_file_left_for_other_users(open_dir, server_in, new_app):
+    """The front reads it, maybe as another user (Apache's RewriteMap children run as www-data): it
+    stays 0644 under satellite's umask. It holds aliases and addresses, no secret."""
+    needs_root()
+    server = server_in(open_dir)
+    link = server.mapped_session(new_app())
+    output = open_dir / "map.conf"
+    result = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "export", "--db", str(server.db),
+                             "--domain", "sat.test", "--format", "apache", "--output", str(output)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    data = read_as_attacker(output)
+    assert data is not None and mode(output) == 0o644, f"the front's map is {mode(output):04o}"
+    assert link["alias"].encode() in data
