@@ -194,6 +194,21 @@ def test_rotating_the_cookie_key_logs_every_browser_out_and_changes_nothing_else
     assert "cookie key reloaded" in server.log_text()
 
 
+def test_a_key_file_opened_to_others_while_serving_is_reported_and_refused_at_the_next_start(open_dir, server_in):
+    server = server_in(open_dir)
+    host = server.host(server.getlink()["alias"])
+    key_file = open_dir / KEY_FILE
+    key_file.chmod(0o644)
+    refusal = f"ERROR cookie-key: {key_file} can be read or changed by other users (mode 0644)"
+    wait_for(lambda: server.request(host, "/") and refusal in server.log_text(), timeout=10,
+             what="the refusal logged")      # a session host's request looks at the key (at most once a second)
+    assert "keeping the key in use" in server.log_text()
+    server.stop()
+    with pytest.raises(AssertionError, match="satellite exited"):
+        server.start()
+    assert server.proc.returncode == 1 and server.log_text().count(refusal) == 2
+
+
 def test_rotate_needs_an_existing_key_file(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "rotate-cookie-key",
                              "--db", str(tmp_path / "nowhere.db")], capture_output=True, text=True, timeout=60)
@@ -288,3 +303,25 @@ def test_exports_map_is_the_one_file_left_for_other_users(open_dir, server_in, n
     data = read_as_attacker(output)
     assert data is not None and mode(output) == 0o644, f"the front's map is {mode(output):04o}"
     assert link["alias"].encode() in data
+
+
+def test_logs_rotated_by_the_contrib_config_stay_private_and_satellite_keeps_writing(certs, open_dir):
+    needs_root()
+    logs = open_dir / "log"
+    logs.mkdir(mode=0o755)
+    server = SatelliteServer(certs, open_dir, ["--access-log", str(logs / "access.log"),
+                                               "--audit-log", str(logs / "audit.log")]).start()
+    try:
+        server.getlink()
+        config = (ROOT / "contrib/satellite.logrotate").read_text().replace("/var/log/satellite", str(logs))
+        (open_dir / "rotate.conf").write_text(config.replace("su satellite satellite", "su root root"))
+        result = subprocess.run(["logrotate", "-f", "-s", str(open_dir / "state"), str(open_dir / "rotate.conf")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        for name, line in (("access.log.1", b"/api/getlink"), ("audit.log.1", b'"event": "issue"')):
+            assert line in (logs / name).read_bytes()
+            assert mode(logs / name) == 0o600 and read_as_attacker(logs / name) is None
+        alias = server.getlink()["alias"]                     # copytruncate: the same open file goes on
+        assert alias in (logs / "audit.log").read_text() and mode(logs / "audit.log") == 0o600
+    finally:
+        server.stop()
