@@ -3648,7 +3648,8 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(getattr(Settings, dest, None), bool):
             serve.add_argument(flag, dest=dest, action="store_const", const="yes", help=flag_help(dest, help_text))
         else:
-            serve.add_argument(flag, dest=dest, metavar=dest.split("_")[-1].upper(), help=flag_help(dest, help_text))
+            metavar = "FILE" if dest == "cookie_key" else dest.split("_")[-1].upper()    # a file's name, never the key
+            serve.add_argument(flag, dest=dest, metavar=metavar, help=flag_help(dest, help_text))
 
     def admin(name, help_text, description):
         sub = commands.add_parser(name, help=help_text, description=description)

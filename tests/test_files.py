@@ -4,6 +4,7 @@ user `nobody` (runuser); everything satellite writes lives in a directory nobody
 the files' own modes stand between them and the attacker. The cookie key is not in the database:
 a copy of it forges nothing, and rotating the key logs every browser out and changes nothing else."""
 import os
+import pwd
 import shutil
 import signal
 import sqlite3
@@ -123,6 +124,7 @@ def test_another_local_user_cannot_read_satellites_files_or_forge_a_cookie(open_
         made = {p.name: p for p in open_dir.iterdir() if p.name != "satellite.log"}   # that one is the test's
         assert {"satellite.db", "satellite.db-wal", "satellite.db-shm", "access.log", "audit.log"} <= set(made)
         stolen = {name: read_as_attacker(path) for name, path in sorted(made.items())}
+        modes = {name: mode(path) for name, path in made.items()}
     finally:
         held.close()
 
@@ -143,7 +145,7 @@ def test_another_local_user_cannot_read_satellites_files_or_forge_a_cookie(open_
             if with_cookie(server, host, cookie_value(key, link["alias"], token_hash)) == 200:
                 forged.append(where)
     assert not forged, f"as nobody: read the database, computed the cookie with {forged}, got 200 from the app"
-    readable = [f"{name} ({mode(made[name]):04o})" for name, data in stolen.items() if data is not None]
+    readable = [f"{name} ({modes[name]:04o})" for name, data in stolen.items() if data is not None]
     assert not readable, f"nobody could read: {', '.join(readable)}"
 
 
@@ -207,6 +209,61 @@ def test_a_key_file_opened_to_others_while_serving_is_reported_and_refused_at_th
     with pytest.raises(AssertionError, match="satellite exited"):
         server.start()
     assert server.proc.returncode == 1 and server.log_text().count(refusal) == 2
+
+
+class ServerAs(SatelliteServer):
+    """satellite serve as an unprivileged user, as the unit runs it (setpriv execs: the pid is satellite's own),
+    with the system's python3: the test venv's lives under root's home."""
+    PYTHON = "/usr/bin/python3"
+
+    def __init__(self, user, certs, workdir, extra_args=()):
+        super().__init__(certs, workdir, extra_args)
+        self.user = user
+
+    def command(self):
+        return [*as_user(self.user), self.PYTHON, *super().command()[1:]]
+
+
+def as_user(user):
+    entry = pwd.getpwnam(user)
+    return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups", "--"]
+
+
+def test_serving_as_its_own_user_only_that_user_may_rotate_the_key(certs, open_dir, new_app):
+    needs_root()
+    user = "nobody"                                            # plays the `satellite` user here
+    tls = open_dir / "tls"                                     # like /etc/satellite/tls: the key 0640 root:<group>
+    tls.mkdir()
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        shutil.copy(certs / name, tls / name)
+    uid, gid = pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid
+    os.chown(tls / "key.pem", 0, gid)
+    (tls / "key.pem").chmod(0o640)
+    state = open_dir / "state"                                 # like /var/lib/satellite
+    state.mkdir(mode=0o700)
+    os.chown(state, uid, gid)
+    server = ServerAs(user, tls, open_dir, ["--db", str(state / "satellite.db")])
+    server.db = state / "satellite.db"
+    server.start()
+    key_file = state / KEY_FILE
+    assert key_file.stat().st_uid == uid
+    assert mode(key_file) == 0o600 and mode(server.db) == 0o600 and server.db.stat().st_uid == uid
+    app = new_app()
+    link = server.mapped_session(app)
+    host = server.host(link["alias"])
+    old = cookie_from_visit(server, host, link["token"])
+    before = key_file.read_bytes()
+    rotate = [ServerAs.PYTHON, str(ROOT / "satellite.py"), "rotate-cookie-key", "--db", str(server.db)]
+    as_root = subprocess.run(rotate, capture_output=True, text=True, timeout=60)
+    assert as_root.returncode == 1 and f"belongs to uid {uid}: run this as that user" in as_root.stderr
+    assert key_file.read_bytes() == before and with_cookie(server, host, old) == 200
+    as_owner = subprocess.run([*as_user(user), *rotate],
+                              capture_output=True, text=True, timeout=60)
+    assert as_owner.returncode == 0, as_owner.stderr
+    assert key_file.stat().st_uid == uid and mode(key_file) == 0o600 and key_file.read_bytes() != before
+    wait_for(lambda: with_cookie(server, host, old) == 403, timeout=10, what="the old cookie to be refused")
+    assert cookie_from_visit(server, host, link["token"])
+    server.stop()
 
 
 def test_rotate_needs_an_existing_key_file(tmp_path):
