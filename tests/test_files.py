@@ -147,6 +147,7 @@ def test_another_local_user_cannot_read_satellites_files_or_forge_a_cookie(open_
     assert not forged, f"as nobody: read the database, computed the cookie with {forged}, got 200 from the app"
     readable = [f"{name} ({modes[name]:04o})" for name, data in stolen.items() if data is not None]
     assert not readable, f"nobody could read: {', '.join(readable)}"
+    assert KEY_FILE in stolen                                   # the key's own file was tried too
 
 
 def test_a_copy_of_the_whole_database_does_not_forge_a_cookie(open_dir, server_in, new_app, tmp_path):
