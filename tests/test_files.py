@@ -245,26 +245,28 @@ def test_serving_as_its_own_user_only_that_user_may_rotate_the_key(certs, open_d
     os.chown(state, uid, gid)
     server = ServerAs(user, tls, open_dir, ["--db", str(state / "satellite.db")])
     server.db = state / "satellite.db"
-    server.start()
-    key_file = state / KEY_FILE
-    assert key_file.stat().st_uid == uid
-    assert mode(key_file) == 0o600 and mode(server.db) == 0o600 and server.db.stat().st_uid == uid
-    app = new_app()
-    link = server.mapped_session(app)
-    host = server.host(link["alias"])
-    old = cookie_from_visit(server, host, link["token"])
-    before = key_file.read_bytes()
-    rotate = [ServerAs.PYTHON, str(ROOT / "satellite.py"), "rotate-cookie-key", "--db", str(server.db)]
-    as_root = subprocess.run(rotate, capture_output=True, text=True, timeout=60)
-    assert as_root.returncode == 1 and f"belongs to uid {uid}: run this as that user" in as_root.stderr
-    assert key_file.read_bytes() == before and with_cookie(server, host, old) == 200
-    as_owner = subprocess.run([*as_user(user), *rotate],
-                              capture_output=True, text=True, timeout=60)
-    assert as_owner.returncode == 0, as_owner.stderr
-    assert key_file.stat().st_uid == uid and mode(key_file) == 0o600 and key_file.read_bytes() != before
-    wait_for(lambda: with_cookie(server, host, old) == 403, timeout=10, what="the old cookie to be refused")
-    assert cookie_from_visit(server, host, link["token"])
-    server.stop()
+    try:
+        server.start()
+        key_file = state / KEY_FILE
+        assert key_file.stat().st_uid == uid
+        assert mode(key_file) == 0o600 and mode(server.db) == 0o600 and server.db.stat().st_uid == uid
+        app = new_app()
+        link = server.mapped_session(app)
+        host = server.host(link["alias"])
+        old = cookie_from_visit(server, host, link["token"])
+        before = key_file.read_bytes()
+        rotate = [ServerAs.PYTHON, str(ROOT / "satellite.py"), "rotate-cookie-key", "--db", str(server.db)]
+        as_root = subprocess.run(rotate, capture_output=True, text=True, timeout=60)
+        assert as_root.returncode == 1 and f"belongs to uid {uid}: run this as that user" in as_root.stderr
+        assert key_file.read_bytes() == before and with_cookie(server, host, old) == 200
+        as_owner = subprocess.run([*as_user(user), *rotate],
+                                  capture_output=True, text=True, timeout=60)
+        assert as_owner.returncode == 0, as_owner.stderr
+        assert key_file.stat().st_uid == uid and mode(key_file) == 0o600 and key_file.read_bytes() != before
+        wait_for(lambda: with_cookie(server, host, old) == 403, timeout=10, what="the old cookie to be refused")
+        assert cookie_from_visit(server, host, link["token"])
+    finally:
+        server.stop()
 
 
 def test_rotate_needs_an_existing_key_file(tmp_path):
