@@ -18,7 +18,7 @@ who deploys it. Sections, top-down:
 
     1. Constants             limits, states, header sets
     2. Configuration         Settings, INI file + flags, durations, networks
-    3. Secrets and aliases   token/key generation, hashing, cookies
+    3. Secrets and aliases   token/key generation, hashing, cookies and the cookie key's file
     4. Store                 SQLite (WAL) sessions table, shared with other processes
     5. Operations            audit events, metrics, rate limits, health probes, refresh
    A request, in the order it is handled:
@@ -70,6 +70,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -207,6 +208,7 @@ class Settings:
     cert: str = ""
     key: str = ""
     db: str = "satellite.db"
+    cookie_key: str = ""                    # file with the key that signs cookies; '' = beside db (cookie_key_path)
     issue_from: tuple = parse_networks("127.0.0.0/8,::1")
     redeem_from: tuple = parse_networks("127.0.0.0/8,::1")
     port_range: tuple = (1024, 65535)
@@ -324,6 +326,11 @@ class Settings:
     def session_url(self, alias: str) -> str:
         return f"https://{alias}.{self.domain}{self.port_suffix}/"
 
+    @property
+    def cookie_key_path(self) -> str:
+        """`cookie-key`, or beside the database: /var/lib/satellite/satellite.db -> .../satellite.cookie-key."""
+        return self.cookie_key or os.path.splitext(self.db)[0] + ".cookie-key"
+
 
 def address_in(address: str, networks: Iterable) -> bool:
     try:
@@ -371,6 +378,118 @@ def cookie_value(server_secret: bytes, alias: str, token_hash: str) -> str:
     """The browser cookie is derived from the token, never the token itself, and is bound
     to one alias: a cookie of one session is worthless on another."""
     return hmac.new(server_secret, f"{alias}\0{token_hash}".encode(), hashlib.sha256).hexdigest()
+
+
+class CookieKeyError(ValueError):
+    """The cookie key's file cannot be used; the message says which file and what to do."""
+
+
+def file_signature(path: str) -> Optional[tuple]:
+    """What changes when a file is written, replaced or chmod'ed; None if it is not there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def read_cookie_key(path: str) -> bytes:
+    """The key in `path`: only from a file of this user's that no one else may read or change."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            text = f.read(100)
+    except OSError as exc:
+        raise CookieKeyError(f"cookie-key: cannot read {path}: {exc.strerror}") from None
+    if st.st_uid != os.geteuid():
+        raise CookieKeyError(f"cookie-key: {path} is owned by uid {st.st_uid}, not by the user satellite runs as "
+                             f"(uid {os.geteuid()}), so that user could replace it: remove it and satellite makes a "
+                             f"new one at start (browsers then open their links again)")
+    if st.st_mode & 0o077:
+        raise CookieKeyError(f"cookie-key: {path} can be read or changed by other users "
+                             f"(mode {st.st_mode & 0o777:04o}), so anyone may hold a copy that forges cookies: "
+                             f"make a new key with satellite rotate-cookie-key -c FILE, as the user satellite runs as")
+    match = re.fullmatch(rb"([0-9a-f]{64})\n?", text)
+    if not match:
+        raise CookieKeyError(f"cookie-key: {path} is not a cookie key (64 hex digits): make a new one with "
+                             f"satellite rotate-cookie-key -c FILE, as the user satellite runs as")
+    return bytes.fromhex(match.group(1).decode())
+
+
+def write_cookie_key(path: str, replace: bool) -> None:
+    """A new random key in `path`, whole or not at all: written to a 0600 file beside it and synced,
+    then renamed over the old key (`replace`) or linked in where there is none (a key another
+    process made meanwhile is kept). The directory is synced: a rotation survives a power cut."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cookie-key.")        # 0600, O_EXCL
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if replace:
+                os.replace(tmp, path)
+            else:
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise CookieKeyError(f"cookie-key: cannot write {path}: {exc.strerror} (give a file in a directory "
+                             f"satellite's user may write: cookie-key = FILE)") from None
+
+
+class CookieKey:
+    """The key that signs browser cookies (`cookie_value`). It lives in a file of its own, never in
+    the database: the database holds every token's digest, so whoever read both could forge any
+    session's cookie. `serve` makes the file (0600) when there is none and refuses one that other
+    users may read or change. `rotate-cookie-key` replaces it whole; every process using it notices
+    within CHECK_SECONDS, and cookies made with the old key are refused from then on (browsers open
+    their link again; links, tokens, job keys and sessions are untouched). A replacement that cannot
+    be used is logged once and the key in use kept, as a broken certificate is on reload."""
+
+    CHECK_SECONDS = 1.0
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+        if not os.path.lexists(path):
+            write_cookie_key(path, replace=False)
+            log.info("cookie-key: made a new key in %s", path)
+        self._signature = file_signature(path)
+        self.key = read_cookie_key(path)
+        self._checked = time.monotonic()
+
+    def current(self) -> bytes:
+        """The key, read again if its file changed (looked at no more than every CHECK_SECONDS)."""
+        now = time.monotonic()
+        if now - self._checked >= self.CHECK_SECONDS:
+            with self._lock:
+                if now - self._checked >= self.CHECK_SECONDS:
+                    self._checked = now
+                    self._reload_if_changed()
+        return self.key
+
+    def _reload_if_changed(self) -> None:
+        signature = file_signature(self.path)
+        if signature == self._signature:
+            return
+        self._signature = signature               # a file that cannot be used is reported once, not every second
+        try:
+            key = read_cookie_key(self.path)
+        except CookieKeyError as exc:
+            log.error("%s; keeping the key in use", exc)
+            return
+        if key != self.key:
+            self.key = key
+            log.info("cookie key reloaded from %s: cookies made with the old key no longer work", self.path)
 
 
 def iso_time(epoch: float) -> str:
@@ -535,9 +654,10 @@ class Store:
         for name, declaration in ADDED_COLUMNS:
             if name not in present:
                 db.execute(f"ALTER TABLE sessions ADD COLUMN {name} {declaration}")
-        db.execute("INSERT OR IGNORE INTO meta VALUES ('cookie_secret', ?)", (secrets.token_hex(32),))
-        self.cookie_secret = bytes.fromhex(
-            db.execute("SELECT value FROM meta WHERE name = 'cookie_secret'").fetchone()[0])
+        if db.execute("SELECT 1 FROM meta WHERE name = 'cookie_secret'").fetchone():
+            # Older versions kept the cookie key here, beside every token's digest: whoever read the
+            # database could forge cookies. The key has its own file now (CookieKey); browsers sign in once more.
+            db.execute("DELETE FROM meta WHERE name = 'cookie_secret'")
         self.close_thread_connection()      # an idle connection's locks would keep closed ones' descriptors open
 
     @property
@@ -591,14 +711,7 @@ class Store:
         self._cleared = now
 
     def _files_signature(self) -> tuple:
-        signature = []
-        for suffix in ("-wal", ""):
-            try:
-                st = os.stat(self.path + suffix)
-                signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            except OSError:
-                signature.append(None)
-        return tuple(signature)
+        return file_signature(self.path + "-wal"), file_signature(self.path)
 
     def cached_session(self, alias: str) -> Optional[Session]:
         """session(alias), from memory while nothing has changed (see the class docstring)."""
@@ -3039,6 +3152,7 @@ class Satellite:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = Store(settings.db)
+        self.cookie_key = CookieKey(settings.cookie_key_path)
         self.events = Events(self.store, settings.audit_log)
         self.metrics = Metrics()
         self.token_failures = RateLimiter(settings.token_failures)     # keyed by (address, alias)
@@ -3116,7 +3230,7 @@ class Satellite:
 
     def decide(self, request: Request, ex: Exchange, session: Optional[Session], alias: str) -> Verdict:
         """The access decision for a session's host, and what it asks to be done."""
-        verdict = decide_session_access(request, session, ex.user, self.settings, self.store.cookie_secret,
+        verdict = decide_session_access(request, session, ex.user, self.settings, self.cookie_key.current(),
                                         lambda: self.token_failures.retry_after((ex.peer, alias)), time.time())
         self.carry_out(verdict, ex, session, alias)
         if verdict.bind_owner and self.store.bind_user(alias, ex.user) != ex.user:
@@ -3443,13 +3557,34 @@ def raise_descriptor_limit() -> None:
             log.warning("could not raise the open-file limit from %d: %s", soft, exc)
 
 
+def make_private(paths: Iterable[str]) -> None:
+    """Take other users' access away from the files of ours that an older satellite made 0644 (the
+    umask makes new ones 0600). The group's bits stay: 0640 for an admins' group is a choice."""
+    for path in paths:
+        try:
+            st = os.stat(path)
+            if st.st_uid == os.geteuid() and (st.st_mode & 0o170000) == 0o100000 and st.st_mode & 0o007:
+                os.chmod(path, st.st_mode & 0o770)
+                log.warning("%s was open to other users (mode %04o); now %04o", path, st.st_mode & 0o777,
+                            st.st_mode & 0o770)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("could not make %s private: %s", path, exc)
+
+
 def command_serve(settings: Settings) -> int:
     setup_logging(settings)
     raise_descriptor_limit()
+    make_private([settings.db, settings.db + "-wal", settings.db + "-shm"]
+                 + [path for path in (settings.access_log, settings.audit_log) if path not in ("", "-", "off")])
     try:
         service = Satellite(settings)
         service.store.mark_tunnels_down(time.time())
         service.store.close_thread_connection()    # the main thread keeps none open (workers close theirs)
+    except CookieKeyError as exc:
+        log.error("%s", exc)
+        return 1
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot load certificate %s / key %s: %s", settings.cert, settings.key, exc)
         return 1
@@ -3562,6 +3697,7 @@ def command_export(settings: Settings, fmt: str, output: Optional[str], reload_c
     tmp = f"{output}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)        # the front reads it, maybe as another user (Apache's RewriteMap); no secret in it
     os.replace(tmp, output)
     message = f"export: {routes} routes written to {output}"
     if reload_command:
@@ -3619,6 +3755,29 @@ def command_revoke(settings: Settings, alias: str) -> int:
     return 0
 
 
+def command_rotate_cookie_key(settings: Settings) -> int:
+    """Replace the cookie key (see CookieKey): every browser opens its link again; nothing else changes."""
+    path = settings.cookie_key_path
+    try:
+        owner = os.stat(path).st_uid
+    except FileNotFoundError:
+        print(f"satellite: error: no cookie key at {path} (give -c FILE, --db FILE or --cookie-key FILE; "
+              f"serve makes the first one)", file=sys.stderr)
+        return 1
+    if owner != os.geteuid():
+        print(f"satellite: error: {path} belongs to uid {owner}: run this as that user, the one satellite runs as "
+              f"(e.g. sudo -u satellite satellite rotate-cookie-key -c /etc/satellite/satellite.ini)", file=sys.stderr)
+        return 1
+    try:
+        write_cookie_key(path, replace=True)
+    except CookieKeyError as exc:
+        print(f"satellite: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"new cookie key in {path}: running satellites use it within {CookieKey.CHECK_SECONDS:g}s, and every "
+          f"browser then opens its link again (links, tokens and sessions are unchanged)")
+    return 0
+
+
 def command_stats(settings: Settings) -> int:
     store = admin_store(settings)
     counters = store.counters()
@@ -3639,6 +3798,8 @@ SETTING_FLAGS = [
     ("--cert", "cert", "certificate chain (PEM) valid for *.DOMAIN; reloaded on SIGHUP"),
     ("--key", "key", "private key (PEM) of the certificate"),
     ("--db", "db", "SQLite database file"),
+    ("--cookie-key", "cookie_key", "file with the key that signs browser cookies: made 0600 at the first start, "
+                                   "refused if other users may read it, replaced by rotate-cookie-key"),
     ("--issue-from", "issue_from", "CIDR[,CIDR] allowed to call /api/getlink: your login nodes"),
     ("--redeem-from", "redeem_from", "CIDR[,CIDR] allowed to call /api/redeem: your compute nodes"),
     ("--port-range", "port_range", "ports a job may redeem"),
@@ -3718,6 +3879,8 @@ def flag_help(dest: str, text: str) -> str:
     default = getattr(Settings, dest)
     if dest in ("domain", "cert", "key"):
         return f"{text} (required)"
+    if dest == "cookie_key":
+        return f"{text} (default: beside the database, its name with .cookie-key)"
     return f"{text} (default: {setting_text(dest, default)})".replace("%", "%%").replace("%%%%", "%%")
 
 
@@ -3743,7 +3906,8 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(getattr(Settings, dest, None), bool):
             serve.add_argument(flag, dest=dest, action="store_const", const="yes", help=flag_help(dest, help_text))
         else:
-            serve.add_argument(flag, dest=dest, metavar=dest.split("_")[-1].upper(), help=flag_help(dest, help_text))
+            metavar = "FILE" if dest == "cookie_key" else dest.split("_")[-1].upper()    # a file's name, never the key
+            serve.add_argument(flag, dest=dest, metavar=metavar, help=flag_help(dest, help_text))
 
     def admin(name, help_text, description):
         sub = commands.add_parser(name, help=help_text, description=description)
@@ -3770,6 +3934,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke_parser.add_argument("alias")
     revoke_parser.add_argument("--audit-log", dest="audit_log", metavar="FILE")
     admin("stats", "counts by state and lifecycle event", "Counts of sessions and events, and the last refresh.")
+    admin("rotate-cookie-key", "replace the key that signs browser cookies (logs every browser out)",
+          "Write a new cookie key in place of the old one. Running satellites use it within a second: cookies "
+          "made before are refused and browsers open their link (with its token) again. Links, tokens, job keys "
+          "and sessions are unchanged. Run it as the user satellite runs as.") \
+        .add_argument("--cookie-key", dest="cookie_key", metavar="FILE", help="the key file (instead of -c or --db)")
     export_parser = admin(
         "export", "write the alias -> app map for nginx, Apache or HAProxy",
         "For sites that put nginx/Apache/HAProxy in front as the data plane: write the live map (atomically, "
@@ -3789,6 +3958,7 @@ def main(argv: Optional[list] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    os.umask(0o077)     # what satellite makes (database, WAL, logs, audit log, cookie key) is its own user's alone
     overrides = {dest: getattr(args, dest, None) for _, dest, _ in SETTING_FLAGS}
     try:
         settings = Settings.from_sources(args.config, overrides, serving=args.command == "serve")
@@ -3806,6 +3976,8 @@ def main(argv: Optional[list] = None) -> int:
         return command_revoke(settings, args.alias)
     if args.command == "stats":
         return command_stats(settings)
+    if args.command == "rotate-cookie-key":
+        return command_rotate_cookie_key(settings)
     if args.command == "export":
         return command_export(settings, args.format, args.output, args.reload_command)
     return 2

@@ -22,7 +22,8 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path):
     assert result.returncode == 0 and "satellite.service" not in result.stderr, result.stderr
     text = unit.read_text()
     for line in ("User=satellite", "AmbientCapabilities=CAP_NET_BIND_SERVICE", "ProtectSystem=strict",
-                 "NoNewPrivileges=yes", "StateDirectory=satellite", "ExecReload=/bin/kill -HUP $MAINPID"):
+                 "NoNewPrivileges=yes", "StateDirectory=satellite", "ExecReload=/bin/kill -HUP $MAINPID",
+                 "UMask=0077", "StateDirectoryMode=0700", "LogsDirectory=satellite", "LogsDirectoryMode=0750"):
         assert line in text
 
 
