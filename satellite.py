@@ -51,6 +51,7 @@ import concurrent.futures
 import configparser
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import hmac
 import html
@@ -1694,19 +1695,16 @@ def session_cookie(server_secret: bytes, session: Session) -> tuple:
 
 def presented_credential(request: Request, session: Session, server_secret: bytes) -> Optional[str]:
     """How the request proves it holds the session's token: 'query', 'cookie', 'header' or None.
-    Every comparison is constant-time."""
-    if "token=" in request.query:
-        for name, value in urllib.parse.parse_qsl(request.query, keep_blank_values=True):
-            if name == "token" and secret_matches(value, session.token_hash):
-                return "query"
-    expected = None
-    for header in request.headers.get_all("cookie"):
-        for part in header.split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == COOKIE_NAME:
-                expected = expected or cookie_value(server_secret, session.alias, session.token_hash)
-                if hmac.compare_digest(value.encode(), expected.encode()):
-                    return "cookie"
+    At most one value of each is compared (a request is at most three guesses); constant-time."""
+    tokens = [v for n, v in urllib.parse.parse_qsl(request.query, keep_blank_values=True) if n == "token"] \
+        if "token=" in request.query else []
+    if tokens and secret_matches(tokens[0], session.token_hash):       # one guess a request: the first
+        return "query"
+    cookies = [value for header in request.headers.get_all("cookie") for name, _, value in
+               (part.strip().partition("=") for part in header.split(";")) if name == COOKIE_NAME]
+    if cookies and hmac.compare_digest(cookies[0].encode(),
+                                       cookie_value(server_secret, session.alias, session.token_hash).encode()):
+        return "cookie"
     scheme, _, value = (request.headers.get("authorization") or "").partition(" ")
     if scheme.lower() in ("token", "bearer") and secret_matches(value.strip(), session.token_hash):
         return "header"
@@ -1908,6 +1906,7 @@ class ManagementApi:
         self.events = events
         self.metrics = metrics
         self.getlink_limit = RateLimiter(settings.getlink_rate)
+        self.lookup_failures = RateLimiter(settings.token_failures)     # /api/status is open to anyone
         self.routes: dict = {
             "/api/getlink": self.getlink,
             "/api/redeem": self.redeem,
@@ -2093,6 +2092,11 @@ class ManagementApi:
         else:
             raise ApiError(400, "give key= or token=")
         if session is None:
+            wait = self.lookup_failures.retry_after(peer)
+            if wait:
+                raise ApiError(429, f"too many unknown keys and tokens from {peer}; try again in {wait}s",
+                               retry_after=wait)
+            self.lookup_failures.record(peer)
             raise ApiError(404, "unknown key or token")
         return 200, session.describe()
 
@@ -2698,7 +2702,10 @@ class Forwarder:
 # Each stream starts with STREAM_WINDOW bytes of credit each way, so a browser tab that stops
 # reading stops only its own stream, never the tunnel. What one end queues for the other is
 # bounded: DATA by the credit, at most one PONG at a time, other frames by MAX_QUEUED_CONTROL;
-# an end that takes nothing for TUNNEL_DEAD_AFTER while frames wait for it is closed. Only
+# an end that takes nothing for TUNNEL_DEAD_AFTER while frames wait for it is closed. A tunnel
+# carries at most MAX_STREAMS streams; credit beyond the window, an empty DATA, or anything after a
+# stream's EOF breaks the protocol; a stream whose peer does not end its half within STREAM_LINGER
+# of ours is reset, so no stream holds its threads for the tunnel's life. Only
 # satellite opens streams, and an agent connects every stream to its own app and nowhere else:
 # neither end can make the other open a connection of its choosing.
 
@@ -2712,6 +2719,8 @@ TUNNEL_PING_AFTER = 10.0                # seconds of silence before a PING
 TUNNEL_DEAD_AFTER = 30.0                # seconds without any frame: the peer is gone
 TUNNEL_CHECK_EVERY = 5.0                # how often the owner is asked whether the tunnel is still wanted
 TUNNEL_BATCH = 256 * 1024               # bytes of queued frames handed to TLS at once
+MAX_STREAMS = 128                       # streams one tunnel carries at once (a browser opens a handful)
+STREAM_LINGER = 30.0                    # seconds a stream waits for the peer to end its half after ours
 MAX_QUEUED_CONTROL = 256 * 1024         # bytes of queued frames other than DATA: a peer that lets more
                                         # pile up (it sends but does not read) is closed
 
@@ -2732,7 +2741,8 @@ class TunnelStream:
         self.ready = threading.Condition()
         self.credit = STREAM_WINDOW              # bytes we may still send
         self.unwritten = 0                       # bytes received and not yet passed on
-        self.inbox: collections.deque = collections.deque()     # bytes for the socket; None = EOF
+        self.inbox: collections.deque = collections.deque()     # bytearrays for the socket; None = EOF
+        self.peer_ended = False                  # the peer sent EOF: nothing more may come
         self.aborted = False
         self.pumps_running = 2
 
@@ -2752,17 +2762,31 @@ class TunnelStream:
 
     # called from the tunnel's thread: never blocks --------------------------------
     def deliver(self, data: Optional[bytes]) -> None:
+        """The peer's DATA (bytes) or EOF (None). Small frames are joined, so memory follows the
+        bytes held, not the number of frames."""
         with self.ready:
-            if data:
+            if self.peer_ended:
+                raise TunnelError(f"stream {self.id} sent on after its EOF")
+            if data is None:
+                self.peer_ended = True
+                self.inbox.append(None)
+            else:
+                if not data:
+                    raise TunnelError(f"stream {self.id} sent an empty DATA frame")
                 self.unwritten += len(data)
                 if self.unwritten > STREAM_WINDOW:
                     raise TunnelError(f"stream {self.id} sent more than its credit")
-            self.inbox.append(data)
+                if self.inbox and self.inbox[-1] is not None and len(self.inbox[-1]) < MAX_FRAME_PAYLOAD:
+                    self.inbox[-1] += data
+                else:
+                    self.inbox.append(bytearray(data))
             self.ready.notify_all()
 
     def grant(self, count: int) -> None:
         with self.ready:
             self.credit += count
+            if self.credit > STREAM_WINDOW:
+                raise TunnelError(f"stream {self.id} was given credit beyond its window")
             self.ready.notify_all()
 
     def abort(self) -> None:
@@ -2790,6 +2814,7 @@ class TunnelStream:
                     return
                 if not data:
                     self.tunnel.send(EOF, self.id)
+                    self.linger()
                     return
                 with self.ready:
                     self.credit -= len(data)
@@ -2820,6 +2845,17 @@ class TunnelStream:
         finally:
             self.pump_stopped()
 
+    def linger(self) -> None:
+        """Our half has ended; wait (bounded) for the peer to end its half, else reset the stream."""
+        deadline = time.monotonic() + STREAM_LINGER
+        with self.ready:
+            while self.pumps_running > 1 and not self.aborted and time.monotonic() < deadline:
+                self.ready.wait(deadline - time.monotonic())
+            finished = self.pumps_running <= 1 or self.aborted
+        if not finished:
+            self.tunnel.send(RESET, self.id, b"the other end did not finish its half")
+            self.abort()
+
     def fail(self, exc: OSError) -> None:
         if not self.aborted:
             self.tunnel.send(RESET, self.id, str(exc).encode()[:200])
@@ -2829,6 +2865,7 @@ class TunnelStream:
         with self.ready:
             self.pumps_running -= 1
             last = self.pumps_running == 0
+            self.ready.notify_all()
         if last:
             self.sock.close()
             self.tunnel.forget(self.id)
@@ -2895,10 +2932,11 @@ class Tunnel:
         """Satellite: a new stream to the agent's app; returns this end of a socket pair."""
         ours, theirs = socket.socketpair()
         with self.lock:
-            if self.closed:
+            if self.closed or len(self.streams) >= MAX_STREAMS:
                 ours.close()
                 theirs.close()
-                raise ConnectionError("the tunnel is closed")
+                raise ConnectionError("the tunnel is closed" if self.closed
+                                      else f"the tunnel carries {MAX_STREAMS} streams already")
             stream = TunnelStream(self, self.next_id)
             self.streams[stream.id] = stream
             self.next_id += 1
@@ -3030,6 +3068,8 @@ class Tunnel:
             with self.lock:
                 if stream_id == 0 or stream_id in self.streams:
                     raise TunnelError(f"OPEN of stream {stream_id}, which is in use")
+                if len(self.streams) >= MAX_STREAMS:
+                    raise TunnelError(f"more than {MAX_STREAMS} streams at once")
                 stream = self.streams[stream_id] = TunnelStream(self, stream_id)
             stream.start(self.connect_app)
         elif kind in (DATA, EOF, CREDIT, RESET):
@@ -3057,6 +3097,8 @@ class Tunnel:
             self.closed = True
             streams = list(self.streams.values())
             self.streams.clear()
+            self.outbox.clear()                  # nothing will send it: let go of the memory now
+            self.inbound = bytearray()
             os.close(self.wake_read)
             os.close(self.wake_write)
         for stream in streams:
@@ -3340,9 +3382,12 @@ class Connection:
         if close and "connection" not in names:
             fields.append(("Connection", "close"))
         body = b"" if head_only else answer.body
-        self.stream.sock.sendall(response_head(answer.status, fields, answer.reason) + body)
-        ex.status, ex.sent = answer.status, len(body)
+        ex.status = answer.status
+        send_by(self.stream.sock, response_head(answer.status, fields, answer.reason) + body,
+                time.monotonic() + self.settings.header_timeout)
+        ex.sent = len(body)
         if answer.stream is not None and not head_only:
+            self.stream.sock.settimeout(self.settings.upstream_timeout)       # a relay: silence per read/write
             ex.sent, keep = answer.stream(self.stream.sock)
             close = close or not keep
         return not close
@@ -3353,6 +3398,18 @@ class Connection:
             self.stream.sock.close()
         except OSError:
             pass
+
+
+def send_by(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """sendall, whole before `deadline`: a client that reads a byte now and then holds its
+    connection no longer than one that reads nothing."""
+    view = memoryview(data)
+    while view:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the client did not read its answer in time")
+        sock.settimeout(remaining)
+        view = view[sock.send(view):]
 
 
 def tls_handshake(raw: socket.socket, context: ssl.SSLContext, deadline: float, peer: str) -> Optional[ssl.SSLSocket]:
@@ -3445,6 +3502,16 @@ def log_access(ex: Exchange) -> None:
                     time.monotonic() - ex.started)
 
 
+def connection_group(peer: str) -> str:
+    """Whose share of the connection slots a connection takes: its IPv4 address, or its IPv6 /64
+    (one host's allocation: an attacker with a /64 has 2**64 addresses)."""
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else peer
+
+
 def connection_refusal(open_total: int, open_from_peer: int, peer: str, settings: Settings) -> Optional[str]:
     """Why a new connection is closed at once, or None. One address may hold only its share of
     the slots, so it cannot lock out everyone else; a trusted front speaks for many and is not capped."""
@@ -3476,30 +3543,51 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
 
     def process_request(self, request, client_address):
         peer = plain_address(client_address[0])
+        group = connection_group(peer)
         with self._count_lock:
-            refusal = connection_refusal(self.open_connections, self.open_by_address.get(peer, 0), peer,
+            refusal = connection_refusal(self.open_connections, self.open_by_address.get(group, 0), peer,
                                          self.service.settings)
             if refusal is None:
                 self.open_connections += 1
-                self.open_by_address[peer] = self.open_by_address.get(peer, 0) + 1
+                self.open_by_address[group] = self.open_by_address.get(group, 0) + 1
         if refusal is not None:
-            if time.monotonic() - self._warned > 10:       # one line per 10 s, not one per refused connection
-                self._warned = time.monotonic()
-                log.warning("%s; refusing new connections from %s", refusal, peer)
+            self.warn(f"{refusal}; refusing new connections from {peer}")
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except Exception as exc:                        # no thread to be had (a process limit): no slot either
+            self.release_slot(group)
+            self.warn(f"cannot serve {peer}: {exc}")
+            self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address):
-        peer = plain_address(client_address[0])
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._count_lock:
-                self.open_connections -= 1
-                left = self.open_by_address.pop(peer) - 1
-                if left:
-                    self.open_by_address[peer] = left
+            self.release_slot(connection_group(plain_address(client_address[0])))
+
+    def release_slot(self, group: str) -> None:
+        with self._count_lock:
+            self.open_connections -= 1
+            left = self.open_by_address.pop(group) - 1
+            if left:
+                self.open_by_address[group] = left
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors: wait, do not spin on accept
+                self.warn(f"cannot accept: {exc}")
+                time.sleep(0.1)
+            raise
+
+    def warn(self, text: str) -> None:
+        """One line per 10 s, not one per refused connection."""
+        if time.monotonic() - self._warned > 10:
+            self._warned = time.monotonic()
+            log.warning("%s", text)
 
     def handle_error(self, request, client_address):
         log.exception("unexpected error serving %s", client_address[0])

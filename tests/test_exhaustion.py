@@ -326,3 +326,137 @@ def test_wrong_tokens_are_counted_per_address_and_alias(fresh_satellite):
     assert satellite.request(first, "/?token=wrong-again")[0] == 429
     status = satellite.request(second, "/?token=wrong")[0]
     assert status == 403, f"a first wrong token on another alias got {status} after 20 wrong tokens on {first}"
+
+
+# found by the red team after the redesign ------------------------------------------------------------
+
+OPEN, DATA, CREDIT, EOF = 1, 2, 3, 4
+
+
+def threads_of(pid):
+    import os
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def attach_raw_tunnel(satellite, key, source=NODE):
+    sock = satellite.tls_socket("127.0.0.1", source=source)
+    sock.sendall((f"GET /api/tunnel HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+                  f"Upgrade: satellite-tunnel/1\r\nAuthorization: Bearer {key}\r\n"
+                  f"Satellite-Tunnel-Attach: 1\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(1)
+        assert data, head
+        head += data
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def test_an_agent_that_never_ends_its_streams_cannot_pile_up_threads(fresh_satellite):
+    """A cluster user's own agent answers every stream '204, Connection: close' and then never sends EOF
+    or RESET; its own browser asks again and again on one keep-alive connection. Each stream satellite
+    opened kept a thread and a descriptor for the tunnel's whole life (3,000 requests: 3,002 threads)."""
+    import threading
+    satellite = fresh_satellite("--redeem-from", "127.0.0.0/8")
+    link = satellite.getlink()
+    pid = satellite.proc.pid
+    tunnel = attach_raw_tunnel(satellite, link["key"])
+    stop = threading.Event()
+
+    def agent():
+        buf = b""
+        tunnel.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                data = tunnel.recv(65536)
+            except (socket.timeout, ssl.SSLWantReadError):
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            while len(buf) >= FRAME.size and len(buf) >= FRAME.size + FRAME.unpack_from(buf)[2]:
+                kind, stream, length = FRAME.unpack_from(buf)
+                buf = buf[FRAME.size + length:]
+                if kind == OPEN:
+                    reply = b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+                    tunnel.sendall(FRAME.pack(DATA, stream, len(reply)) + reply)
+    worker = threading.Thread(target=agent, daemon=True)
+    worker.start()
+    base = threads_of(pid)
+    host = satellite.host(link["alias"])
+    browser = satellite.tls_socket(host)
+    browser.settimeout(20)
+    request = f"GET / HTTP/1.1\r\nHost: {host}\r\nAuthorization: token {link['token']}\r\n\r\n".encode()
+    peak, statuses, buf = base, {}, b""
+    try:
+        for _ in range(600):
+            browser.sendall(request)
+            while b"\r\n\r\n" not in buf:
+                data = browser.recv(65536)
+                assert data, "satellite closed the browser's connection"
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            if b"Content-Length: " in head:               # a satellite page after the cap: skip its body
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                while len(buf) < length:
+                    buf += browser.recv(65536)
+                buf = buf[length:]
+            status = head.split(b" ", 2)[1].decode()
+            statuses[status] = statuses.get(status, 0) + 1
+            peak = max(peak, threads_of(pid))
+    finally:
+        browser.close()
+    assert peak <= base + 2 * 128 + 20, (f"{peak - base} threads piled up for {sum(statuses.values())} requests "
+                                         f"whose streams the agent never ended ({statuses})")
+    assert statuses.get("204", 0) >= 100                  # the agent's own answers did come through
+    wait_for(lambda: threads_of(pid) <= base + 4, timeout=60,
+             what="the unfinished streams to be reset and their threads to end")
+    stop.set()
+    worker.join(5)
+    tunnel.close()
+    assert healthz(satellite) == 200
+
+
+def test_a_client_that_does_not_read_its_answers_is_let_go(fresh_satellite):
+    """Thousands of pipelined requests and no reading: satellite's writes meet the same deadline as
+    heads, so the connection is let go instead of held while the client reads a byte now and then."""
+    satellite = fresh_satellite("--header-timeout", "2", "--idle-timeout", "2")
+    host = "no-such-alias-here.sat.test"                   # a 404 page of about a kilobyte, each
+    sock = satellite.tls_socket(host)
+    sock.settimeout(5)
+    count = 10_000
+    request = f"GET / HTTP/1.1\r\nHost: {host}:{satellite.port}\r\n\r\n".encode()
+    try:
+        sock.sendall(request * count)
+    except OSError:
+        pass                                               # satellite stopped reading: its writes are stuck
+    time.sleep(8)                                          # several deadlines pass while nothing is read
+    data = b""
+    sock.settimeout(10)
+    try:
+        while len(data) < 64 * MIB:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    answers = data.count(b"HTTP/1.1 404")
+    assert answers < count, f"all {answers} answers were written to a client that read nothing for 8 s"
+    sock.close()
+
+
+def test_one_request_is_one_guess_and_status_lookups_are_limited(fresh_satellite, new_app):
+    satellite = fresh_satellite("--token-failures", "5/1m")
+    link = satellite.mapped_session(new_app())
+    host = satellite.host(link["alias"])
+    many = "&".join(f"token=guess{i}" for i in range(150)) + f"&token={link['token']}"
+    assert satellite.request(host, "/?" + many)[0] == 403           # 150 guesses and the right one: one guess
+    cookies = "; ".join(f"__Host-satellite={i:064x}" for i in range(300))
+    assert satellite.request(host, "/", headers={"Cookie": cookies})[0] == 403
+    # /api/status answers anyone who holds a key or token: unknown ones are limited per address
+    statuses = [satellite.api("status", source="127.0.0.7", key=f"guess{i}")[0] for i in range(6)]
+    assert statuses == [404] * 5 + [429]
+    assert satellite.api("status", source="127.0.0.7", key=link["key"])[0] == 200

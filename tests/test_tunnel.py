@@ -286,6 +286,10 @@ def test_a_tunnel_serves_only_its_own_alias_and_cannot_open_streams(job_satellit
     (FRAME.pack(DATA, 1, 70_000), "a frame of 70000 bytes", False),
     (FRAME.pack(42, 0, 0), "unknown frame kind 42", False),
     (FRAME.pack(CREDIT, 1, 3) + b"abc", "malformed CREDIT", True),     # parsed only for a live stream
+    # an agent must not make satellite queue without end: credit beyond the window, EOF floods, empty DATA
+    (FRAME.pack(CREDIT, 1, 4) + struct.pack("!I", 0xFFFFFFFF), "stream 1 was given credit beyond its window", True),
+    (FRAME.pack(EOF, 1, 0) * 2, "stream 1 sent on after its EOF", True),
+    (FRAME.pack(DATA, 1, 0), "stream 1 sent an empty DATA frame", True),
 ])
 def test_malformed_frames_close_the_tunnel(job_satellite, frame, error, on_live_stream):
     link = job_satellite.getlink()
