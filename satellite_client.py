@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Optional
 
 from satellite import TUNNEL_PROTOCOL, Tunnel     # the tunnel protocol's one copy (see above)
+from satellite import ALIAS_SHAPE, SESSION_STATES  # what satellite issues: the client checks its replies against it
 
 __version__ = "0.1.0"
 
@@ -95,6 +96,18 @@ class UsageError(Exception):
 
 class Failure(Exception):
     """Something outside went wrong (satellite, scheduler, job): exit 1."""
+
+
+# Terminal control: C0 and C1 controls (escape sequences start with one) and the bidirectional overrides that
+# reorder what a reader sees. Tab and newline stay.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text) -> str:
+    """Text from outside (satellite's replies, a scheduler's answers, a job's log) as it may reach a terminal:
+    every control character shown as \\xNN, so none can move the cursor, retitle the window or hide text."""
+    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                                  else f"\\u{ord(m.group()):04x}", str(text))
 
 
 ###############################################################################
@@ -427,6 +440,63 @@ class Unreachable(Failure):
     pass
 
 
+# What satellite's replies must look like before any field touches a path, a script, a directive or a terminal:
+# a compromised proxy node must not get code execution on the accounts of the users who launch.
+SECRET_SHAPE = re.compile(r"[A-Za-z0-9_-]{32,128}")            # secrets.token_urlsafe(32): 43 characters
+DOMAIN_SHAPE = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+LINK_SHAPE = re.compile(r"https://(?P<alias>[a-z-]+)\.(?P<domain>" + DOMAIN_SHAPE + r")(?::(?P<port>[0-9]{1,5}))?"
+                        r"/\?token=(?P<token>[A-Za-z0-9_-]+)")
+ISO_TIME = "%Y-%m-%dT%H:%M:%SZ"
+
+
+class BadReply(Failure):
+    """A reply field that is not what satellite issues: refused before it is used anywhere."""
+
+    def __init__(self, field: str, value, expected: str):
+        shown = printable(repr(value))
+        super().__init__(f"satellite's reply: {field} {shown[:120]} is not {expected}; nothing was written or "
+                         "submitted (is satellite misconfigured or compromised? tell your admins)")
+
+
+def reply_field(reply: dict, field: str, shape: re.Pattern, expected: str) -> str:
+    value = reply.get(field)
+    if not isinstance(value, str) or not shape.fullmatch(value):
+        raise BadReply(field, value, expected)
+    return value
+
+
+def checked_expiry(reply: dict) -> float:
+    value = reply.get("expires")
+    try:
+        return calendar.timegm(time.strptime(value, ISO_TIME))
+    except (TypeError, ValueError):
+        raise BadReply("expires", value, "a time like 2026-11-25T10:00:00Z") from None
+
+
+def checked_link(reply: dict) -> dict:
+    """getlink's reply, every field checked: alias (three words), token and key (URL-safe base64),
+    url = https://<alias>.<domain>[:port]/?token=<the token>, state queued, expires a time."""
+    alias = reply_field(reply, "alias", ALIAS_SHAPE, "an alias of three words (like fresh-askew-depict)")
+    token = reply_field(reply, "token", SECRET_SHAPE, "a token (32-128 of A-Z a-z 0-9 _ -)")
+    key = reply_field(reply, "key", SECRET_SHAPE, "a key (32-128 of A-Z a-z 0-9 _ -)")
+    url = reply.get("url")
+    match = LINK_SHAPE.fullmatch(url) if isinstance(url, str) else None
+    if not match or match["alias"] != alias or match["token"] != token or not 0 < int(match["port"] or 443) < 65536:
+        raise BadReply("url", url, f"https://{alias}.<domain>[:port]/?token=<the token issued>")
+    if reply.get("state") != "queued":
+        raise BadReply("state", reply.get("state"), "queued (a new link)")
+    checked_expiry(reply)
+    return {"alias": alias, "token": token, "key": key, "url": url}
+
+
+def checked_status(reply: dict) -> tuple:
+    """/api/status's reply: (state, expiry as epoch seconds)."""
+    state = reply.get("state")
+    if state not in SESSION_STATES:
+        raise BadReply("state", state, "a session state (" + ", ".join(SESSION_STATES) + ")")
+    return state, checked_expiry(reply)
+
+
 class ApiRefused(Failure):
     def __init__(self, status: int, reason: str):
         super().__init__(f"satellite refused: {reason} ({status})")
@@ -567,12 +637,17 @@ class Scheduler:
 
     @staticmethod
     def parse_jobid(pattern: str, result: subprocess.CompletedProcess, cli: str) -> str:
+        """The job id in the CLI's answer; it must look like one, since it goes on later command lines."""
         match = re.search(pattern, result.stdout) if result.returncode == 0 else None
         if not match:
             detail = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
             raise Failure(f"{cli} failed: {detail}")
+        if not JOBID_SHAPE.fullmatch(match.group(1)):
+            raise Failure(f"{cli} answered job id {match.group(1)!r}, which does not look like one")
         return match.group(1)
 
+
+JOBID_SHAPE = re.compile(r"[0-9][A-Za-z0-9._@\[\]-]{0,127}")   # 4242, 4242.server, 4242[].server
 
 # options that become scheduler directives (memory and time are rendered by each scheduler)
 SCHEDULER_OPTIONS = ("account", "partition", "qos", "reservation", "nodes", "ntasks_per_node",
@@ -915,7 +990,7 @@ class StopFlag:
 
 
 def say(text: str) -> None:
-    print(f"satellite-agent: {text}", flush=True)
+    print(f"satellite-agent: {printable(text)}", flush=True)
 
 
 def free_port(host: str) -> int:
@@ -1154,7 +1229,7 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
             print(plan.scheduler.description(plan, placeholder, "ALIAS"), end="")
         return 0
     api = SatelliteApi(options.satellite, options.cacert)
-    link = api.call("getlink", lifetime=f"{plan.time_limit + LIFETIME_MARGIN}s")
+    link = checked_link(api.call("getlink", lifetime=f"{plan.time_limit + LIFETIME_MARGIN}s"))
     session = None
     try:
         session = SessionDir.create(link["alias"])
@@ -1189,7 +1264,7 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
     if quiet:
         print(link["url"], flush=True)
     elif not as_json:
-        print(f"Submitted {plan.scheduler.name} job {info['jobid']} for session {link['alias']}.")
+        print(printable(f"Submitted {plan.scheduler.name} job {info['jobid']} for session {link['alias']}."))
         print(f"Your link (it shows progress until the app is up):\n\n  {link['url']}\n", flush=True)
     code = 0
     if wait:
@@ -1207,12 +1282,12 @@ def wait_for_session(api: SatelliteApi, scheduler: Scheduler, session: SessionDi
 
     def show(text):
         if not silent:
-            print(f"  [{time.monotonic() - started:5.0f}s] {text}", flush=True)
+            print(f"  [{time.monotonic() - started:5.0f}s] {printable(text)}", flush=True)
     try:
         while True:
             job = scheduler.query(info["jobid"])
             try:
-                state = api.call("status", key=key)["state"]
+                state = checked_status(api.call("status", key=key))[0]
             except Failure as exc:
                 state = "unknown"
                 show(f"cannot ask satellite: {exc}")
@@ -1231,7 +1306,7 @@ def wait_for_session(api: SatelliteApi, scheduler: Scheduler, session: SessionDi
                 print(f"satellite-client: the job ended before the app was ready (job {job}, link {state}).",
                       file=sys.stderr)
                 if tail:
-                    print(f"Last lines of {session.log}:\n{tail}", file=sys.stderr)
+                    print(f"Last lines of {session.log}:\n{printable(tail)}", file=sys.stderr)
                 return "ended", 1
             time.sleep(1 if state in ("running", "mapped") else 2)
     except KeyboardInterrupt:
@@ -1267,10 +1342,9 @@ def session_status(session: SessionDir) -> dict:
         except Failure:
             pass
     try:
-        reply = api.call("status", key=secrets["key"])
-        status["state"] = reply["state"]
-        expires = calendar.timegm(time.strptime(reply["expires"], "%Y-%m-%dT%H:%M:%SZ"))
-        status["time_left"] = max(0, int(expires - time.time())) if reply["state"] != "ended" else 0
+        state, expires = checked_status(api.call("status", key=secrets["key"]))
+        status["state"] = state
+        status["time_left"] = max(0, int(expires - time.time())) if state != "ended" else 0
     except Failure as exc:
         status["error"] = str(exc)
     if status["job"] in ("done", "failed") and status["state"] not in ("ended", "unknown"):
@@ -1296,7 +1370,8 @@ def command_list(as_json: bool) -> int:
     print(f"{'ALIAS':<24} {'STATE':<8} {'JOB':<18} {'LEFT':>6}  LINK")
     for row in rows:
         job = f"{row['jobid']} {row['job']}"
-        print(f"{row['alias']:<24} {row['state']:<8} {job:<18} {format_left(row['time_left']):>6}  {row['url']}")
+        print(printable(f"{row['alias']:<24} {row['state']:<8} {job:<18} {format_left(row['time_left']):>6}  "
+                        f"{row['url']}"))
     return 0
 
 
@@ -1308,7 +1383,7 @@ def command_status(alias: str, as_json: bool) -> int:
         for key in ("alias", "state", "scheduler", "jobid", "job", "time_left", "url", "error"):
             if status.get(key) is not None:
                 value = format_left(status[key]) if key == "time_left" else status[key]
-                print(f"{key}={value}")
+                print(printable(f"{key}={value}"))
     return 0 if status["state"] != "unknown" else 1
 
 
@@ -1326,7 +1401,7 @@ def command_cancel(alias: str) -> int:
     except ApiRefused as exc:
         if exc.status != 404:
             raise
-    print(f"cancelled {alias}: job {info.get('jobid')} stopped, link released")
+    print(printable(f"cancelled {alias}: job {info.get('jobid')} stopped, link released"))
     return 0
 
 
@@ -1488,10 +1563,10 @@ def main(argv: Optional[list] = None) -> int:
         parser.print_help()
         return 2
     except UsageError as exc:
-        print(f"satellite-client: error: {exc}", file=sys.stderr)
+        print(f"satellite-client: error: {printable(exc)}", file=sys.stderr)
         return 2
     except Failure as exc:
-        print(f"satellite-client: {exc}", file=sys.stderr)
+        print(f"satellite-client: {printable(exc)}", file=sys.stderr)
         return 1
 
 

@@ -348,3 +348,116 @@ def test_planning_checks_without_rendering_a_made_up_job_or_changing_the_options
         with pytest.raises(satellite_client.UsageError, match=message):
             satellite_client.plan_launch(refused, need_cli=False)
     assert rendered == [("slurm", tmp_path / "session", "some-alias")]
+
+
+# a hostile or compromised satellite ---------------------------------------------------
+
+class FakeSatellite:
+    """A satellite impostor with a valid certificate (the test CA's): it answers each API call with the
+    fields a test gives it, and records the calls. Plays a compromised proxy node."""
+
+    def __init__(self, certs, replies):
+        import http.server
+        import ssl
+        import threading
+        self.certs, self.replies, self.calls = certs, replies, []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                endpoint = self.path.rsplit("/", 1)[-1]
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fake.calls.append(endpoint)
+                body = json.dumps(fake.replies.get(endpoint, {})).encode()
+                self.send_response(201 if endpoint == "getlink" else 200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certs / "cert.pem", certs / "key.pem")
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+GOOD_TOKEN, GOOD_KEY = "t" * 43, "k" * 43
+
+
+def link_reply(**fields):
+    """A getlink answer as satellite gives it, with some fields replaced."""
+    alias = fields.get("alias", "fresh-askew-depict")
+    reply = {"alias": alias, "url": f"https://{alias}.sat.test:8443/?token={GOOD_TOKEN}", "token": GOOD_TOKEN,
+             "key": GOOD_KEY, "state": "queued", "expires": "2026-11-25T10:00:00Z"}
+    reply.update(fields)
+    return reply
+
+
+@pytest.fixture
+def fake_satellite(certs):
+    fakes = []
+
+    def make(replies):
+        fakes.append(FakeSatellite(certs, replies))
+        return fakes[-1]
+    yield make
+    for fake in fakes:
+        fake.stop()
+
+
+INJECTED = "pwn\nid > pwned_by_satellite; echo INJECTED #"
+
+
+@pytest.mark.parametrize("reply, field", [
+    (link_reply(alias=INJECTED), "alias"),                                   # a shell line in job.sh
+    (link_reply(alias="../../.ssh"), "alias"),                               # a path outside the sessions
+    (link_reply(alias="fresh-askew-depict\n#SBATCH --wrap=id"), "alias"),    # a directive
+    (link_reply(url="https://fresh-askew-depict.sat.test/\x1b]0;owned\x07\x1b[2J?token=" + GOOD_TOKEN), "url"),
+    (link_reply(url="https://evil.example.org/?token=" + GOOD_TOKEN), "url"),       # another site's link
+    (link_reply(url="https://fresh-askew-depict.sat.test/?token=" + "x" * 43), "url"),  # not the token issued
+    (link_reply(token="$(id>pwned_by_satellite)" + "t" * 30), "token"),
+    (link_reply(key="k" * 40 + "\nid"), "key"),
+    (link_reply(state="\x1b[2Jproxied"), "state"),
+])
+def test_a_hostile_satellites_link_reply_is_refused_before_it_touches_disk_or_terminal(
+        tmp_path, certs, fake_satellite, reply, field):
+    fake = fake_satellite({"getlink": reply})
+    client = Client(tmp_path / "home", fake)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = client.run("launch", "--scheduler", "local", "--workdir", str(work), "--command", ECHO_APP)
+    for alias in client.sessions():                        # a launch that went ahead: let its job start
+        wait_for(lambda: "satellite-agent" in (client.session_dir(alias) / "job.log").read_text(), timeout=30,
+                 what="the job to start")
+    assert not (work / "pwned_by_satellite").exists(), "satellite's reply ran a command in the user's job"
+    assert "\x1b" not in result.stdout + result.stderr, "satellite's reply reached the terminal raw"
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"satellite's reply: {field}" in result.stderr and "Traceback" not in result.stderr
+    assert client.sessions() == [] and not (client.home / ".ssh").exists()     # nothing written
+    assert fake.calls == ["getlink"]                                            # nothing submitted, no more calls
+
+
+def test_a_hostile_satellites_status_and_errors_reach_the_terminal_without_control_characters(
+        tmp_path, certs, fake_satellite):
+    fake = fake_satellite({"getlink": link_reply(), "state": {}, "redeem": {},
+                           "status": {"state": "\x1b]0;owned\x07proxied", "expires": "\x1b[2Jsoon"},
+                           "release": {"error": "gone \x1b[31mred"}})
+    client = Client(tmp_path / "home", fake)
+    launched = client.run("launch", "--scheduler", "local", "--command", ECHO_APP)
+    assert launched.returncode == 0, launched.stderr
+    for command in (["list"], ["status", "fresh-askew-depict"], ["list", "--json"]):
+        result = client.run(*command)
+        assert "\x1b" not in result.stdout + result.stderr, (command, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+    status = client.run("status", "fresh-askew-depict")
+    assert status.returncode == 1 and "satellite's reply: state" in status.stdout
