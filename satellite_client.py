@@ -308,9 +308,37 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
         raise UsageError("choose --nv (NVIDIA) or --rocm (AMD), not both")
     if options.connect is not None and options.connect not in CONNECT_MODES:
         raise UsageError(f"connect {options.connect!r}: choose direct, tunnel or auto")
+    check_directive_values(options, scheduler)
     scheduler.check(options)
     return Plan(options, scheduler, time_limit, memory, command, token_env, workdir,
                 options.python or sys.executable or "python3")
+
+
+# Option values that become scheduler directives (or lines of HTCondor's submit description) are read by the
+# scheduler's own parser, line by line and word by word, and the script is read by bash: a newline, a quote, a
+# space or a bracket would end the value and start something else. Only these characters are allowed.
+DIRECTIVE_VALUES = {
+    "names": (re.compile(r"[A-Za-z0-9_.,:@-]{1,128}"), "letters, digits and _ . , : @ -"),
+    "constraint": (re.compile(r"[A-Za-z0-9_.,:@&|!*()<>=-]{1,256}"), "letters, digits and _ . , : @ & | ! * ( ) < > = -"),
+}
+DIRECTIVE_PATH = re.compile(r"[A-Za-z0-9_.,:@+=/-]{1,1024}")
+
+
+def check_directive_values(options: LaunchOptions, scheduler: "Scheduler") -> None:
+    """UsageError for a value that could break out of its directive (checked for every scheduler: a profile
+    or site config may be used with another one later)."""
+    for name in ("account", "partition", "qos", "reservation", "gres", "constraint"):
+        value = getattr(options, name)
+        if value is None:
+            continue
+        shape, allowed = DIRECTIVE_VALUES["constraint" if name == "constraint" else "names"]
+        if not shape.fullmatch(str(value)):
+            raise UsageError(f"--{name} {printable(repr(value))}: use only {allowed} (the value goes into a "
+                             "scheduler directive, where other characters would end it)")
+    if scheduler.name != "local" and not DIRECTIVE_PATH.fullmatch(str(SessionDir.root())):
+        raise UsageError(f"the session directory {printable(repr(str(SessionDir.root())))} goes into the job's "
+                         "directives (its log), which allow only letters, digits and _ . , : @ + = / - in paths; "
+                         "set HOME to a directory with a plain name")
 
 
 def check_satellite_url(url: Optional[str]) -> None:
@@ -836,8 +864,9 @@ class Sge(Scheduler):
     def fixed(self, plan, session, alias):
         opts = plan.options
         slots = (opts.ntasks_per_node or 1) * (opts.cpus_per_task or 1)
+        # no -wd: the script cds to the working directory itself (quoted; a directive cannot quote)
         lines = [f"-N satellite-{alias}", f"-o {session / 'job.log'}", "-j y", "-S /bin/bash", "-r n",
-                 f"-wd {plan.workdir}", f"-l h_rt={hms(plan.time_limit)}"]
+                 f"-l h_rt={hms(plan.time_limit)}"]
         if slots > 1:
             lines.append(f"-pe smp {slots}")
         if plan.memory_mb:

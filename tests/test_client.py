@@ -461,3 +461,38 @@ def test_a_hostile_satellites_status_and_errors_reach_the_terminal_without_contr
         assert "Traceback" not in result.stderr
     status = client.run("status", "fresh-askew-depict")
     assert status.returncode == 1 and "satellite's reply: state" in status.stdout
+
+
+# option values that would break out of a directive ------------------------------------------
+
+@pytest.mark.parametrize("scheduler, option, value", [
+    ("slurm", "--partition", "debug\ntouch PWNED #"),                   # a shell line among the #SBATCH lines
+    ("slurm", "--gres", "gpu:1\n#SBATCH --wrap=id"),
+    ("slurm", "--account", "abc --wrap=id"),                            # a second option on the line
+    ("htcondor", "--account", "grp\nqueue 1 in (x) \nexecutable = /bin/touch"),   # a rewritten job.sub
+    ("lsf", "--constraint", 'avx]" -Is -R "x'),                          # out of -R "select[...]"
+    ("pbs", "--partition", "workq\ntouch PWNED"),
+    ("sge", "--reservation", "42\ntouch PWNED"),
+    ("sge", "--account", "proj'x"),
+])
+def test_option_values_that_would_break_out_of_a_directive_are_refused(tmp_path, job_satellite, scheduler,
+                                                                        option, value):
+    client = Client(tmp_path / "home", job_satellite)
+    before = len(job_satellite.rows())
+    result = dry_run(client, "--scheduler", scheduler, option, value, "--command", ECHO_APP)
+    assert result.returncode == 2, "rendered:\n" + result.stdout
+    assert f"{option} " in result.stderr and "letters, digits and" in result.stderr, result.stderr
+    assert len(job_satellite.rows()) == before and client.sessions() == []
+
+
+def test_a_shared_working_directory_named_like_a_shell_line_runs_nothing(tmp_path, job_satellite):
+    """Another user names a shared project directory 'proj<newline>touch PWNED_sge #'; the victim launches
+    from there (the working directory defaults to where they are). Grid Engine's -wd put it in a directive."""
+    client, state = standin_client(tmp_path, job_satellite, "sge")
+    shared = tmp_path / "proj\ntouch PWNED_sge #"
+    shared.mkdir()
+    result = client.run("launch", "--json", "--scheduler", "sge", "--command", ECHO_APP, "--wait", cwd=shared)
+    assert not (shared / "PWNED_sge").exists(), "a directory name ran as a shell line in the victim's job"
+    assert result.returncode == 0, result.stderr
+    script = (client.session_dir(json.loads(result.stdout.splitlines()[-1])["alias"]) / "job.sh").read_text()
+    assert "-wd" not in script and "cd '" + str(shared) + "'" in script

@@ -4,7 +4,6 @@
 #$ -j y
 #$ -S /bin/bash
 #$ -r n
-#$ -wd /work
 #$ -l h_rt=00:45:00
 #$ -pe smp 4
 #$ -l h_vmem=4G
