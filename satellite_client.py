@@ -350,16 +350,22 @@ def check_satellite_url(url: Optional[str]) -> None:
         raise UsageError(f"--satellite {url!r}: give an https:// URL")
 
 
+def literal(text: str) -> str:
+    """A path for the app's command template: shell-quoted, braces doubled so the agent's format() leaves
+    them as the user wrote them."""
+    return shlex.quote(text).replace("{", "{{").replace("}", "}}")
+
+
 def container_prefix(options: LaunchOptions) -> str:
     """Apptainer or Singularity, whichever the node has, found at run time by the agent."""
     parts = ["{container}", "exec"]
     for path in filter(None, (options.bind or "").split(",")):
-        parts += ["--bind", shlex.quote(path.strip())]
+        parts += ["--bind", literal(path.strip())]
     if options.nv:
         parts.append("--nv")
     if options.rocm:
         parts.append("--rocm")
-    parts.append(shlex.quote(options.sif))
+    parts.append(literal(options.sif))
     return " ".join(parts)
 
 

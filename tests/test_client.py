@@ -496,3 +496,18 @@ def test_a_shared_working_directory_named_like_a_shell_line_runs_nothing(tmp_pat
     assert result.returncode == 0, result.stderr
     script = (client.session_dir(json.loads(result.stdout.splitlines()[-1])["alias"]) / "job.sh").read_text()
     assert "-wd" not in script and "cd '" + str(shared) + "'" in script
+
+
+# container paths with braces ---------------------------------------------------------------
+
+def test_braces_in_container_paths_reach_the_container_runtime_as_written(client, tmp_path):
+    """--sif and --bind are paths, not templates: braces in them are the user's, and the agent fills in only
+    {host}, {port} and the like (it crashed with KeyError: 'lab')."""
+    result = client.run("launch", "--scheduler", "local", "--sif", "/images/{lab}.sif", "--bind", "/data/{x},/s",
+                        "--command", ECHO_APP)
+    assert result.returncode == 0, result.stderr
+    log = client.session_dir(client.sessions()[0]) / "job.log"
+    wait_for(lambda: "link released" in log.read_text(), timeout=60, what="the agent to give up on the app")
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    assert re.search(r"starting the app on \S+: \S+ exec --bind '/data/\{x\}' --bind /s '/images/\{lab\}\.sif' ", text)
