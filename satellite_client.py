@@ -257,6 +257,7 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
     no satellite URL is needed, but one that is given must be right."""
     if need_satellite or options.satellite:
         check_satellite_url(options.satellite)
+    options = with_absolute_paths(options)
     if sum(x is not None for x in (options.jupyter, options.app, options.command)) > 1:
         raise UsageError("choose one of --jupyter, --app and --command")
     if options.command is not None:
@@ -297,10 +298,10 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
                                               if getattr(options, name) is not None})
     if options.cacert and not os.path.isfile(options.cacert):
         raise UsageError(f"--cacert {options.cacert}: no such file")
-    workdir = os.path.abspath(os.path.expanduser(options.workdir or "."))
+    workdir = options.workdir or os.getcwd()
     if not os.path.isdir(workdir):
         raise UsageError(f"--workdir {workdir}: no such directory")
-    if options.venv and not os.path.isfile(os.path.join(os.path.expanduser(options.venv), "bin", "activate")):
+    if options.venv and not os.path.isfile(os.path.join(options.venv, "bin", "activate")):
         raise UsageError(f"--venv {options.venv}: no bin/activate there")
     if (options.nv or options.rocm or options.bind) and not options.sif:
         raise UsageError("--bind, --nv and --rocm go with --sif IMAGE")
@@ -339,6 +340,20 @@ def check_directive_values(options: LaunchOptions, scheduler: "Scheduler") -> No
         raise UsageError(f"the session directory {printable(repr(str(SessionDir.root())))} goes into the job's "
                          "directives (its log), which allow only letters, digits and _ . , : @ + = / - in paths; "
                          "set HOME to a directory with a plain name")
+
+
+PATH_OPTIONS = ("cacert", "venv", "sif", "workdir")
+
+
+def with_absolute_paths(options: LaunchOptions) -> LaunchOptions:
+    """Paths made absolute against the directory the user gave them in: the job starts elsewhere (the
+    workdir, often a shared one where others can plant files), and list/status run from anywhere.
+    --python too when it is a path (a bare name is looked up on the job's PATH)."""
+    paths = {name: os.path.abspath(os.path.expanduser(getattr(options, name)))
+             for name in PATH_OPTIONS if getattr(options, name)}
+    if options.python and "/" in options.python:
+        paths["python"] = os.path.abspath(os.path.expanduser(options.python))
+    return dataclasses.replace(options, **paths)
 
 
 def check_satellite_url(url: Optional[str]) -> None:
@@ -990,7 +1005,7 @@ def render_script(plan: Plan, session: Path, alias: str) -> str:
         setup.append('eval "$(conda shell.bash hook)"')
         setup.append(f"conda activate {shlex.quote(options.conda_env)}")
     if options.venv:
-        setup.append(f"source {shlex.quote(os.path.join(os.path.expanduser(options.venv), 'bin', 'activate'))}")
+        setup.append(f"source {shlex.quote(os.path.join(options.venv, 'bin', 'activate'))}")
     setup.append(f"cd {shlex.quote(plan.workdir)}")
     lines += ["set -e"] + setup
     lines.append(f"exec {shlex.quote(plan.python)} {shlex.quote(client_path())} agent {shlex.quote(str(session))} "
@@ -1263,6 +1278,7 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
             print("\n# job.sub (submit description):")
             print(plan.scheduler.description(plan, placeholder, "ALIAS"), end="")
         return 0
+    options = plan.options
     api = SatelliteApi(options.satellite, options.cacert)
     link = checked_link(api.call("getlink", lifetime=f"{plan.time_limit + LIFETIME_MARGIN}s"))
     session = None
@@ -1450,10 +1466,10 @@ def command_profile(action: str, name: Optional[str], options: LaunchOptions) ->
         raise UsageError(f"profile {action} needs a NAME")
     path = profile_path(name)
     if action == "save":
-        given = options.given()
-        if not given:
+        if not options.given():
             raise UsageError("profile save NAME takes launch options to remember, e.g. --partition gpu --gpus 1")
-        plan_launch(options, need_cli=False, need_satellite=False)     # a profile that cannot launch is refused now
+        plan = plan_launch(options, need_cli=False, need_satellite=False)   # one that cannot launch is refused now
+        given = {name: getattr(plan.options, name) for name in options.given()}   # paths made absolute
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.write_text(json.dumps(given, indent=1) + "\n")
         print(f"saved profile {name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items()))

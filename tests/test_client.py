@@ -511,3 +511,35 @@ def test_braces_in_container_paths_reach_the_container_runtime_as_written(client
     text = log.read_text()
     assert "Traceback" not in text, text
     assert re.search(r"starting the app on \S+: \S+ exec --bind '/data/\{x\}' --bind /s '/images/\{lab\}\.sif' ", text)
+
+
+# relative paths ---------------------------------------------------------------------------
+
+def test_relative_paths_are_made_absolute_at_launch_and_in_profiles(tmp_path, job_satellite, certs):
+    """--cacert ca.pem given in the home directory, --workdir a shared project directory where another user
+    planted their own ca.pem: the agent (which starts in the workdir) loaded theirs."""
+    client = Client(tmp_path / "home", job_satellite)
+    del client.env["SATELLITE_CACERT"]
+    (client.home / "ca.pem").write_bytes((certs / "ca.pem").read_bytes())
+    shared = tmp_path / "shared-project"
+    subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(shared), "sat.test"], check=True)   # their own CA
+    result = client.launch_json("--scheduler", "local", "--cacert", "ca.pem", "--workdir", str(shared),
+                                "--command", ECHO_APP)
+    log = client.session_dir(result["alias"]) / "job.log"
+    wait_for(lambda: re.search(r"link ready|failed", log.read_text()), timeout=30, what="the agent to redeem")
+    assert "link ready" in log.read_text(), log.read_text()
+    listed = client.run("list", "--json", cwd="/")                  # anywhere, the session's files are found
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert json.loads(listed.stdout)[0]["state"] in ("mapped", "proxied")
+
+    (client.home / "env/bin").mkdir(parents=True)
+    (client.home / "env/bin/activate").write_text("")
+    (client.home / "lab.sif").write_text("")
+    saved = client.run("profile", "save", "mine", "--cacert", "ca.pem", "--venv", "env", "--sif", "lab.sif",
+                       "--workdir", ".", "--satellite", client.env["SATELLITE_URL"])
+    assert saved.returncode == 0, saved.stderr
+    profile = json.loads(client.run("profile", "show", "mine", cwd="/").stdout)
+    assert profile["cacert"] == str(client.home / "ca.pem") and profile["venv"] == str(client.home / "env")
+    assert profile["sif"] == str(client.home / "lab.sif") and profile["workdir"] == str(client.home)
+    script = client.run("launch", "--dry-run", "--profile", "mine", "--command", ECHO_APP, cwd=shared).stdout
+    assert f"cd {client.home}\n" in script and f"source {client.home}/env/bin/activate" in script
