@@ -919,7 +919,8 @@ class Sge(Scheduler):
 
 class Local(Scheduler):
     """Runs the job as a background process on this machine: for demos, laptops and workstations.
-    The time limit is enforced with `timeout`; the job id is the process id."""
+    The time limit is enforced with `timeout`. The job id is PID@START, the process id and its start time
+    (/proc/PID/stat), so a PID the system has given to another process since is never taken for the job."""
     name, prefix, cli = "local", "#", ""
     options = {}                                    # the job runs on this machine as it is: no directives
 
@@ -931,28 +932,48 @@ class Local(Scheduler):
         with open(session.log, "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True, cwd=info["workdir"])
-        return str(proc.pid)
+        return f"{proc.pid}@{process_start(proc.pid)}"
 
     def query(self, jobid):
-        try:
-            os.kill(int(jobid), 0)
-        except ProcessLookupError:
-            return "done"
-        except PermissionError:
-            return "unknown"
-        try:
-            with open(f"/proc/{jobid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return "done"
-        except OSError:
-            pass
-        return "running"
+        return "running" if job_process(jobid) else "done"
 
     def cancel(self, jobid):
+        """SIGTERM to the job's first process (timeout passes it to the job; the agent releases the link and
+        stops the app), through a pidfd opened and then checked, so the signal reaches that process or none."""
+        pid = job_process(jobid)
+        if pid is None:
+            return
         try:
-            os.killpg(int(jobid), signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            if job_process(jobid) == pid:           # still the job now that the pidfd holds it
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        except ProcessLookupError:
             pass
+        finally:
+            os.close(pidfd)
+
+
+def process_start(pid: int) -> Optional[str]:
+    """When the process started (clock ticks after boot: /proc/PID/stat field 22), None if there is no
+    such process or it is a zombie (ended, not yet collected)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()     # after the command name, which may hold spaces
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def job_process(jobid: str) -> Optional[int]:
+    """The local job's process id while that process is still the job, else None."""
+    match = re.fullmatch(r"([0-9]+)@([0-9]+)", jobid)
+    if not match:
+        raise Failure(f"local job id {jobid!r} is not PID@START (made by an older satellite-client?)")
+    pid = int(match.group(1))
+    return pid if process_start(pid) == match.group(2) else None
 
 
 SCHEDULERS = {cls.name: cls for cls in (Slurm, Pbs, Lsf, HtCondor, Sge, Local)}

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -543,3 +544,27 @@ def test_relative_paths_are_made_absolute_at_launch_and_in_profiles(tmp_path, jo
     assert profile["sif"] == str(client.home / "lab.sif") and profile["workdir"] == str(client.home)
     script = client.run("launch", "--dry-run", "--profile", "mine", "--command", ECHO_APP, cwd=shared).stdout
     assert f"cd {client.home}\n" in script and f"source {client.home}/env/bin/activate" in script
+
+
+# the local scheduler's job ids ---------------------------------------------------------------
+
+def test_a_local_job_id_names_that_process_not_whatever_reuses_its_pid(client):
+    result = client.launch_json("--scheduler", "local", "--command", ECHO_APP, "--wait")
+    pid = int(re.match(r"[0-9]+", result["jobid"]).group())
+    client.run("cancel", result["alias"], check=True)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="the job's process to end")
+    # the PID now belongs to an unrelated process (reuse, played by rewriting the saved id's PID part)
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        session = client.session_dir(result["alias"])
+        info = json.loads((session / "session.json").read_text())
+        info["jobid"] = re.sub(r"^[0-9]+", str(bystander.pid), result["jobid"])
+        (session / "session.json").write_text(json.dumps(info))
+        status = client.run("status", result["alias"]).stdout
+        assert "job=done" in status, "status took an unrelated process for the job:\n" + status
+        client.run("cancel", result["alias"])
+        time.sleep(0.5)
+        assert bystander.poll() is None, "cancel killed an unrelated process that reused the job's PID"
+    finally:
+        bystander.kill()
+        bystander.wait()
