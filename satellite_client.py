@@ -79,15 +79,43 @@ LIFETIME_MARGIN = 600                               # link outlives the walltime
 JUPYTER_FLAGS = ("--no-browser --ip={host} --port={port} --ServerApp.port_retries=0 "
                  # satellite is the front: Host names are its aliases, and it sets X-Forwarded-*
                  "--ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True")
+JUPYTER_CONFIG = '{"IdentityProvider": {"token": "$token"}}'        # jupyter_server 2: Lab and Notebook 7
 
-# app name -> (shell command with {host} and {port}, environment variables that receive the token)
+
+@dataclasses.dataclass(frozen=True)
+class KnownApp:
+    """An app `--app`/`--jupyter` names, and how it is given the link's token: in a file (0600, in a 0700
+    directory of the session) that the app itself reads as its own login setting. Never on its command line
+    (`ps` shows that to every user) and never in its environment (its kernels and terminals would inherit it).
+    The app starts in that private directory and is told the working directory as its root ({workdir}): what
+    an app loads from where it starts (Voila's voila.py, also loaded by Lab and Notebook when Voila is
+    installed) cannot be another user's plant in a shared project directory.
+    The command is a shell template: {host} {port} {workdir}, {config} (the file) and {config_dir}."""
+    command: str
+    config_name: str = ""             # the file's name; "" = the app has no login of its own
+    config: str = ""                  # its text; $token is the link's token
+
+
 APPS = {
-    "lab": (f"jupyter lab {JUPYTER_FLAGS}", ("JUPYTER_TOKEN",)),
-    "notebook": (f"jupyter notebook {JUPYTER_FLAGS}", ("JUPYTER_TOKEN",)),
-    "voila": ("voila --no-browser --Voila.ip={host} --port={port} --Voila.port_retries=0", ("JUPYTER_TOKEN",)),
-    "tensorboard": ("tensorboard --logdir . --host {host} --port {port}", ()),
-    "code-server": ("code-server --bind-addr {host}:{port} --auth password --disable-telemetry .", ("PASSWORD",)),
+    "lab": KnownApp(f"jupyter lab {JUPYTER_FLAGS} --ServerApp.root_dir={{workdir}} --config={{config}}",
+                    "jupyter_config.json", JUPYTER_CONFIG),
+    "notebook": KnownApp(f"jupyter notebook {JUPYTER_FLAGS} --ServerApp.root_dir={{workdir}} --config={{config}}",
+                         "jupyter_config.json", JUPYTER_CONFIG),
+    # Voila ignores $JUPYTER_TOKEN and serves with no login unless Voila.token is set; it reads voila.json
+    # from config_file_paths (by default the directory it starts in too)
+    "voila": KnownApp("voila --no-browser --Voila.ip={host} --port={port} --Voila.port_retries=0 "
+                      "--Voila.config_file_paths={config_dir} {workdir}", "voila.json", '{"Voila": {"token": "$token"}}'),
+    # code-server: its --config YAML file (password auth)
+    "code-server": KnownApp("code-server --config={config} --bind-addr {host}:{port} --disable-telemetry {workdir}",
+                            "code-server.yaml", "auth: password\npassword: $token\n"),
+    # TensorBoard has no login of its own: whoever reaches its port uses it (README, "Security model")
+    "tensorboard": KnownApp("tensorboard --logdir {workdir} --host {host} --port {port}"),
 }
+
+# Variables that carry a session's secret into the app's environment: never passed on from the environment
+# the client or the agent was started in (a launch from a Jupyter terminal inherits its server's token).
+SECRET_VARIABLES = ("SATELLITE_TOKEN", "SATELLITE_TOKEN_FILE", "JUPYTER_TOKEN", "JPY_API_TOKEN", "PASSWORD",
+                    "HASHED_PASSWORD")
 
 
 class UsageError(Exception):
@@ -245,7 +273,7 @@ class Plan:
     time_limit: int                 # seconds
     memory_mb: Optional[int]
     command: str                    # shell command template with {host} and {port}
-    token_env: tuple
+    app: Optional[str]              # a name in APPS, or None for --command
     workdir: str
     python: str
 
@@ -261,7 +289,7 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
     if sum(x is not None for x in (options.jupyter, options.app, options.command)) > 1:
         raise UsageError("choose one of --jupyter, --app and --command")
     if options.command is not None:
-        command, token_env = options.command, ()
+        command, app = options.command, None
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(command) if f is not None}
         except ValueError as exc:
@@ -280,7 +308,7 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
             raise UsageError("--jupyter is lab, notebook or voila")
         if name not in APPS:
             raise UsageError(f"--app {name!r}: choose from {', '.join(sorted(APPS))}, or give --command")
-        command, token_env = APPS[name]
+        command, app = APPS[name].command, name
         if name in ("lab", "notebook") and os.geteuid() == 0:
             command += " --allow-root"              # jobs run as the launching user; Jupyter refuses root without it
         if options.tls:
@@ -311,7 +339,7 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
         raise UsageError(f"connect {options.connect!r}: choose direct, tunnel or auto")
     check_directive_values(options, scheduler)
     scheduler.check(options)
-    return Plan(options, scheduler, time_limit, memory, command, token_env, workdir,
+    return Plan(options, scheduler, time_limit, memory, command, app, workdir,
                 options.python or sys.executable or "python3")
 
 
@@ -1115,16 +1143,44 @@ def make_certificate(session: SessionDir) -> tuple:
     return {"certfile": str(cert), "keyfile": str(key)}, fingerprint
 
 
+def private_file(path: Path, text: str) -> None:
+    """Write a file only its owner can read (0600 from its creation: no moment with wider modes)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def app_setup(session: SessionDir, info: dict, token: str) -> tuple:
+    """(environment, files its command names, directory it starts in) for the session's app. A known app reads
+    the token from its own config file and starts in that file's private directory; a --command app gets
+    $SATELLITE_TOKEN and $SATELLITE_TOKEN_FILE (README) and starts in the working directory. Secrets in the
+    environment the job started with are never passed on."""
+    env = {name: value for name, value in os.environ.items() if name not in SECRET_VARIABLES}
+    if info.get("app") is None:
+        token_file = session.path / "app-token"
+        private_file(token_file, token)
+        return dict(env, SATELLITE_TOKEN=token, SATELLITE_TOKEN_FILE=str(token_file)), {}, None
+    known = APPS[info["app"]]
+    config_dir = session.path / "app-config"
+    config_dir.mkdir(mode=0o700, exist_ok=True)
+    files = {"workdir": info["workdir"], "config_dir": str(config_dir)}
+    if known.config_name:
+        private_file(config_dir / known.config_name, string.Template(known.config).substitute(token=token))
+        files["config"] = str(config_dir / known.config_name)
+    return env, files, str(config_dir)
+
+
 def start_app(command: str, host: str, env: dict, start_timeout: float, stop: StopFlag,
-              files: Optional[dict] = None) -> tuple:
+              files: Optional[dict] = None, directory: Optional[str] = None) -> tuple:
     """Start the app on a free port of `host` and wait until it listens: (process, port).
     A port taken between picking and binding makes the app exit: then try another."""
     container = shutil.which("apptainer") or shutil.which("singularity") or "apptainer"
     for _ in range(3):
         port = free_port(host)
-        line = command.format(host=host, port=port, container=container, **(files or {}))
+        line = command.format(host=host, port=port, container=container,
+                              **{name: shlex.quote(path) for name, path in (files or {}).items()})
         say(f"starting the app on {host}:{port}: {line}")
-        proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line], env=env, start_new_session=True)
+        proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line], env=env, start_new_session=True, cwd=directory)
         if wait_until_listening(host, port, proc, start_timeout, stop) or stop:
             return proc, port
         if proc.poll() is None:
@@ -1231,15 +1287,11 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
     try:
         with_retries(lambda: api.call("state", key=key, state="running"), "reporting running", stop)
         host = LOOPBACK if connect == "tunnel" else api.local_address()
-        token_file = session.path / "app-token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets["token"])
-        env = dict(os.environ, SATELLITE_TOKEN=secrets["token"], SATELLITE_TOKEN_FILE=str(token_file))
-        env.update({name: secrets["token"] for name in info.get("token_env", [])})
-        files, fingerprint = make_certificate(session) if info.get("tls") else ({}, None)
+        env, files, app_dir = app_setup(session, info, secrets["token"])
+        tls_files, fingerprint = make_certificate(session) if info.get("tls") else ({}, None)
+        files.update(tls_files)
         if not stop:
-            proc, port = start_app(command, host, env, start_timeout, stop, files)
+            proc, port = start_app(command, host, env, start_timeout, stop, files, app_dir)
         if not stop:
             if connect == "tunnel" or not redeem_directly(api, key, port, fingerprint, stop, connect == "auto"):
                 keeper = TunnelKeeper(api, key, (host, port), stop)
@@ -1309,7 +1361,7 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
         info = {"alias": link["alias"], "satellite": options.satellite, "cacert": options.cacert,
                 "scheduler": plan.scheduler.name, "jobid": None, "created": time.time(),
                 "time_limit": plan.time_limit, "workdir": plan.workdir, "command": plan.command,
-                "token_env": list(plan.token_env), "link": link["url"].split("?", 1)[0],
+                "app": plan.app, "link": link["url"].split("?", 1)[0],
                 "tls": bool(options.tls), "connect": options.connect or "direct"}
         session.save_info(info)
         session.script.write_text(render_script(plan, session.path, link["alias"]))
@@ -1517,8 +1569,11 @@ LAUNCH_EXAMPLES = """examples:
   satellite-client launch --profile gpu --time-limit 30 --dry-run
   satellite-client launch --jupyter lab --connect tunnel   # a node that accepts no inbound connections
 
-{host} and {port} in --command are filled in on the node. The link's token reaches the app in
-$SATELLITE_TOKEN (and $JUPYTER_TOKEN for Jupyter), and its path in $SATELLITE_TOKEN_FILE."""
+{host} and {port} in --command are filled in on the node. The link's token reaches a --command app
+in $SATELLITE_TOKEN, and a 0600 file holding it in $SATELLITE_TOKEN_FILE; check it in your app.
+Known apps (--jupyter, --app) read it from a 0600 config file of their own (Jupyter's IdentityProvider.token,
+Voila's Voila.token, code-server's password), never from the command line or the environment.
+TensorBoard has no login of its own: anyone who can reach its port on the node can use it."""
 
 
 def add_launch_options(parser: argparse.ArgumentParser) -> None:
@@ -1541,7 +1596,7 @@ def add_launch_options(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--constraint", help="node features (Slurm --constraint, LSF select[])")
     app = parser.add_argument_group("app")
     app.add_argument("--jupyter", choices=("lab", "notebook", "voila"), help="Jupyter flavour (default: lab)")
-    app.add_argument("--app", help=f"a known app: {', '.join(sorted(APPS))}")
+    app.add_argument("--app", help=f"a known app: {', '.join(sorted(APPS))} (tensorboard has no login)")
     app.add_argument("--command", help="any web app, with {port} (and {host}) to fill in")
     app.add_argument("--workdir", "--notebook-dir", dest="workdir", metavar="DIR",
                      help="directory the app starts in (default: here)")

@@ -1,6 +1,7 @@
 """satellite-client: schedulers (local for real; STAND-IN CLIs for PBS, LSF, HTCondor and Grid Engine),
 rendered scripts, options, profiles and every failure path."""
 import dataclasses
+import http.client
 import json
 import os
 import re
@@ -568,3 +569,49 @@ def test_a_local_job_id_names_that_process_not_whatever_reuses_its_pid(client):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+# each known app logs in with the link's token, and keeps it out of argv and the environment -----------------
+
+NOTEBOOK = {"cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [],
+                       "source": "print(6 * 7)"}],
+            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+# app -> what another user would fetch without the token (the notebook list; the rendered notebook)
+UNAUTHENTICATED = {"lab": "/api/contents", "notebook": "/api/contents", "voila": "/voila/render/report.ipynb"}
+
+
+def app_process(port):
+    """The pid of the process listening on 127.0.0.1:port (ss -ltnp)."""
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return int(re.search(r"pid=(\d+)", out).group(1))
+
+
+@pytest.mark.parametrize("app", sorted(UNAUTHENTICATED))
+def test_a_known_app_refuses_requests_without_the_links_token_by_itself(tmp_path, job_satellite, app):
+    client = Client(tmp_path / "home", job_satellite, {"JUPYTER_TOKEN": "", "PASSWORD": ""})
+    work = tmp_path / "shared"
+    work.mkdir()
+    (work / "report.ipynb").write_text(json.dumps(NOTEBOOK))
+    (work / "voila.py").write_text("open('PLANTED_CONFIG_RAN', 'w').close()\n")   # another user's plant
+    result = client.launch_json("--scheduler", "local", "--app", app, "--venv", str(ROOT / ".venv"),
+                                "--workdir", str(work), "--wait", timeout=240)
+    token = result["url"].split("token=")[1]
+    log = (client.session_dir(result["alias"]) / "job.log").read_text()
+    port = int(re.search(r"starting the app on 127\.0\.0\.1:(\d+)", log).group(1))
+    target = UNAUTHENTICATED[app]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)   # straight to the app, as another user
+    conn.request("GET", target)
+    refused = conn.getresponse()
+    refused.read()
+    assert refused.status in (302, 401, 403), f"{app} served {target} without the token ({refused.status})"
+    conn.request("GET", f"{target}?token={token}")
+    allowed = conn.getresponse()
+    assert allowed.status == 200 and b"42" in allowed.read() if app == "voila" else allowed.status == 200
+    pid = app_process(port)
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert token.encode() not in argv, "the token is on the app's command line (ps shows it to everyone)"
+    assert token.encode() not in environ, "the token is in the app's environment: its kernels and terminals inherit it"
+    assert not (work / "PLANTED_CONFIG_RAN").exists(), "the app ran a config file planted in the working directory"
