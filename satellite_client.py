@@ -659,9 +659,27 @@ class SessionDir:
 # 5. Schedulers
 ###############################################################################
 
+# The environment jobs are submitted with: what a job needs to find its tools (modules, locale) and what the
+# scheduler's CLI needs to find its cluster, nothing else of the environment satellite-client runs in, which
+# may hold other programs' secrets (a launch from a Jupyter terminal has its server's token). Slurm and LSF
+# copy the CLI's environment into the job; HTCondor's getenv would put it in the job's ClassAd, readable by
+# every user (condor_q -l).
+JOB_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+                   "MODULEPATH", "MODULESHOME")
+JOB_ENVIRONMENT_PREFIXES = ("LC_", "LMOD", "BASH_FUNC_module", "BASH_FUNC_ml", "SLURM_", "SBATCH_", "PBS_",
+                            "LSF_", "LSB_", "SGE_", "CONDOR_", "_CONDOR_")
+
+
+def job_environment() -> dict:
+    return {name: value for name, value in os.environ.items()
+            if (name in JOB_ENVIRONMENT or name.startswith(JOB_ENVIRONMENT_PREFIXES)) and name not in SECRET_VARIABLES}
+
+
 def run(argv: list, stdin: Optional[str] = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """A scheduler CLI (or openssl), with the job environment."""
     try:
-        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
+                              env=job_environment())
     except FileNotFoundError:
         raise Failure(f"{argv[0]} not found on PATH") from None
     except subprocess.TimeoutExpired:
@@ -876,7 +894,9 @@ class HtCondor(Scheduler):
     def description(self, plan: Plan, session: Path, alias: str) -> str:
         lines = [f"# Satellite session {alias}", f"executable = {session / 'job.sh'}",
                  f"output = {session / 'job.log'}", f"error = {session / 'job.log'}",
-                 f"log = {session / 'condor.log'}", f"batch_name = satellite-{alias}", "getenv = true",
+                 f"log = {session / 'condor.log'}", f"batch_name = satellite-{alias}",
+                 # only these variables, named here, and never getenv: the ClassAd is readable by every user
+                 f'environment = "{condor_environment()}"',
                  # the walltime: remove the job once it has run this long
                  f"periodic_remove = (JobStatus == 2) && (time() - EnteredCurrentStatus > {plan.time_limit})"]
         if plan.memory_mb:
@@ -899,6 +919,13 @@ class HtCondor(Scheduler):
 
     def cancel(self, jobid):
         run(["condor_rm", jobid])
+
+
+def condor_environment() -> str:
+    """The job's environment for HTCondor's submit description: the plain variables of the job environment
+    (no scheduler settings, no shell functions), those whose values need no quoting there."""
+    return " ".join(f"{name}={value}" for name, value in sorted(job_environment().items())
+                    if name in JOB_ENVIRONMENT and DIRECTIVE_PATH.fullmatch(value))
 
 
 class Sge(Scheduler):
@@ -959,7 +986,7 @@ class Local(Scheduler):
             argv = ["timeout", "--signal=TERM", "--kill-after=30", str(info["time_limit"])] + argv
         with open(session.log, "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True, cwd=info["workdir"])
+                                    start_new_session=True, cwd=info["workdir"], env=job_environment())
         return f"{proc.pid}@{process_start(proc.pid)}"
 
     def query(self, jobid):

@@ -39,8 +39,8 @@ def standin_client(tmp_path, satellite, flavour):
     state.mkdir()
     for cli in STANDIN_CLIS[flavour]:
         (bin_dir / cli).symlink_to(ROOT / "tests/standins/standin.py")
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "STANDIN_DIR": str(state), "STANDIN_FLAVOUR": flavour}
-    return Client(tmp_path / "home", satellite, env), state
+    (bin_dir / "standin.json").write_text(json.dumps({"dir": str(state), "flavour": flavour}))
+    return Client(tmp_path / "home", satellite, {"PATH": f"{bin_dir}:{os.environ['PATH']}"}), state
 
 
 def standin_calls(state):
@@ -138,6 +138,9 @@ def dry_run(client, *args):
 @pytest.mark.parametrize("scheduler", sorted(GOLDEN_OPTIONS))
 def test_rendered_script_matches_golden(tmp_path, job_satellite, scheduler):
     client = Client(tmp_path / "home", job_satellite, {"SATELLITE_URL": f"https://127.0.0.1:{closed_port()}"})
+    for name in ("USER", "LOGNAME", "SHELL", "LANGUAGE", "TZ", "TMPDIR", "TERM", "MODULEPATH", "MODULESHOME"):
+        client.env.pop(name, None)                      # the job environment HTCondor's job.sub names
+    client.env.update(PATH="/usr/local/bin:/usr/bin:/bin", LANG="C.UTF-8")
     workdir = tmp_path / "work"
     workdir.mkdir()
     result = dry_run(client, "--scheduler", scheduler, "--workdir", str(workdir), *GOLDEN_OPTIONS[scheduler])
@@ -615,3 +618,41 @@ def test_a_known_app_refuses_requests_without_the_links_token_by_itself(tmp_path
     assert token.encode() not in argv, "the token is on the app's command line (ps shows it to everyone)"
     assert token.encode() not in environ, "the token is in the app's environment: its kernels and terminals inherit it"
     assert not (work / "PLANTED_CONFIG_RAN").exists(), "the app ran a config file planted in the working directory"
+
+
+# the environment a job is submitted with ----------------------------------------------------------
+
+OUTER_SECRETS = {"SATELLITE_TOKEN": "outer-satellite-token-from-a-jupyter-terminal",
+                 "JUPYTER_TOKEN": "outer-jupyter-token-from-a-jupyter-terminal",
+                 "PASSWORD": "outer-code-server-password", "JPY_API_TOKEN": "outer-hub-api-token"}
+
+
+@pytest.mark.parametrize("scheduler", ["htcondor", "lsf", "local"])
+def test_the_launching_environments_secrets_reach_neither_the_scheduler_nor_the_app(tmp_path, job_satellite,
+                                                                                     scheduler):
+    """Launched from a Jupyter terminal, the environment holds that server's token (and code-server's
+    password): HTCondor's getenv = true copied it into the job's ClassAd (condor_q -l shows it to everyone),
+    and every scheduler handed it to the job, where the app and its children inherit it."""
+    if scheduler == "local":
+        client, state = Client(tmp_path / "home", job_satellite), None
+    else:
+        client, state = standin_client(tmp_path, job_satellite, scheduler)
+    client.env.update(OUTER_SECRETS)
+    work = tmp_path / "work"
+    work.mkdir()
+    command = f"sh -c 'env > {work}/app.env; exec {ECHO_APP}'"
+    result = client.launch_json("--scheduler", scheduler, "--workdir", str(work), "--command", command, "--wait")
+    if state is not None:
+        submitted = standin_calls(state)[0]
+        assert submitted["cli"] in ("condor_submit", "bsub")
+        for name in OUTER_SECRETS:
+            assert name not in submitted["env"], f"the scheduler was given the launching shell's ${name}"
+    if scheduler == "htcondor":
+        description = submitted["description"]
+        assert "getenv" not in description, "the submit description copies the whole environment:\n" + description
+        assert not set(OUTER_SECRETS.values()) & set(re.split(r"[\s\"'=]", description))
+    app_env = dict(line.split("=", 1) for line in (work / "app.env").read_text().splitlines() if "=" in line)
+    for name, value in OUTER_SECRETS.items():
+        assert value not in app_env.values(), f"${name} of the launching shell reached the app"
+    token = result["url"].split("token=")[1]
+    assert app_env["SATELLITE_TOKEN"] == token                       # a --command app gets the session's own
