@@ -749,6 +749,13 @@ SCHEDULER_OPTIONS = ("account", "partition", "qos", "reservation", "nodes", "nta
                      "cpus_per_task", "memory", "gpus", "gres", "constraint")
 
 
+def warning_seconds(time_limit: int) -> int:
+    """How long before the time limit the job asks its scheduler for a warning signal, SIGUSR1 (Slurm --signal,
+    Grid Engine s_rt + -notify, LSF -wa/-wt), so the agent releases the link and stops the app before the
+    kill: a minute, or a quarter of a short job."""
+    return min(60, time_limit // 4)
+
+
 def memory_text(mb: int, giga: str, mega: str) -> str:
     return f"{mb // 1024}{giga}" if mb % 1024 == 0 else f"{mb}{mega}"
 
@@ -764,6 +771,8 @@ class Slurm(Scheduler):
         days, rest = divmod(plan.time_limit, 86400)
         lines = [f"--job-name=satellite-{alias}", f"--output={session / 'job.log'}",
                  f"--time={days}-{hms(rest)}" if days else f"--time={hms(rest)}", "--no-requeue"]
+        if warning_seconds(plan.time_limit):
+            lines.append(f"--signal=B:USR1@{warning_seconds(plan.time_limit)}")    # to the agent, before the limit
         if plan.memory_mb:
             lines.append(f"--mem={memory_text(plan.memory_mb, 'G', 'M')}")
         return lines
@@ -850,6 +859,8 @@ class Lsf(Scheduler):
         per_node = (opts.ntasks_per_node or 1) * (opts.cpus_per_task or 1)
         lines = [f"-J satellite-{alias}", f"-o {session / 'job.log'}", f"-W {max(1, plan.time_limit // 60)}",
                  f"-n {(opts.nodes or 1) * per_node}"]
+        if plan.time_limit >= 120:                  # SIGUSR1 a minute (-wt is in minutes) before the limit
+            lines += ["-wa USR1", "-wt 1"]
         if opts.nodes:
             lines.append(f'-R "span[ptile={per_node}]"')
         if plan.memory_mb:
@@ -943,6 +954,9 @@ class Sge(Scheduler):
         # no -wd: the script cds to the working directory itself (quoted; a directive cannot quote)
         lines = [f"-N satellite-{alias}", f"-o {session / 'job.log'}", "-j y", "-S /bin/bash", "-r n",
                  f"-l h_rt={hms(plan.time_limit)}"]
+        warning = warning_seconds(plan.time_limit)
+        if warning:                                 # SIGUSR1 at s_rt; -notify: SIGUSR2 before qdel's SIGKILL
+            lines += [f"-l s_rt={hms(plan.time_limit - warning)}", "-notify"]
         if slots > 1:
             lines.append(f"-pe smp {slots}")
         if plan.memory_mb:
@@ -1331,7 +1345,7 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
         if keeper and keeper.refused:
             raise Failure("the session is over; stopping the app")
         if stop:
-            say(f"got {signal.Signals(stop.signum).name}; stopping the app")
+            say(f"got {signal.Signals(stop.signum).name}; releasing the link, then stopping the app")
             code = 128 + stop.signum
         else:
             code = proc.returncode
@@ -1339,15 +1353,23 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
     except Failure as exc:
         say(str(exc))
     finally:
+        # release first: a scheduler may kill the whole job seconds after its SIGTERM (PBS, LSF: ~10 s;
+        # Slurm: KillWait), and stopping an app can take that long
+        release_link(api, key)
         if keeper is not None:
             keeper.close()
         stop_process_group(proc)
-        try:
-            api.call("release", key=key)
-            say("link released")
-        except Failure as exc:
-            say(f"could not release the link: {exc}")
     return code
+
+
+def release_link(api: SatelliteApi, key: str, timeout: float = 5) -> None:
+    """End the link (satellite answers 410 for it from now on); quickly, as the job may be killed soon."""
+    api.timeout = timeout
+    try:
+        api.call("release", key=key)
+        say("link released")
+    except Failure as exc:
+        say(f"could not release the link: {exc}")
 
 
 def stop_process_group(proc: Optional[subprocess.Popen], grace: float = 10) -> None:

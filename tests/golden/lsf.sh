@@ -3,6 +3,8 @@
 #BSUB -o $HOME/.satellite/sessions/ALIAS/job.log
 #BSUB -W 150
 #BSUB -n 4
+#BSUB -wa USR1
+#BSUB -wt 1
 #BSUB -R "span[ptile=2]"
 #BSUB -R "rusage[mem=8192MB]"
 #BSUB -M 8192MB

@@ -5,6 +5,8 @@
 #$ -S /bin/bash
 #$ -r n
 #$ -l h_rt=00:45:00
+#$ -l s_rt=00:44:00
+#$ -notify
 #$ -pe smp 4
 #$ -l h_vmem=4G
 #$ -P proj

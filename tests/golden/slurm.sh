@@ -3,6 +3,7 @@
 #SBATCH --output=$HOME/.satellite/sessions/ALIAS/job.log
 #SBATCH --time=1-02:00:00
 #SBATCH --no-requeue
+#SBATCH --signal=B:USR1@60
 #SBATCH --mem=32G
 #SBATCH --account=abc123
 #SBATCH --partition=gpu

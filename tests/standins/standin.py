@@ -27,8 +27,8 @@ ARGS = sys.argv[1:]
 
 KNOWN_FLAGS = {     # directive flags each real scheduler accepts (the subset the client may write)
     "pbs": {"-N", "-o", "-j", "-r", "-l", "-A", "-q"},
-    "sge": {"-N", "-o", "-j", "-S", "-r", "-wd", "-l", "-pe", "-P", "-q", "-ar"},
-    "lsf": {"-J", "-o", "-W", "-n", "-R", "-M", "-P", "-q", "-U", "-gpu"},
+    "sge": {"-N", "-o", "-j", "-S", "-r", "-wd", "-l", "-pe", "-P", "-q", "-ar", "-notify"},
+    "lsf": {"-J", "-o", "-W", "-n", "-R", "-M", "-P", "-q", "-U", "-gpu", "-wa", "-wt"},
 }
 PREFIX = {"pbs": "#PBS", "sge": "#$", "lsf": "#BSUB"}
 
