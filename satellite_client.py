@@ -233,16 +233,24 @@ class LaunchOptions:
         return cls(**options)
 
 
+def read_config(path: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path)
+    except configparser.Error as exc:
+        raise UsageError(f"config {path}: {exc}") from None
+    return parser
+
+
 def site_options() -> LaunchOptions:
-    """The site config ([client] section), then SATELLITE_URL / SATELLITE_CACERT."""
+    """Defaults: the site config's [client] section (or that of $SATELLITE_CLIENT_CONFIG's file), then
+    SATELLITE_URL / SATELLITE_CACERT. An [enforced] section is the site's alone (enforced_options)."""
     path = os.environ.get("SATELLITE_CLIENT_CONFIG", SITE_CONFIG)
     options = LaunchOptions()
     if os.path.exists(path):
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            parser.read(path)
-        except configparser.Error as exc:
-            raise UsageError(f"site config {path}: {exc}") from None
+        parser = read_config(path)
+        if parser.has_section("enforced") and path != SITE_CONFIG:
+            raise UsageError(f"{path}: an [enforced] section is read only from the site config, {SITE_CONFIG}")
         if parser.has_section("client"):
             options = LaunchOptions.from_mapping(dict(parser.items("client")), f"site config {path}")
     elif "SATELLITE_CLIENT_CONFIG" in os.environ:
@@ -250,6 +258,29 @@ def site_options() -> LaunchOptions:
     env = LaunchOptions(satellite=os.environ.get("SATELLITE_URL") or None,
                         cacert=os.environ.get("SATELLITE_CACERT") or None)
     return options.merged(env)
+
+
+def enforced_options() -> LaunchOptions:
+    """What the site requires: the [enforced] section of /etc/satellite/client.ini, read from that path
+    whatever $SATELLITE_CLIENT_CONFIG says."""
+    if not os.path.exists(SITE_CONFIG):
+        return LaunchOptions()
+    parser = read_config(SITE_CONFIG)
+    if not parser.has_section("enforced"):
+        return LaunchOptions()
+    return LaunchOptions.from_mapping(dict(parser.items("enforced")), f"{SITE_CONFIG} [enforced]")
+
+
+def enforce_site(options: LaunchOptions) -> LaunchOptions:
+    """The options with what the site enforces; UsageError if the environment, a profile or the command
+    line asks for something else (a different value is refused, not silently replaced)."""
+    enforced = enforced_options()
+    wanted, required = with_absolute_paths(options), with_absolute_paths(enforced)
+    for name, value in required.given().items():
+        if getattr(wanted, name) is not None and str(getattr(wanted, name)) != str(value):
+            raise UsageError(f"{name} {printable(getattr(options, name))}: this site requires {name} = "
+                             f"{printable(getattr(enforced, name))} ({SITE_CONFIG}, [enforced]); leave it out")
+    return options.merged(enforced)
 
 
 def profile_path(name: str) -> Path:
@@ -1672,6 +1703,15 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
     return LaunchOptions(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def launch_options(args: argparse.Namespace) -> LaunchOptions:
+    """Site defaults and the environment, then --profile, then the command line; then what the site
+    enforces, which none of them can change."""
+    options = site_options()
+    if args.profile:
+        options = options.merged(load_profile(args.profile))
+    return enforce_site(options.merged(options_from_args(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="satellite-client",
@@ -1684,7 +1724,8 @@ def build_parser() -> argparse.ArgumentParser:
         "launch", help="submit a job and print its link", epilog=LAUNCH_EXAMPLES,
         description="Ask satellite for a link, write the batch script, submit it, print the link. Options come "
                     f"from the site config ({SITE_CONFIG} or $SATELLITE_CLIENT_CONFIG), then --profile, then "
-                    "the command line.", formatter_class=argparse.RawDescriptionHelpFormatter)
+                    f"the command line; settings in the [enforced] section of {SITE_CONFIG} cannot be changed "
+                    "by any of them.", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_launch_options(launch_parser)
     out = launch_parser.add_argument_group("behaviour")
     out.add_argument("--profile", metavar="NAME", help="start from a saved profile (see: profile save)")
@@ -1722,10 +1763,7 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command_name == "launch":
-            options = site_options()
-            if args.profile:
-                options = options.merged(load_profile(args.profile))
-            return launch(options.merged(options_from_args(args)), args.wait, args.quiet, args.json, args.dry_run)
+            return launch(launch_options(args), args.wait, args.quiet, args.json, args.dry_run)
         if args.command_name == "list":
             return command_list(args.json)
         if args.command_name == "status":

@@ -656,3 +656,41 @@ def test_the_launching_environments_secrets_reach_neither_the_scheduler_nor_the_
         assert value not in app_env.values(), f"${name} of the launching shell reached the app"
     token = result["url"].split("token=")[1]
     assert app_env["SATELLITE_TOKEN"] == token                       # a --command app gets the session's own
+
+
+# what a site enforces ---------------------------------------------------------------------------
+
+def test_what_the_site_enforces_in_its_config_nothing_the_user_runs_with_can_change(tmp_path, monkeypatch, certs,
+                                                                                     capsys):
+    satellite_client = client_module()
+    site = tmp_path / "etc/client.ini"
+    site.parent.mkdir()
+    site.write_text(f"[client]\npartition = shared\n[enforced]\nsatellite = https://manage.sat.test\n"
+                    f"cacert = {certs / 'ca.pem'}\nconnect = tunnel\n")
+    monkeypatch.setattr(satellite_client, "SITE_CONFIG", str(site))      # /etc/satellite/client.ini
+    for name in ("SATELLITE_CLIENT_CONFIG", "SATELLITE_URL", "SATELLITE_CACERT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other-ca.pem").write_text("")
+    (tmp_path / ".satellite/profiles").mkdir(parents=True)
+    (tmp_path / ".satellite/profiles/fast.json").write_text('{"connect": "direct"}')
+    (tmp_path / "mine.ini").write_text("[client]\nconnect = auto\n")
+    (tmp_path / "theirs.ini").write_text("[enforced]\nconnect = direct\n")
+    launch = ["launch", "--dry-run", "--scheduler", "local", "--command", "app --port {port}"]
+    for args, env, message in [
+        (["--connect", "direct"], {}, "connect direct: this site requires connect = tunnel"),
+        (["--profile", "fast"], {}, "this site requires connect = tunnel"),
+        ([], {"SATELLITE_CACERT": str(tmp_path / "other-ca.pem")}, "this site requires cacert = "),
+        ([], {"SATELLITE_URL": "https://satellite.evil.example"}, "this site requires satellite = "),
+        ([], {"SATELLITE_CLIENT_CONFIG": str(tmp_path / "mine.ini")}, "this site requires connect = tunnel"),
+        ([], {"SATELLITE_CLIENT_CONFIG": str(tmp_path / "theirs.ini")}, "[enforced] section is read only from"),
+    ]:
+        with monkeypatch.context() as scoped:
+            for name, value in env.items():
+                scoped.setenv(name, value)
+            code = satellite_client.main(launch + args)
+        assert code == 2 and message in capsys.readouterr().err, (args, env)
+    options = satellite_client.launch_options(satellite_client.build_parser().parse_args(
+        launch + ["--cacert", str(certs / "ca.pem"), "--partition", "debug"]))
+    assert (options.connect, options.satellite, options.partition) == ("tunnel", "https://manage.sat.test", "debug")
