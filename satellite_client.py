@@ -562,8 +562,8 @@ class BadReply(Failure):
 
     def __init__(self, field: str, value, expected: str):
         shown = printable(repr(value))
-        super().__init__(f"satellite's reply: {field} {shown[:120]} is not {expected}; nothing was written or "
-                         "submitted (is satellite misconfigured or compromised? tell your admins)")
+        super().__init__(f"satellite's reply: {field} {shown[:120]} is not {expected}; refused (is satellite "
+                         "misconfigured, or not satellite? tell your admins)")
 
 
 def reply_field(reply: dict, field: str, shape: re.Pattern, expected: str) -> str:
@@ -1046,6 +1046,10 @@ class Local(Scheduler):
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
+            return
+        except OSError:                             # a kernel before 5.3 (RHEL 8): checked just before, then kill
+            if job_process(jobid) == pid:
+                os.kill(pid, signal.SIGTERM)
             return
         try:
             if job_process(jobid) == pid:           # still the job now that the pidfd holds it
