@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import websocket
@@ -25,6 +26,7 @@ def link_status(satellite, url):
 
 
 def test_launch_wait_list_status_cancel(client, job_satellite, slurm):
+    client.env["JUPYTER_TOKEN"] = "outer-token-of-the-jupyter-terminal-this-was-launched-from"
     result = client.launch_json("--command", ECHO_APP, "--time-limit", "10", "--wait")
     assert result["scheduler"] == "slurm" and result["state"] == "proxied" and result["jobid"].isdigit()
     assert set(result) >= {"alias", "url", "state", "scheduler", "jobid"} and "key" not in result
@@ -45,6 +47,9 @@ def test_launch_wait_list_status_cancel(client, job_satellite, slurm):
             assert secret not in text
     assert (session / "secrets").stat().st_mode & 0o777 == 0o600
     assert session.stat().st_mode & 0o777 == 0o700
+    # the job was submitted with a minimal environment: the launching shell's secrets are not in it
+    agent = subprocess.run(["pgrep", "-f", f"agent {session} "], capture_output=True, text=True).stdout.split()
+    assert agent and b"outer-token-of-the-jupyter" not in Path(f"/proc/{agent[0]}/environ").read_bytes()
 
     listed = json.loads(client.run("list", "--json", check=True).stdout)
     row = next(r for r in listed if r["alias"] == result["alias"])
