@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Optional
 
 from satellite import TUNNEL_PROTOCOL, Tunnel     # the tunnel protocol's one copy (see above)
+from satellite import ALIAS_SHAPE, SESSION_STATES  # what satellite issues: the client checks its replies against it
 
 __version__ = "0.1.0"
 
@@ -78,15 +79,43 @@ LIFETIME_MARGIN = 600                               # link outlives the walltime
 JUPYTER_FLAGS = ("--no-browser --ip={host} --port={port} --ServerApp.port_retries=0 "
                  # satellite is the front: Host names are its aliases, and it sets X-Forwarded-*
                  "--ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True")
+JUPYTER_CONFIG = '{"IdentityProvider": {"token": "$token"}}'        # jupyter_server 2: Lab and Notebook 7
 
-# app name -> (shell command with {host} and {port}, environment variables that receive the token)
+
+@dataclasses.dataclass(frozen=True)
+class KnownApp:
+    """An app `--app`/`--jupyter` names, and how it is given the link's token: in a file (0600, in a 0700
+    directory of the session) that the app itself reads as its own login setting. Never on its command line
+    (`ps` shows that to every user) and never in its environment (its kernels and terminals would inherit it).
+    The app starts in that private directory and is told the working directory as its root ({workdir}): what
+    an app loads from where it starts (Voila's voila.py, also loaded by Lab and Notebook when Voila is
+    installed) cannot be another user's plant in a shared project directory.
+    The command is a shell template: {host} {port} {workdir}, {config} (the file) and {config_dir}."""
+    command: str
+    config_name: str = ""             # the file's name; "" = the app has no login of its own
+    config: str = ""                  # its text; $token is the link's token
+
+
 APPS = {
-    "lab": (f"jupyter lab {JUPYTER_FLAGS}", ("JUPYTER_TOKEN",)),
-    "notebook": (f"jupyter notebook {JUPYTER_FLAGS}", ("JUPYTER_TOKEN",)),
-    "voila": ("voila --no-browser --Voila.ip={host} --port={port} --Voila.port_retries=0", ("JUPYTER_TOKEN",)),
-    "tensorboard": ("tensorboard --logdir . --host {host} --port {port}", ()),
-    "code-server": ("code-server --bind-addr {host}:{port} --auth password --disable-telemetry .", ("PASSWORD",)),
+    "lab": KnownApp(f"jupyter lab {JUPYTER_FLAGS} --ServerApp.root_dir={{workdir}} --config={{config}}",
+                    "jupyter_config.json", JUPYTER_CONFIG),
+    "notebook": KnownApp(f"jupyter notebook {JUPYTER_FLAGS} --ServerApp.root_dir={{workdir}} --config={{config}}",
+                         "jupyter_config.json", JUPYTER_CONFIG),
+    # Voila ignores $JUPYTER_TOKEN and serves with no login unless Voila.token is set; it reads voila.json
+    # from config_file_paths (by default the directory it starts in too)
+    "voila": KnownApp("voila --no-browser --Voila.ip={host} --port={port} --Voila.port_retries=0 "
+                      "--Voila.config_file_paths={config_dir} {workdir}", "voila.json", '{"Voila": {"token": "$token"}}'),
+    # code-server: its --config YAML file (password auth)
+    "code-server": KnownApp("code-server --config={config} --bind-addr {host}:{port} --disable-telemetry {workdir}",
+                            "code-server.yaml", "auth: password\npassword: $token\n"),
+    # TensorBoard has no login of its own: whoever reaches its port uses it (README, "Security model")
+    "tensorboard": KnownApp("tensorboard --logdir {workdir} --host {host} --port {port}"),
 }
+
+# Variables that carry a session's secret into the app's environment: never passed on from the environment
+# the client or the agent was started in (a launch from a Jupyter terminal inherits its server's token).
+SECRET_VARIABLES = ("SATELLITE_TOKEN", "SATELLITE_TOKEN_FILE", "JUPYTER_TOKEN", "JPY_API_TOKEN", "PASSWORD",
+                    "HASHED_PASSWORD")
 
 
 class UsageError(Exception):
@@ -95,6 +124,18 @@ class UsageError(Exception):
 
 class Failure(Exception):
     """Something outside went wrong (satellite, scheduler, job): exit 1."""
+
+
+# Terminal control: C0 and C1 controls (escape sequences start with one) and the bidirectional overrides that
+# reorder what a reader sees. Tab and newline stay.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text) -> str:
+    """Text from outside (satellite's replies, a scheduler's answers, a job's log) as it may reach a terminal:
+    every control character shown as \\xNN, so none can move the cursor, retitle the window or hide text."""
+    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                                  else f"\\u{ord(m.group()):04x}", str(text))
 
 
 ###############################################################################
@@ -192,16 +233,24 @@ class LaunchOptions:
         return cls(**options)
 
 
+def read_config(path: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path)
+    except configparser.Error as exc:
+        raise UsageError(f"config {path}: {exc}") from None
+    return parser
+
+
 def site_options() -> LaunchOptions:
-    """The site config ([client] section), then SATELLITE_URL / SATELLITE_CACERT."""
+    """Defaults: the site config's [client] section (or that of $SATELLITE_CLIENT_CONFIG's file), then
+    SATELLITE_URL / SATELLITE_CACERT. An [enforced] section is the site's alone (enforced_options)."""
     path = os.environ.get("SATELLITE_CLIENT_CONFIG", SITE_CONFIG)
     options = LaunchOptions()
     if os.path.exists(path):
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            parser.read(path)
-        except configparser.Error as exc:
-            raise UsageError(f"site config {path}: {exc}") from None
+        parser = read_config(path)
+        if parser.has_section("enforced") and path != SITE_CONFIG:
+            raise UsageError(f"{path}: an [enforced] section is read only from the site config, {SITE_CONFIG}")
         if parser.has_section("client"):
             options = LaunchOptions.from_mapping(dict(parser.items("client")), f"site config {path}")
     elif "SATELLITE_CLIENT_CONFIG" in os.environ:
@@ -209,6 +258,29 @@ def site_options() -> LaunchOptions:
     env = LaunchOptions(satellite=os.environ.get("SATELLITE_URL") or None,
                         cacert=os.environ.get("SATELLITE_CACERT") or None)
     return options.merged(env)
+
+
+def enforced_options() -> LaunchOptions:
+    """What the site requires: the [enforced] section of /etc/satellite/client.ini, read from that path
+    whatever $SATELLITE_CLIENT_CONFIG says."""
+    if not os.path.exists(SITE_CONFIG):
+        return LaunchOptions()
+    parser = read_config(SITE_CONFIG)
+    if not parser.has_section("enforced"):
+        return LaunchOptions()
+    return LaunchOptions.from_mapping(dict(parser.items("enforced")), f"{SITE_CONFIG} [enforced]")
+
+
+def enforce_site(options: LaunchOptions) -> LaunchOptions:
+    """The options with what the site enforces; UsageError if the environment, a profile or the command
+    line asks for something else (a different value is refused, not silently replaced)."""
+    enforced = enforced_options()
+    wanted, required = with_absolute_paths(options), with_absolute_paths(enforced)
+    for name, value in required.given().items():
+        if getattr(wanted, name) is not None and str(getattr(wanted, name)) != str(value):
+            raise UsageError(f"{name} {printable(getattr(options, name))}: this site requires {name} = "
+                             f"{printable(getattr(enforced, name))} ({SITE_CONFIG}, [enforced]); leave it out")
+    return options.merged(enforced)
 
 
 def profile_path(name: str) -> Path:
@@ -232,7 +304,7 @@ class Plan:
     time_limit: int                 # seconds
     memory_mb: Optional[int]
     command: str                    # shell command template with {host} and {port}
-    token_env: tuple
+    app: Optional[str]              # a name in APPS, or None for --command
     workdir: str
     python: str
 
@@ -244,10 +316,11 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
     no satellite URL is needed, but one that is given must be right."""
     if need_satellite or options.satellite:
         check_satellite_url(options.satellite)
+    options = with_absolute_paths(options)
     if sum(x is not None for x in (options.jupyter, options.app, options.command)) > 1:
         raise UsageError("choose one of --jupyter, --app and --command")
     if options.command is not None:
-        command, token_env = options.command, ()
+        command, app = options.command, None
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(command) if f is not None}
         except ValueError as exc:
@@ -266,7 +339,7 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
             raise UsageError("--jupyter is lab, notebook or voila")
         if name not in APPS:
             raise UsageError(f"--app {name!r}: choose from {', '.join(sorted(APPS))}, or give --command")
-        command, token_env = APPS[name]
+        command, app = APPS[name].command, name
         if name in ("lab", "notebook") and os.geteuid() == 0:
             command += " --allow-root"              # jobs run as the launching user; Jupyter refuses root without it
         if options.tls:
@@ -284,10 +357,10 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
                                               if getattr(options, name) is not None})
     if options.cacert and not os.path.isfile(options.cacert):
         raise UsageError(f"--cacert {options.cacert}: no such file")
-    workdir = os.path.abspath(os.path.expanduser(options.workdir or "."))
+    workdir = options.workdir or os.getcwd()
     if not os.path.isdir(workdir):
         raise UsageError(f"--workdir {workdir}: no such directory")
-    if options.venv and not os.path.isfile(os.path.join(os.path.expanduser(options.venv), "bin", "activate")):
+    if options.venv and not os.path.isfile(os.path.join(options.venv, "bin", "activate")):
         raise UsageError(f"--venv {options.venv}: no bin/activate there")
     if (options.nv or options.rocm or options.bind) and not options.sif:
         raise UsageError("--bind, --nv and --rocm go with --sif IMAGE")
@@ -295,9 +368,51 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
         raise UsageError("choose --nv (NVIDIA) or --rocm (AMD), not both")
     if options.connect is not None and options.connect not in CONNECT_MODES:
         raise UsageError(f"connect {options.connect!r}: choose direct, tunnel or auto")
+    check_directive_values(options, scheduler)
     scheduler.check(options)
-    return Plan(options, scheduler, time_limit, memory, command, token_env, workdir,
+    return Plan(options, scheduler, time_limit, memory, command, app, workdir,
                 options.python or sys.executable or "python3")
+
+
+# Option values that become scheduler directives (or lines of HTCondor's submit description) are read by the
+# scheduler's own parser, line by line and word by word, and the script is read by bash: a newline, a quote, a
+# space or a bracket would end the value and start something else. Only these characters are allowed.
+DIRECTIVE_VALUES = {
+    "names": (re.compile(r"[A-Za-z0-9_.,:@-]{1,128}"), "letters, digits and _ . , : @ -"),
+    "constraint": (re.compile(r"[A-Za-z0-9_.,:@&|!*()<>=-]{1,256}"), "letters, digits and _ . , : @ & | ! * ( ) < > = -"),
+}
+DIRECTIVE_PATH = re.compile(r"[A-Za-z0-9_.,:@+=/-]{1,1024}")
+
+
+def check_directive_values(options: LaunchOptions, scheduler: "Scheduler") -> None:
+    """UsageError for a value that could break out of its directive (checked for every scheduler: a profile
+    or site config may be used with another one later)."""
+    for name in ("account", "partition", "qos", "reservation", "gres", "constraint"):
+        value = getattr(options, name)
+        if value is None:
+            continue
+        shape, allowed = DIRECTIVE_VALUES["constraint" if name == "constraint" else "names"]
+        if not shape.fullmatch(str(value)):
+            raise UsageError(f"--{name} {printable(repr(value))}: use only {allowed} (the value goes into a "
+                             "scheduler directive, where other characters would end it)")
+    if scheduler.name != "local" and not DIRECTIVE_PATH.fullmatch(str(SessionDir.root())):
+        raise UsageError(f"the session directory {printable(repr(str(SessionDir.root())))} goes into the job's "
+                         "directives (its log), which allow only letters, digits and _ . , : @ + = / - in paths; "
+                         "set HOME to a directory with a plain name")
+
+
+PATH_OPTIONS = ("cacert", "venv", "sif", "workdir")
+
+
+def with_absolute_paths(options: LaunchOptions) -> LaunchOptions:
+    """Paths made absolute against the directory the user gave them in: the job starts elsewhere (the
+    workdir, often a shared one where others can plant files), and list/status run from anywhere.
+    --python too when it is a path (a bare name is looked up on the job's PATH)."""
+    paths = {name: os.path.abspath(os.path.expanduser(getattr(options, name)))
+             for name in PATH_OPTIONS if getattr(options, name)}
+    if options.python and "/" in options.python:
+        paths["python"] = os.path.abspath(os.path.expanduser(options.python))
+    return dataclasses.replace(options, **paths)
 
 
 def check_satellite_url(url: Optional[str]) -> None:
@@ -309,16 +424,22 @@ def check_satellite_url(url: Optional[str]) -> None:
         raise UsageError(f"--satellite {url!r}: give an https:// URL")
 
 
+def literal(text: str) -> str:
+    """A path for the app's command template: shell-quoted, braces doubled so the agent's format() leaves
+    them as the user wrote them."""
+    return shlex.quote(text).replace("{", "{{").replace("}", "}}")
+
+
 def container_prefix(options: LaunchOptions) -> str:
     """Apptainer or Singularity, whichever the node has, found at run time by the agent."""
     parts = ["{container}", "exec"]
     for path in filter(None, (options.bind or "").split(",")):
-        parts += ["--bind", shlex.quote(path.strip())]
+        parts += ["--bind", literal(path.strip())]
     if options.nv:
         parts.append("--nv")
     if options.rocm:
         parts.append("--rocm")
-    parts.append(shlex.quote(options.sif))
+    parts.append(literal(options.sif))
     return " ".join(parts)
 
 
@@ -427,6 +548,63 @@ class Unreachable(Failure):
     pass
 
 
+# What satellite's replies must look like before any field touches a path, a script, a directive or a terminal:
+# a compromised proxy node must not get code execution on the accounts of the users who launch.
+SECRET_SHAPE = re.compile(r"[A-Za-z0-9_-]{32,128}")            # secrets.token_urlsafe(32): 43 characters
+DOMAIN_SHAPE = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+LINK_SHAPE = re.compile(r"https://(?P<alias>[a-z-]+)\.(?P<domain>" + DOMAIN_SHAPE + r")(?::(?P<port>[0-9]{1,5}))?"
+                        r"/\?token=(?P<token>[A-Za-z0-9_-]+)")
+ISO_TIME = "%Y-%m-%dT%H:%M:%SZ"
+
+
+class BadReply(Failure):
+    """A reply field that is not what satellite issues: refused before it is used anywhere."""
+
+    def __init__(self, field: str, value, expected: str):
+        shown = printable(repr(value))
+        super().__init__(f"satellite's reply: {field} {shown[:120]} is not {expected}; refused (is satellite "
+                         "misconfigured, or not satellite? tell your admins)")
+
+
+def reply_field(reply: dict, field: str, shape: re.Pattern, expected: str) -> str:
+    value = reply.get(field)
+    if not isinstance(value, str) or not shape.fullmatch(value):
+        raise BadReply(field, value, expected)
+    return value
+
+
+def checked_expiry(reply: dict) -> float:
+    value = reply.get("expires")
+    try:
+        return calendar.timegm(time.strptime(value, ISO_TIME))
+    except (TypeError, ValueError):
+        raise BadReply("expires", value, "a time like 2026-11-25T10:00:00Z") from None
+
+
+def checked_link(reply: dict) -> dict:
+    """getlink's reply, every field checked: alias (three words), token and key (URL-safe base64),
+    url = https://<alias>.<domain>[:port]/?token=<the token>, state queued, expires a time."""
+    alias = reply_field(reply, "alias", ALIAS_SHAPE, "an alias of three words (like fresh-askew-depict)")
+    token = reply_field(reply, "token", SECRET_SHAPE, "a token (32-128 of A-Z a-z 0-9 _ -)")
+    key = reply_field(reply, "key", SECRET_SHAPE, "a key (32-128 of A-Z a-z 0-9 _ -)")
+    url = reply.get("url")
+    match = LINK_SHAPE.fullmatch(url) if isinstance(url, str) else None
+    if not match or match["alias"] != alias or match["token"] != token or not 0 < int(match["port"] or 443) < 65536:
+        raise BadReply("url", url, f"https://{alias}.<domain>[:port]/?token=<the token issued>")
+    if reply.get("state") != "queued":
+        raise BadReply("state", reply.get("state"), "queued (a new link)")
+    checked_expiry(reply)
+    return {"alias": alias, "token": token, "key": key, "url": url}
+
+
+def checked_status(reply: dict) -> tuple:
+    """/api/status's reply: (state, expiry as epoch seconds)."""
+    state = reply.get("state")
+    if state not in SESSION_STATES:
+        raise BadReply("state", state, "a session state (" + ", ".join(SESSION_STATES) + ")")
+    return state, checked_expiry(reply)
+
+
 class ApiRefused(Failure):
     def __init__(self, status: int, reason: str):
         super().__init__(f"satellite refused: {reason} ({status})")
@@ -512,9 +690,27 @@ class SessionDir:
 # 5. Schedulers
 ###############################################################################
 
+# The environment jobs are submitted with: what a job needs to find its tools (modules, locale) and what the
+# scheduler's CLI needs to find its cluster, nothing else of the environment satellite-client runs in, which
+# may hold other programs' secrets (a launch from a Jupyter terminal has its server's token). Slurm and LSF
+# copy the CLI's environment into the job; HTCondor's getenv would put it in the job's ClassAd, readable by
+# every user (condor_q -l).
+JOB_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+                   "MODULEPATH", "MODULESHOME")
+JOB_ENVIRONMENT_PREFIXES = ("LC_", "LMOD", "BASH_FUNC_module", "BASH_FUNC_ml", "SLURM_", "SBATCH_", "PBS_",
+                            "LSF_", "LSB_", "SGE_", "CONDOR_", "_CONDOR_")
+
+
+def job_environment() -> dict:
+    return {name: value for name, value in os.environ.items()
+            if (name in JOB_ENVIRONMENT or name.startswith(JOB_ENVIRONMENT_PREFIXES)) and name not in SECRET_VARIABLES}
+
+
 def run(argv: list, stdin: Optional[str] = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """A scheduler CLI (or openssl), with the job environment."""
     try:
-        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
+                              env=job_environment())
     except FileNotFoundError:
         raise Failure(f"{argv[0]} not found on PATH") from None
     except subprocess.TimeoutExpired:
@@ -567,16 +763,28 @@ class Scheduler:
 
     @staticmethod
     def parse_jobid(pattern: str, result: subprocess.CompletedProcess, cli: str) -> str:
+        """The job id in the CLI's answer; it must look like one, since it goes on later command lines."""
         match = re.search(pattern, result.stdout) if result.returncode == 0 else None
         if not match:
             detail = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
             raise Failure(f"{cli} failed: {detail}")
+        if not JOBID_SHAPE.fullmatch(match.group(1)):
+            raise Failure(f"{cli} answered job id {match.group(1)!r}, which does not look like one")
         return match.group(1)
 
+
+JOBID_SHAPE = re.compile(r"[0-9][A-Za-z0-9._@\[\]-]{0,127}")   # 4242, 4242.server, 4242[].server
 
 # options that become scheduler directives (memory and time are rendered by each scheduler)
 SCHEDULER_OPTIONS = ("account", "partition", "qos", "reservation", "nodes", "ntasks_per_node",
                      "cpus_per_task", "memory", "gpus", "gres", "constraint")
+
+
+def warning_seconds(time_limit: int) -> int:
+    """How long before the time limit the job asks its scheduler for a warning signal, SIGUSR1 (Slurm --signal,
+    Grid Engine s_rt + -notify, LSF -wa/-wt), so the agent releases the link and stops the app before the
+    kill: a minute, or a quarter of a short job."""
+    return min(60, time_limit // 4)
 
 
 def memory_text(mb: int, giga: str, mega: str) -> str:
@@ -594,6 +802,8 @@ class Slurm(Scheduler):
         days, rest = divmod(plan.time_limit, 86400)
         lines = [f"--job-name=satellite-{alias}", f"--output={session / 'job.log'}",
                  f"--time={days}-{hms(rest)}" if days else f"--time={hms(rest)}", "--no-requeue"]
+        if warning_seconds(plan.time_limit):
+            lines.append(f"--signal=B:USR1@{warning_seconds(plan.time_limit)}")    # to the agent, before the limit
         if plan.memory_mb:
             lines.append(f"--mem={memory_text(plan.memory_mb, 'G', 'M')}")
         return lines
@@ -680,6 +890,8 @@ class Lsf(Scheduler):
         per_node = (opts.ntasks_per_node or 1) * (opts.cpus_per_task or 1)
         lines = [f"-J satellite-{alias}", f"-o {session / 'job.log'}", f"-W {max(1, plan.time_limit // 60)}",
                  f"-n {(opts.nodes or 1) * per_node}"]
+        if plan.time_limit >= 120:                  # SIGUSR1 a minute (-wt is in minutes) before the limit
+            lines += ["-wa USR1", "-wt 1"]
         if opts.nodes:
             lines.append(f'-R "span[ptile={per_node}]"')
         if plan.memory_mb:
@@ -724,7 +936,9 @@ class HtCondor(Scheduler):
     def description(self, plan: Plan, session: Path, alias: str) -> str:
         lines = [f"# Satellite session {alias}", f"executable = {session / 'job.sh'}",
                  f"output = {session / 'job.log'}", f"error = {session / 'job.log'}",
-                 f"log = {session / 'condor.log'}", f"batch_name = satellite-{alias}", "getenv = true",
+                 f"log = {session / 'condor.log'}", f"batch_name = satellite-{alias}",
+                 # only these variables, named here, and never getenv: the ClassAd is readable by every user
+                 f'environment = "{condor_environment()}"',
                  # the walltime: remove the job once it has run this long
                  f"periodic_remove = (JobStatus == 2) && (time() - EnteredCurrentStatus > {plan.time_limit})"]
         if plan.memory_mb:
@@ -749,6 +963,13 @@ class HtCondor(Scheduler):
         run(["condor_rm", jobid])
 
 
+def condor_environment() -> str:
+    """The job's environment for HTCondor's submit description: the plain variables of the job environment
+    (no scheduler settings, no shell functions), those whose values need no quoting there."""
+    return " ".join(f"{name}={value}" for name, value in sorted(job_environment().items())
+                    if name in JOB_ENVIRONMENT and DIRECTIVE_PATH.fullmatch(value))
+
+
 class Sge(Scheduler):
     """Grid Engine (SGE, SoGE, UGE)."""
     name, prefix, cli = "sge", "#$", "qsub"
@@ -761,8 +982,12 @@ class Sge(Scheduler):
     def fixed(self, plan, session, alias):
         opts = plan.options
         slots = (opts.ntasks_per_node or 1) * (opts.cpus_per_task or 1)
+        # no -wd: the script cds to the working directory itself (quoted; a directive cannot quote)
         lines = [f"-N satellite-{alias}", f"-o {session / 'job.log'}", "-j y", "-S /bin/bash", "-r n",
-                 f"-wd {plan.workdir}", f"-l h_rt={hms(plan.time_limit)}"]
+                 f"-l h_rt={hms(plan.time_limit)}"]
+        warning = warning_seconds(plan.time_limit)
+        if warning:                                 # SIGUSR1 at s_rt; -notify: SIGUSR2 before qdel's SIGKILL
+            lines += [f"-l s_rt={hms(plan.time_limit - warning)}", "-notify"]
         if slots > 1:
             lines.append(f"-pe smp {slots}")
         if plan.memory_mb:
@@ -794,7 +1019,8 @@ class Sge(Scheduler):
 
 class Local(Scheduler):
     """Runs the job as a background process on this machine: for demos, laptops and workstations.
-    The time limit is enforced with `timeout`; the job id is the process id."""
+    The time limit is enforced with `timeout`. The job id is PID@START, the process id and its start time
+    (/proc/PID/stat), so a PID the system has given to another process since is never taken for the job."""
     name, prefix, cli = "local", "#", ""
     options = {}                                    # the job runs on this machine as it is: no directives
 
@@ -805,29 +1031,53 @@ class Local(Scheduler):
             argv = ["timeout", "--signal=TERM", "--kill-after=30", str(info["time_limit"])] + argv
         with open(session.log, "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True, cwd=info["workdir"])
-        return str(proc.pid)
+                                    start_new_session=True, cwd=info["workdir"], env=job_environment())
+        return f"{proc.pid}@{process_start(proc.pid)}"
 
     def query(self, jobid):
-        try:
-            os.kill(int(jobid), 0)
-        except ProcessLookupError:
-            return "done"
-        except PermissionError:
-            return "unknown"
-        try:
-            with open(f"/proc/{jobid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return "done"
-        except OSError:
-            pass
-        return "running"
+        return "running" if job_process(jobid) else "done"
 
     def cancel(self, jobid):
+        """SIGTERM to the job's first process (timeout passes it to the job; the agent releases the link and
+        stops the app), through a pidfd opened and then checked, so the signal reaches that process or none."""
+        pid = job_process(jobid)
+        if pid is None:
+            return
         try:
-            os.killpg(int(jobid), signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        except OSError:                             # a kernel before 5.3 (RHEL 8): checked just before, then kill
+            if job_process(jobid) == pid:
+                os.kill(pid, signal.SIGTERM)
+            return
+        try:
+            if job_process(jobid) == pid:           # still the job now that the pidfd holds it
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        except ProcessLookupError:
             pass
+        finally:
+            os.close(pidfd)
+
+
+def process_start(pid: int) -> Optional[str]:
+    """When the process started (clock ticks after boot: /proc/PID/stat field 22), None if there is no
+    such process or it is a zombie (ended, not yet collected)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()     # after the command name, which may hold spaces
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def job_process(jobid: str) -> Optional[int]:
+    """The local job's process id while that process is still the job, else None."""
+    match = re.fullmatch(r"([0-9]+)@([0-9]+)", jobid)
+    if not match:
+        raise Failure(f"local job id {jobid!r} is not PID@START (made by an older satellite-client?)")
+    pid = int(match.group(1))
+    return pid if process_start(pid) == match.group(2) else None
 
 
 SCHEDULERS = {cls.name: cls for cls in (Slurm, Pbs, Lsf, HtCondor, Sge, Local)}
@@ -880,7 +1130,7 @@ def render_script(plan: Plan, session: Path, alias: str) -> str:
         setup.append('eval "$(conda shell.bash hook)"')
         setup.append(f"conda activate {shlex.quote(options.conda_env)}")
     if options.venv:
-        setup.append(f"source {shlex.quote(os.path.join(os.path.expanduser(options.venv), 'bin', 'activate'))}")
+        setup.append(f"source {shlex.quote(os.path.join(options.venv, 'bin', 'activate'))}")
     setup.append(f"cd {shlex.quote(plan.workdir)}")
     lines += ["set -e"] + setup
     lines.append(f"exec {shlex.quote(plan.python)} {shlex.quote(client_path())} agent {shlex.quote(str(session))} "
@@ -915,7 +1165,7 @@ class StopFlag:
 
 
 def say(text: str) -> None:
-    print(f"satellite-agent: {text}", flush=True)
+    print(f"satellite-agent: {printable(text)}", flush=True)
 
 
 def free_port(host: str) -> int:
@@ -969,16 +1219,44 @@ def make_certificate(session: SessionDir) -> tuple:
     return {"certfile": str(cert), "keyfile": str(key)}, fingerprint
 
 
+def private_file(path: Path, text: str) -> None:
+    """Write a file only its owner can read (0600 from its creation: no moment with wider modes)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def app_setup(session: SessionDir, info: dict, token: str) -> tuple:
+    """(environment, files its command names, directory it starts in) for the session's app. A known app reads
+    the token from its own config file and starts in that file's private directory; a --command app gets
+    $SATELLITE_TOKEN and $SATELLITE_TOKEN_FILE (README) and starts in the working directory. Secrets in the
+    environment the job started with are never passed on."""
+    env = {name: value for name, value in os.environ.items() if name not in SECRET_VARIABLES}
+    if info.get("app") is None:
+        token_file = session.path / "app-token"
+        private_file(token_file, token)
+        return dict(env, SATELLITE_TOKEN=token, SATELLITE_TOKEN_FILE=str(token_file)), {}, None
+    known = APPS[info["app"]]
+    config_dir = session.path / "app-config"
+    config_dir.mkdir(mode=0o700, exist_ok=True)
+    files = {"workdir": info["workdir"], "config_dir": str(config_dir)}
+    if known.config_name:
+        private_file(config_dir / known.config_name, string.Template(known.config).substitute(token=token))
+        files["config"] = str(config_dir / known.config_name)
+    return env, files, str(config_dir)
+
+
 def start_app(command: str, host: str, env: dict, start_timeout: float, stop: StopFlag,
-              files: Optional[dict] = None) -> tuple:
+              files: Optional[dict] = None, directory: Optional[str] = None) -> tuple:
     """Start the app on a free port of `host` and wait until it listens: (process, port).
     A port taken between picking and binding makes the app exit: then try another."""
     container = shutil.which("apptainer") or shutil.which("singularity") or "apptainer"
     for _ in range(3):
         port = free_port(host)
-        line = command.format(host=host, port=port, container=container, **(files or {}))
+        line = command.format(host=host, port=port, container=container,
+                              **{name: shlex.quote(path) for name, path in (files or {}).items()})
         say(f"starting the app on {host}:{port}: {line}")
-        proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line], env=env, start_new_session=True)
+        proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line], env=env, start_new_session=True, cwd=directory)
         if wait_until_listening(host, port, proc, start_timeout, stop) or stop:
             return proc, port
         if proc.poll() is None:
@@ -1085,15 +1363,11 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
     try:
         with_retries(lambda: api.call("state", key=key, state="running"), "reporting running", stop)
         host = LOOPBACK if connect == "tunnel" else api.local_address()
-        token_file = session.path / "app-token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets["token"])
-        env = dict(os.environ, SATELLITE_TOKEN=secrets["token"], SATELLITE_TOKEN_FILE=str(token_file))
-        env.update({name: secrets["token"] for name in info.get("token_env", [])})
-        files, fingerprint = make_certificate(session) if info.get("tls") else ({}, None)
+        env, files, app_dir = app_setup(session, info, secrets["token"])
+        tls_files, fingerprint = make_certificate(session) if info.get("tls") else ({}, None)
+        files.update(tls_files)
         if not stop:
-            proc, port = start_app(command, host, env, start_timeout, stop, files)
+            proc, port = start_app(command, host, env, start_timeout, stop, files, app_dir)
         if not stop:
             if connect == "tunnel" or not redeem_directly(api, key, port, fingerprint, stop, connect == "auto"):
                 keeper = TunnelKeeper(api, key, (host, port), stop)
@@ -1106,7 +1380,7 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
         if keeper and keeper.refused:
             raise Failure("the session is over; stopping the app")
         if stop:
-            say(f"got {signal.Signals(stop.signum).name}; stopping the app")
+            say(f"got {signal.Signals(stop.signum).name}; releasing the link, then stopping the app")
             code = 128 + stop.signum
         else:
             code = proc.returncode
@@ -1114,15 +1388,23 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
     except Failure as exc:
         say(str(exc))
     finally:
+        # release first: a scheduler may kill the whole job seconds after its SIGTERM (PBS, LSF: ~10 s;
+        # Slurm: KillWait), and stopping an app can take that long
+        release_link(api, key)
         if keeper is not None:
             keeper.close()
         stop_process_group(proc)
-        try:
-            api.call("release", key=key)
-            say("link released")
-        except Failure as exc:
-            say(f"could not release the link: {exc}")
     return code
+
+
+def release_link(api: SatelliteApi, key: str, timeout: float = 5) -> None:
+    """End the link (satellite answers 410 for it from now on); quickly, as the job may be killed soon."""
+    api.timeout = timeout
+    try:
+        api.call("release", key=key)
+        say("link released")
+    except Failure as exc:
+        say(f"could not release the link: {exc}")
 
 
 def stop_process_group(proc: Optional[subprocess.Popen], grace: float = 10) -> None:
@@ -1153,8 +1435,9 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
             print("\n# job.sub (submit description):")
             print(plan.scheduler.description(plan, placeholder, "ALIAS"), end="")
         return 0
+    options = plan.options
     api = SatelliteApi(options.satellite, options.cacert)
-    link = api.call("getlink", lifetime=f"{plan.time_limit + LIFETIME_MARGIN}s")
+    link = checked_link(api.call("getlink", lifetime=f"{plan.time_limit + LIFETIME_MARGIN}s"))
     session = None
     try:
         session = SessionDir.create(link["alias"])
@@ -1162,7 +1445,7 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
         info = {"alias": link["alias"], "satellite": options.satellite, "cacert": options.cacert,
                 "scheduler": plan.scheduler.name, "jobid": None, "created": time.time(),
                 "time_limit": plan.time_limit, "workdir": plan.workdir, "command": plan.command,
-                "token_env": list(plan.token_env), "link": link["url"].split("?", 1)[0],
+                "app": plan.app, "link": link["url"].split("?", 1)[0],
                 "tls": bool(options.tls), "connect": options.connect or "direct"}
         session.save_info(info)
         session.script.write_text(render_script(plan, session.path, link["alias"]))
@@ -1189,7 +1472,7 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
     if quiet:
         print(link["url"], flush=True)
     elif not as_json:
-        print(f"Submitted {plan.scheduler.name} job {info['jobid']} for session {link['alias']}.")
+        print(printable(f"Submitted {plan.scheduler.name} job {info['jobid']} for session {link['alias']}."))
         print(f"Your link (it shows progress until the app is up):\n\n  {link['url']}\n", flush=True)
     code = 0
     if wait:
@@ -1207,12 +1490,12 @@ def wait_for_session(api: SatelliteApi, scheduler: Scheduler, session: SessionDi
 
     def show(text):
         if not silent:
-            print(f"  [{time.monotonic() - started:5.0f}s] {text}", flush=True)
+            print(f"  [{time.monotonic() - started:5.0f}s] {printable(text)}", flush=True)
     try:
         while True:
             job = scheduler.query(info["jobid"])
             try:
-                state = api.call("status", key=key)["state"]
+                state = checked_status(api.call("status", key=key))[0]
             except Failure as exc:
                 state = "unknown"
                 show(f"cannot ask satellite: {exc}")
@@ -1231,7 +1514,7 @@ def wait_for_session(api: SatelliteApi, scheduler: Scheduler, session: SessionDi
                 print(f"satellite-client: the job ended before the app was ready (job {job}, link {state}).",
                       file=sys.stderr)
                 if tail:
-                    print(f"Last lines of {session.log}:\n{tail}", file=sys.stderr)
+                    print(f"Last lines of {session.log}:\n{printable(tail)}", file=sys.stderr)
                 return "ended", 1
             time.sleep(1 if state in ("running", "mapped") else 2)
     except KeyboardInterrupt:
@@ -1267,10 +1550,9 @@ def session_status(session: SessionDir) -> dict:
         except Failure:
             pass
     try:
-        reply = api.call("status", key=secrets["key"])
-        status["state"] = reply["state"]
-        expires = calendar.timegm(time.strptime(reply["expires"], "%Y-%m-%dT%H:%M:%SZ"))
-        status["time_left"] = max(0, int(expires - time.time())) if reply["state"] != "ended" else 0
+        state, expires = checked_status(api.call("status", key=secrets["key"]))
+        status["state"] = state
+        status["time_left"] = max(0, int(expires - time.time())) if state != "ended" else 0
     except Failure as exc:
         status["error"] = str(exc)
     if status["job"] in ("done", "failed") and status["state"] not in ("ended", "unknown"):
@@ -1296,7 +1578,8 @@ def command_list(as_json: bool) -> int:
     print(f"{'ALIAS':<24} {'STATE':<8} {'JOB':<18} {'LEFT':>6}  LINK")
     for row in rows:
         job = f"{row['jobid']} {row['job']}"
-        print(f"{row['alias']:<24} {row['state']:<8} {job:<18} {format_left(row['time_left']):>6}  {row['url']}")
+        print(printable(f"{row['alias']:<24} {row['state']:<8} {job:<18} {format_left(row['time_left']):>6}  "
+                        f"{row['url']}"))
     return 0
 
 
@@ -1308,7 +1591,7 @@ def command_status(alias: str, as_json: bool) -> int:
         for key in ("alias", "state", "scheduler", "jobid", "job", "time_left", "url", "error"):
             if status.get(key) is not None:
                 value = format_left(status[key]) if key == "time_left" else status[key]
-                print(f"{key}={value}")
+                print(printable(f"{key}={value}"))
     return 0 if status["state"] != "unknown" else 1
 
 
@@ -1326,7 +1609,7 @@ def command_cancel(alias: str) -> int:
     except ApiRefused as exc:
         if exc.status != 404:
             raise
-    print(f"cancelled {alias}: job {info.get('jobid')} stopped, link released")
+    print(printable(f"cancelled {alias}: job {info.get('jobid')} stopped, link released"))
     return 0
 
 
@@ -1340,10 +1623,10 @@ def command_profile(action: str, name: Optional[str], options: LaunchOptions) ->
         raise UsageError(f"profile {action} needs a NAME")
     path = profile_path(name)
     if action == "save":
-        given = options.given()
-        if not given:
+        if not options.given():
             raise UsageError("profile save NAME takes launch options to remember, e.g. --partition gpu --gpus 1")
-        plan_launch(options, need_cli=False, need_satellite=False)     # a profile that cannot launch is refused now
+        plan = plan_launch(options, need_cli=False, need_satellite=False)   # one that cannot launch is refused now
+        given = {name: getattr(plan.options, name) for name in options.given()}   # paths made absolute
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.write_text(json.dumps(given, indent=1) + "\n")
         print(f"saved profile {name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items()))
@@ -1370,8 +1653,11 @@ LAUNCH_EXAMPLES = """examples:
   satellite-client launch --profile gpu --time-limit 30 --dry-run
   satellite-client launch --jupyter lab --connect tunnel   # a node that accepts no inbound connections
 
-{host} and {port} in --command are filled in on the node. The link's token reaches the app in
-$SATELLITE_TOKEN (and $JUPYTER_TOKEN for Jupyter), and its path in $SATELLITE_TOKEN_FILE."""
+{host} and {port} in --command are filled in on the node. The link's token reaches a --command app
+in $SATELLITE_TOKEN, and a 0600 file holding it in $SATELLITE_TOKEN_FILE; check it in your app.
+Known apps (--jupyter, --app) read it from a 0600 config file of their own (Jupyter's IdentityProvider.token,
+Voila's Voila.token, code-server's password), never from the command line or the environment.
+TensorBoard has no login of its own: anyone who can reach its port on the node can use it."""
 
 
 def add_launch_options(parser: argparse.ArgumentParser) -> None:
@@ -1394,7 +1680,7 @@ def add_launch_options(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--constraint", help="node features (Slurm --constraint, LSF select[])")
     app = parser.add_argument_group("app")
     app.add_argument("--jupyter", choices=("lab", "notebook", "voila"), help="Jupyter flavour (default: lab)")
-    app.add_argument("--app", help=f"a known app: {', '.join(sorted(APPS))}")
+    app.add_argument("--app", help=f"a known app: {', '.join(sorted(APPS))} (tensorboard has no login)")
     app.add_argument("--command", help="any web app, with {port} (and {host}) to fill in")
     app.add_argument("--workdir", "--notebook-dir", dest="workdir", metavar="DIR",
                      help="directory the app starts in (default: here)")
@@ -1421,6 +1707,15 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
     return LaunchOptions(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def launch_options(args: argparse.Namespace) -> LaunchOptions:
+    """Site defaults and the environment, then --profile, then the command line; then what the site
+    enforces, which none of them can change."""
+    options = site_options()
+    if args.profile:
+        options = options.merged(load_profile(args.profile))
+    return enforce_site(options.merged(options_from_args(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="satellite-client",
@@ -1433,7 +1728,8 @@ def build_parser() -> argparse.ArgumentParser:
         "launch", help="submit a job and print its link", epilog=LAUNCH_EXAMPLES,
         description="Ask satellite for a link, write the batch script, submit it, print the link. Options come "
                     f"from the site config ({SITE_CONFIG} or $SATELLITE_CLIENT_CONFIG), then --profile, then "
-                    "the command line.", formatter_class=argparse.RawDescriptionHelpFormatter)
+                    f"the command line; settings in the [enforced] section of {SITE_CONFIG} cannot be changed "
+                    "by any of them.", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_launch_options(launch_parser)
     out = launch_parser.add_argument_group("behaviour")
     out.add_argument("--profile", metavar="NAME", help="start from a saved profile (see: profile save)")
@@ -1471,10 +1767,7 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command_name == "launch":
-            options = site_options()
-            if args.profile:
-                options = options.merged(load_profile(args.profile))
-            return launch(options.merged(options_from_args(args)), args.wait, args.quiet, args.json, args.dry_run)
+            return launch(launch_options(args), args.wait, args.quiet, args.json, args.dry_run)
         if args.command_name == "list":
             return command_list(args.json)
         if args.command_name == "status":
@@ -1488,10 +1781,10 @@ def main(argv: Optional[list] = None) -> int:
         parser.print_help()
         return 2
     except UsageError as exc:
-        print(f"satellite-client: error: {exc}", file=sys.stderr)
+        print(f"satellite-client: error: {printable(exc)}", file=sys.stderr)
         return 2
     except Failure as exc:
-        print(f"satellite-client: {exc}", file=sys.stderr)
+        print(f"satellite-client: {printable(exc)}", file=sys.stderr)
         return 1
 
 

@@ -439,9 +439,9 @@ class Client:
         self.env.update(env or {})
         Client.created.append(self)
 
-    def run(self, *args, timeout=180, check=False):
+    def run(self, *args, timeout=180, check=False, cwd=None):
         result = subprocess.run([*self.command, *args], env=self.env,
-                                capture_output=True, text=True, timeout=timeout, cwd=self.home)
+                                capture_output=True, text=True, timeout=timeout, cwd=cwd or self.home)
         if check:
             assert result.returncode == 0, result.stdout + result.stderr
         return result

@@ -1,6 +1,7 @@
 """satellite-client: schedulers (local for real; STAND-IN CLIs for PBS, LSF, HTCondor and Grid Engine),
 rendered scripts, options, profiles and every failure path."""
 import dataclasses
+import http.client
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,8 +39,8 @@ def standin_client(tmp_path, satellite, flavour):
     state.mkdir()
     for cli in STANDIN_CLIS[flavour]:
         (bin_dir / cli).symlink_to(ROOT / "tests/standins/standin.py")
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "STANDIN_DIR": str(state), "STANDIN_FLAVOUR": flavour}
-    return Client(tmp_path / "home", satellite, env), state
+    (bin_dir / "standin.json").write_text(json.dumps({"dir": str(state), "flavour": flavour}))
+    return Client(tmp_path / "home", satellite, {"PATH": f"{bin_dir}:{os.environ['PATH']}"}), state
 
 
 def standin_calls(state):
@@ -136,6 +138,9 @@ def dry_run(client, *args):
 @pytest.mark.parametrize("scheduler", sorted(GOLDEN_OPTIONS))
 def test_rendered_script_matches_golden(tmp_path, job_satellite, scheduler):
     client = Client(tmp_path / "home", job_satellite, {"SATELLITE_URL": f"https://127.0.0.1:{closed_port()}"})
+    for name in ("USER", "LOGNAME", "SHELL", "LANGUAGE", "TZ", "TMPDIR", "TERM", "MODULEPATH", "MODULESHOME"):
+        client.env.pop(name, None)                      # the job environment HTCondor's job.sub names
+    client.env.update(PATH="/usr/local/bin:/usr/bin:/bin", LANG="C.UTF-8")
     workdir = tmp_path / "work"
     workdir.mkdir()
     result = dry_run(client, "--scheduler", scheduler, "--workdir", str(workdir), *GOLDEN_OPTIONS[scheduler])
@@ -348,3 +353,344 @@ def test_planning_checks_without_rendering_a_made_up_job_or_changing_the_options
         with pytest.raises(satellite_client.UsageError, match=message):
             satellite_client.plan_launch(refused, need_cli=False)
     assert rendered == [("slurm", tmp_path / "session", "some-alias")]
+
+
+# a hostile or compromised satellite ---------------------------------------------------
+
+class FakeSatellite:
+    """A satellite impostor with a valid certificate (the test CA's): it answers each API call with the
+    fields a test gives it, and records the calls. Plays a compromised proxy node."""
+
+    def __init__(self, certs, replies):
+        import http.server
+        import ssl
+        import threading
+        self.certs, self.replies, self.calls = certs, replies, []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                endpoint = self.path.rsplit("/", 1)[-1]
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fake.calls.append(endpoint)
+                body = json.dumps(fake.replies.get(endpoint, {})).encode()
+                self.send_response(201 if endpoint == "getlink" else 200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certs / "cert.pem", certs / "key.pem")
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+GOOD_TOKEN, GOOD_KEY = "t" * 43, "k" * 43
+
+
+def link_reply(**fields):
+    """A getlink answer as satellite gives it, with some fields replaced."""
+    alias = fields.get("alias", "fresh-askew-depict")
+    reply = {"alias": alias, "url": f"https://{alias}.sat.test:8443/?token={GOOD_TOKEN}", "token": GOOD_TOKEN,
+             "key": GOOD_KEY, "state": "queued", "expires": "2026-11-25T10:00:00Z"}
+    reply.update(fields)
+    return reply
+
+
+@pytest.fixture
+def fake_satellite(certs):
+    fakes = []
+
+    def make(replies):
+        fakes.append(FakeSatellite(certs, replies))
+        return fakes[-1]
+    yield make
+    for fake in fakes:
+        fake.stop()
+
+
+INJECTED = "pwn\nid > pwned_by_satellite; echo INJECTED #"
+
+
+@pytest.mark.parametrize("reply, field", [
+    (link_reply(alias=INJECTED), "alias"),                                   # a shell line in job.sh
+    (link_reply(alias="../../.ssh"), "alias"),                               # a path outside the sessions
+    (link_reply(alias="fresh-askew-depict\n#SBATCH --wrap=id"), "alias"),    # a directive
+    (link_reply(url="https://fresh-askew-depict.sat.test/\x1b]0;owned\x07\x1b[2J?token=" + GOOD_TOKEN), "url"),
+    (link_reply(url="https://evil.example.org/?token=" + GOOD_TOKEN), "url"),       # another site's link
+    (link_reply(url="https://fresh-askew-depict.sat.test/?token=" + "x" * 43), "url"),  # not the token issued
+    (link_reply(token="$(id>pwned_by_satellite)" + "t" * 30), "token"),
+    (link_reply(key="k" * 40 + "\nid"), "key"),
+    (link_reply(state="\x1b[2Jproxied"), "state"),
+])
+def test_a_hostile_satellites_link_reply_is_refused_before_it_touches_disk_or_terminal(
+        tmp_path, certs, fake_satellite, reply, field):
+    fake = fake_satellite({"getlink": reply})
+    client = Client(tmp_path / "home", fake)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = client.run("launch", "--scheduler", "local", "--workdir", str(work), "--command", ECHO_APP)
+    for alias in client.sessions():                        # a launch that went ahead: let its job start
+        wait_for(lambda: "satellite-agent" in (client.session_dir(alias) / "job.log").read_text(), timeout=30,
+                 what="the job to start")
+    assert not (work / "pwned_by_satellite").exists(), "satellite's reply ran a command in the user's job"
+    assert "\x1b" not in result.stdout + result.stderr, "satellite's reply reached the terminal raw"
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"satellite's reply: {field}" in result.stderr and "Traceback" not in result.stderr
+    assert client.sessions() == [] and not (client.home / ".ssh").exists()     # nothing written
+    assert fake.calls == ["getlink"]                                            # nothing submitted, no more calls
+
+
+def test_a_hostile_satellites_status_and_errors_reach_the_terminal_without_control_characters(
+        tmp_path, certs, fake_satellite):
+    fake = fake_satellite({"getlink": link_reply(), "state": {}, "redeem": {},
+                           "status": {"state": "\x1b]0;owned\x07proxied", "expires": "\x1b[2Jsoon"},
+                           "release": {"error": "gone \x1b[31mred"}})
+    client = Client(tmp_path / "home", fake)
+    launched = client.run("launch", "--scheduler", "local", "--command", ECHO_APP)
+    assert launched.returncode == 0, launched.stderr
+    for command in (["list"], ["status", "fresh-askew-depict"], ["list", "--json"]):
+        result = client.run(*command)
+        assert "\x1b" not in result.stdout + result.stderr, (command, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+    status = client.run("status", "fresh-askew-depict")
+    assert status.returncode == 1 and "satellite's reply: state" in status.stdout
+
+
+# option values that would break out of a directive ------------------------------------------
+
+@pytest.mark.parametrize("scheduler, option, value", [
+    ("slurm", "--partition", "debug\ntouch PWNED #"),                   # a shell line among the #SBATCH lines
+    ("slurm", "--gres", "gpu:1\n#SBATCH --wrap=id"),
+    ("slurm", "--account", "abc --wrap=id"),                            # a second option on the line
+    ("htcondor", "--account", "grp\nqueue 1 in (x) \nexecutable = /bin/touch"),   # a rewritten job.sub
+    ("lsf", "--constraint", 'avx]" -Is -R "x'),                          # out of -R "select[...]"
+    ("pbs", "--partition", "workq\ntouch PWNED"),
+    ("sge", "--reservation", "42\ntouch PWNED"),
+    ("sge", "--account", "proj'x"),
+])
+def test_option_values_that_would_break_out_of_a_directive_are_refused(tmp_path, job_satellite, scheduler,
+                                                                        option, value):
+    client = Client(tmp_path / "home", job_satellite)
+    before = len(job_satellite.rows())
+    result = dry_run(client, "--scheduler", scheduler, option, value, "--command", ECHO_APP)
+    assert result.returncode == 2, "rendered:\n" + result.stdout
+    assert f"{option} " in result.stderr and "letters, digits and" in result.stderr, result.stderr
+    assert len(job_satellite.rows()) == before and client.sessions() == []
+
+
+def test_a_shared_working_directory_named_like_a_shell_line_runs_nothing(tmp_path, job_satellite):
+    """Another user names a shared project directory 'proj<newline>touch PWNED_sge #'; the victim launches
+    from there (the working directory defaults to where they are). Grid Engine's -wd put it in a directive."""
+    client, state = standin_client(tmp_path, job_satellite, "sge")
+    shared = tmp_path / "proj\ntouch PWNED_sge #"
+    shared.mkdir()
+    result = client.run("launch", "--json", "--scheduler", "sge", "--command", ECHO_APP, "--wait", cwd=shared)
+    assert not (shared / "PWNED_sge").exists(), "a directory name ran as a shell line in the victim's job"
+    assert result.returncode == 0, result.stderr
+    script = (client.session_dir(json.loads(result.stdout.splitlines()[-1])["alias"]) / "job.sh").read_text()
+    assert "-wd" not in script and "cd '" + str(shared) + "'" in script
+
+
+# container paths with braces ---------------------------------------------------------------
+
+def test_braces_in_container_paths_reach_the_container_runtime_as_written(client, tmp_path):
+    """--sif and --bind are paths, not templates: braces in them are the user's, and the agent fills in only
+    {host}, {port} and the like (it crashed with KeyError: 'lab')."""
+    result = client.run("launch", "--scheduler", "local", "--sif", "/images/{lab}.sif", "--bind", "/data/{x},/s",
+                        "--command", ECHO_APP)
+    assert result.returncode == 0, result.stderr
+    log = client.session_dir(client.sessions()[0]) / "job.log"
+    wait_for(lambda: "link released" in log.read_text(), timeout=60, what="the agent to give up on the app")
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    assert re.search(r"starting the app on \S+: \S+ exec --bind '/data/\{x\}' --bind /s '/images/\{lab\}\.sif' ", text)
+
+
+# relative paths ---------------------------------------------------------------------------
+
+def test_relative_paths_are_made_absolute_at_launch_and_in_profiles(tmp_path, job_satellite, certs):
+    """--cacert ca.pem given in the home directory, --workdir a shared project directory where another user
+    planted their own ca.pem: the agent (which starts in the workdir) loaded theirs."""
+    client = Client(tmp_path / "home", job_satellite)
+    del client.env["SATELLITE_CACERT"]
+    (client.home / "ca.pem").write_bytes((certs / "ca.pem").read_bytes())
+    shared = tmp_path / "shared-project"
+    subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(shared), "sat.test"], check=True)   # their own CA
+    result = client.launch_json("--scheduler", "local", "--cacert", "ca.pem", "--workdir", str(shared),
+                                "--command", ECHO_APP)
+    log = client.session_dir(result["alias"]) / "job.log"
+    wait_for(lambda: re.search(r"link ready|failed", log.read_text()), timeout=30, what="the agent to redeem")
+    assert "link ready" in log.read_text(), log.read_text()
+    listed = client.run("list", "--json", cwd="/")                  # anywhere, the session's files are found
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert json.loads(listed.stdout)[0]["state"] in ("mapped", "proxied")
+
+    (client.home / "env/bin").mkdir(parents=True)
+    (client.home / "env/bin/activate").write_text("")
+    (client.home / "lab.sif").write_text("")
+    saved = client.run("profile", "save", "mine", "--cacert", "ca.pem", "--venv", "env", "--sif", "lab.sif",
+                       "--workdir", ".", "--satellite", client.env["SATELLITE_URL"])
+    assert saved.returncode == 0, saved.stderr
+    profile = json.loads(client.run("profile", "show", "mine", cwd="/").stdout)
+    assert profile["cacert"] == str(client.home / "ca.pem") and profile["venv"] == str(client.home / "env")
+    assert profile["sif"] == str(client.home / "lab.sif") and profile["workdir"] == str(client.home)
+    script = client.run("launch", "--dry-run", "--profile", "mine", "--command", ECHO_APP, cwd=shared).stdout
+    assert f"cd {client.home}\n" in script and f"source {client.home}/env/bin/activate" in script
+
+
+# the local scheduler's job ids ---------------------------------------------------------------
+
+def test_a_local_job_id_names_that_process_not_whatever_reuses_its_pid(client):
+    result = client.launch_json("--scheduler", "local", "--command", ECHO_APP, "--wait")
+    pid = int(re.match(r"[0-9]+", result["jobid"]).group())
+    client.run("cancel", result["alias"], check=True)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="the job's process to end")
+    # the PID now belongs to an unrelated process (reuse, played by rewriting the saved id's PID part)
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        session = client.session_dir(result["alias"])
+        info = json.loads((session / "session.json").read_text())
+        info["jobid"] = re.sub(r"^[0-9]+", str(bystander.pid), result["jobid"])
+        (session / "session.json").write_text(json.dumps(info))
+        status = client.run("status", result["alias"]).stdout
+        assert "job=done" in status, "status took an unrelated process for the job:\n" + status
+        client.run("cancel", result["alias"])
+        time.sleep(0.5)
+        assert bystander.poll() is None, "cancel killed an unrelated process that reused the job's PID"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+# each known app logs in with the link's token, and keeps it out of argv and the environment -----------------
+
+NOTEBOOK = {"cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [],
+                       "source": "print(6 * 7)"}],
+            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+# app -> what another user would fetch without the token (the notebook list; the rendered notebook)
+UNAUTHENTICATED = {"lab": "/api/contents", "notebook": "/api/contents", "voila": "/voila/render/report.ipynb"}
+
+
+def app_process(port):
+    """The pid of the process listening on 127.0.0.1:port (ss -ltnp)."""
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return int(re.search(r"pid=(\d+)", out).group(1))
+
+
+@pytest.mark.parametrize("app", sorted(UNAUTHENTICATED))
+def test_a_known_app_refuses_requests_without_the_links_token_by_itself(tmp_path, job_satellite, app):
+    client = Client(tmp_path / "home", job_satellite, {"JUPYTER_TOKEN": "", "PASSWORD": ""})
+    work = tmp_path / "shared"
+    work.mkdir()
+    (work / "report.ipynb").write_text(json.dumps(NOTEBOOK))
+    (work / "voila.py").write_text("open('PLANTED_CONFIG_RAN', 'w').close()\n")   # another user's plant
+    result = client.launch_json("--scheduler", "local", "--app", app, "--venv", str(ROOT / ".venv"),
+                                "--workdir", str(work), "--wait", timeout=240)
+    token = result["url"].split("token=")[1]
+    log = (client.session_dir(result["alias"]) / "job.log").read_text()
+    port = int(re.search(r"starting the app on 127\.0\.0\.1:(\d+)", log).group(1))
+    target = UNAUTHENTICATED[app]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)   # straight to the app, as another user
+    conn.request("GET", target)
+    refused = conn.getresponse()
+    refused.read()
+    assert refused.status in (302, 401, 403), f"{app} served {target} without the token ({refused.status})"
+    conn.request("GET", f"{target}?token={token}")
+    allowed = conn.getresponse()
+    assert allowed.status == 200 and b"42" in allowed.read() if app == "voila" else allowed.status == 200
+    pid = app_process(port)
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert token.encode() not in argv, "the token is on the app's command line (ps shows it to everyone)"
+    assert token.encode() not in environ, "the token is in the app's environment: its kernels and terminals inherit it"
+    assert not (work / "PLANTED_CONFIG_RAN").exists(), "the app ran a config file planted in the working directory"
+
+
+# the environment a job is submitted with ----------------------------------------------------------
+
+OUTER_SECRETS = {"SATELLITE_TOKEN": "outer-satellite-token-from-a-jupyter-terminal",
+                 "JUPYTER_TOKEN": "outer-jupyter-token-from-a-jupyter-terminal",
+                 "PASSWORD": "outer-code-server-password", "JPY_API_TOKEN": "outer-hub-api-token"}
+
+
+@pytest.mark.parametrize("scheduler", ["htcondor", "lsf", "local"])
+def test_the_launching_environments_secrets_reach_neither_the_scheduler_nor_the_app(tmp_path, job_satellite,
+                                                                                     scheduler):
+    """Launched from a Jupyter terminal, the environment holds that server's token (and code-server's
+    password): HTCondor's getenv = true copied it into the job's ClassAd (condor_q -l shows it to everyone),
+    and every scheduler handed it to the job, where the app and its children inherit it."""
+    if scheduler == "local":
+        client, state = Client(tmp_path / "home", job_satellite), None
+    else:
+        client, state = standin_client(tmp_path, job_satellite, scheduler)
+    client.env.update(OUTER_SECRETS)
+    work = tmp_path / "work"
+    work.mkdir()
+    command = f"sh -c 'env > {work}/app.env; exec {ECHO_APP}'"
+    result = client.launch_json("--scheduler", scheduler, "--workdir", str(work), "--command", command, "--wait")
+    if state is not None:
+        submitted = standin_calls(state)[0]
+        assert submitted["cli"] in ("condor_submit", "bsub")
+        for name in OUTER_SECRETS:
+            assert name not in submitted["env"], f"the scheduler was given the launching shell's ${name}"
+    if scheduler == "htcondor":
+        description = submitted["description"]
+        assert "getenv" not in description, "the submit description copies the whole environment:\n" + description
+        assert not set(OUTER_SECRETS.values()) & set(re.split(r"[\s\"'=]", description))
+    app_env = dict(line.split("=", 1) for line in (work / "app.env").read_text().splitlines() if "=" in line)
+    for name, value in OUTER_SECRETS.items():
+        assert value not in app_env.values(), f"${name} of the launching shell reached the app"
+    token = result["url"].split("token=")[1]
+    assert app_env["SATELLITE_TOKEN"] == token                       # a --command app gets the session's own
+
+
+# what a site enforces ---------------------------------------------------------------------------
+
+def test_what_the_site_enforces_in_its_config_nothing_the_user_runs_with_can_change(tmp_path, monkeypatch, certs,
+                                                                                     capsys):
+    satellite_client = client_module()
+    site = tmp_path / "etc/client.ini"
+    site.parent.mkdir()
+    site.write_text(f"[client]\npartition = shared\n[enforced]\nsatellite = https://manage.sat.test\n"
+                    f"cacert = {certs / 'ca.pem'}\nconnect = tunnel\n")
+    monkeypatch.setattr(satellite_client, "SITE_CONFIG", str(site))      # /etc/satellite/client.ini
+    for name in ("SATELLITE_CLIENT_CONFIG", "SATELLITE_URL", "SATELLITE_CACERT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other-ca.pem").write_text("")
+    (tmp_path / ".satellite/profiles").mkdir(parents=True)
+    (tmp_path / ".satellite/profiles/fast.json").write_text('{"connect": "direct"}')
+    (tmp_path / "mine.ini").write_text("[client]\nconnect = auto\n")
+    (tmp_path / "theirs.ini").write_text("[enforced]\nconnect = direct\n")
+    launch = ["launch", "--dry-run", "--scheduler", "local", "--command", "app --port {port}"]
+    for args, env, message in [
+        (["--connect", "direct"], {}, "connect direct: this site requires connect = tunnel"),
+        (["--profile", "fast"], {}, "this site requires connect = tunnel"),
+        ([], {"SATELLITE_CACERT": str(tmp_path / "other-ca.pem")}, "this site requires cacert = "),
+        ([], {"SATELLITE_URL": "https://satellite.evil.example"}, "this site requires satellite = "),
+        ([], {"SATELLITE_CLIENT_CONFIG": str(tmp_path / "mine.ini")}, "this site requires connect = tunnel"),
+        ([], {"SATELLITE_CLIENT_CONFIG": str(tmp_path / "theirs.ini")}, "[enforced] section is read only from"),
+    ]:
+        with monkeypatch.context() as scoped:
+            for name, value in env.items():
+                scoped.setenv(name, value)
+            code = satellite_client.main(launch + args)
+        assert code == 2 and message in capsys.readouterr().err, (args, env)
+    options = satellite_client.launch_options(satellite_client.build_parser().parse_args(
+        launch + ["--cacert", str(certs / "ca.pem"), "--partition", "debug"]))
+    assert (options.connect, options.satellite, options.partition) == ("tunnel", "https://manage.sat.test", "debug")

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import websocket
@@ -25,6 +26,7 @@ def link_status(satellite, url):
 
 
 def test_launch_wait_list_status_cancel(client, job_satellite, slurm):
+    client.env["JUPYTER_TOKEN"] = "outer-token-of-the-jupyter-terminal-this-was-launched-from"
     result = client.launch_json("--command", ECHO_APP, "--time-limit", "10", "--wait")
     assert result["scheduler"] == "slurm" and result["state"] == "proxied" and result["jobid"].isdigit()
     assert set(result) >= {"alias", "url", "state", "scheduler", "jobid"} and "key" not in result
@@ -45,6 +47,9 @@ def test_launch_wait_list_status_cancel(client, job_satellite, slurm):
             assert secret not in text
     assert (session / "secrets").stat().st_mode & 0o777 == 0o600
     assert session.stat().st_mode & 0o777 == 0o700
+    # the job was submitted with a minimal environment: the launching shell's secrets are not in it
+    agent = subprocess.run(["pgrep", "-f", f"agent {session} "], capture_output=True, text=True).stdout.split()
+    assert agent and b"outer-token-of-the-jupyter" not in Path(f"/proc/{agent[0]}/environ").read_bytes()
 
     listed = json.loads(client.run("list", "--json", check=True).stdout)
     row = next(r for r in listed if r["alias"] == result["alias"])
@@ -105,7 +110,7 @@ def test_time_limit_releases_the_link(client, job_satellite, slurm):
     wait_for(lambda: link_status(job_satellite, result["url"])[0] == 410, timeout=180, interval=2,
              what="the link to end with the job's time limit")
     log = (client.session_dir(result["alias"]) / "job.log").read_text()
-    assert "got SIGTERM" in log and "link released" in log
+    assert re.search(r"got SIG(TERM|USR1)", log) and "link released" in log     # the limit, or its warning
 
 
 def test_failed_sbatch_releases_the_link_and_leaves_nothing(client, job_satellite):
@@ -164,3 +169,20 @@ def test_wait_shows_progress_while_the_job_queues(client, job_satellite, slurm):
         subprocess.run(["scancel", blocker_id], env=slurm.env())
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_link_is_released_before_slurm_kills_an_app_that_ignores_sigterm(client, job_satellite, slurm):
+    """An app that ignores SIGTERM (a kernel busy in C code, a wedged server): the agent used to stop it
+    first, for up to 10 s, and only then release; Slurm SIGKILLs KillWait (here 5 s) after its SIGTERM, so the
+    release never went out and the link outlived the job. Now the job asks for a warning signal before its
+    limit (--signal=B:USR1@30), and the agent releases first."""
+    command = f"sh -c 'trap \"\" TERM; exec {ECHO_APP}'"
+    result = client.launch_json("--command", command, "--time-limit", "2", "--wait")
+    wait_for(lambda: link_status(job_satellite, result["url"])[0] == 410, timeout=150, interval=1,
+             what="the link to be released as the job's time runs out")
+    wait_for(lambda: slurm.job_state(result["jobid"]) not in ("RUNNING", "COMPLETING"), timeout=150, interval=1,
+             what="the job to end")
+    assert slurm.job_state(result["jobid"]) != "TIMEOUT", "the job ran into its limit: no warning before it"
+    log = (client.session_dir(result["alias"]) / "job.log").read_text()
+    assert "got SIGUSR1" in log and log.index("got SIGUSR1") < log.index("link released"), log   # the warning
+    assert "#SBATCH --signal=B:USR1@30" in (client.session_dir(result["alias"]) / "job.sh").read_text()

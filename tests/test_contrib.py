@@ -104,10 +104,12 @@ def test_open_ondemand_app_renders_and_its_script_launches_through_satellite(job
     wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'satellite_client.py'} \"$@\"\n")
     wrapper.chmod(0o755)
     env = dict(client.env, SATELLITE_CLIENT=str(wrapper), PATH=f"{ROOT / '.venv/bin'}:{os.environ['PATH']}")
-    job = subprocess.Popen(["bash", str(tmp_path / "script.sh")], cwd=tmp_path, env=env, start_new_session=True)
+    job = subprocess.Popen(["bash", "-c", f"umask 022 && exec bash {tmp_path / 'script.sh'}"], cwd=tmp_path, env=env,
+                           start_new_session=True)                  # a batch job's usual umask
     try:
         url = wait_for(lambda: (tmp_path / "satellite_url").exists() and (tmp_path / "satellite_url").read_text()
                        .strip(), timeout=60, what="the link")
+        assert (tmp_path / "satellite_url").stat().st_mode & 0o777 == 0o600, "the link (with its token) is readable by others"
         host = url.split("/")[2].split(":")[0]
         try:
             def lab_answers():

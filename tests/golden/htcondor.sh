@@ -13,7 +13,7 @@ output = $HOME/.satellite/sessions/ALIAS/job.log
 error = $HOME/.satellite/sessions/ALIAS/job.log
 log = $HOME/.satellite/sessions/ALIAS/condor.log
 batch_name = satellite-ALIAS
-getenv = true
+environment = "HOME=$HOME LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin"
 periodic_remove = (JobStatus == 2) && (time() - EnteredCurrentStatus > 14400)
 request_memory = 16384 MB
 accounting_group = group_physics

@@ -3,6 +3,8 @@
 #BSUB -o $HOME/.satellite/sessions/ALIAS/job.log
 #BSUB -W 150
 #BSUB -n 4
+#BSUB -wa USR1
+#BSUB -wt 1
 #BSUB -R "span[ptile=2]"
 #BSUB -R "rusage[mem=8192MB]"
 #BSUB -M 8192MB
@@ -16,4 +18,4 @@
 # the agent reads them, starts the app, redeems the link, and releases it when the job ends.
 set -e
 cd /work
-exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command 'jupyter notebook --no-browser --ip={host} --port={port} --ServerApp.port_retries=0 --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True'
+exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command 'jupyter notebook --no-browser --ip={host} --port={port} --ServerApp.port_retries=0 --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True --ServerApp.root_dir={workdir} --config={config}'

@@ -12,4 +12,4 @@
 # the agent reads them, starts the app, redeems the link, and releases it when the job ends.
 set -e
 cd /work
-exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command 'tensorboard --logdir . --host {host} --port {port}'
+exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command 'tensorboard --logdir {workdir} --host {host} --port {port}'

@@ -3,6 +3,7 @@
 #SBATCH --output=$HOME/.satellite/sessions/ALIAS/job.log
 #SBATCH --time=1-02:00:00
 #SBATCH --no-requeue
+#SBATCH --signal=B:USR1@60
 #SBATCH --mem=32G
 #SBATCH --account=abc123
 #SBATCH --partition=gpu
@@ -22,4 +23,4 @@ module load cuda python/3.11
 eval "$(conda shell.bash hook)"
 conda activate torch
 cd /work
-exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command '{container} exec --bind /scratch --bind /data --nv /images/lab.sif jupyter lab --no-browser --ip={host} --port={port} --ServerApp.port_retries=0 --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True'
+exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command '{container} exec --bind /scratch --bind /data --nv /images/lab.sif jupyter lab --no-browser --ip={host} --port={port} --ServerApp.port_retries=0 --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True --ServerApp.root_dir={workdir} --config={config}'

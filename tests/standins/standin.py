@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
 """STAND-IN scheduler CLIs for PBS, LSF, HTCondor and Grid Engine, which cannot be installed here.
 
-Not the real thing: called as qsub/qstat/qdel (PBS or SGE, by $STANDIN_FLAVOUR), bsub/bjobs/bkill,
-condor_submit/condor_q/condor_rm. Each records its arguments in $STANDIN_DIR/calls.jsonl, checks
-the directives it is given like the real CLI would (unknown flags are refused), answers in the
-real CLI's output format, and runs the job script in the background so a launch works end to end.
+Not the real thing: called as qsub/qstat/qdel (PBS or SGE), bsub/bjobs/bkill, condor_submit/condor_q/
+condor_rm, through links in a directory that also holds standin.json ({"dir": state directory, "flavour":
+pbs|sge|lsf|htcondor}); the environment is not used for this, since satellite-client runs the CLIs with
+a minimal one. Each records its arguments, the environment it was given and (condor_submit) the submit
+description in <dir>/calls.jsonl, checks the directives it is given like the real CLI would (unknown flags
+are refused), answers in the real CLI's output format, and runs the job script in the background so a
+launch works end to end, with the environment the real one would give the job: bsub's own (LSF copies the
+submission environment), qsub's (PBS/SGE: -V is never used, but the stand-in passes its own, the wider
+case), and for HTCondor only the description's `environment` unless it says `getenv = true`.
 """
 import json
 import os
@@ -15,21 +20,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-STATE = Path(os.environ["STANDIN_DIR"])
+SETUP = json.loads((Path(sys.argv[0]).parent / "standin.json").read_text())
+STATE = Path(SETUP["dir"])
 NAME = Path(sys.argv[0]).name
 ARGS = sys.argv[1:]
 
 KNOWN_FLAGS = {     # directive flags each real scheduler accepts (the subset the client may write)
     "pbs": {"-N", "-o", "-j", "-r", "-l", "-A", "-q"},
-    "sge": {"-N", "-o", "-j", "-S", "-r", "-wd", "-l", "-pe", "-P", "-q", "-ar"},
-    "lsf": {"-J", "-o", "-W", "-n", "-R", "-M", "-P", "-q", "-U", "-gpu"},
+    "sge": {"-N", "-o", "-j", "-S", "-r", "-wd", "-l", "-pe", "-P", "-q", "-ar", "-notify"},
+    "lsf": {"-J", "-o", "-W", "-n", "-R", "-M", "-P", "-q", "-U", "-gpu", "-wa", "-wt"},
 }
 PREFIX = {"pbs": "#PBS", "sge": "#$", "lsf": "#BSUB"}
 
 
-def record(stdin=None):
+def record(stdin=None, description=None):
     with open(STATE / "calls.jsonl", "a") as f:
-        f.write(json.dumps({"cli": NAME, "args": ARGS, "stdin": stdin}) + "\n")
+        f.write(json.dumps({"cli": NAME, "args": ARGS, "stdin": stdin, "description": description,
+                            "env": dict(os.environ)}) + "\n")
 
 
 def fail(message, code=1):
@@ -48,8 +55,8 @@ def directives(script, flavour):
     return found
 
 
-def start(jobid, script_path, output, env_name):
-    env = dict(os.environ, **{env_name: jobid})
+def start(jobid, script_path, output, env_name, environment=None):
+    env = dict(os.environ if environment is None else environment, **{env_name: jobid})
     with open(output, "ab") as out:
         proc = subprocess.Popen(["bash", script_path], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
@@ -85,12 +92,23 @@ def cancel(jobid):
             pass
 
 
+def condor_environment(description):
+    """The job's environment as HTCondor builds it: the submitter's with getenv = true, else only the
+    `environment` command's (the new syntax: "NAME=value NAME='value with spaces'")."""
+    if description.get("getenv", "").lower() in ("true", "yes"):
+        return dict(os.environ)
+    quoted = description.get("environment", '""').strip()
+    if not (quoted.startswith('"') and quoted.endswith('"')):
+        fail("ERROR: environment must use the new syntax, in double quotes")
+    return dict(word.split("=", 1) for word in shlex.split(quoted[1:-1]) if "=" in word)
+
+
 def option(found, flag, default=None):
     return next((w[1] for w in found if w[0] == flag and len(w) > 1), default)
 
 
 def main():
-    flavour = os.environ.get("STANDIN_FLAVOUR", "pbs")
+    flavour = SETUP["flavour"]
     if NAME == "qsub":
         record()
         script = Path(ARGS[-1]).read_text()
@@ -132,15 +150,16 @@ def main():
             fail(f"Job <{ARGS[-1]}> is not found", 255)
         print("RUN" if state else "DONE")
     elif NAME == "condor_submit":
-        record()
-        description = dict(re.findall(r"^(\w+)\s*=\s*(.*)$", Path(ARGS[-1]).read_text(), re.M))
-        allowed = {"executable", "output", "error", "log", "batch_name", "getenv", "periodic_remove",
+        text = Path(ARGS[-1]).read_text()
+        record(description=text)
+        description = dict(re.findall(r"^(\w+)\s*=\s*(.*)$", text, re.M))
+        allowed = {"executable", "output", "error", "log", "batch_name", "getenv", "environment", "periodic_remove",
                    "request_memory", "request_cpus", "request_gpus", "accounting_group"}
         unknown = set(description) - allowed
-        if unknown or "queue" not in Path(ARGS[-1]).read_text():
+        if unknown or "queue" not in text:
             fail(f"ERROR: unknown submit command(s) {sorted(unknown)} or no queue statement")
         jobid = next_id()
-        start(jobid, description["executable"], description["output"], "CONDOR_JOBID")
+        start(jobid, description["executable"], description["output"], "CONDOR_JOBID", condor_environment(description))
         print(f"Submitting job(s).\n1 job(s) submitted to cluster {jobid}.")
     elif NAME == "condor_q":
         record()
