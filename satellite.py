@@ -79,7 +79,8 @@ from http import HTTPStatus
 from typing import Callable, Iterable, Optional
 
 __version__ = "0.1.0"
-__all__ = ["Settings", "Store", "Satellite", "main", "TUNNEL_PROTOCOL", "Tunnel"]     # Tunnel*: the client's too
+__all__ = ["Settings", "Store", "Satellite", "main",
+           "TUNNEL_PROTOCOL", "Tunnel", "ALIAS_SHAPE", "SESSION_STATES"]     # the last four: the client's too
 
 log = logging.getLogger("satellite")
 access_log = logging.getLogger("satellite.access")
@@ -117,14 +118,14 @@ FRAMING_LOOKALIKES = HOP_BY_HOP | FORWARDING_HEADERS | frozenset(("content-lengt
 KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"))
 IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
 
-TOKEN_CHARS = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")      # RFC 9110 token
+TOKEN_CHARS = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")      # RFC 9110 token
 FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")        # CTLs except HTAB
 CHUNK_SIZE_LINE = re.compile(rb"^([0-9A-Fa-f]{1,16})(;[\t !#-~\x80-\xff]*)?\r\n$")
-CONTENT_LENGTH = re.compile(r"^[0-9]{1,18}$")
-HOST_VALUE = re.compile(r"^(?:[a-z0-9._~!$&'()*+,;=%-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$")
-ALIAS_SHAPE = re.compile(r"^[a-z]{3,7}-[a-z]{3,7}-[a-z]{3,7}$")
-JOBID_SHAPE = re.compile(r"^[A-Za-z0-9._\-\[\]@:+]{1,64}$")
-TARGET_SAFE = re.compile(r"^[\x21-\x7e]+$")                       # visible ASCII, no spaces
+CONTENT_LENGTH = re.compile(r"^[0-9]{1,18}\Z")
+HOST_VALUE = re.compile(r"^(?:[a-z0-9._~!$&'()*+,;=%-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?\Z")
+ALIAS_SHAPE = re.compile(r"^[a-z]{3,7}-[a-z]{3,7}-[a-z]{3,7}\Z")
+JOBID_SHAPE = re.compile(r"^[A-Za-z0-9._\-\[\]@:+]{1,64}\Z")
+TARGET_SAFE = re.compile(r"^[\x21-\x7e]+\Z")                       # visible ASCII, no spaces
 REDACT_PARAMS = re.compile(r"(?i)([?&;](?:token|key)=)[^&;#\s]*")
 
 # Sent with every page and API answer satellite writes itself (not with the apps' answers).
@@ -1836,8 +1837,8 @@ def check_params(params: dict, allowed: Iterable) -> None:
         raise ApiError(400, f"unknown parameter {unknown[0]!r}")
 
 
-USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
-MUNGE_CREDENTIAL = re.compile(r"^MUNGE:[A-Za-z0-9+/=]{16,4096}:$")
+USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
+MUNGE_CREDENTIAL = re.compile(r"^MUNGE:[A-Za-z0-9+/=]{16,4096}:\Z")
 
 
 def munge_user(credential: str) -> str:

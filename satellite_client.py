@@ -41,6 +41,7 @@ import hashlib
 import http.client
 import json
 import os
+import pwd
 import random
 import re
 import shlex
@@ -542,6 +543,22 @@ class SatelliteApi:
             return resp.status
         finally:
             conn.close()
+
+
+def who_asks() -> dict:
+    """getlink's fields that say who asks for a link, so satellite rations links per user instead of per
+    login node: the login name of this process's real user (a claim), and where munge is installed a
+    MUNGE credential that proves it (satellite checks it with unmunge). Read from munge's output,
+    never put on a command line."""
+    fields = {"user": pwd.getpwuid(os.getuid()).pw_name}
+    if shutil.which("munge"):
+        try:
+            made = subprocess.run(["munge", "-n"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return fields
+        if made.returncode == 0 and made.stdout.startswith("MUNGE:"):
+            fields["munge"] = made.stdout.strip()
+    return fields
 
 
 class Unreachable(Failure):
@@ -1437,7 +1454,7 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
         return 0
     options = plan.options
     api = SatelliteApi(options.satellite, options.cacert)
-    link = checked_link(api.call("getlink", lifetime=f"{plan.time_limit + LIFETIME_MARGIN}s"))
+    link = checked_link(api.call("getlink", lifetime=f"{plan.time_limit + LIFETIME_MARGIN}s", **who_asks()))
     session = None
     try:
         session = SessionDir.create(link["alias"])

@@ -397,3 +397,15 @@ def test_with_a_control_listener_the_data_plane_serves_sessions_only(plane, host
 ])
 def test_app_cookies_are_made_host_only(cookie, expected):
     assert satellite.host_only_cookie(cookie) == expected
+
+
+@pytest.mark.parametrize("name", ["TOKEN_CHARS", "CONTENT_LENGTH", "HOST_VALUE", "ALIAS_SHAPE", "JOBID_SHAPE",
+                                  "TARGET_SAFE", "USER_NAME", "MUNGE_CREDENTIAL"])
+def test_no_shape_lets_a_trailing_newline_through(name):
+    """`$` matches before a final newline; a value that ends in one must not pass a shape check
+    (a jobid of '12\\n' would split a key=value reply)."""
+    shape = getattr(satellite, name)
+    good = {"TOKEN_CHARS": "Host", "CONTENT_LENGTH": "12", "HOST_VALUE": "a.sat.test", "ALIAS_SHAPE": ALIAS,
+            "JOBID_SHAPE": "12", "TARGET_SAFE": "/x", "USER_NAME": "ann",
+            "MUNGE_CREDENTIAL": "MUNGE:" + "A" * 20 + ":"}[name]
+    assert shape.match(good) and not shape.match(good + "\n")

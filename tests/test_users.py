@@ -1,6 +1,7 @@
 """Login nodes are shared by hundreds of users: links are rationed per user, so one user cannot use up
 everyone's. Who asks is a claim (user=, a label) unless the site asks for proof: a real MUNGE credential,
 checked with the real unmunge, made by real Unix users (root and nobody)."""
+import json
 import re
 import subprocess
 import sys
@@ -81,3 +82,18 @@ def test_with_user_proof_munge_only_a_real_credential_names_the_user(fresh_satel
     status, fields = getlink(satellite, munge=credential("nobody"), user="root")
     assert status == 403 and "made by nobody, not root" in fields["error"]
     assert getlink(satellite, munge="MUNGE:" + "A" * 40 + ":")[0] == 403  # forged
+
+
+def test_satellite_client_says_who_asks_and_proves_it_with_munge(job_satellite_munge, munge, tmp_path):
+    from conftest import Client, ECHO_APP
+    client = Client(tmp_path / "home", job_satellite_munge)
+    result = client.launch_json("--scheduler", "local", "--command", ECHO_APP, "--time-limit", "5")
+    key = json.loads((client.session_dir(result["alias"]) / "secrets").read_text())["key"]
+    status, info = job_satellite_munge.api("status", key=key)
+    assert status == 200 and info["issued_for"] == "root (munge)"
+    client.run("cancel", result["alias"])
+
+
+@pytest.fixture
+def job_satellite_munge(fresh_satellite):
+    return fresh_satellite("--redeem-from", "127.0.0.0/8", "--user-proof", "munge")
