@@ -1847,8 +1847,9 @@ def munge_user(credential: str) -> str:
     expired or foreign credential is refused."""
     if not MUNGE_CREDENTIAL.match(credential):
         raise ApiError(400, "munge must be a credential made by `munge -n`")
-    try:
-        result = subprocess.run(["unmunge"], input=credential, capture_output=True, text=True, timeout=10)
+    try:      # metadata only: a payload is the maker's own text (it could say "UID: root (0)"), never read
+        result = subprocess.run(["unmunge", "--output=/dev/null", "--keys=STATUS,UID,LENGTH"], input=credential,
+                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError) as exc:
         log.error("cannot check a MUNGE credential: %s", exc)
         raise ApiError(503, "satellite cannot check MUNGE credentials right now") from None
@@ -1856,6 +1857,8 @@ def munge_user(credential: str) -> str:
     status = fields.get("STATUS", "") or result.stderr.strip()[:200]
     if result.returncode != 0 or not status.startswith("Success"):
         raise ApiError(403, f"MUNGE credential refused: {status}")
+    if fields.get("LENGTH") != "0":
+        raise ApiError(403, "a MUNGE credential for satellite carries no payload: make it with `munge -n`")
     match = re.fullmatch(r"(\S+) \((\d+)\)", fields.get("UID", ""))
     if not match:
         raise ApiError(403, "the MUNGE credential names no user")
@@ -2402,7 +2405,7 @@ def app_answer_fields(headers: Headers, drop: Iterable) -> list:
     fields = []
     for name, value in headers.fields:
         lower = name.lower()
-        if lower in drop:
+        if lower in drop or lower == "clear-site-data":     # an app may not clear the whole domain's cookies
             continue
         if lower == "set-cookie":
             value = host_only_cookie(value)
@@ -3312,10 +3315,7 @@ class Satellite:
         same method, cookies, Authorization and Origin) reach the app? The same decision as for a
         request to satellite itself — token, owner, origin, failure limit — answered 204 (with the
         cookie to set on a first visit) or 403, the only refusal auth_request passes on."""
-        original = ex.request.headers.get("x-original-uri") or "/"
-        if not original.startswith("/") or not TARGET_SAFE.match(original):
-            return page_answer(400, "bad X-Original-URI")
-        verdict = self.decide(dataclasses.replace(ex.request, target=original), ex, session, alias)
+        verdict = self.decide(front_asked(ex.request), ex, session, alias)
         if not verdict.allowed:
             return Answer(403, [("Content-Type", "text/plain")])
         if session.state == "mapped":
@@ -3327,6 +3327,21 @@ class Satellite:
 TOO_MANY_COOKIES = ("Your browser sent more header data than satellite accepts, most likely too many or too large "
                     "cookies for this site. Clear the cookies of this site (in the browser's site settings, or a "
                     "private window), then open your link again: the link's token signs you in anew.")
+
+
+def front_asked(auth_request: Request) -> Request:
+    """The request a front asks about (auth_request): nginx sends a GET without Upgrade, so the original
+    target, method and upgrade come in X-Original-URI, X-Original-Method and X-Original-Upgrade — the
+    origin check must see a POST or a WebSocket as what it is."""
+    headers = auth_request.headers
+    target = headers.get("x-original-uri") or "/"
+    method = headers.get("x-original-method") or auth_request.method
+    if not target.startswith("/") or not TARGET_SAFE.match(target) or method not in KNOWN_METHODS:
+        raise HttpError(400, "bad X-Original-URI or X-Original-Method")
+    fields = [(n, v) for n, v in headers.fields if n.lower() not in ("upgrade", "connection")]
+    if "websocket" in (headers.get("x-original-upgrade") or "").lower():
+        fields += [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+    return dataclasses.replace(auth_request, method=method, target=target, headers=Headers(fields))
 
 
 def answer_for_error(exc: Exception) -> Answer:
@@ -3754,12 +3769,13 @@ EXPORT_LINE = {
 
 
 def export_map(store: Store, domain: str, fmt: str) -> str:
-    """The live alias -> target map. Sessions whose app speaks pinned TLS, or that are reached through
-    their job's tunnel, stay with satellite itself."""
+    """The live alias -> target map. Sessions whose app speaks pinned TLS, that are reached through their
+    job's tunnel, or that are legacy (their alias is their redeem secret, and the map is readable) stay
+    with satellite itself."""
     lines = [f"# satellite export --format {fmt}: live sessions under {domain} (generated; do not edit)"]
     now = time.time()
     for session in sorted(store.sessions(("mapped", "proxied")), key=lambda s: s.alias):
-        if session.is_over(now) or session.tls_pin or session.tunneled:
+        if session.is_over(now) or session.tls_pin or session.tunneled or session.legacy:
             continue
         target = host_port(session.target_host, session.target_port)
         lines.append(EXPORT_LINE[fmt].format(host=f"{session.alias}.{domain}", target=target))

@@ -69,3 +69,10 @@ def test_a_cookie_bomb_gets_a_page_that_says_how_to_recover(satellite, app):
     link = satellite.mapped_session(app)
     status, _, body = get(satellite, link, "/", {"Cookie": "; ".join(f"c{i}={'x' * 1000}" for i in range(36))})
     assert status == 431 and b"Clear the cookies of this site" in body and b"open your link again" in body
+
+
+def test_an_app_cannot_clear_the_cookies_of_every_session(satellite, new_app):
+    """Clear-Site-Data clears a whole site's cookies, and sessions share a site: satellite drops it."""
+    link = satellite.mapped_session(new_app())
+    status, headers, _ = get(satellite, link, "/set-cookie?v=a%3D1&clear=1")
+    assert status == 200 and headers["Clear-Site-Data"] is None

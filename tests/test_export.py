@@ -144,3 +144,61 @@ def test_an_outsider_through_the_front_reaches_no_control_endpoint(nginx_front, 
     # the control plane itself still serves the nodes, and the session still works through the front
     assert satellite.api("status", key=waiting["key"])[0] == 200
     assert through_nginx(satellite, port, link["alias"], "/?token=" + link["token"])[0] == 200
+
+
+def raw_through_nginx(satellite, port, sni_host, raw):
+    sock = satellite.context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname=sni_host)
+    sock.settimeout(10)
+    sock.sendall(raw)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_through_the_front_sessions_stay_apart(nginx_front, new_app):
+    """What satellite checks itself must hold through the front too: a request line naming another
+    session, a cross-site POST or WebSocket, an app's cookies for the whole domain."""
+    satellite, port, map_file, reload = nginx_front
+    app = new_app()
+    victim, mine = satellite.mapped_session(app), satellite.mapped_session(app)
+    export(satellite, "--format", "nginx", "--output", str(map_file), "--reload-command", reload)
+    def nginx_proxies_itself():                            # not satellite answering a session not yet in the map
+        status, _, body = through_nginx(satellite, port, mine["alias"], "/headers?token=" + mine["token"])
+        return status == 200 and b"1.1 satellite" not in body
+    wait_for(nginx_proxies_itself, what="nginx to serve the sessions from its map")
+    seen = len(app.seen())
+    mine_host, victim_host = f"{mine['alias']}.{DOMAIN}", f"{victim['alias']}.{DOMAIN}"
+    # my token, a request line naming the victim's session, Host naming mine
+    line = raw_through_nginx(satellite, port, mine_host,
+                             f"GET https://{victim_host}/headers?token={mine['token']} HTTP/1.1\r\n"
+                             f"Host: {mine_host}\r\n\r\n".encode())
+    assert line.startswith(b"HTTP/1.1 400"), line
+    # a page on my session posting to the victim's app, or opening its WebSocket, with the victim's cookie
+    status, headers, _ = through_nginx(satellite, port, victim["alias"], "/?token=" + victim["token"])
+    cookie = headers["Set-Cookie"].split(";")[0]
+    conn = LoopbackHTTPS(victim_host, port, satellite.context)
+    conn.request("POST", "/upload", body=b"x", headers={"Cookie": cookie, "Origin": f"https://{mine_host}:{port}",
+                                                        "Content-Type": "text/plain"})
+    assert conn.getresponse().status == 403
+    raw = socket.create_connection(("127.0.0.1", port))
+    sock = satellite.context.wrap_socket(raw, server_hostname=victim_host)
+    try:
+        websocket.create_connection(f"wss://{victim_host}:{port}/ws", socket=sock, timeout=10,
+                                    header=[f"Cookie: {cookie}"], origin=f"https://{mine_host}:{port}")
+        raise AssertionError("a WebSocket from another session's page was let through the front")
+    except websocket.WebSocketBadStatusException as exc:
+        assert exc.status_code == 403
+    assert len(app.seen()) == seen + 1                                  # only the victim's own first visit
+    # an app's cookie for the whole domain is kept to its own host; it cannot clear the domain's cookies
+    status, headers, _ = through_nginx(satellite, port, mine["alias"],
+                                       f"/set-cookie?v=bomb%3Dx%3B%20Domain%3D{DOMAIN}%3B%20Path%3D%2F&clear=1",
+                                       {"Authorization": "token " + mine["token"]})
+    assert status == 200 and headers.get_all("Set-Cookie") == [f"bomb=x; Domain={mine_host}; Path=/"]
+    assert headers["Clear-Site-Data"] is None

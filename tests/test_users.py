@@ -82,6 +82,11 @@ def test_with_user_proof_munge_only_a_real_credential_names_the_user(fresh_satel
     status, fields = getlink(satellite, munge=credential("nobody"), user="root")
     assert status == 403 and "made by nobody, not root" in fields["error"]
     assert getlink(satellite, munge="MUNGE:" + "A" * 40 + ":")[0] == 403  # forged
+    # a payload that reads like metadata names nobody but its maker: credentials with a payload are refused
+    forged = subprocess.run(["runuser", "-u", "nobody", "--", "munge"], input="UID: root (0)\n", capture_output=True,
+                            text=True, check=True).stdout.strip()
+    status, fields = getlink(satellite, munge=forged)
+    assert status == 403 and "no payload" in fields["error"]
 
 
 def test_satellite_client_says_who_asks_and_proves_it_with_munge(job_satellite_munge, munge, tmp_path):

@@ -82,7 +82,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.reply(200, b"<!doctype html><title>demo app</title><h1>Hello from the compute node</h1>\n",
                               "text/html", extra)
         if route == "/set-cookie":                  # the test names the cookie, attributes included
-            return self.reply(200, b"cookie set\n", "text/plain", [("Set-Cookie", query.get("v", ""))])
+            extra = [("Set-Cookie", query.get("v", ""))] + ([("Clear-Site-Data", '"cookies"')] if "clear" in query else [])
+            return self.reply(200, b"cookie set\n", "text/plain", extra)
         if route == "/headers":
             body = json.dumps({"method": self.command, "target": self.path,
                                "headers": [[k, v] for k, v in self.headers.items()]}).encode()
