@@ -76,6 +76,7 @@ import threading
 import time
 import urllib.parse
 from http import HTTPStatus
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 __version__ = "0.1.0"
@@ -111,7 +112,7 @@ HOP_BY_HOP = frozenset((
 # Headers satellite sets itself when forwarding; the client's values are discarded.
 FORWARDING_HEADERS = frozenset((
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
-    "x-real-ip", "forwarded",
+    "x-real-ip", "forwarded", "x-satellite-front",
 ))
 # Names apps behind CGI/WSGI-style gateways may fold '_' into '-': refused in either spelling.
 FRAMING_LOOKALIKES = HOP_BY_HOP | FORWARDING_HEADERS | frozenset(("content-length", "host"))
@@ -243,6 +244,7 @@ class Settings:
     hsts: int = 365 * 86400                 # Strict-Transport-Security max-age; 0 = off
     redirect_listen: Optional[tuple] = None # plain-HTTP listener that only redirects to HTTPS
     control_listen: Optional[tuple] = None  # the API, tunnels, metrics, front auth on their own listener
+    front_secret: str = ""                  # file with the secret a front on this host sends (X-Satellite-Front)
     trusted_user_header: str = ""           # e.g. X-Remote-User, set by an authenticating front (SSO)
     trusted_fronts: tuple = ()              # the only addresses whose user header is believed
     legacy_api: bool = False                # SDSC Satellite's *.cgi endpoints (weaker: see README)
@@ -315,6 +317,10 @@ class Settings:
                                  "count as the client the front names, so a front's own address must not issue or "
                                  f"redeem links. Give {name.replace('_', '-')} your nodes' own networks (a front on "
                                  "this host is loopback: leave loopback out)")
+        if any(net.is_loopback for net in self.trusted_fronts) and not self.front_secret:
+            raise ValueError("trusted_fronts includes loopback, which every local user can connect from: give "
+                             "front_secret (a file with a secret the front sends as X-Satellite-Front; see "
+                             "contrib/nginx-satellite.conf) so satellite can tell the front from them")
 
     @property
     def link_port(self) -> int:
@@ -1560,6 +1566,7 @@ class Exchange:
     peer: str                              # the client: the connection's address, or the one a trusted front names
     started: float
     via: str = ""                          # the connection's own address (a front's, if it came through one)
+    front: bool = False                    # it came through a trusted front
     request: Optional[Request] = None
     user: Optional[str] = None             # the SSO user a trusted front named
     status: int = 0
@@ -1647,11 +1654,23 @@ def route(request: Request, settings: Settings, plane: str = "all") -> Route:
     return Route("endpoint", path)
 
 
-def client_address(request: Request, via: str, settings: Settings) -> str:
+FRONT_SECRET_HEADER = "X-Satellite-Front"
+
+
+def speaks_for_clients(request: Request, via: str, settings: Settings, front_secret: str) -> bool:
+    """Is this a trusted front: from trusted-fronts and, where a front secret is set, carrying it? A front
+    on this host shares its loopback address with every local user; the secret tells nginx from them."""
+    if not address_in(via, settings.trusted_fronts):
+        return False
+    presented = request.headers.get(FRONT_SECRET_HEADER) or ""
+    return not front_secret or hmac.compare_digest(presented.encode(), front_secret.encode())
+
+
+def client_address(request: Request, via: str, front: bool) -> str:
     """Who is asking: the connection's address, or — from a trusted front — the address the front
     appended last to X-Forwarded-For (what it saw; earlier entries are the client's own claims).
     A trusted front that names no client is refused: it would otherwise be taken for itself."""
-    if not address_in(via, settings.trusted_fronts):
+    if not front:
         return via
     forwarded = ",".join(request.headers.get_all("x-forwarded-for")).split(",")[-1].strip().strip("[]")
     try:
@@ -1678,10 +1697,10 @@ def endpoint_refusal(endpoint: Endpoint, request: Request, peer: str, settings: 
     return None
 
 
-def sso_user(request: Request, peer: str, settings: Settings) -> Optional[str]:
-    """The signed-in user named by the SSO front, believed only from a trusted front address."""
+def sso_user(request: Request, front: bool, settings: Settings) -> Optional[str]:
+    """The signed-in user named by the SSO front, believed only from a trusted front."""
     header = settings.trusted_user_header
-    if not header or not address_in(peer, settings.trusted_fronts):
+    if not header or not front:
         return None
     values = request.headers.get_all(header)
     user = values[0].strip() if len(values) == 1 else ""          # two names for one request: believe neither
@@ -3191,6 +3210,19 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NO_ENDPOINT = "no such endpoint {}; see /api/getlink, /api/redeem, /api/state, /api/release, /api/status, /healthz"
 
 
+def read_front_secret(path: str) -> str:
+    if not path:
+        return ""
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"front_secret: cannot read {path}: {exc}") from None
+    if len(secret) < 32 or not TOKEN_CHARS.match(secret):
+        raise ValueError(f"front_secret: {path} must hold one line of 32 or more letters, digits or -._~ "
+                         "(e.g. from: openssl rand -hex 32)")
+    return secret
+
+
 class Satellite:
     """The running service, shared by all connections: settings, store, limits, TLS, tunnels —
     and `respond`, the request pipeline: route -> decide -> act, returning an Answer."""
@@ -3206,6 +3238,7 @@ class Satellite:
         self.tls = load_tls_context(settings.cert, settings.key)
         self.cert_expiry = certificate_expiry(settings.cert)
         self.tunnels = Tunnels()
+        self.front_secret = read_front_secret(settings.front_secret)
 
     def reload_certificate(self) -> bool:
         """Swap in a freshly loaded context; connections already open keep theirs."""
@@ -3222,8 +3255,10 @@ class Satellite:
     def respond(self, conn: "Connection", ex: Exchange) -> Answer:
         """One request whose head has been read: where it goes, whether the caller may, the answer."""
         ex.via = conn.peer
-        ex.peer = client_address(ex.request, conn.peer, self.settings)
-        ex.user = sso_user(ex.request, ex.via, self.settings)
+        front = speaks_for_clients(ex.request, conn.peer, self.settings, self.front_secret)
+        ex.peer = client_address(ex.request, conn.peer, front)
+        ex.user = sso_user(ex.request, front, self.settings)
+        ex.front = front
         where = route(ex.request, self.settings, conn.plane)
         if where.kind in ("endpoint", "unknown"):
             return self.serve_management(conn, ex, where)
@@ -3258,7 +3293,8 @@ class Satellite:
         session = self.store.cached_session(alias)
         if session is not None and session.legacy:
             ex.logged_host = f"{logged_alias(session)}.{self.settings.domain}"
-        if where.kind == "front-auth" and address_in(ex.via, self.settings.admin_from):
+        if where.kind == "front-auth" and address_in(ex.via, self.settings.admin_from) \
+                and (ex.front or not self.front_secret):
             return self.answer_front(ex, session, alias)
         verdict = self.decide(request, ex, session, alias)
         if not verdict.allowed:
@@ -3686,7 +3722,7 @@ def command_serve(settings: Settings) -> int:
         service = Satellite(settings)
         service.store.mark_tunnels_down(time.time())
         service.store.close_thread_connection()    # the main thread keeps none open (workers close theirs)
-    except CookieKeyError as exc:
+    except (CookieKeyError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     except (OSError, ssl.SSLError) as exc:
@@ -3944,6 +3980,9 @@ SETTING_FLAGS = [
                                            "only sessions)"),
     ("--trusted-user-header", "trusted_user_header", "header naming the signed-in user, set by an SSO front "
                                                      "(e.g. X-Remote-User); a session then belongs to its first user"),
+    ("--front-secret", "front_secret", "FILE holding a secret (32+ characters) a front sends as X-Satellite-Front; "
+                                       "only requests carrying it speak for clients (needed when a front is on "
+                                       "this host: local users share its loopback address)"),
     ("--trusted-fronts", "trusted_fronts", "CIDR[,CIDR] of fronts (nginx, an SSO proxy): their requests count as the "
                                            "client they name last in X-Forwarded-For; the user header from anyone "
                                            "else is dropped"),

@@ -48,8 +48,11 @@ def test_export_formats_and_atomic_unchanged_writes(fresh_satellite, app, tmp_pa
 def nginx_front(fresh_satellite, tmp_path, certs):
     """A real nginx running contrib/nginx-satellite.conf, with only ports, paths and domain adapted."""
     # nginx connects from 127.0.0.5 here (the tests' login node is 127.0.0.1, which may not be a front)
+    secret = "9" * 64
+    (tmp_path / "front-secret").write_text(secret + "\n")
+    (tmp_path / "front-secret.conf").write_text(f'proxy_set_header X-Satellite-Front "{secret}";\n')
     satellite = fresh_satellite("--admin-from", f"{FRONT}/32", "--trusted-fronts", f"{FRONT}/32",
-                                "--control-listen", "127.0.0.1:0")
+                                "--control-listen", "127.0.0.1:0", "--front-secret", str(tmp_path / "front-secret"))
     port = free_port()
     map_file = tmp_path / "satellite-map.conf"
     map_file.write_text("")
@@ -57,6 +60,7 @@ def nginx_front(fresh_satellite, tmp_path, certs):
     for old, new in [("server 127.0.0.1:8443;", f"server 127.0.0.1:{satellite.port};"),
                      ("server 127.0.0.1:8444;", f"server 127.0.0.1:{satellite.control_port};"),
                      ("# proxy_bind 127.0.0.1;", f"proxy_bind {FRONT};"),
+                     ("/etc/nginx/satellite-front-secret.conf", str(tmp_path / "front-secret.conf")),
                      ("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
                      ("satellite.example.edu", DOMAIN), ("/etc/nginx/satellite-map.conf", str(map_file)),
                      ("/etc/satellite/tls/fullchain.pem", str(certs / "cert.pem")),

@@ -311,17 +311,26 @@ def test_http_listener_only_redirects(ops_satellite, app):
 # SSO front ---------------------------------------------------------------------------------------
 
 FRONT = "127.0.0.5"                  # the SSO front's own address; it names its clients in X-Forwarded-For
+FRONT_SECRET = "front-secret-" + "5" * 32
+
+
+@pytest.fixture
+def front_satellite(ops_satellite, tmp_path):
+    """A satellite behind a front on this host (loopback): the front proves itself with a secret."""
+    secret = tmp_path / "front-secret"
+    secret.write_text(FRONT_SECRET + "\n")
+    return lambda *extra: ops_satellite("--trusted-fronts", f"{FRONT}/32", "--front-secret", str(secret), *extra)
 
 
 def through_front(satellite, host, target, user=None, client="198.51.100.7", **headers):
-    headers = dict(headers, **{"X-Forwarded-For": client})
+    headers = dict(headers, **{"X-Forwarded-For": client, "X-Satellite-Front": FRONT_SECRET})
     if user:
         headers["X-Remote-User"] = user
     return satellite.request(host, target, headers=headers, source=FRONT)
 
 
-def test_sso_binds_a_session_to_its_first_user(ops_satellite, app):
-    satellite = ops_satellite("--trusted-user-header", "X-Remote-User", "--trusted-fronts", f"{FRONT}/32")
+def test_sso_binds_a_session_to_its_first_user(front_satellite, app):
+    satellite = front_satellite("--trusted-user-header", "X-Remote-User")
     link = satellite.mapped_session(app)
     host = satellite.host(link["alias"])
     target = "/headers?token=" + link["token"]
@@ -343,9 +352,9 @@ def test_sso_binds_a_session_to_its_first_user(ops_satellite, app):
     assert denied[0]["source"] == "198.51.100.7"                       # the client, not the front
 
 
-def test_sso_user_header_look_alikes_never_reach_the_app(ops_satellite, app):
+def test_sso_user_header_look_alikes_never_reach_the_app(front_satellite, app):
     """CGI/WSGI gateways fold '_' into '-': X_Remote_User from a client must not become the app's user."""
-    satellite = ops_satellite("--trusted-user-header", "X-Remote-User", "--trusted-fronts", f"{FRONT}/32")
+    satellite = front_satellite("--trusted-user-header", "X-Remote-User")
     link = satellite.mapped_session(app)
     host = satellite.host(link["alias"])
     status, _, body = through_front(satellite, host, "/headers?token=" + link["token"], "alice",
@@ -357,18 +366,40 @@ def test_sso_user_header_look_alikes_never_reach_the_app(ops_satellite, app):
     assert status == 403
 
 
-def test_a_front_names_its_client_and_is_never_taken_for_it(ops_satellite, app):
-    satellite = ops_satellite("--trusted-fronts", f"{FRONT}/32")
+def test_a_front_names_its_client_and_is_never_taken_for_it(front_satellite, app):
+    satellite = front_satellite()
     link = satellite.mapped_session(app)
     host = satellite.host(link["alias"])
-    assert satellite.request(host, "/?token=" + link["token"], source=FRONT)[0] == 400     # no X-Forwarded-For
+    assert satellite.request(host, "/?token=" + link["token"], source=FRONT,
+                             headers={"X-Satellite-Front": FRONT_SECRET})[0] == 400     # no X-Forwarded-For
     # the client's own claims come first; the front's entry (last) is believed
     status, _, _ = through_front(satellite, host, "/?token=wrong", client="127.0.0.1, 203.0.113.9")
     assert status == 403
     assert [l["source"] for l in audit_lines(satellite) if l["event"] == "denied"][-1] == "203.0.113.9"
     # the API through a front: the client's address decides, so an outsider gets 403, not the front's rights
-    assert satellite.request("127.0.0.1", "/api/getlink", headers={"X-Forwarded-For": "203.0.113.9"},
-                             source=FRONT)[0] == 403
+    assert satellite.request("127.0.0.1", "/api/getlink", headers={"X-Forwarded-For": "203.0.113.9",
+                             "X-Satellite-Front": FRONT_SECRET}, source=FRONT)[0] == 403
+
+
+def test_a_local_user_at_the_fronts_address_does_not_speak_for_clients(front_satellite, app):
+    """A front on this host is loopback, which every local user can connect from: without the front's
+    secret, X-Forwarded-For and the user header are the caller's own claims, and not believed."""
+    satellite = front_satellite("--trusted-user-header", "X-Remote-User", "--issue-from", "127.0.0.1/32")
+    link = satellite.mapped_session(app)
+    host = satellite.host(link["alias"])
+    as_login_node = {"X-Forwarded-For": "127.0.0.1", "X-Remote-User": "alice"}
+    assert satellite.request("127.0.0.1", "/api/getlink", headers=as_login_node, source=FRONT)[0] == 403
+    assert satellite.request(host, "/headers?token=" + link["token"], headers=as_login_node, source=FRONT)[0] == 403
+    status, _, body = through_front(satellite, host, "/headers?token=" + link["token"], "alice")
+    assert status == 200                                                  # the real front, with its secret
+    assert ["X-Satellite-Front", FRONT_SECRET] not in json.loads(body)["headers"]    # never passed to the app
+
+
+def test_a_front_on_this_host_needs_its_secret(tmp_path, certs):
+    result = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "serve", "--domain", "x.org", "--cert", "c",
+                             "--key", "k", "--trusted-fronts", "127.0.0.5/32", "--issue-from", "10.1.0.0/24",
+                             "--redeem-from", "10.2.0.0/16"], capture_output=True, text=True)
+    assert result.returncode == 2 and "trusted_fronts includes loopback" in result.stderr
 
 
 def test_a_front_may_not_be_in_issue_or_redeem_networks(tmp_path, certs):

@@ -234,9 +234,9 @@ def test_with_sso_the_first_signed_in_user_owns_the_session(owner, user, expecte
 
 def test_the_sso_user_is_believed_only_from_a_trusted_front():
     request = request_from_bytes(head("GET / HTTP/1.1", "X-Remote-User: ann", host=f"{ALIAS}.{DOMAIN}"))
-    assert satellite.sso_user(request, "10.9.0.2", SSO) == "ann"
-    assert satellite.sso_user(request, "10.9.0.3", SSO) is None
-    assert satellite.sso_user(request, "10.9.0.2", SETTINGS) is None
+    assert satellite.sso_user(request, satellite.speaks_for_clients(request, "10.9.0.2", SSO, ""), SSO) == "ann"
+    assert satellite.sso_user(request, satellite.speaks_for_clients(request, "10.9.0.3", SSO, ""), SSO) is None
+    assert satellite.sso_user(request, True, SETTINGS) is None
 
 
 # limits ----------------------------------------------------------------------------------------------
@@ -360,21 +360,27 @@ def test_only_state_changing_requests_and_websockets_from_elsewhere_are_refused(
     assert (satellite.foreign_origin(request) is not None) == (foreign and changes_state)
 
 
-@pytest.mark.parametrize("forwarded,via,expected", [
-    (None, "10.1.0.7", "10.1.0.7"), ("203.0.113.9", "10.1.0.7", "10.1.0.7"),        # not a front: ignored
-    ("203.0.113.9", "10.9.0.2", "203.0.113.9"), ("10.1.0.7, 203.0.113.9", "10.9.0.2", "203.0.113.9"),
-    ("2001:db8::1", "10.9.0.2", "2001:db8::1"), ("[2001:db8::1]", "10.9.0.2", "2001:db8::1"),
-    (None, "10.9.0.2", 400), ("unknown", "10.9.0.2", 400), ("203.0.113.9, ", "10.9.0.2", 400),
+@pytest.mark.parametrize("forwarded,via,secret,expected", [
+    (None, "10.1.0.7", None, "10.1.0.7"), ("203.0.113.9", "10.1.0.7", None, "10.1.0.7"),   # not a front: ignored
+    ("203.0.113.9", "10.9.0.2", None, "203.0.113.9"), ("10.1.0.7, 203.0.113.9", "10.9.0.2", None, "203.0.113.9"),
+    ("2001:db8::1", "10.9.0.2", None, "2001:db8::1"), ("[2001:db8::1]", "10.9.0.2", None, "2001:db8::1"),
+    (None, "10.9.0.2", None, 400), ("unknown", "10.9.0.2", None, 400), ("203.0.113.9, ", "10.9.0.2", None, 400),
+    # with a front secret, the front's address alone is not enough (local users share a loopback front's)
+    ("203.0.113.9", "10.9.0.2", "s" * 40, "203.0.113.9"), ("203.0.113.9", "10.9.0.2", "wrong" * 8, "10.9.0.2"),
+    ("203.0.113.9", "10.9.0.2", "", "10.9.0.2"),
 ])
-def test_a_trusted_front_is_attributed_to_the_client_it_names_last(forwarded, via, expected):
-    request = request_from_bytes(head("GET / HTTP/1.1", *([f"X-Forwarded-For: {forwarded}"] if forwarded else [])))
+def test_a_trusted_front_is_attributed_to_the_client_it_names_last(forwarded, via, secret, expected):
+    fields = [f"X-Forwarded-For: {forwarded}"] if forwarded else []
+    fields += [f"X-Satellite-Front: {secret}"] if secret is not None else []
+    request = request_from_bytes(head("GET / HTTP/1.1", *fields))
     settings = satellite.Settings(domain=DOMAIN, cert="c", key="k", trusted_fronts=satellite.parse_networks("10.9.0.2"))
+    front = satellite.speaks_for_clients(request, via, settings, "s" * 40 if secret is not None else "")
     if expected == 400:
         with pytest.raises(HttpError) as refused:
-            satellite.client_address(request, via, settings)
+            satellite.client_address(request, via, front)
         assert refused.value.status == 400
     else:
-        assert satellite.client_address(request, via, settings) == expected
+        assert satellite.client_address(request, via, front) == expected
 
 
 @pytest.mark.parametrize("plane,host,path,kind", [
