@@ -76,6 +76,7 @@ SESSION_ROOT = ".satellite/sessions"                # under the user's home
 PROFILE_ROOT = ".satellite/profiles"
 LOOPBACK = "127.0.0.1"                              # where a tunneled app listens: only the node reaches it
 LIFETIME_MARGIN = 600                               # link outlives the walltime by this much (seconds)
+MAX_REPLY = 64 * 1024                               # bytes of a satellite reply we read at most
 
 JUPYTER_FLAGS = ("--no-browser --ip={host} --port={port} --ServerApp.port_retries=0 "
                  # satellite is the front: Host names are its aliases, and it sets X-Forwarded-*
@@ -129,7 +130,7 @@ class Failure(Exception):
 
 # Terminal control: C0 and C1 controls (escape sequences start with one) and the bidirectional overrides that
 # reorder what a reader sees. Tab and newline stay.
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def printable(text) -> str:
@@ -360,7 +361,12 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
         raise UsageError(f"--cacert {options.cacert}: no such file")
     workdir = options.workdir or os.getcwd()
     if not os.path.isdir(workdir):
-        raise UsageError(f"--workdir {workdir}: no such directory")
+        raise UsageError(f"--workdir {printable(workdir)}: no such directory")
+    for path, what in ((workdir, "the working directory"), (options.venv, "--venv"), (options.sif, "--sif"),
+                       (options.cacert, "--cacert")):
+        if path and re.search(r"[\x00-\x1f\x7f]", path):   # a newline in a path starts a new line of job.sh:
+            raise UsageError(f"{what} {printable(path)}: a path with control characters (a newline starts a "
+                             "batch directive of its own); launch from another directory")
     if options.venv and not os.path.isfile(os.path.join(options.venv, "bin", "activate")):
         raise UsageError(f"--venv {options.venv}: no bin/activate there")
     if (options.nv or options.rocm or options.bind) and not options.sif:
@@ -477,8 +483,9 @@ class SatelliteApi:
             conn.request("POST", f"/api/{endpoint}", body=body,
                          headers={"Content-Type": "application/x-www-form-urlencoded",
                                   "Accept": "application/json", "User-Agent": f"satellite-client/{__version__}"})
+            sock = conn.sock                               # getresponse may let go of it (Connection: close)
             resp = conn.getresponse()
-            data = resp.read()
+            data = self.read_reply(sock, resp)
         except (OSError, http.client.HTTPException) as exc:
             raise Unreachable(f"cannot reach satellite at {self.url}: {exc}") from None
         finally:
@@ -486,10 +493,27 @@ class SatelliteApi:
         try:
             reply = json.loads(data)
         except ValueError:
-            raise Failure(f"satellite at {self.url} answered {resp.status} with something that is not JSON") from None
+            reply = None
+        if not isinstance(reply, dict):
+            raise Failure(f"satellite at {self.url} answered {resp.status} with something that is not a JSON object")
         if resp.status >= 400:
             raise ApiRefused(resp.status, reply.get("error", "refused"))
         return reply
+
+    def read_reply(self, sock: socket.socket, resp: http.client.HTTPResponse) -> bytes:
+        """The reply's body, whole within the call's timeout and MAX_REPLY bytes: a satellite that
+        trickles or floods its answer gets no more of the login node than a silent one."""
+        deadline, data = time.monotonic() + self.timeout, b""
+        while len(data) <= MAX_REPLY:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Failure(f"satellite at {self.url} did not finish its answer within {self.timeout:.0f}s")
+            sock.settimeout(remaining)
+            chunk = resp.read1(MAX_REPLY + 1 - len(data))
+            if not chunk:
+                return data
+            data += chunk
+        raise Failure(f"satellite at {self.url} answered with more than {MAX_REPLY} bytes")
 
     def open_tunnel(self, key: str, attach: int) -> tuple:
         """Ask satellite to carry the session over a new connection: (TLS socket, bytes already read
@@ -1415,13 +1439,14 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
 
 
 def release_link(api: SatelliteApi, key: str, timeout: float = 5) -> None:
-    """End the link (satellite answers 410 for it from now on); quickly, as the job may be killed soon."""
+    """End the link (satellite answers 410 for it from now on); quickly, as the job may be killed soon.
+    Whatever satellite answers, this returns: stopping the app comes after it."""
     api.timeout = timeout
     try:
         api.call("release", key=key)
         say("link released")
-    except Failure as exc:
-        say(f"could not release the link: {exc}")
+    except Exception as exc:                           # noqa: nothing satellite says may keep the app running
+        say(f"could not release the link: {printable(exc)}")
 
 
 def stop_process_group(proc: Optional[subprocess.Popen], grace: float = 10) -> None:

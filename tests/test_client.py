@@ -694,3 +694,30 @@ def test_what_the_site_enforces_in_its_config_nothing_the_user_runs_with_can_cha
     options = satellite_client.launch_options(satellite_client.build_parser().parse_args(
         launch + ["--cacert", str(certs / "ca.pem"), "--partition", "debug"]))
     assert (options.connect, options.satellite, options.partition) == ("tunnel", "https://manage.sat.test", "debug")
+
+
+@pytest.mark.parametrize("name", ["proj\n#$ -cwd -v BASH_ENV=.rc\n", "data\n#SBATCH --wrap=id\n", "tab\there"])
+def test_a_shared_directory_whose_name_holds_a_directive_is_refused(tmp_path, job_satellite, name):
+    """Quoting keeps bash safe, but a newline in the working directory's name still starts a line of job.sh,
+    and Grid Engine reads '#$' lines anywhere in the script."""
+    shared = tmp_path / name
+    shared.mkdir()
+    client = Client(tmp_path / "home", job_satellite)
+    result = client.run("launch", "--scheduler", "sge", "--dry-run", "--command", ECHO_APP, cwd=shared)
+    assert result.returncode == 2 and "control characters" in result.stderr and "#$ -cwd" not in result.stdout
+
+
+@pytest.mark.parametrize("reply", [[], "a string", None, 42])
+def test_a_satellite_reply_that_is_not_an_object_is_a_clear_failure(tmp_path, certs, fake_satellite, reply):
+    fake = fake_satellite({"getlink": reply})
+    client = Client(tmp_path / "home", fake)
+    result = client.run("launch", "--scheduler", "local", "--command", ECHO_APP)
+    assert result.returncode == 1 and "not a JSON object" in result.stderr and "Traceback" not in result.stderr
+    assert client.sessions() == []
+
+
+def test_a_satellite_reply_too_large_is_not_read_whole(tmp_path, certs, fake_satellite):
+    fake = fake_satellite({"getlink": {"alias": "x" * 4_000_000}})
+    client = Client(tmp_path / "home", fake)
+    result = client.run("launch", "--scheduler", "local", "--command", ECHO_APP)
+    assert result.returncode == 1 and "more than 65536 bytes" in result.stderr and "Traceback" not in result.stderr
