@@ -196,7 +196,9 @@ def main():
               start_chp(certs, ports["chp"], ports["backend"]), start_chp(certs, ports["chp_lab"], ports["jupyter"])]
     satellite = SatelliteServer(certs, work, ["--access-log", "off", "--redeem-from", "127.0.0.0/8",
                                               "--max-connections", "8192", "--getlink-rate", "0",
-                                              "--max-live-per-source", "0"]).start()
+                                              "--max-live-per-source", "0", "--max-live-per-user", "0",
+                                              # wrk's connections all come from 127.0.0.1: many clients, one address
+                                              "--max-connections-per-address", "0"]).start()
     try:
         link = satellite.getlink()
         status, _ = satellite.api("redeem", key=link["key"], port=ports["backend"])

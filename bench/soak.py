@@ -37,7 +37,8 @@ def main():
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="satellite-soak-"))
     subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(work / "certs"), "sat.test"], check=True)
-    satellite = SatelliteServer(work / "certs", work, ["--access-log", "off", "--redeem-from", "127.0.0.0/8"]).start()
+    satellite = SatelliteServer(work / "certs", work, ["--access-log", "off", "--redeem-from", "127.0.0.0/8",
+                                                             "--max-connections-per-address", "0"]).start()
     app = App(work)
     deadline = time.monotonic() + args.seconds
     counts = {"http": 0, "ws": 0, "sessions": 0, "errors": 0}
