@@ -13,6 +13,7 @@ copy is satellite.py's (satellite_client.py imports it from there).
 """
 import argparse
 import io
+import os
 import sys
 import zipapp
 import zipfile
@@ -47,6 +48,7 @@ def build(output_dir: Path) -> list:
     for name, (main, modules) in APPS.items():
         target = output_dir / name
         zipapp.create_archive(archive_bytes(main, modules), target, interpreter=INTERPRETER)
+        os.chmod(target, 0o755)                 # run as ./dist/satellite.pyz, whatever the umask
         built.append(target)
     return built
 

@@ -30,6 +30,16 @@ def test_build_is_reproducible(tmp_path):
     assert head.startswith(b"#!/usr/bin/env python3\n")
 
 
+def test_archives_are_built_executable_and_run_as_commands(tmp_path):
+    """Users run ./dist/satellite.pyz: the build sets the run bit itself (0755), whatever the umask."""
+    subprocess.run(["sh", "-c", f"umask 077 && {sys.executable} {ROOT / 'build_zipapp.py'} --output-dir {tmp_path}"],
+                   check=True, capture_output=True)
+    for name, expected in (("satellite.pyz", "satellite "), ("satellite-client.pyz", "satellite-client ")):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o755, name
+        result = subprocess.run([f"./{name}", "--version"], cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0 and result.stdout.startswith(expected), result.stderr
+
+
 def test_each_archive_carries_its_sources_as_they_are(tmp_path):
     build(tmp_path)
     for name, members in ARCHIVES.items():
