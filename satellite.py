@@ -1930,6 +1930,8 @@ class ManagementApi:
         self.metrics = metrics
         self.getlink_limit = RateLimiter(settings.getlink_rate)
         self.lookup_failures = RateLimiter(settings.token_failures)     # /api/status is open to anyone
+        # unmunge runs a process: an address gets a few times its getlink rate of checks, before the user is known
+        self.munge_checks = RateLimiter((settings.getlink_rate[0] * 5, settings.getlink_rate[1]))
         self.routes: dict = {
             "/api/getlink": self.getlink,
             "/api/redeem": self.redeem,
@@ -2002,7 +2004,7 @@ class ManagementApi:
     # the API -----------------------------------------------------------------------
     def getlink(self, params: dict, peer: str, sso_user: Optional[str] = None) -> tuple:
         check_params(params, ("lifetime", "user", "munge"))
-        user = self.asking_user(params, sso_user)
+        user = self.asking_user(params, sso_user, peer)
         self.check_issue_limits(peer, user)
         lifetime = self.settings.session_lifetime
         if params.get("lifetime"):
@@ -2019,7 +2021,7 @@ class ManagementApi:
         return 201, {"alias": session.alias, "url": self.settings.session_url(session.alias) + "?token=" + token,
                      "token": token, "key": key, "state": session.state, "expires": iso_time(session.expires)}
 
-    def asking_user(self, params: dict, sso_user: Optional[str]) -> Optional[tuple]:
+    def asking_user(self, params: dict, sso_user: Optional[str], peer: str) -> Optional[tuple]:
         """(name, how it is known) of the user asking for a link, or None if none is named: the SSO
         front's user, the maker of a MUNGE credential (checked), or a user= claim (a label: believed,
         not checked, and refused when the site sets user-proof = munge)."""
@@ -2029,6 +2031,10 @@ class ManagementApi:
         if sso_user:
             return sso_user, "sso"
         if params.get("munge"):
+            wait = self.munge_checks.retry_after(peer)
+            if wait:
+                raise ApiError(429, f"too many MUNGE credentials from {peer}; try again in {wait}s", retry_after=wait)
+            self.munge_checks.record(peer)
             name = munge_user(params["munge"])
             if claimed and claimed != name:
                 raise ApiError(403, f"the MUNGE credential was made by {name}, not {claimed}")

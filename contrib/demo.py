@@ -87,7 +87,7 @@ def main():
         print("   with curl:")
         print(f"   curl --cacert .demo/certs/ca.pem '{url}'")
         print(f"   (the browser will warn about the demo CA unless you import {WORK}/certs/ca.pem)")
-        print("   sessions: HOME=.demo/home dist/satellite-client.pyz list")
+        print("   sessions: HOME=.demo/home ./dist/satellite-client.pyz list")
         if args.check:
             for _ in range(int(args.queue_wait * 10) + 300):
                 if "Hello from the compute node" in curl(url):

@@ -208,6 +208,22 @@ class SatelliteServer:
             return db.execute("SELECT * FROM sessions").fetchall()
 
 
+def open_raw_tunnel(satellite, key, attach, source="127.0.0.1"):
+    """The agent's handshake by hand: (status, head, TLS socket)."""
+    sock = satellite.tls_socket("127.0.0.1", source=source)
+    sock.sendall((f"GET /api/tunnel HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+                  f"Upgrade: satellite-tunnel/1\r\nAuthorization: Bearer {key}\r\n"
+                  f"Satellite-Tunnel-Attach: {attach}\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(4096)
+        if not data:
+            break
+        head += data
+    status = int(head.split(b" ")[1]) if head else 0
+    return status, head.decode("latin-1"), sock
+
+
 class App:
     """tests/apps/echo_app.py as a separate process on a "compute node" address."""
 

@@ -3,7 +3,7 @@ its connection slots or other users' access. Each test is an attack run against 
 over real TLS; satellite's memory is read from /proc/<pid>/status (VmRSS).
 
 What each test requires of satellite:
-- a request body is never buffered beyond the API's 64 KiB: a chunk size is checked against what is left of
+- a request body is never buffered beyond its endpoint's limit (8 KiB for a form): a chunk size is checked against what is left of
   the limit before the chunk is read (413 at once, connection closed);
 - an API call's network check comes before its body is read: a refused caller gets 403 without being waited for;
 - one deadline from accept (TLS handshake included) to the end of the first request head (--header-timeout),
@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import LOGIN, NODE, wait_for
+from conftest import LOGIN, NODE, open_raw_tunnel, wait_for
 
 MIB = 1 << 20
 FRAME = struct.Struct("!BII")                # satellite.py section 10: kind | stream | payload length
@@ -338,20 +338,6 @@ def threads_of(pid):
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def attach_raw_tunnel(satellite, key, source=NODE):
-    sock = satellite.tls_socket("127.0.0.1", source=source)
-    sock.sendall((f"GET /api/tunnel HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
-                  f"Upgrade: satellite-tunnel/1\r\nAuthorization: Bearer {key}\r\n"
-                  f"Satellite-Tunnel-Attach: 1\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = sock.recv(1)
-        assert data, head
-        head += data
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
 def test_an_agent_that_never_ends_its_streams_cannot_pile_up_threads(fresh_satellite):
     """A cluster user's own agent answers every stream '204, Connection: close' and then never sends EOF
     or RESET; its own browser asks again and again on one keep-alive connection. Each stream satellite
@@ -360,7 +346,8 @@ def test_an_agent_that_never_ends_its_streams_cannot_pile_up_threads(fresh_satel
     satellite = fresh_satellite("--redeem-from", "127.0.0.0/8")
     link = satellite.getlink()
     pid = satellite.proc.pid
-    tunnel = attach_raw_tunnel(satellite, link["key"])
+    status, head, tunnel = open_raw_tunnel(satellite, link["key"], 1, source=NODE)
+    assert status == 101, head
     stop = threading.Event()
 
     def agent():

@@ -415,3 +415,11 @@ def test_no_shape_lets_a_trailing_newline_through(name):
             "JOBID_SHAPE": "12", "TARGET_SAFE": "/x", "USER_NAME": "ann",
             "MUNGE_CREDENTIAL": "MUNGE:" + "A" * 20 + ":"}[name]
     assert shape.match(good) and not shape.match(good + "\n")
+
+
+@pytest.mark.parametrize("peer,group", [
+    ("10.1.0.7", "10.1.0.7"), ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"), ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+])
+def test_an_ipv6_clients_connection_share_is_its_slash_64s(peer, group):
+    assert satellite.connection_group(peer) == group

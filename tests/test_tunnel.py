@@ -22,7 +22,7 @@ import zipfile
 import pytest
 import websocket
 
-from conftest import ECHO_APP, ROOT, Client, build_zipapps, follow_events, json_body, wait_for
+from conftest import ECHO_APP, ROOT, Client, build_zipapps, follow_events, json_body, open_raw_tunnel, wait_for
 from test_jupyter import execute
 
 FRAME = struct.Struct("!BII")
@@ -82,22 +82,6 @@ def get(satellite, url, target, **kwargs):
 
 def job_log(client, alias):
     return (client.session_dir(alias) / "job.log").read_text()
-
-
-def open_raw_tunnel(satellite, key, attach, source="127.0.0.1"):
-    """The agent's handshake by hand: (status, head, TLS socket)."""
-    sock = satellite.tls_socket("127.0.0.1", source=source)
-    sock.sendall((f"GET /api/tunnel HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
-                  f"Upgrade: satellite-tunnel/1\r\nAuthorization: Bearer {key}\r\n"
-                  f"Satellite-Tunnel-Attach: {attach}\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = sock.recv(4096)
-        if not data:
-            break
-        head += data
-    status = int(head.split(b" ")[1]) if head else 0
-    return status, head.decode("latin-1"), sock
 
 
 @pytest.fixture

@@ -102,3 +102,11 @@ def test_satellite_client_says_who_asks_and_proves_it_with_munge(job_satellite_m
 @pytest.fixture
 def job_satellite_munge(fresh_satellite):
     return fresh_satellite("--redeem-from", "127.0.0.0/8", "--user-proof", "munge")
+
+
+def test_munge_checks_are_limited_per_address_before_the_user_is_known(fresh_satellite, munge):
+    """unmunge runs a process for every credential: an address gets five times its getlink rate of checks."""
+    satellite = fresh_satellite("--getlink-rate", "1/1m")
+    forged = "MUNGE:" + "A" * 40 + ":"
+    statuses = [getlink(satellite, munge=forged)[0] for _ in range(6)]
+    assert statuses == [403] * 5 + [429]
