@@ -44,6 +44,20 @@ def test_export_formats_and_atomic_unchanged_writes(fresh_satellite, app, tmp_pa
     assert failing.returncode == 1 and "reload failed" in failing.stderr
 
 
+RELOAD_AND_WAIT = """import subprocess, sys, time
+def workers():
+    return set(subprocess.run(["pgrep", "-P", "{master}"], capture_output=True, text=True).stdout.split())
+before = workers()
+subprocess.run(["nginx", "-s", "reload", "-c", "{conf}", "-p", "{prefix}"], check=True)
+for _ in range(300):
+    now = workers()
+    if now and not now & before:
+        sys.exit(0)
+    time.sleep(0.05)
+sys.exit("nginx's old workers did not exit within 15 s")
+"""
+
+
 @pytest.fixture
 def nginx_front(fresh_satellite, tmp_path, certs):
     """A real nginx running contrib/nginx-satellite.conf, with only ports, paths and domain adapted."""
@@ -81,7 +95,10 @@ http {{ access_log off; client_body_temp_path {tmp_path}/body; proxy_temp_path {
     assert check.returncode == 0, check.stderr
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp_path)])
     wait_for(lambda: (tmp_path / "nginx.pid").exists(), what="nginx")
-    reload = f"nginx -s reload -c {conf} -p {tmp_path}"
+    # a graceful reload leaves the old worker (with the old map) accepting for a moment: the reload command
+    # returns only once every worker the master had before is gone, so the next request meets the new map
+    (tmp_path / "reload.py").write_text(RELOAD_AND_WAIT.format(master=proc.pid, conf=conf, prefix=tmp_path))
+    reload = f"{sys.executable} {tmp_path / 'reload.py'}"
     yield satellite, port, map_file, reload
     proc.terminate()
     proc.wait(10)
