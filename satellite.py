@@ -95,6 +95,26 @@ SESSION_STATES = ("queued", "running", "mapped", "proxied", "ended")
 USER_PROOFS = ("claim", "munge")                  # what getlink takes as the asking user's identity
 REPORTABLE_STATES = ("queued", "running")          # what a job may report via /api/state
 
+# The scheduler's word for a job that is over -> Session.end_reason. A session whose job the scheduler
+# reports in one of these ends at once, however the word arrives (/api/jobstates, update-jobs.cgi,
+# jobstate-command). Slurm (squeue %T and %t), PBS Pro / Torque (job_state F, C, X), LSF (bjobs DONE,
+# EXIT), HTCondor (the words for JobStatus 3 and 4), Grid Engine (d*: being deleted; its finished jobs
+# simply leave qstat, which a full snapshot notices: see take_jobstates). Slurm's F (FAILED) and PBS's F
+# (finished) share a letter: it says only that the job ended.
+JOB_ENDED = {
+    "COMPLETED": "job completed", "CD": "job completed", "C": "job completed", "X": "job completed",
+    "DONE": "job completed", "F": "job ended",
+    "CANCELLED": "job cancelled", "CA": "job cancelled", "REMOVED": "job cancelled",
+    "DR": "job cancelled", "DT": "job cancelled", "D": "job cancelled",
+    "FAILED": "job failed", "EXIT": "job failed", "BOOT_FAIL": "job failed", "BF": "job failed",
+    "TIMEOUT": "job hit its time limit", "TO": "job hit its time limit",
+    "DEADLINE": "job hit its deadline", "DL": "job hit its deadline",
+    "NODE_FAIL": "job's node failed", "NF": "job's node failed",
+    "PREEMPTED": "job preempted", "PR": "job preempted",
+    "OUT_OF_MEMORY": "job ran out of memory", "OOM": "job ran out of memory",
+}
+JOB_NOT_LISTED = "job ended (no longer listed by the scheduler)"
+
 COOKIE_NAME = "__Host-satellite"                   # host-only, Secure, Path=/ by the prefix's rules
 INTERNAL_PREFIX = "/__satellite/"                  # satellite's own paths on a session host
 
@@ -240,7 +260,8 @@ class Settings:
     token_failures: tuple = (20, 60)        # wrong tokens per source address per window, then 429
     dead_after: int = 600                   # refresh ends a session whose app has been gone this long
     retention: int = 30 * 86400             # refresh deletes ended sessions this old (their aliases then free)
-    jobstate_command: str = ""              # refresh runs it: lines "JOBID STATE" (e.g. squeue -h -o '%i %T')
+    jobstate_command: str = ""              # refresh runs it: lines "JOBID STATE" (squeue -h -t all -o '%i %T')
+    job_gone_after: int = 120               # a job a full snapshot has not listed this long after it was seen ends
     hsts: int = 365 * 86400                 # Strict-Transport-Security max-age; 0 = off
     redirect_listen: Optional[tuple] = None # plain-HTTP listener that only redirects to HTTPS
     control_listen: Optional[tuple] = None  # the API, tunnels, metrics, front auth on their own listener
@@ -260,6 +281,7 @@ class Settings:
         "getlink_rate": parse_rate, "max_live_per_source": int, "token_failures": parse_rate,
         "max_live_per_user": int,
         "dead_after": parse_duration, "retention": parse_duration, "hsts": parse_duration,
+        "job_gone_after": parse_duration,
         "redirect_listen": parse_optional_listen,
         "control_listen": parse_optional_listen, "trusted_fronts": parse_networks, "legacy_api": parse_bool,
     }
@@ -555,6 +577,7 @@ class Session:
     tunnel_attach: Optional[int] = None
     issued_for: Optional[str] = None
     user_proof: Optional[str] = None
+    job_seen: Optional[float] = None
 
     @property
     def target(self) -> Optional[tuple]:
@@ -622,6 +645,7 @@ ADDED_COLUMNS = [
     ("tunnel_attach", "INTEGER"),          # reached through the job's tunnel: its last attach number
     ("issued_for", "TEXT"),                # the user who asked for the link, if named
     ("user_proof", "TEXT"),                # how that was known: 'sso', 'munge' (verified) or 'claim' (not)
+    ("job_seen", "REAL"),                  # when a job-state feed last listed the session's job
 ]
 
 
@@ -899,13 +923,19 @@ class Store:
     def set_backend_gone(self, alias: str, since: Optional[float]) -> None:
         self._write("UPDATE sessions SET backend_gone = ? WHERE alias = ? AND state != 'ended'", (since, alias))
 
-    def set_jobstates(self, states: dict) -> int:
-        """Scheduler states by job id (from a feed); returns how many sessions they named."""
+    def set_jobstates(self, states: dict, now: float) -> int:
+        """Scheduler states by job id (from a feed), and that the feed listed them `now`;
+        returns how many sessions they named."""
         changed = 0
         for jobid, state in states.items():
-            changed += self._write("UPDATE sessions SET jobstate = ? WHERE jobid = ? AND state != 'ended'",
-                                   (state, jobid))
+            changed += self._write("UPDATE sessions SET jobstate = ?, job_seen = ? WHERE jobid = ?"
+                                   " AND state != 'ended'", (state, now, jobid))
         return changed
+
+    def sessions_with_jobs(self) -> list:
+        """Live sessions whose job id is known."""
+        rows = self.db.execute("SELECT * FROM sessions WHERE state != 'ended' AND jobid IS NOT NULL").fetchall()
+        return [Session(**dict(row)) for row in rows]
 
     def prune(self, ended_before: float, dry_run: bool = False) -> int:
         where = "FROM sessions WHERE state = 'ended' AND ended < ?"
@@ -931,7 +961,7 @@ class Store:
 # 5. Operations: events, metrics, limits, refresh
 ###############################################################################
 
-LIFECYCLE_EVENTS = ("issue", "redeem", "state", "release", "revoke", "expire", "dead")
+LIFECYCLE_EVENTS = ("issue", "redeem", "state", "release", "revoke", "expire", "dead", "job_ended")
 
 
 class Events:
@@ -1118,19 +1148,54 @@ def read_jobstates(text: str) -> dict:
     return states
 
 
+def jobs_over(sessions: Iterable, states: dict, snapshot: bool, gone_after: int, now: float) -> list:
+    """(alias, end_reason, jobstate) for each live session whose job the scheduler says is over:
+    its state is a terminal one (JOB_ENDED), or — only when the feed is a full snapshot — the
+    snapshot does not list a job a feed listed before, and has not for `gone_after` (finished jobs
+    age out of squeue). A job never listed is not ended (its submit may be newer than the snapshot);
+    a partial feed (update-jobs.cgi, /api/jobstates without snapshot=1) ends only terminal states;
+    'UNKNOWN' or a failed command ends nothing."""
+    over = []
+    for session in sessions:
+        state = states.get(session.jobid)
+        if state in JOB_ENDED:
+            over.append((session.alias, JOB_ENDED[state], state))
+        elif state is None and snapshot and session.job_seen is not None and now - session.job_seen >= gone_after:
+            over.append((session.alias, JOB_NOT_LISTED, None))
+    return over
+
+
+def take_jobstates(store: Store, events: Events, states: dict, snapshot: bool, gone_after: int,
+                   dry_run: bool = False) -> tuple:
+    """Record a feed's job states and end the sessions whose job is over; (sessions named, sessions ended).
+    `snapshot`: the feed lists every job the scheduler knows (jobstate-command, /api/jobstates snapshot=1)."""
+    now = time.time()
+    over = jobs_over(store.sessions_with_jobs(), states, snapshot, gone_after, now)
+    if dry_run:
+        return len(states), len(over)
+    named = store.set_jobstates(states, now)
+    ended = 0
+    for alias, reason, state in over:
+        if store.end(alias, reason):
+            ended += 1
+            events.record("job_ended", alias, reason=reason, jobstate=state)
+    return named, ended
+
+
 def refresh(store: Store, settings: Settings, events: Events, dry_run: bool = False) -> dict:
     """The cron job: expire what is past its time, end sessions whose app is gone, prune
     old ended sessions, take scheduler states. Safe beside `serve` and beside itself:
     each change is one conditional statement, and only the caller that ends a session records it."""
     now = time.time()
     summary = dict.fromkeys(("expired_links", "expired_sessions", "probed", "down", "dead", "pruned",
-                             "jobstates"), 0)
+                             "jobstates", "jobs_ended"), 0)
     if settings.jobstate_command:
         result = subprocess.run(settings.jobstate_command, shell=True, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             log.warning("jobstate command failed (%d): %s", result.returncode, result.stderr.strip()[:200])
-        states = read_jobstates(result.stdout)
-        summary["jobstates"] = len(states) if dry_run else store.set_jobstates(states)
+        # its output is a full snapshot only if it succeeded: an unreachable controller ends nothing
+        summary["jobstates"], summary["jobs_ended"] = take_jobstates(
+            store, events, read_jobstates(result.stdout), result.returncode == 0, settings.job_gone_after, dry_run)
     live = store.sessions(("queued", "running", "mapped", "proxied"))
     for session in live:
         if now >= session.expires:
@@ -1779,6 +1844,14 @@ class Verdict:
 
 
 ENDED_TEXT = "This session has ended. Start a new one to get a new link."
+
+
+def ended_text(session: Session) -> str:
+    """The 410 page's words: how the job ended, when the scheduler said so."""
+    reason = session.end_reason or ""
+    if reason.startswith("job"):
+        return f"This session has ended: your {reason}. Start a new one to get a new link."
+    return ENDED_TEXT
 NEEDS_TOKEN_TEXT = "This link needs its token: open the full link you were given (the one ending in ?token=...)."
 
 
@@ -1790,7 +1863,7 @@ def decide_session_access(request: Request, session: Optional[Session], user: Op
     if session is None:
         return Verdict(404, "There is no session at this address.")
     if session.is_over(now):
-        return Verdict(410, ENDED_TEXT, end_expired=session.state != "ended")
+        return Verdict(410, ended_text(session), end_expired=session.state != "ended")
     foreign = foreign_origin(request)
     if foreign:
         return Verdict(403, "This request came from another site or another session's page, so it was not passed "
@@ -2132,9 +2205,14 @@ class ManagementApi:
     def jobstates(self, params: dict, peer: str) -> tuple:
         """The scheduler's view, so status pages can say "in queue" or "held": jobstates=
         lines of "JOBID STATE" (SDSC's update-jobs shape), from the admin network only."""
-        check_params(params, ("jobstates",))
+        check_params(params, ("jobstates", "snapshot"))
         states = read_jobstates(require(params, "jobstates"))
-        return 200, {"jobs": len(states), "sessions": self.store.set_jobstates(states)}
+        try:
+            snapshot = parse_bool(params.get("snapshot") or "no")
+        except ValueError:
+            raise ApiError(400, "snapshot must be yes or no") from None
+        named, ended = take_jobstates(self.store, self.events, states, snapshot, self.settings.job_gone_after)
+        return 200, {"jobs": len(states), "sessions": named, "ended": ended}
 
     # SDSC Satellite's API (--legacy-api) -------------------------------------------
     # Same endpoints, parameters and reply texts as the Perl CGIs, so galyleo and start-jupyter work
@@ -2202,7 +2280,8 @@ class ManagementApi:
         return 200, code
 
     def legacy_update_jobs(self, params: dict, peer: str) -> tuple:
-        self.store.set_jobstates(read_jobstates(params.get("jobstates", "")))
+        take_jobstates(self.store, self.events, read_jobstates(params.get("jobstates", "")), False,
+                       self.settings.job_gone_after)
         return 200, "Success!\n"
 
 
@@ -2285,6 +2364,16 @@ STATE_MESSAGES = {"queued": "Waiting for the batch system to start the job.",
                   "running": "The job is running; the app is starting.",
                   "mapped": "The app has registered; waiting for it to answer."}
 TUNNEL_DOWN_NOTE = "The job's tunnel to satellite is reconnecting; this page moves on by itself."
+
+
+def app_down_text(session: Session) -> str:
+    """A proxied session's app does not answer. A job the scheduler has ended is a 410 instead
+    (take_jobstates); this says whether the scheduler still runs it."""
+    job = (session.jobstate or "").upper()
+    if job in ("RUNNING", "R", "RUN", "COMPLETING", "CG"):
+        return (f"The app behind this link stopped answering: it stopped or is restarting. Your job "
+                f"{session.jobid} is still running; if the app does not come back, cancel the job and start anew.")
+    return "The app behind this link is not answering. It may have stopped; check your job."
 
 
 def page_answer(status: int, text: str, fields: Iterable = ()) -> Answer:
@@ -2573,8 +2662,7 @@ class Forwarder:
                 self.metrics.upstream_error()
                 if session.state == "mapped":
                     return status_page_answer(session, "The app is not answering yet.")
-                return page_answer(502, "The app behind this link is not answering. It may have stopped; "
-                                        "check your job.")
+                return page_answer(502, app_down_text(session))
             try:
                 upstream.stream.sock.sendall(head)
                 if request.framing != "none":
@@ -3798,7 +3886,7 @@ def command_refresh(settings: Settings, dry_run: bool) -> int:
     print(("refresh (dry run, nothing changed): " if dry_run else "refresh: ")
           + f"expired {summary['expired_links']} unredeemed links and {summary['expired_sessions']} sessions; "
           f"probed {summary['probed']} apps, {summary['down']} not answering, {summary['dead']} ended as gone; "
-          f"pruned {summary['pruned']}; {summary['jobstates']} job states; {time.monotonic() - started:.2f}s")
+          f"pruned {summary['pruned']}; {summary['jobstates']} job states, {summary['jobs_ended']} sessions ended with their job; {time.monotonic() - started:.2f}s")
     return 0
 
 
@@ -3977,7 +4065,10 @@ SETTING_FLAGS = [
     ("--token-failures", "token_failures", "wrong tokens per address and session before 429, COUNT/DURATION"),
     ("--dead-after", "dead_after", "refresh ends a session whose app has not answered for this long"),
     ("--retention", "retention", "refresh deletes ended sessions after this long"),
-    ("--jobstate-command", "jobstate_command", "refresh runs this for 'JOBID STATE' lines, e.g. squeue -h -o '%%i %%T'"),
+    ("--jobstate-command", "jobstate_command", "refresh runs this for 'JOBID STATE' lines, a full snapshot of the "
+                                               "scheduler's jobs, e.g. squeue -h -t all -o '%%i %%T'"),
+    ("--job-gone-after", "job_gone_after", "a job a full snapshot has not listed for this long after a feed listed "
+                                           "it has ended (finished jobs age out of squeue)"),
     ("--hsts", "hsts", "Strict-Transport-Security max-age (0 = off)"),
     ("--redirect-listen", "redirect_listen", "HOST:PORT of a plain-HTTP listener that redirects to HTTPS"),
     ("--control-listen", "control_listen", "HOST:PORT of a separate listener for the API, tunnels, /metrics and "
@@ -4072,6 +4163,7 @@ def build_parser() -> argparse.ArgumentParser:
     refresh_parser.add_argument("--dead-after", dest="dead_after", metavar="DURATION")
     refresh_parser.add_argument("--retention", dest="retention", metavar="DURATION")
     refresh_parser.add_argument("--jobstate-command", dest="jobstate_command", metavar="COMMAND")
+    refresh_parser.add_argument("--job-gone-after", dest="job_gone_after", metavar="DURATION")
     refresh_parser.add_argument("--audit-log", dest="audit_log", metavar="FILE")
     refresh_parser.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
     list_parser = admin("list", "sessions in the database", "List sessions (all, or one --state).")

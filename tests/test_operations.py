@@ -127,7 +127,7 @@ def test_jobstate_feed_endpoint_and_refresh_command(ops_satellite):
     satellite.api("state", key=pending["key"], state="queued", jobid="4242")
     satellite.api("state", key=held["key"], state="queued", jobid="4243")
     status, fields = satellite.api("jobstates", method="POST", jobstates="4242 PENDING\n4243 HELD\n9999 RUNNING")
-    assert status == 200 and fields == {"jobs": "3", "sessions": "2"}
+    assert status == 200 and fields == {"jobs": "3", "sessions": "2", "ended": "0"}
     assert satellite.api("jobstates", source=NODE, method="POST", jobstates="4242 RUNNING")[0] == 403
     _, _, page = satellite.request(satellite.host(pending["alias"]), "/?token=" + pending["token"])
     assert b"job 4242 is pending" in page

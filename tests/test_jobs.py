@@ -1,0 +1,131 @@
+"""The scheduler's word ends a session, whichever client started it and however the word arrives:
+a terminal job state in the /api/jobstates feed, SDSC's update-jobs.cgi, or refresh's jobstate-command;
+a job a full snapshot no longer lists, after a grace period. The link then shows the ended page (410)
+saying how the job ended, not a 502 for dead-after."""
+import subprocess
+import time
+
+import pytest
+
+import satellite as sat
+from conftest import LOGIN, NODE
+from test_legacy import curl
+from test_operations import admin, audit_lines
+
+
+def proxied(satellite, app, jobid):
+    link = satellite.mapped_session(app)
+    assert satellite.api("state", key=link["key"], state="running", jobid=jobid)[0] == 200
+    assert satellite.request(satellite.host(link["alias"]), "/?token=" + link["token"])[0] == 200
+    return link
+
+
+def ended_page(satellite, link):
+    status, _, body = satellite.request(satellite.host(link["alias"]), "/?token=" + link["token"])
+    return status, body.decode()
+
+
+def feed(satellite, how, lines):
+    if how == "api":
+        status, fields = satellite.api("jobstates", method="POST", jobstates=lines.replace("\n", "%0A"))
+        assert status == 200, fields
+    elif how == "update-jobs.cgi":
+        result = subprocess.run(["curl", "-s", "--cacert", str(satellite.certs / "ca.pem"), "--data-urlencode",
+                                 f"jobstates={lines}", satellite.url(LOGIN, "/update-jobs.cgi")],
+                                capture_output=True, text=True)
+        assert result.stdout == "Success!\n"
+    else:
+        out = admin(satellite, "refresh", "--jobstate-command", f"printf '{lines}\\n'")
+        assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("how", ["api", "update-jobs.cgi", "jobstate-command"])
+def test_a_terminal_job_state_ends_the_session_at_once(fresh_satellite, new_app, how):
+    satellite = fresh_satellite("--legacy-api", "--admin-from", "127.0.0.1/32", "--audit-log", "audit.log")
+    app = new_app()
+    link, other = proxied(satellite, app, "3"), proxied(satellite, app, "4")
+    feed(satellite, how, "3 CANCELLED\n4 RUNNING")
+    status, body = ended_page(satellite, link)
+    assert status == 410 and "your job cancelled" in body
+    assert satellite.api("status", key=link["key"])[1]["ended_because"] == "job cancelled"
+    assert ended_page(satellite, other)[0] == 200                       # its job still runs
+    assert [(e["event"], e["reason"]) for e in audit_lines(satellite) if e["event"] == "job_ended"] \
+        == [("job_ended", "job cancelled")]
+
+
+def test_galyleo_sees_D_as_soon_as_the_scheduler_says_the_job_is_gone(fresh_satellite, new_app):
+    """SDSC's galyleo: getlink.cgi, linktoken.cgi with the job id, redeemtoken.cgi from the node; scancel
+    (no trap, no destroytoken.cgi); the feed says CANCELLED: tokenjobstate.cgi answers the bare D."""
+    satellite = fresh_satellite("--legacy-api", "--admin-from", "127.0.0.1/32")
+    app = new_app(APP_TOKEN="jupyter-own-token")
+    alias = curl(satellite, "/getlink.cgi")[1].splitlines()[1]
+    assert curl(satellite, f"/linktoken.cgi?token={alias}&jobid=3") == (200, "Success!\n")
+    assert curl(satellite, f"/redeemtoken.cgi?token={alias}&port={app.port}", source=NODE) == (200, "Success!\n")
+    host = satellite.host(alias)
+    assert satellite.request(host, "/?token=jupyter-own-token")[0] == 200
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "PR")
+    feed(satellite, "update-jobs.cgi", "3 CANCELLED")
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "D")
+    status, _, body = satellite.request(host, "/?token=jupyter-own-token")
+    assert status == 410 and b"your job cancelled" in body
+
+
+@pytest.mark.parametrize("state, phrase", [
+    ("TIMEOUT", "job hit its time limit"), ("FAILED", "job failed"), ("COMPLETED", "job completed"),
+    ("NODE_FAIL", "job's node failed"), ("PREEMPTED", "job preempted"), ("OUT_OF_MEMORY", "job ran out of memory"),
+    ("BOOT_FAIL", "job failed"), ("DEADLINE", "job hit its deadline"), ("CA", "job cancelled"),
+    ("TO", "job hit its time limit"), ("DONE", "job completed"), ("EXIT", "job failed"), ("C", "job completed"),
+    ("REMOVED", "job cancelled"), ("dr", "job cancelled")])
+def test_each_terminal_word_says_how_the_job_ended(state, phrase):
+    session = sat.Session(alias="a", token_hash="", key_hash="", state="proxied", created=0, expires=1e12,
+                          lifetime=1, issued_to="", jobid="7", target_host=None, target_port=None, redeemed=None,
+                          ended=None, end_reason=None)
+    states = sat.read_jobstates(f"7 {state}")
+    assert sat.jobs_over([session], states, False, 60, 0) == [("a", phrase, state.upper())]
+
+
+@pytest.mark.parametrize("state", ["RUNNING", "PENDING", "UNKNOWN", "COMPLETING", "SUSPENDED", "R", "qw", "E"])
+def test_states_of_a_live_or_unknown_job_end_nothing(state):
+    session = sat.Session(alias="a", token_hash="", key_hash="", state="proxied", created=0, expires=1e12,
+                          lifetime=1, issued_to="", jobid="7", target_host=None, target_port=None, redeemed=None,
+                          ended=None, end_reason=None, job_seen=0)
+    assert sat.jobs_over([session], sat.read_jobstates(f"7 {state}"), True, 60, 1000) == []
+
+
+def test_a_job_a_full_snapshot_no_longer_lists_ends_after_the_grace_period(fresh_satellite, new_app):
+    satellite = fresh_satellite("--admin-from", "127.0.0.1/32", "--job-gone-after", "1s")
+    app = new_app()
+    seen, never_listed = proxied(satellite, app, "11"), proxied(satellite, app, "12")
+    refresh = ["refresh", "--job-gone-after", "1s", "--jobstate-command"]
+    assert admin(satellite, *refresh, "printf '11 RUNNING\\n'").returncode == 0
+    # within the grace period, a snapshot without job 11 ends nothing
+    assert admin(satellite, "refresh", "--job-gone-after", "1h", "--jobstate-command", "true").returncode == 0
+    assert ended_page(satellite, seen)[0] == 200
+    time.sleep(1.1)                                                     # the grace period, 1 s, passes
+    # a partial feed (no snapshot=1) and a failed command (the controller is unreachable) end nothing
+    assert satellite.api("jobstates", method="POST", jobstates="99 RUNNING")[1]["ended"] == "0"
+    failed = admin(satellite, *refresh, "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2; "
+                                        "exit 1")
+    assert failed.returncode == 0 and "0 sessions ended with their job" in failed.stdout
+    assert ended_page(satellite, seen)[0] == 200
+    # a full snapshot that does not list it: it has ended; a job never listed is left alone
+    status, fields = satellite.api("jobstates", method="POST", jobstates="99 RUNNING", snapshot="1")
+    assert status == 200 and fields["ended"] == "1"
+    status, body = ended_page(satellite, seen)
+    assert status == 410 and "no longer listed by the scheduler" in body
+    assert ended_page(satellite, never_listed)[0] == 200
+    assert satellite.api("jobstates", method="POST", jobstates="1 R", snapshot="maybe")[0] == 400
+
+
+def test_an_app_that_stops_while_its_job_runs_says_so(fresh_satellite, new_app):
+    satellite = fresh_satellite("--admin-from", "127.0.0.1/32")
+    app = new_app()
+    link = proxied(satellite, app, "21")
+    satellite.api("jobstates", method="POST", jobstates="21 RUNNING")
+    app.stop()
+    status, body = ended_page(satellite, link)
+    assert status == 502 and "stopped or is restarting" in body and "job 21 is still running" in body
+    feed(satellite, "api", "21 TIMEOUT")
+    status, body = ended_page(satellite, link)
+    assert status == 410 and "your job hit its time limit" in body
+    assert satellite.api("status", key=link["key"])[1]["ended_because"] == "job hit its time limit"
