@@ -8,7 +8,7 @@ import time
 import pytest
 
 import satellite as sat
-from conftest import LOGIN, NODE
+from conftest import LOGIN, NODE, ROOT, wait_for
 from test_legacy import curl
 from test_operations import admin, audit_lines
 
@@ -129,3 +129,48 @@ def test_an_app_that_stops_while_its_job_runs_says_so(fresh_satellite, new_app):
     status, body = ended_page(satellite, link)
     assert status == 410 and "your job hit its time limit" in body
     assert satellite.api("status", key=link["key"])[1]["ended_because"] == "job hit its time limit"
+
+
+# with the real Slurm ---------------------------------------------------------------------------------
+
+GALYLEO_STYLE_JOB = """#!/usr/bin/env bash
+#SBATCH --job-name=galyleo-style
+#SBATCH --time=00:10:00
+#SBATCH --output={out}
+# As SDSC's galyleo writes it: no trap, so scancel kills it before any destroytoken.cgi.
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python3 {app} --host 127.0.0.1 --port "$port" &
+until curl -s -o /dev/null "http://127.0.0.1:$port/"; do sleep 0.2; done
+curl -s --cacert {ca} "{satellite}/redeemtoken.cgi?token={alias}&port=$port"
+wait
+curl -s --cacert {ca} "{satellite}/destroytoken.cgi?token={alias}"
+"""
+
+
+def test_a_galyleo_style_job_cancelled_with_scancel_shows_the_ended_page(fresh_satellite, slurm, tmp_path):
+    """The real Slurm and the legacy API, as galyleo drives them; after scancel the next feed (refresh with
+    jobstate-command, as contrib/satellite.cron runs it) ends the session: 410 saying so, tokenjobstate.cgi D."""
+    satellite = fresh_satellite("--legacy-api", "--redeem-from", "127.0.0.0/8")
+    alias = curl(satellite, "/getlink.cgi")[1].splitlines()[1]
+    script = tmp_path / "galyleo.sh"
+    script.write_text(GALYLEO_STYLE_JOB.format(out=tmp_path / "job.out", app=ROOT / "tests/apps/echo_app.py",
+                                               ca=satellite.certs / "ca.pem", alias=alias,
+                                               satellite=f"https://127.0.0.1:{satellite.port}"))
+    jobid = subprocess.run(["sbatch", "--parsable", str(script)], env=slurm.env(), capture_output=True, text=True,
+                           check=True).stdout.strip()
+    try:
+        assert curl(satellite, f"/linktoken.cgi?token={alias}&jobid={jobid}") == (200, "Success!\n")
+        wait_for(lambda: curl(satellite, f"/tokenjobstate.cgi?token={alias}")[1] == "M", timeout=60,
+                 what="the job to redeem its link")
+        host = satellite.host(alias)
+        assert satellite.request(host, "/")[0] == 200
+    finally:
+        subprocess.run(["scancel", jobid], env=slurm.env(), check=True)
+    wait_for(lambda: slurm.job_state(jobid) == "CANCELLED", timeout=30, what="the job to be cancelled")
+    assert satellite.request(host, "/")[0] == 502                       # before the feed: the app is gone
+    refresh = admin(satellite, "refresh", "--jobstate-command",
+                    f"SLURM_CONF={slurm.conf} squeue -h -t all -o '%i %T'")
+    assert "1 sessions ended with their job" in refresh.stdout, refresh.stdout + refresh.stderr
+    status, _, body = satellite.request(host, "/")
+    assert status == 410 and b"your job cancelled" in body
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "D")
