@@ -29,10 +29,12 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path):
 
 def test_cron_entry_runs_refresh(certs, tmp_path, fresh_satellite):
     satellite = fresh_satellite()
-    satellite.getlink()
+    link = satellite.getlink()
+    assert satellite.api("state", key=link["key"], state="running", jobid="4242")[0] == 200
     ini = tmp_path / "satellite.ini"
+    # jobstate-command: a stand-in for squeue here; the real squeue line is run by tests/test_jobs.py
     ini.write_text(f"[satellite]\ndomain = {DOMAIN}\ndb = {satellite.db}\ncert = {certs}/cert.pem\n"
-                   f"key = {certs}/key.pem\n")
+                   f"key = {certs}/key.pem\njobstate-command = echo 4242 TIMEOUT\n")
     entries = [line for line in (CONTRIB / "satellite.cron").read_text().splitlines()
                if line and not line.startswith("#")]
     assert len(entries) == 1
@@ -44,6 +46,8 @@ def test_cron_entry_runs_refresh(certs, tmp_path, fresh_satellite):
                .replace("/etc/satellite/satellite.ini", str(ini)).replace(">/dev/null", ""))
     result = subprocess.run(command, shell=True, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("refresh: "), result.stderr
+    assert "1 sessions ended with their job" in result.stdout
+    assert satellite.api("status", key=link["key"])[1]["ended_because"] == "job hit its time limit"
 
 
 @pytest.mark.skipif(not shutil.which("logrotate"), reason="logrotate not installed")

@@ -2,6 +2,7 @@
 a terminal job state in the /api/jobstates feed, SDSC's update-jobs.cgi, or refresh's jobstate-command;
 a job a full snapshot no longer lists, after a grace period. The link then shows the ended page (410)
 saying how the job ended, not a 502 for dead-after."""
+import re
 import subprocess
 import time
 
@@ -168,8 +169,8 @@ def test_a_galyleo_style_job_cancelled_with_scancel_shows_the_ended_page(fresh_s
         subprocess.run(["scancel", jobid], env=slurm.env(), check=True)
     wait_for(lambda: slurm.job_state(jobid) == "CANCELLED", timeout=30, what="the job to be cancelled")
     assert satellite.request(host, "/")[0] == 502                       # before the feed: the app is gone
-    refresh = admin(satellite, "refresh", "--jobstate-command",
-                    f"SLURM_CONF={slurm.conf} squeue -h -t all -o '%i %T'")
+    example = re.search(r"^# jobstate-command = (.*)$", (ROOT / "contrib/satellite.ini").read_text(), re.M)[1]
+    refresh = admin(satellite, "refresh", "--jobstate-command", f"SLURM_CONF={slurm.conf} {example}")
     assert "1 sessions ended with their job" in refresh.stdout, refresh.stdout + refresh.stderr
     status, _, body = satellite.request(host, "/")
     assert status == 410 and b"your job cancelled" in body
