@@ -81,6 +81,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             extra = [("Set-Cookie", f"app-token={token}; Path=/")] if token else []
             return self.reply(200, b"<!doctype html><title>demo app</title><h1>Hello from the compute node</h1>\n",
                               "text/html", extra)
+        if route == "/env":                         # what the job's environment (e.g. a module) gave the app
+            return self.reply(200, os.environ.get(query.get("name", ""), "").encode())
         if route == "/set-cookie":                  # the test names the cookie, attributes included
             extra = [("Set-Cookie", query.get("v", ""))] + ([("Clear-Site-Data", '"cookies"')] if "clear" in query else [])
             return self.reply(200, b"cookie set\n", "text/plain", extra)
