@@ -58,10 +58,11 @@ def link_status(satellite, url):
 @pytest.mark.parametrize("flavour, expected", [
     ("pbs", ["#PBS -l walltime=00:30:00", "#PBS -l select=1:ncpus=2:mem=2gb", "#PBS -A proj7"]),
     ("lsf", ["#BSUB -W 30", "#BSUB -n 2", '#BSUB -R "rusage[mem=2048MB]"', "#BSUB -P proj7"]),
-    ("sge", ["#$ -l h_rt=00:30:00", "#$ -pe smp 2", "#$ -l h_vmem=1G", "#$ -P proj7"]),
     ("htcondor", ["request_cpus = 2", "request_memory = 2048 MB", "accounting_group = proj7"]),
 ])
 def test_standin_scheduler_end_to_end(tmp_path, job_satellite, flavour, expected):
+    """PBS, LSF and HTCondor cannot be installed here: STAND-IN CLIs. Grid Engine runs for real
+    (tests/test_real_parts.py)."""
     client, state = standin_client(tmp_path, job_satellite, flavour)
     result = client.launch_json("--scheduler", flavour, "--command", ECHO_APP, "--time-limit", "30",
                                 "--cpus-per-task", "2", "--memory", "2", "--account", "proj7", "--wait")
