@@ -1,4 +1,5 @@
 """The README's API walkthrough is a script: run it verbatim against a real satellite."""
+import json
 import re
 import shlex
 import subprocess
@@ -67,3 +68,11 @@ def test_readme_scheduler_examples_render_what_they_say(tmp_path, job_satellite)
     assert "#$ -pe smp 4" in sge and "#$ -l h_vmem=4G" in sge
     assert [l for l in local.splitlines() if l.startswith("#") and not l.startswith("# ")] == ["#!/bin/bash"]
     assert "{container} exec --bind /scratch --bind /data --nv" in container
+
+
+def test_the_readme_gives_the_hostile_corpus_size_once_and_right():
+    """One figure for the hostile corpus, in the security table, equal to the corpus (it said 89 in one place
+    and 234 in another)."""
+    corpus = json.loads((ROOT / "tests/corpus/hostile_requests.json").read_text())
+    figures = re.findall(r"(\d+) (?:crafted|hostile) requests", (ROOT / "README.md").read_text())
+    assert figures == [str(len(corpus))]
