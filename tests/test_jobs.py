@@ -46,8 +46,9 @@ def test_a_terminal_job_state_ends_the_session_at_once(fresh_satellite, new_app,
     app = new_app()
     link, other = proxied(satellite, app, "3"), proxied(satellite, app, "4")
     feed(satellite, how, "3 CANCELLED\n4 RUNNING")
+    before = len(app.seen())                    # whoever listens on the freed port now gets nothing more
     status, body = ended_page(satellite, link)
-    assert status == 410 and "your job cancelled" in body
+    assert status == 410 and "your job cancelled" in body and len(app.seen()) == before
     assert satellite.api("status", key=link["key"])[1]["ended_because"] == "job cancelled"
     assert ended_page(satellite, other)[0] == 200                       # its job still runs
     assert [(e["event"], e["reason"]) for e in audit_lines(satellite) if e["event"] == "job_ended"] \
