@@ -176,3 +176,16 @@ def test_a_galyleo_style_job_cancelled_with_scancel_shows_the_ended_page(fresh_s
     status, _, body = satellite.request(host, "/")
     assert status == 410 and b"your job cancelled" in body
     assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "D")
+
+
+def test_the_readmes_feed_line_posts_a_controllers_list(fresh_satellite, new_app):
+    """Deployment step 7's curl line, fed a list on stdin as a controller's cron would."""
+    satellite = fresh_satellite("--admin-from", "127.0.0.1/32")
+    link = proxied(satellite, new_app(), "31")
+    readme = (ROOT / "README.md").read_text()
+    line = re.search(r"\| (curl -sS --data-urlencode jobstates@-)\s+https://manage\.sat\.example\.edu(/api/jobstates)`",
+                     readme)
+    command = f"printf '31 CANCELLED\\n' | {line[1]} --cacert {satellite.certs}/ca.pem {satellite.url(LOGIN, line[2])}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    assert result.stdout == "jobs=1\nsessions=1\nended=1\n", result.stderr
+    assert ended_page(satellite, link)[0] == 410
