@@ -1,11 +1,11 @@
 """Real parts where they can be had on Debian: Lmod's `module load` inside a real Slurm job, and a real
 Grid Engine (gridengine-master/-exec/-client) for launch -> link -> cancel -> ended page."""
 import json
+import re
 import os
 import shutil
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -142,7 +142,8 @@ def grid_engine(tmp_path_factory):
 def as_sge_user(tmp_path, satellite):
     """satellite-client and what its job needs, where the test user can read them; a Client that runs as that
     user (runuser keeps the environment the Client gives it)."""
-    shared = Path(tempfile.mkdtemp(prefix="satellite-sge-"))
+    shared = Path(f"/home/{SGE_USER}") / f"{tmp_path.name}-shared"          # removed with the user
+    shared.mkdir()
     shared.chmod(0o755)
     for source in (ROOT / "satellite_client.py", ROOT / "satellite.py", ROOT / "tests/apps/echo_app.py",
                    satellite.certs / "ca.pem"):
@@ -167,7 +168,7 @@ def test_grid_engine_launch_link_cancel_for_real(tmp_path, job_satellite, grid_e
         assert directive in script                                      # what the real qsub took
     status, body = link_status(job_satellite, result["url"])
     assert status == 200 and b"Hello from the compute node" in body
-    assert (result["jobid"], "r") in grid_engine.jobs()
+    assert dict(grid_engine.jobs())[result["jobid"]] in ("r", "t")     # 't': transferring, for a moment
     listed = json.loads(client.run("list", "--json", check=True).stdout)
     assert next(r for r in listed if r["alias"] == result["alias"])["job"] == "running"
     assert client.run("cancel", result["alias"]).returncode == 0
@@ -178,13 +179,14 @@ def test_grid_engine_launch_link_cancel_for_real(tmp_path, job_satellite, grid_e
 SGE_JOBSTATES = "qstat -u '*' | awk 'NR > 2 {print $1, $5}'"      # README: jobstate-command for Grid Engine
 
 
-def test_grid_engine_qdel_of_a_job_with_no_trap_ends_its_session_at_the_next_refresh(fresh_satellite, grid_engine):
+def test_grid_engine_qdel_of_a_job_with_no_trap_ends_its_session_at_the_next_refresh(tmp_path, fresh_satellite,
+                                                                                     grid_engine):
     """A galyleo-style job (no trap, the legacy CGIs) under the real Grid Engine, deleted with qdel: Grid
     Engine's finished jobs leave qstat at once, so the full snapshot not listing it ends the session."""
     from test_jobs import GALYLEO_STYLE_JOB
     from test_legacy import curl
     satellite = fresh_satellite("--legacy-api", "--redeem-from", "127.0.0.0/8")
-    client, _ = as_sge_user(Path(tempfile.mkdtemp()), satellite)
+    client, _ = as_sge_user(tmp_path, satellite)
     shared = Path(client.env["SATELLITE_CACERT"]).parent
     alias = curl(satellite, "/getlink.cgi")[1].splitlines()[1]
     script = client.home / "galyleo.sh"
@@ -202,7 +204,9 @@ def test_grid_engine_qdel_of_a_job_with_no_trap_ends_its_session_at_the_next_ref
     assert satellite.request(host, "/")[0] == 200
     command = f"SGE_ROOT={SGE_ENV['SGE_ROOT']} SGE_CELL={SGE_ENV['SGE_CELL']} {SGE_JOBSTATES}"
     seen = admin(satellite, "refresh", "--jobstate-command", command)
-    assert "1 job states" in seen.stdout and "jobstate=R" in admin(satellite, "show", alias).stdout
+    # listed: 'r', or still 't' (transferring) for a moment after the job has started
+    assert "1 job states" in seen.stdout and re.search(r"^jobstate=[RT]$", admin(satellite, "show", alias).stdout,
+                                                       re.M)
     subprocess.run(["qdel", jobid], env=grid_engine.env, check=True, capture_output=True)
     wait_for(lambda: jobid not in dict(grid_engine.jobs()), timeout=60, what="qdel to end the job")
     gone = admin(satellite, "refresh", "--job-gone-after", "0s", "--jobstate-command", command)
