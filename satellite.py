@@ -2295,7 +2295,8 @@ STATUS_SCRIPT = """
     if (s.state === 'ended') {
       document.title = 'Your session has ended';
       document.querySelector('h1').textContent = document.title;
-      $('intro').hidden = true; $('app').hidden = true; banner.hidden = true; ask.hidden = true;
+      $('intro').hidden = $('app').hidden = banner.hidden = ask.hidden = true;
+      document.querySelector('ol').hidden = true;
       return;
     }
     if (s.ready || s.state === 'mapped' || s.state === 'proxied') {
