@@ -243,7 +243,7 @@ class Settings:
     token_failures: tuple = (20, 60)        # wrong tokens per source address per window, then 429
     dead_after: int = 600                   # refresh ends a session whose app has been gone this long
     retention: int = 30 * 86400             # refresh deletes ended sessions this old (their aliases then free)
-    jobstate_command: str = ""              # refresh runs it: lines "JOBID STATE" (e.g. squeue -h -o '%i %T')
+    jobstate_command: str = ""              # refresh runs it: lines "JOBID STATE [REASON]" (squeue -h -o '%i %T %r')
     hsts: int = 365 * 86400                 # Strict-Transport-Security max-age; 0 = off
     redirect_listen: Optional[tuple] = None # plain-HTTP listener that only redirects to HTTPS
     control_listen: Optional[tuple] = None  # the API, tunnels, metrics, front auth on their own listener
@@ -1137,12 +1137,13 @@ PENDING_STATES = frozenset(("PENDING", "PD", "QUEUED", "QW", "Q"))
 def read_pending_reasons(text: str) -> dict:
     """The optional third column of the feed's lines, 'JOBID STATE REASON' (squeue -h -o '%i %T %r'):
     {jobid: reason, or None when the line names none, the job is not pending, or the reason is not
-    one bounded word}. Jobs of two-column lines get None, so an old feed clears nothing it did not set."""
+    one bounded word}. Only the reason's first word is kept: squeue adds details to some
+    ("ReqNodeNotAvail, UnavailableNodes:n[1-2]"). A two-column line clears its job's reason."""
     reasons = {}
     for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 2 and JOBID_SHAPE.match(parts[0]) and re.fullmatch(r"[A-Za-z_]{1,32}", parts[1]):
-            reason = parts[2] if len(parts) == 3 and parts[1].upper() in PENDING_STATES else None
+            reason = parts[2].rstrip(",") if len(parts) >= 3 and parts[1].upper() in PENDING_STATES else None
             ok = reason is not None and PENDING_REASON_SHAPE.match(reason) and reason not in ("None", "(null)")
             reasons[parts[0]] = reason if ok else None
     return reasons
@@ -2361,6 +2362,7 @@ STUCK_REASONS = [
     ("InvalidQOS", "its QOS is not valid: cancel it and submit with a valid QOS."),
     ("DependencyNeverSatisfied", "it depends on a job that failed: cancel it."),
     ("BadConstraints", "no node matches what it asks for: cancel it and ask for something that exists."),
+    ("JobHeld", "it is held: release it (scontrol release JOBID) or ask your support team why."),
 ]
 
 
@@ -2375,7 +2377,7 @@ def jobstate_note(session: Session) -> str:
         return f"The scheduler says: job {session.jobid} is {session.jobstate.lower()}."
     advice = next((text for prefix, text in STUCK_REASONS if reason.startswith(prefix)), "")
     if advice:
-        return f"Job {session.jobid} will not start by itself ({reason}): {advice}"
+        return f"Job {session.jobid} will not start by itself ({reason}): {advice.replace('JOBID', session.jobid)}"
     return f"The scheduler says: job {session.jobid} is {session.jobstate.lower()} ({reason})."
 
 
@@ -4192,7 +4194,7 @@ SETTING_FLAGS = [
     ("--token-failures", "token_failures", "wrong tokens per address and session before 429, COUNT/DURATION"),
     ("--dead-after", "dead_after", "refresh ends a session whose app has not answered for this long"),
     ("--retention", "retention", "refresh deletes ended sessions after this long"),
-    ("--jobstate-command", "jobstate_command", "refresh runs this for 'JOBID STATE' lines, e.g. squeue -h -o '%%i %%T'"),
+    ("--jobstate-command", "jobstate_command", "refresh runs this for 'JOBID STATE [REASON]' lines, e.g. squeue -h -o '%%i %%T %%r'"),
     ("--hsts", "hsts", "Strict-Transport-Security max-age (0 = off)"),
     ("--redirect-listen", "redirect_listen", "HOST:PORT of a plain-HTTP listener that redirects to HTTPS"),
     ("--control-listen", "control_listen", "HOST:PORT of a separate listener for the API, tunnels, /metrics and "

@@ -189,3 +189,38 @@ def test_satellites_pages_in_every_state_with_notifications_the_notice_and_the_e
     page.wait_for_timeout(3000)                                  # it polled every second; now it has stopped
     assert page.evaluate("window.__polls") == polls
     context.close()
+
+
+def test_a_slurm_job_that_can_never_start_shows_its_reason_and_what_to_do(browser, satellite, slurm):
+    """Real Slurm: a job asking for more time than its partition allows pends for ever (PartitionTimeLimit);
+    squeue's own 'JOBID STATE REASON' lines, fed to satellite, put the reason and the advice on the page."""
+    env = slurm.env()
+    subprocess.run(["scontrol", "create", "PartitionName=short", "Nodes=localhost", "MaxTime=1"],
+                   env=env, check=True)
+    try:
+        job = subprocess.run(["sbatch", "--parsable", "-p", "short", "--time", "10", "--output", "/dev/null",
+                              "--wrap", "sleep 1"], env=env, capture_output=True, text=True, check=True)
+        jobid = job.stdout.strip().split(";")[0]
+
+        def feed():
+            out = subprocess.run(["squeue", "-h", "-o", "%i %T %r"], env=env, capture_output=True, text=True).stdout
+            return out if f"{jobid} PENDING PartitionTimeLimit" in out else None
+        lines = wait_for(feed, timeout=60, interval=0.5, what="Slurm to give the job's pending reason")
+        link = satellite.getlink()
+        assert satellite.api("state", key=link["key"], state="queued", jobid=jobid)[0] == 200
+        assert satellite.api("jobstates", method="POST", jobstates=lines.replace("\n", "%0A"))[0] == 200
+        context = browser.new_context(ignore_https_errors=True, viewport={"width": 1000, "height": 700})
+        page = context.new_page()
+        page.goto(satellite.url(satellite.host(link["alias"]), "/?token=" + link["token"]))
+        assert current_step(page) == "Job waiting in the queue"
+        assert text_of(page, "#msg") == (f"Job {jobid} will not start by itself (PartitionTimeLimit): the time "
+                                         f"asked for is longer than the partition allows: cancel the job and ask "
+                                         f"for less time, or another partition.")
+        page.screenshot(path=str(ARTIFACTS / "status-2-slurm-partition-time-limit.png"))
+        status = page.evaluate("fetch('/__satellite/status').then(r => r.json())")
+        assert (status["jobstate"], status["pending_reason"]) == ("PENDING", "PartitionTimeLimit")
+        context.close()
+    finally:
+        subprocess.run(["scancel", "-p", "short"], env=env)
+        slurm.wait_until_empty()
+        subprocess.run(["scontrol", "delete", "PartitionName=short"], env=env, check=True)

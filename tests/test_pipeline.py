@@ -465,7 +465,7 @@ def test_the_status_carries_the_time_left_and_the_pending_reason():
 
 @pytest.mark.parametrize("reason,stuck", [
     ("PartitionTimeLimit", True), ("QOSMaxWallDurationPerJobLimit", True), ("AssocGrpCpuLimit", True),
-    ("ReqNodeNotAvail", True), ("Priority", False), ("Resources", False),
+    ("ReqNodeNotAvail", True), ("JobHeldUser", True), ("Priority", False), ("Resources", False),
 ])
 def test_reasons_that_never_clear_come_with_advice(reason, stuck):
     note = satellite.jobstate_note(session(state="queued", jobid="7", jobstate="PENDING", pending_reason=reason))
@@ -479,7 +479,7 @@ def test_reasons_that_never_clear_come_with_advice(reason, stuck):
     ("4242 PENDING (null)", "PENDING", None),
     ("4242 RUNNING Priority", "RUNNING", None),                                # only a pending job has one
     ("4242 PENDING <script>alert(1)</script>", "PENDING", None),
-    ("4242 PENDING " + "A" * 65, "PENDING", None), ("4242 PENDING two words", "PENDING", None),
+    ("4242 PENDING " + "A" * 65, "PENDING", None), ("4242 PENDING ReqNodeNotAvail, UnavailableNodes:n[1-2]", "PENDING", "ReqNodeNotAvail"),
     ("4242 PENDING Reason\x1b[31m", "PENDING", None), ("4242 PD ReqNodeNotAvail,_Reserved", "PD",
                                                        "ReqNodeNotAvail,_Reserved"),
 ])
