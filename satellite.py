@@ -26,7 +26,8 @@ who deploys it. Sections, top-down:
     7. Routing and access    where it goes; who asks; may they (networks, token, cookie, owner,
                              limits) -- decided on the head, before any body is read
     8. Management API        /api/getlink, redeem, state, release, status, jobstates; legacy CGIs
-    9. Pages                 status page, 403/404/410/502 pages
+    9. Pages                 status page and its JSON, the session page, the ending notice,
+                             403/404/410/502 pages
    10. Proxy                 forward a request, relay bodies, relay WebSockets
    11. Tunnel                frames that carry a session through a connection the job opened
    12. Server                accept (connection limits), TLS and deadlines, the pipeline
@@ -1121,7 +1122,8 @@ def probe(target: tuple, timeout: float = 3.0) -> bool:
 
 
 def read_jobstates(text: str) -> dict:
-    """'JOBID STATE' lines (squeue -h -o '%i %T', or SDSC's update-jobs shape) -> {jobid: state}."""
+    """'JOBID STATE' lines (squeue -h -o '%i %T', or SDSC's update-jobs shape) -> {jobid: state}.
+    A third column (the pending reason) is read by read_pending_reasons."""
     states = {}
     for line in text.splitlines():
         parts = line.split()
@@ -2165,7 +2167,8 @@ class ManagementApi:
 
     def jobstates(self, params: dict, peer: str) -> tuple:
         """The scheduler's view, so status pages can say "in queue" or "held": jobstates=
-        lines of "JOBID STATE" (SDSC's update-jobs shape), from the admin network only."""
+        lines of "JOBID STATE" (SDSC's update-jobs shape) or "JOBID STATE REASON" (squeue -h -o '%i %T %r'),
+        from the admin network only."""
         check_params(params, ("jobstates",))
         states = read_jobstates(require(params, "jobstates"))
         changed = self.store.set_jobstates(states)
@@ -4194,7 +4197,8 @@ SETTING_FLAGS = [
     ("--token-failures", "token_failures", "wrong tokens per address and session before 429, COUNT/DURATION"),
     ("--dead-after", "dead_after", "refresh ends a session whose app has not answered for this long"),
     ("--retention", "retention", "refresh deletes ended sessions after this long"),
-    ("--jobstate-command", "jobstate_command", "refresh runs this for 'JOBID STATE [REASON]' lines, e.g. squeue -h -o '%%i %%T %%r'"),
+    ("--jobstate-command", "jobstate_command",
+     "refresh runs this for 'JOBID STATE [REASON]' lines, e.g. squeue -h -o '%%i %%T %%r'"),
     ("--hsts", "hsts", "Strict-Transport-Security max-age (0 = off)"),
     ("--redirect-listen", "redirect_listen", "HOST:PORT of a plain-HTTP listener that redirects to HTTPS"),
     ("--control-listen", "control_listen", "HOST:PORT of a separate listener for the API, tunnels, /metrics and "

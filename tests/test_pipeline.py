@@ -479,7 +479,8 @@ def test_reasons_that_never_clear_come_with_advice(reason, stuck):
     ("4242 PENDING (null)", "PENDING", None),
     ("4242 RUNNING Priority", "RUNNING", None),                                # only a pending job has one
     ("4242 PENDING <script>alert(1)</script>", "PENDING", None),
-    ("4242 PENDING " + "A" * 65, "PENDING", None), ("4242 PENDING ReqNodeNotAvail, UnavailableNodes:n[1-2]", "PENDING", "ReqNodeNotAvail"),
+    ("4242 PENDING " + "A" * 65, "PENDING", None),
+    ("4242 PENDING ReqNodeNotAvail, UnavailableNodes:n[1-2]", "PENDING", "ReqNodeNotAvail"),
     ("4242 PENDING Reason\x1b[31m", "PENDING", None), ("4242 PD ReqNodeNotAvail,_Reserved", "PD",
                                                        "ReqNodeNotAvail,_Reserved"),
 ])
