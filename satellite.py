@@ -2265,8 +2265,9 @@ STATE_STEPS = [
 # Polls satellite's status endpoint (STATUS_PATH, JSON in every state). On an app's path the page
 # reloads into the app once it answers; satellite's own session page (INTERNAL_PREFIX) stays, links
 # to the app and keeps watching. Both show the time left, ask for notifications (ready; ENDING_NOTICE
-# before the end) and, once the session ended, why, and stop. A refusal stops them too; only a
-# network failure (satellite restarting) is retried.
+# before the end) and, once the session ended, why, and stop. A refusal stops them too (an answer
+# that is not satellite's JSON reloads the status page once: a front sent the poll on to the app);
+# network failures and 5xx (satellite restarting) are retried.
 STATUS_SCRIPT = """
 (function(){
   var steps = %s, stays = %s, notice = %d, path = '%s', seen = {};
@@ -2319,11 +2320,10 @@ STATUS_SCRIPT = """
       .then(function(rs){
         var r = rs[0], s = rs[1];
         if (!s || !s.state) {
-          if (r.status >= 400 && r.status < 500 && r.status != 429) {
-            $('msg').textContent = (s && s.error) || 'This page can no longer follow your session: reload it.';
-            return;
-          }
-          setTimeout(poll, 5000); return;
+          if (r.status >= 500 || r.status == 429) { setTimeout(poll, 5000); return; }
+          if (!s && !stays) { location.reload(); return; }    // not satellite's answer (a front sent it on)
+          $('msg').textContent = (s && s.error) || 'This page can no longer follow your session: reload it.';
+          return;
         }
         show(s);
         if (s.state === 'ended') return;
