@@ -26,7 +26,8 @@ who deploys it. Sections, top-down:
     7. Routing and access    where it goes; who asks; may they (networks, token, cookie, owner,
                              limits) -- decided on the head, before any body is read
     8. Management API        /api/getlink, redeem, state, release, status, jobstates; legacy CGIs
-    9. Pages                 status page, 403/404/410/502 pages
+    9. Pages                 status page and its JSON, the session page, the ending notice,
+                             403/404/410/502 pages
    10. Proxy                 forward a request, relay bodies, relay WebSockets
    11. Tunnel                frames that carry a session through a connection the job opened
    12. Server                accept (connection limits), TLS and deadlines, the pipeline
@@ -116,7 +117,10 @@ JOB_ENDED = {
 JOB_NOT_LISTED = "job ended (no longer listed by the scheduler)"
 
 COOKIE_NAME = "__Host-satellite"                   # host-only, Secure, Path=/ by the prefix's rules
+NOTICE_COOKIE = "__Host-notice-satellite"          # the session's ending notice was shown (never the app's)
 INTERNAL_PREFIX = "/__satellite/"                  # satellite's own paths on a session host
+STATUS_PATH = INTERNAL_PREFIX + "status"           # what satellite's pages poll (JSON, in every state)
+ENDING_NOTICE = 10 * 60                            # seconds before the end: the notice, the banner, a notification
 
 MAX_REQUEST_LINE = 8192                            # bytes; longer -> 414
 MAX_HEADER_BYTES = 32 * 1024                       # all request header lines together; more -> 431
@@ -260,7 +264,7 @@ class Settings:
     token_failures: tuple = (20, 60)        # wrong tokens per source address per window, then 429
     dead_after: int = 600                   # refresh ends a session whose app has been gone this long
     retention: int = 30 * 86400             # refresh deletes ended sessions this old (their aliases then free)
-    jobstate_command: str = ""              # refresh runs it: lines "JOBID STATE" (squeue -h -t all -o '%i %T')
+    jobstate_command: str = ""              # refresh runs it: lines "JOBID STATE [REASON]" (squeue -h -t all -o '%i %T %r')
     job_gone_after: int = 120               # a job a full snapshot has not listed this long after it was seen ends
     hsts: int = 365 * 86400                 # Strict-Transport-Security max-age; 0 = off
     redirect_listen: Optional[tuple] = None # plain-HTTP listener that only redirects to HTTPS
@@ -578,6 +582,7 @@ class Session:
     issued_for: Optional[str] = None
     user_proof: Optional[str] = None
     job_seen: Optional[float] = None
+    pending_reason: Optional[str] = None
 
     @property
     def target(self) -> Optional[tuple]:
@@ -603,6 +608,8 @@ class Session:
             info["target"] = host_port(self.target_host, self.target_port)
         if self.jobstate:
             info["jobstate"] = self.jobstate
+        if self.pending_reason:
+            info["pending_reason"] = self.pending_reason
         if self.user:
             info["user"] = self.user
         if self.issued_for:
@@ -646,6 +653,7 @@ ADDED_COLUMNS = [
     ("issued_for", "TEXT"),                # the user who asked for the link, if named
     ("user_proof", "TEXT"),                # how that was known: 'sso', 'munge' (verified) or 'claim' (not)
     ("job_seen", "REAL"),                  # when a job-state feed last listed the session's job
+    ("pending_reason", "TEXT"),            # why the scheduler keeps the job pending (squeue %r), from the feed
 ]
 
 
@@ -937,6 +945,11 @@ class Store:
         rows = self.db.execute("SELECT * FROM sessions WHERE state != 'ended' AND jobid IS NOT NULL").fetchall()
         return [Session(**dict(row)) for row in rows]
 
+    def set_pending_reasons(self, reasons: dict) -> None:
+        """Why the scheduler keeps each job pending (None: no reason given, or not pending)."""
+        for jobid, reason in reasons.items():
+            self._write("UPDATE sessions SET pending_reason = ? WHERE jobid = ? AND state != 'ended'", (reason, jobid))
+
     def prune(self, ended_before: float, dry_run: bool = False) -> int:
         where = "FROM sessions WHERE state = 'ended' AND ended < ?"
         if dry_run:
@@ -1139,13 +1152,33 @@ def probe(target: tuple, timeout: float = 3.0) -> bool:
 
 
 def read_jobstates(text: str) -> dict:
-    """'JOBID STATE' lines (squeue -h -o '%i %T', or SDSC's update-jobs shape) -> {jobid: state}."""
+    """'JOBID STATE' lines (squeue -h -o '%i %T', or SDSC's update-jobs shape) -> {jobid: state}.
+    A third column (the pending reason) is read by read_pending_reasons."""
     states = {}
     for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 2 and JOBID_SHAPE.match(parts[0]) and re.fullmatch(r"[A-Za-z_]{1,32}", parts[1]):
             states[parts[0]] = parts[1].upper()
     return states
+
+
+PENDING_REASON_SHAPE = re.compile(r"^[A-Za-z0-9_,:.()\[\]+\-]{1,64}\Z")
+PENDING_STATES = frozenset(("PENDING", "PD", "QUEUED", "QW", "Q"))
+
+
+def read_pending_reasons(text: str) -> dict:
+    """The optional third column of the feed's lines, 'JOBID STATE REASON' (squeue -h -o '%i %T %r'):
+    {jobid: reason, or None when the line names none, the job is not pending, or the reason is not
+    one bounded word}. Only the reason's first word is kept: squeue adds details to some
+    ("ReqNodeNotAvail, UnavailableNodes:n[1-2]"). A two-column line clears its job's reason."""
+    reasons = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and JOBID_SHAPE.match(parts[0]) and re.fullmatch(r"[A-Za-z_]{1,32}", parts[1]):
+            reason = parts[2].rstrip(",") if len(parts) >= 3 and parts[1].upper() in PENDING_STATES else None
+            ok = reason is not None and PENDING_REASON_SHAPE.match(reason) and reason not in ("None", "(null)")
+            reasons[parts[0]] = reason if ok else None
+    return reasons
 
 
 def jobs_over(sessions: Iterable, states: dict, snapshot: bool, gone_after: int, now: float) -> list:
@@ -1165,15 +1198,18 @@ def jobs_over(sessions: Iterable, states: dict, snapshot: bool, gone_after: int,
     return over
 
 
-def take_jobstates(store: Store, events: Events, states: dict, snapshot: bool, gone_after: int,
+def take_jobstates(store: Store, events: Events, feed: str, snapshot: bool, gone_after: int,
                    dry_run: bool = False) -> tuple:
-    """Record a feed's job states and end the sessions whose job is over; (sessions named, sessions ended).
-    `snapshot`: the feed lists every job the scheduler knows (jobstate-command, /api/jobstates snapshot=1)."""
+    """Record a feed's job states and pending reasons, and end the sessions whose job is over;
+    (sessions named, sessions ended). `snapshot`: the feed lists every job the scheduler knows
+    (jobstate-command, /api/jobstates snapshot=1)."""
     now = time.time()
+    states = read_jobstates(feed)
     over = jobs_over(store.sessions_with_jobs(), states, snapshot, gone_after, now)
     if dry_run:
         return len(states), len(over)
     named = store.set_jobstates(states, now)
+    store.set_pending_reasons(read_pending_reasons(feed))
     ended = 0
     for alias, reason, state in over:
         if store.end(alias, reason):
@@ -1195,7 +1231,7 @@ def refresh(store: Store, settings: Settings, events: Events, dry_run: bool = Fa
             log.warning("jobstate command failed (%d): %s", result.returncode, result.stderr.strip()[:200])
         # its output is a full snapshot only if it succeeded: an unreachable controller ends nothing
         summary["jobstates"], summary["jobs_ended"] = take_jobstates(
-            store, events, read_jobstates(result.stdout), result.returncode == 0, settings.job_gone_after, dry_run)
+            store, events, result.stdout, result.returncode == 0, settings.job_gone_after, dry_run)
     live = store.sessions(("queued", "running", "mapped", "proxied"))
     for session in live:
         if now >= session.expires:
@@ -1845,13 +1881,6 @@ class Verdict:
 
 ENDED_TEXT = "This session has ended. Start a new one to get a new link."
 
-
-def ended_text(session: Session) -> str:
-    """The 410 page's words: how the job ended, when the scheduler said so."""
-    reason = session.end_reason or ""
-    if reason.startswith("job"):
-        return f"This session has ended: your {reason}. Start a new one to get a new link."
-    return ENDED_TEXT
 NEEDS_TOKEN_TEXT = "This link needs its token: open the full link you were given (the one ending in ?token=...)."
 
 
@@ -1862,8 +1891,9 @@ def decide_session_access(request: Request, session: Optional[Session], user: Op
     answer for this address and alias)."""
     if session is None:
         return Verdict(404, "There is no session at this address.")
-    if session.is_over(now):
-        return Verdict(410, ended_text(session), end_expired=session.state != "ended")
+    if session.is_over(now):      # refused to all; its holder (credential) may learn why it ended
+        credential = "legacy" if session.legacy else presented_credential(request, session, server_secret)
+        return Verdict(410, ENDED_TEXT, credential=credential, end_expired=session.state != "ended")
     foreign = foreign_origin(request)
     if foreign:
         return Verdict(403, "This request came from another site or another session's page, so it was not passed "
@@ -2204,15 +2234,16 @@ class ManagementApi:
 
     def jobstates(self, params: dict, peer: str) -> tuple:
         """The scheduler's view, so status pages can say "in queue" or "held": jobstates=
-        lines of "JOBID STATE" (SDSC's update-jobs shape), from the admin network only."""
+        lines of "JOBID STATE" (SDSC's update-jobs shape) or "JOBID STATE REASON" (squeue -h -o '%i %T %r'),
+        from the admin network only."""
         check_params(params, ("jobstates", "snapshot"))
-        states = read_jobstates(require(params, "jobstates"))
+        feed = require(params, "jobstates")
         try:
             snapshot = parse_bool(params.get("snapshot") or "no")
         except ValueError:
             raise ApiError(400, "snapshot must be yes or no") from None
-        named, ended = take_jobstates(self.store, self.events, states, snapshot, self.settings.job_gone_after)
-        return 200, {"jobs": len(states), "sessions": named, "ended": ended}
+        named, ended = take_jobstates(self.store, self.events, feed, snapshot, self.settings.job_gone_after)
+        return 200, {"jobs": len(read_jobstates(feed)), "sessions": named, "ended": ended}
 
     # SDSC Satellite's API (--legacy-api) -------------------------------------------
     # Same endpoints, parameters and reply texts as the Perl CGIs, so galyleo and start-jupyter work
@@ -2280,7 +2311,7 @@ class ManagementApi:
         return 200, code
 
     def legacy_update_jobs(self, params: dict, peer: str) -> tuple:
-        take_jobstates(self.store, self.events, read_jobstates(params.get("jobstates", "")), False,
+        take_jobstates(self.store, self.events, params.get("jobstates", ""), False,
                        self.settings.job_gone_after)
         return 200, "Success!\n"
 
@@ -2291,7 +2322,8 @@ class ManagementApi:
 
 PAGE_STYLE = ("body{font:16px/1.5 system-ui,sans-serif;max-width:40em;margin:4em auto;padding:0 1em;color:#222}"
               "h1{font-size:1.4em}code{background:#eee;padding:0 .3em}ol{padding-left:1.2em}"
-              "li{color:#999}li.done{color:#222}li.now{color:#222;font-weight:bold}")
+              "li{color:#999}li.done{color:#222}li.now{color:#222;font-weight:bold}"
+              "#left.soon{background:#fff3cd;border-left:4px solid #c90;padding:.5em 1em}")
 
 STATE_STEPS = [
     ("queued", "Job waiting in the queue"),
@@ -2300,24 +2332,76 @@ STATE_STEPS = [
     ("proxied", "Connected"),
 ]
 
-# Polls satellite's own status endpoint once a second; reloads once, when the app answers.
+# Polls satellite's status endpoint (STATUS_PATH, JSON in every state). On an app's path the page
+# reloads into the app once it answers; satellite's own session page (INTERNAL_PREFIX) stays, links
+# to the app and keeps watching. Both show the time left, ask for notifications (ready; ENDING_NOTICE
+# before the end) and, once the session ended, why, and stop. A refusal stops them too (an answer
+# that is not satellite's JSON reloads the status page once: a front sent the poll on to the app);
+# network failures and 5xx (satellite restarting) are retried.
 STATUS_SCRIPT = """
 (function(){
-  var steps = %s;
-  function show(s){
-    var i = steps.indexOf(s.state);
-    document.querySelectorAll('li').forEach(function(li, n){
-      li.className = n < i ? 'done' : (n == i ? 'now' : '');
+  var steps = %s, stays = %s, notice = %d, path = '%s', seen = {};
+  function $(id){ return document.getElementById(id); }
+  function tell(key, text){
+    if (seen[key]) return;
+    seen[key] = true;
+    if (window.Notification && Notification.permission === 'granted')
+      try { new Notification(document.title, {body: text, tag: key}); } catch (e) {}
+  }
+  function left(s){
+    var m = Math.floor(s / 60);
+    return s < 60 ? 'less than a minute' : m < 120 ? m + (m == 1 ? ' minute' : ' minutes')
+                                                   : Math.floor(m / 60) + ' hours';
+  }
+  var ask = $('ask');
+  if (window.Notification && Notification.permission === 'default') {
+    ask.hidden = false;
+    ask.addEventListener('click', function(){
+      Notification.requestPermission().then(function(){ ask.hidden = true; });
     });
-    document.getElementById('msg').textContent = s.message || '';
+  }
+  function show(s){
+    var i = s.state === 'ended' ? -1 : steps.indexOf(s.state);
+    document.querySelectorAll('li').forEach(function(li, n){
+      li.className = n < i || (s.ready && stays) ? 'done' : (n == i ? 'now' : '');
+    });
+    $('msg').textContent = s.message || '';
+    var banner = $('left');
+    if (s.state === 'ended') {
+      document.title = 'Your session has ended';
+      document.querySelector('h1').textContent = document.title;
+      $('intro').hidden = $('app').hidden = banner.hidden = ask.hidden = true;
+      document.querySelector('ol').hidden = true;
+      return;
+    }
+    if (s.ready || s.state === 'mapped' || s.state === 'proxied') {
+      banner.hidden = false;
+      banner.className = s.seconds_left <= notice ? 'soon' : '';
+      banner.textContent = 'Your session ends in ' + left(s.seconds_left) + (s.seconds_left <= notice ?
+        ': save your work now. When it ends, the app stops and what is not saved is lost.' : '.');
+    }
+    if (s.ready && stays) { $('app').hidden = false; $('intro').hidden = true; }
   }
   function poll(){
-    fetch('%sstatus', {credentials: 'same-origin', cache: 'no-store'})
-      .then(function(r){ return r.json(); })
-      .then(function(s){
+    fetch(path, {credentials: 'same-origin', cache: 'no-store'})
+      .then(function(r){
+        return r.json().then(function(s){ return [r, s]; }, function(){ return [r, null]; });
+      })
+      .then(function(rs){
+        var r = rs[0], s = rs[1];
+        if (!s || !s.state) {
+          if (r.status >= 500 || r.status == 429) { setTimeout(poll, 5000); return; }
+          if (!s && !stays) { location.reload(); return; }    // not satellite's answer (a front sent it on)
+          $('msg').textContent = (s && s.error) || 'This page can no longer follow your session: reload it.';
+          return;
+        }
         show(s);
-        if (s.ready) { location.reload(); return; }
-        if (s.state !== 'ended') setTimeout(poll, 1000);
+        if (s.state === 'ended') return;
+        if (s.ready) tell('ready', 'Your session is ready.');
+        if (s.ready && s.seconds_left <= notice)
+          tell('ending', 'Your session ends in ' + left(s.seconds_left) + ': save your work.');
+        if (s.ready && !stays) { location.reload(); return; }
+        setTimeout(poll, s.ready ? 5000 : 1000);
       })
       .catch(function(){ setTimeout(poll, 2000); });
   }
@@ -2334,25 +2418,78 @@ def page(title: str, body_html: str, script: str = "") -> bytes:
             f"<body><h1>{html.escape(title)}</h1>{body_html}{script_tag}</body></html>\n").encode()
 
 
+# Scheduler pending reasons that do not clear by themselves (Slurm's squeue %r), and what to do.
+STUCK_REASONS = [
+    ("PartitionTimeLimit", "the time asked for is longer than the partition allows: cancel the job and ask for "
+                           "less time, or another partition."),
+    ("PartitionNodeLimit", "it asks for more nodes than the partition allows: cancel it and ask for fewer."),
+    ("PartitionDown", "its partition is down: ask your support team, or use another partition."),
+    ("PartitionInactive", "its partition is not taking jobs: ask your support team, or use another partition."),
+    ("QOSMax", "it asks for more than its QOS allows: cancel it and ask for less, or another QOS."),
+    ("AssocGrp", "your account or group has reached a limit: it starts only when your other jobs end or the "
+                 "limit is raised; ask your support team."),
+    ("AssocMax", "it asks for more than your account allows: cancel it and ask for less."),
+    ("ReqNodeNotAvail", "the nodes it needs are down, drained or reserved: it may wait a long time; ask your "
+                        "support team or ask for other nodes."),
+    ("InvalidAccount", "its account is not valid: cancel it and submit with a valid account."),
+    ("InvalidQOS", "its QOS is not valid: cancel it and submit with a valid QOS."),
+    ("DependencyNeverSatisfied", "it depends on a job that failed: cancel it."),
+    ("BadConstraints", "no node matches what it asks for: cancel it and ask for something that exists."),
+    ("JobHeld", "it is held: release it (scontrol release JOBID) or ask your support team why."),
+]
+
+
 def jobstate_note(session: Session) -> str:
     if session.state != "queued" or not session.jobstate:
         return ""
     held = "HELD" in session.jobstate or session.jobstate in ("SUSPENDED", "H", "S")
-    return (f"The scheduler holds job {session.jobid}: ask your support team why." if held
-            else f"The scheduler says: job {session.jobid} is {session.jobstate.lower()}.")
+    if held:
+        return f"The scheduler holds job {session.jobid}: ask your support team why."
+    reason = session.pending_reason
+    if not reason:
+        return f"The scheduler says: job {session.jobid} is {session.jobstate.lower()}."
+    advice = next((text for prefix, text in STUCK_REASONS if reason.startswith(prefix)), "")
+    if advice:
+        return f"Job {session.jobid} will not start by itself ({reason}): {advice.replace('JOBID', session.jobid)}"
+    return f"The scheduler says: job {session.jobid} is {session.jobstate.lower()} ({reason})."
 
 
-def status_page(session: Session, note: str = "") -> bytes:
+# Satellite's own end reasons as sentences; any other reason (the job's, the agent's) is shown as is.
+END_SENTENCES = {
+    "expired": "The session reached the end of its time.",
+    "app gone": "The app stopped answering, so satellite ended the session.",
+    "tunnel gone": "The job's connection to satellite was lost, so satellite ended the session.",
+    "released": "The job gave the link back: it finished or was cancelled.",
+    "revoked": "An administrator ended the session.",
+}
+
+
+def end_sentence(session: Session, reason: str) -> str:
+    if reason == "expired" and session.redeemed is None:
+        return "The link expired before the job started its app."
+    if reason in JOB_ENDED.values() or reason == JOB_NOT_LISTED:
+        return f"The scheduler says: your {reason}."
+    return END_SENTENCES.get(reason) or f"The session ended: {reason}."
+
+
+def status_page(session: Session, note: str = "", stays: bool = False) -> bytes:
+    """The page that follows a session: on an app's path while the job starts (it turns into the
+    app), or satellite's own session page (`stays`: it links to the app and keeps watching)."""
     current = [s for s, _ in STATE_STEPS].index(session.state) if session.state in dict(STATE_STEPS) else 0
     items = "".join(
         f"<li class={'done' if n < current else 'now' if n == current else ''}>{html.escape(text)}</li>"
         for n, (_, text) in enumerate(STATE_STEPS))
-    body = (f"<p>Your session <code>{html.escape(session.alias)}</code> is on its way. "
-            f"This page switches to your app by itself.</p><ol>{items}</ol>"
+    body = (f"<p id=intro>Your session <code>{html.escape(session.alias)}</code> is on its way. "
+            f"{'Its app opens from here' if stays else 'This page switches to your app by itself'}.</p>"
+            f"<p id=app hidden><a href=/>Open your app</a> (<code>{html.escape(session.alias)}</code>). "
+            f"Keep this page open to be warned before the session ends.</p>"
+            f"<p id=left hidden></p><ol>{items}</ol>"
             f"<p id=msg>{html.escape(note or jobstate_note(session))}</p>"
+            f"<p><button id=ask hidden>Notify me when it is ready and before it ends</button></p>"
             f"<noscript><p>Reload this page in a few seconds.</p></noscript>")
-    script = STATUS_SCRIPT % (json.dumps([s for s, _ in STATE_STEPS]), INTERNAL_PREFIX)
-    return page("Starting your session", body, script)
+    script = STATUS_SCRIPT % (json.dumps([s for s, _ in STATE_STEPS]), json.dumps(stays), ENDING_NOTICE,
+                              STATUS_PATH)
+    return page("Your session" if stays else "Starting your session", body, script)
 
 
 def message_page(status: int, text: str) -> bytes:
@@ -2385,15 +2522,86 @@ def status_page_answer(session: Session, note: str = "") -> Answer:
     return Answer(503, [("Content-Type", HTML), *PAGE_HEADERS, ("Retry-After", "2")], status_page(session, note))
 
 
-def status_info(session: Session, ready: bool) -> dict:
-    """What the status page polls (/__satellite/status): no secret."""
-    info = {"alias": session.alias, "state": session.state, "ready": ready, "expires": iso_time(session.expires),
+def session_page_answer(session: Session) -> Answer:
+    """Satellite's own page for the session (INTERNAL_PREFIX): it stays open and watches."""
+    return Answer(200, [("Content-Type", HTML), *PAGE_HEADERS], status_page(session, stays=True))
+
+
+def status_info(session: Session, ready: bool, now: float) -> dict:
+    """What satellite's pages poll (STATUS_PATH), in every state: no secret."""
+    over = session.is_over(now)
+    info = {"alias": session.alias, "state": "ended" if over else session.state, "ready": ready and not over,
+            "expires": iso_time(session.expires), "seconds_left": max(0, int(session.expires - now)),
             "message": jobstate_note(session) or STATE_MESSAGES.get(session.state, "")}
-    if session.tunneled:
+    if session.jobstate:
+        info["jobstate"] = session.jobstate
+    if session.pending_reason and session.state == "queued":
+        info["pending_reason"] = session.pending_reason
+    if over:
+        info["ended_because"] = session.end_reason or "expired"
+        info["message"] = end_sentence(session, info["ended_because"])
+    elif session.tunneled:
         info["tunnel"] = "connected" if ready else "reconnecting"
         if not ready:
             info["message"] = TUNNEL_DOWN_NOTE
     return info
+
+
+def status_answer(session: Session, ready: bool, now: float) -> Answer:
+    return Answer(200, [("Content-Type", "application/json"), *PAGE_HEADERS],
+                  (json.dumps(status_info(session, ready, now)) + "\n").encode())
+
+
+def refused_answer(verdict: Verdict, session: Optional[Session], path: str, now: float) -> Answer:
+    """A refusal on a session's host. An ended session's holder learns why it ended; the status
+    path answers JSON whatever happened, so a page polling it can say so and stop."""
+    if verdict.status == 410 and verdict.credential:
+        if path == STATUS_PATH:
+            return status_answer(session, False, now)
+        reason = end_sentence(session, session.end_reason or "expired")
+        return page_answer(410, f"{reason} {ENDED_TEXT}")
+    extra = [("Retry-After", str(verdict.retry_after))] if verdict.retry_after else []
+    if path == STATUS_PATH:
+        fields = {"state": "ended", "message": verdict.text} if verdict.status == 410 else {"error": verdict.text}
+        return Answer(verdict.status, [("Content-Type", "application/json"), *PAGE_HEADERS, *extra],
+                      (json.dumps(fields) + "\n").encode())
+    return page_answer(verdict.status, verdict.text, extra)
+
+
+def minutes_text(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return "less than a minute" if minutes < 1 else "1 minute" if minutes == 1 else f"{minutes} minutes"
+
+
+def wants_ending_notice(request: Request, session: Session, now: float) -> bool:
+    """Should this request get the ending notice instead of the app? Only a top-level page load
+    (what a person sees: Sec-Fetch-Mode navigate, Sec-Fetch-Dest document, HTML accepted, GET)
+    within ENDING_NOTICE of the end, once per session (NOTICE_COOKIE). The app's own fetches,
+    frames, WebSockets and scripts never get it."""
+    headers = request.headers
+    seen = any(part.split("=", 1)[0].strip() == NOTICE_COOKIE
+               for header in headers.get_all("cookie") for part in header.split(";"))
+    return (request.method == "GET" and not request.wants_websocket and not seen
+            and (headers.get("sec-fetch-mode") or "").lower() == "navigate"
+            and (headers.get("sec-fetch-dest") or "").lower() == "document"
+            and "text/html" in (headers.get("accept") or "")
+            and 0 < session.expires - now <= ENDING_NOTICE)
+
+
+def ending_notice_answer(request: Request, session: Session, now: float) -> Answer:
+    """Satellite's short page before the app, near the end: save your work, then continue (the
+    same address). Its cookie, kept until the session ends, says it was shown."""
+    left = session.expires - now
+    target = "/" + request.target.lstrip("/")           # never '//host': the link stays on this host
+    body = (f"<p>Your session <code>{html.escape(session.alias)}</code> ends in "
+            f"<strong>{minutes_text(left)}</strong>. Save your work now: when the session ends, the app "
+            f"stops and what is not saved is lost.</p>"
+            f"<p><a id=continue href='{html.escape(target)}'>Continue to your app</a></p>"
+            f"<p>To be warned again just before the end, keep "
+            f"<a href={INTERNAL_PREFIX} target=_blank rel=noopener>this session's satellite page</a> open.</p>")
+    cookie = (f"{NOTICE_COOKIE}=shown; Path=/; Max-Age={int(left) + 60}; Secure; HttpOnly; SameSite=Lax")
+    return Answer(200, [("Content-Type", HTML), *PAGE_HEADERS, ("Set-Cookie", cookie)],
+                  page("Your session ends soon", body))
 
 
 ###############################################################################
@@ -2463,10 +2671,13 @@ def direct_connector(target: tuple, connect_timeout: float) -> Connector:
     return connect
 
 
+SATELLITE_COOKIES = frozenset((COOKIE_NAME.lower(), NOTICE_COOKIE.lower()))
+
+
 def strip_satellite_cookie(value: str) -> str:
-    """The Cookie header without satellite's own cookie; the app's cookies untouched."""
+    """The Cookie header without satellite's own cookies; the app's cookies untouched."""
     return "; ".join(p for p in (c.strip() for c in value.split(";"))
-                     if p and p.split("=", 1)[0].strip() != COOKIE_NAME)
+                     if p and p.split("=", 1)[0].strip().lower() not in SATELLITE_COOKIES)
 
 
 def forwarded_request_head(request: Request, peer: str, user_header: str = "", user: Optional[str] = None) -> bytes:
@@ -2508,7 +2719,7 @@ def host_only_cookie(set_cookie: str) -> Optional[str]:
     session's host and never rides along to sibling sessions under the same domain (a cookie bomb,
     or cookies fixed on other users' apps). A cookie named like satellite's own is dropped (None)."""
     name, _, rest = set_cookie.partition(";")
-    if name.split("=", 1)[0].strip().lower() == COOKIE_NAME.lower():
+    if name.split("=", 1)[0].strip().lower() in SATELLITE_COOKIES:
         return None
     attributes = [a for a in rest.split(";") if a.strip() and a.split("=", 1)[0].strip().lower() != "domain"]
     return ";".join([name] + attributes)
@@ -3392,12 +3603,13 @@ class Satellite:
             return self.answer_front(ex, session, alias)
         verdict = self.decide(request, ex, session, alias)
         if not verdict.allowed:
-            extra = [("Retry-After", str(verdict.retry_after))] if verdict.retry_after else []
-            return page_answer(verdict.status, verdict.text, extra)
+            return refused_answer(verdict, session, where.path, time.time())
         if where.kind != "app":
             answer = self.internal_page(ex, session, where.path)
         elif session.target is None:
             answer = status_page_answer(session)
+        elif wants_ending_notice(request, session, time.time()):
+            answer = ending_notice_answer(request, session, time.time())
         else:
             answer = conn.forwarder.forward(ex, session, conn.send_interim)
         if verdict.cookie:
@@ -3430,10 +3642,11 @@ class Satellite:
                 log.warning("could not end expired %s: %s", logged_alias(session), exc)
 
     def internal_page(self, ex: Exchange, session: Session, path: str) -> Answer:
-        if path != INTERNAL_PREFIX + "status":
-            return page_answer(404, "No such satellite page.")
-        ctype, body = format_fields(status_info(session, self.app_ready(session)), True)
-        return Answer(200, [("Content-Type", ctype), *PAGE_HEADERS], body)
+        if path == STATUS_PATH:
+            return status_answer(session, self.app_ready(session), time.time())
+        if path == INTERNAL_PREFIX:
+            return session_page_answer(session)
+        return page_answer(404, "No such satellite page.")
 
     def app_ready(self, session: Session) -> bool:
         if session.tunneled:
@@ -4065,8 +4278,8 @@ SETTING_FLAGS = [
     ("--token-failures", "token_failures", "wrong tokens per address and session before 429, COUNT/DURATION"),
     ("--dead-after", "dead_after", "refresh ends a session whose app has not answered for this long"),
     ("--retention", "retention", "refresh deletes ended sessions after this long"),
-    ("--jobstate-command", "jobstate_command", "refresh runs this for 'JOBID STATE' lines, a full snapshot of the "
-                                               "scheduler's jobs, e.g. squeue -h -t all -o '%%i %%T'"),
+    ("--jobstate-command", "jobstate_command", "refresh runs this for 'JOBID STATE [REASON]' lines, a full snapshot "
+                                               "of the scheduler's jobs, e.g. squeue -h -t all -o '%%i %%T %%r'"),
     ("--job-gone-after", "job_gone_after", "a job a full snapshot has not listed for this long after a feed listed "
                                            "it has ended (finished jobs age out of squeue)"),
     ("--hsts", "hsts", "Strict-Transport-Security max-age (0 = off)"),

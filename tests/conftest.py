@@ -404,10 +404,14 @@ class Slurm:
                     os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
                 except (ProcessLookupError, ValueError):
                     pass
+        def stopped(pid_file):
+            try:
+                return not Path(f"/proc/{pid_file.read_text().strip()}").exists()
+            except FileNotFoundError:                # the daemon removed it as it exited
+                return True
         for name in ("slurmd", "slurmctld"):
             pid_file = self.dir / f"{name}.pid"
-            wait_for(lambda: not pid_file.exists() or not Path(f"/proc/{pid_file.read_text().strip()}").exists(),
-                     timeout=20, what=f"{name} to stop")
+            wait_for(lambda: stopped(pid_file), timeout=20, what=f"{name} to stop")
         if self.started_munge:
             subprocess.run(["pkill", "-x", "munged"])
 

@@ -3,6 +3,7 @@ Request or HttpError out), route, the access decisions (endpoint networks and bo
 head; a session's credential, owner and failure limit), body limit accounting, connection limits,
 and the bounds on what a tunnel queues. The end-to-end suites drive the same code through real TLS."""
 import itertools
+import json
 import os
 import sys
 import time
@@ -423,3 +424,140 @@ def test_no_shape_lets_a_trailing_newline_through(name):
 ])
 def test_an_ipv6_clients_connection_share_is_its_slash_64s(peer, group):
     assert satellite.connection_group(peer) == group
+
+
+# pages: what satellite's own pages say (status JSON, the end, pending reasons, the ending notice) -----------
+
+STATUS_FIELDS = {"alias", "state", "ready", "expires", "seconds_left", "message"}
+
+
+@pytest.mark.parametrize("reason,sentence", [
+    ("expired", "reached the end of its time"), ("app gone", "app stopped answering"),
+    ("tunnel gone", "connection to satellite was lost"), ("released", "gave the link back"),
+    ("revoked", "administrator ended"), ("job hit its time limit", "The session ended: job hit its time limit."),
+])
+def test_the_status_of_an_ended_session_says_why_in_a_sentence(reason, sentence):
+    now = time.time()
+    info = satellite.status_info(session(state="ended", ended=now - 5, end_reason=reason), True, now)
+    assert STATUS_FIELDS <= set(info) and info["state"] == "ended" and info["ready"] is False
+    assert info["ended_because"] == reason and sentence in info["message"]
+
+
+def test_a_session_past_its_time_is_ended_in_the_status_even_before_anyone_records_it():
+    now = time.time()
+    info = satellite.status_info(session(expires=now - 1), True, now)
+    assert (info["state"], info["ended_because"], info["seconds_left"], info["ready"]) == ("ended", "expired", 0, False)
+    never = satellite.status_info(session(state="queued", target_host=None, target_port=None, redeemed=None,
+                                          expires=now - 1), False, now)
+    assert "before the job started" in never["message"]
+
+
+def test_the_status_carries_the_time_left_and_the_pending_reason():
+    now = time.time()
+    info = satellite.status_info(session(expires=now + 540.5), True, now)
+    assert info["seconds_left"] == 540 and "pending_reason" not in info and "ended_because" not in info
+    queued = session(state="queued", jobid="4242", jobstate="PENDING", pending_reason="PartitionTimeLimit",
+                     target_host=None, target_port=None, redeemed=None)
+    info = satellite.status_info(queued, False, now)
+    assert info["pending_reason"] == "PartitionTimeLimit" and info["jobstate"] == "PENDING"
+    assert "will not start by itself" in info["message"] and "less time" in info["message"]
+
+
+@pytest.mark.parametrize("reason,stuck", [
+    ("PartitionTimeLimit", True), ("QOSMaxWallDurationPerJobLimit", True), ("AssocGrpCpuLimit", True),
+    ("ReqNodeNotAvail", True), ("JobHeldUser", True), ("Priority", False), ("Resources", False),
+])
+def test_reasons_that_never_clear_come_with_advice(reason, stuck):
+    note = satellite.jobstate_note(session(state="queued", jobid="7", jobstate="PENDING", pending_reason=reason))
+    assert reason in note and ("will not start by itself" in note) == stuck
+
+
+@pytest.mark.parametrize("line,state,reason", [
+    ("4242 PENDING PartitionTimeLimit", "PENDING", "PartitionTimeLimit"),
+    ("4242 PENDING", "PENDING", None),                                         # the old two-column feed
+    ("4242 RUNNING None", "RUNNING", None), ("4242 PENDING None", "PENDING", None),
+    ("4242 PENDING (null)", "PENDING", None),
+    ("4242 RUNNING Priority", "RUNNING", None),                                # only a pending job has one
+    ("4242 PENDING <script>alert(1)</script>", "PENDING", None),
+    ("4242 PENDING " + "A" * 65, "PENDING", None),
+    ("4242 PENDING ReqNodeNotAvail, UnavailableNodes:n[1-2]", "PENDING", "ReqNodeNotAvail"),
+    ("4242 PENDING Reason\x1b[31m", "PENDING", None), ("4242 PD ReqNodeNotAvail,_Reserved", "PD",
+                                                       "ReqNodeNotAvail,_Reserved"),
+])
+def test_the_feed_takes_an_optional_bounded_pending_reason(line, state, reason):
+    assert satellite.read_jobstates(line) == {"4242": state}
+    assert satellite.read_pending_reasons(line) == {"4242": reason}
+
+
+def test_the_feed_reasons_are_stored_and_cleared(tmp_path):
+    store = satellite.Store(str(tmp_path / "s.db"))
+    link, _, key = store.create_link("10.1.0.7", 3600, 600)
+    store.report_state(key, "queued", "4242")
+    store.set_pending_reasons(satellite.read_pending_reasons("4242 PENDING PartitionTimeLimit\n9 PENDING Priority"))
+    assert store.session(link.alias).pending_reason == "PartitionTimeLimit"
+    store.set_pending_reasons(satellite.read_pending_reasons("4242 PENDING"))
+    assert store.session(link.alias).pending_reason is None
+
+
+def ended_verdict(name):
+    return decide(name, state="ended", end_reason="job cancelled")
+
+
+@pytest.mark.parametrize("name", sorted(CREDENTIALS))
+def test_only_the_holder_of_an_ended_session_learns_why_and_the_status_path_is_always_json(name):
+    now = time.time()
+    ended = session(state="ended", ended=now - 5, end_reason="job cancelled")
+    verdict = ended_verdict(name)
+    holder = CREDENTIALS[name][2] is not None
+    assert verdict.status == 410 and bool(verdict.credential) == holder
+    status = satellite.refused_answer(verdict, ended, satellite.STATUS_PATH, now)
+    assert dict(status.fields)["Content-Type"] == "application/json"
+    body = json.loads(status.body)
+    assert body["state"] == "ended" and (status.status, "ended_because" in body) == ((200, True) if holder
+                                                                                      else (410, False))
+    page = satellite.refused_answer(verdict, ended, "/lab", now)
+    assert page.status == 410 and (b"job cancelled" in page.body) == holder
+
+
+def test_other_refusals_on_the_status_path_are_json_too():
+    verdict = decide("none")
+    answer = satellite.refused_answer(verdict, session(), satellite.STATUS_PATH, time.time())
+    assert answer.status == 403 and json.loads(answer.body) == {"error": satellite.NEEDS_TOKEN_TEXT}
+
+
+NAVIGATE = ("Sec-Fetch-Mode: navigate", "Sec-Fetch-Dest: document", "Accept: text/html,application/xhtml+xml")
+
+
+@pytest.mark.parametrize("fields,left,method,expected", [
+    (NAVIGATE, 540, "GET", True),
+    (NAVIGATE, 3600, "GET", False),                                             # not near the end
+    (NAVIGATE + (f"Cookie: a=1; __Host-notice-satellite=shown",), 540, "GET", False),   # shown once
+    (NAVIGATE, 540, "POST", False),
+    (("Sec-Fetch-Mode: cors", "Sec-Fetch-Dest: empty", "Accept: */*"), 540, "GET", False),      # the app's fetch
+    (("Sec-Fetch-Mode: navigate", "Sec-Fetch-Dest: iframe", "Accept: text/html"), 540, "GET", False),
+    (("Sec-Fetch-Mode: navigate", "Sec-Fetch-Dest: document", "Accept: application/json"), 540, "GET", False),
+    ((), 540, "GET", False),                                                    # curl, scripts
+])
+def test_the_ending_notice_is_for_page_loads_near_the_end_once(fields, left, method, expected):
+    now = time.time()
+    request = request_from_bytes(head(f"{method} /lab HTTP/1.1", *fields, host=f"{ALIAS}.{DOMAIN}"))
+    assert satellite.wants_ending_notice(request, session(expires=now + left), now) == expected
+
+
+def test_the_ending_notice_page_links_back_on_this_host_and_sets_its_cookie():
+    now = time.time()
+    request = request_from_bytes(head("GET //evil.example/x?a=1&b='2' HTTP/1.1", *NAVIGATE,
+                                      host=f"{ALIAS}.{DOMAIN}"))
+    answer = satellite.ending_notice_answer(request, session(expires=now + 570), now)
+    fields = dict(answer.fields)
+    assert answer.status == 200 and fields["Content-Security-Policy"] == dict(satellite.PAGE_HEADERS)[
+        "Content-Security-Policy"]
+    assert b"ends in <strong>9 minutes</strong>" in answer.body
+    assert b"href='/evil.example/x?a=1&amp;b=&#x27;2&#x27;'" in answer.body
+    cookie = fields["Set-Cookie"]
+    assert cookie.startswith(satellite.NOTICE_COOKIE + "=shown;") and "Secure" in cookie and "HttpOnly" in cookie
+
+
+def test_the_notice_cookie_never_reaches_the_app_and_the_app_cannot_set_it():
+    assert satellite.strip_satellite_cookie(f"a=1; {satellite.NOTICE_COOKIE}=shown; b=2") == "a=1; b=2"
+    assert satellite.host_only_cookie(f"{satellite.NOTICE_COOKIE}=shown; Path=/") is None

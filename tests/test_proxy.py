@@ -219,6 +219,39 @@ def test_chunked_upload_and_curl_expect_100_continue(satellite, app, tmp_path):
 
 # status page and app lifecycle -------------------------------------------------
 
+def test_an_ended_sessions_status_is_json_and_tells_its_holder_why(satellite):
+    link = satellite.getlink()
+    host = satellite.host(link["alias"])
+    cookie = satellite.request(host, "/lab?token=" + link["token"])[1]["Set-Cookie"].split(";")[0]
+    satellite.api("release", key=link["key"])
+    status, headers, body = satellite.request(host, "/__satellite/status", headers={"Cookie": cookie})
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    info = json_body(body)
+    assert (info["state"], info["ended_because"], info["ready"]) == ("ended", "released", False)
+    assert "gave the link back" in info["message"] and headers["Content-Security-Policy"].startswith("default-src")
+    status, headers, body = satellite.request(host, "/__satellite/status")            # not the holder: no why
+    assert status == 410 and json_body(body) == {"state": "ended", "message": json_body(body)["message"]}
+    status, _, body = satellite.request(host, "/lab", headers={"Cookie": cookie})
+    assert status == 410 and b"gave the link back" in body
+
+
+NAVIGATION = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Accept": "text/html"}
+
+
+def test_a_page_load_near_the_end_gets_the_notice_once_and_the_app_never_sees_its_cookie(satellite, app):
+    link = satellite.getlink(lifetime="5m")
+    assert satellite.api("redeem", source=app.host, key=link["key"], port=app.port)[0] == 200
+    host = satellite.host(link["alias"])
+    status, headers, body = satellite.request(host, "/headers?token=" + link["token"], headers=NAVIGATION)
+    assert status == 200 and b"ends in <strong>4 minutes</strong>" in body and b"Save your work" in body
+    cookies = "; ".join(v.split(";")[0] for k, v in headers.items() if k == "Set-Cookie")
+    assert "__Host-notice-satellite=shown" in cookies and "__Host-satellite=" in cookies
+    status, _, body = satellite.request(host, "/headers", headers={**NAVIGATION, "Cookie": cookies + "; a=1"})
+    assert status == 200 and dict(json_body(body)["headers"])["Cookie"] == "a=1"
+    assert json_body(satellite.request(host, "/__satellite/status", headers={"Cookie": cookies})[2])[
+        "seconds_left"] <= 300
+
+
 def test_status_page_until_the_app_answers_then_the_app(satellite, new_app):
     link = satellite.getlink()
     host = satellite.host(link["alias"])
