@@ -2540,7 +2540,12 @@ def status_info(session: Session, ready: bool, now: float) -> dict:
     if over:
         info["ended_because"] = session.end_reason or "expired"
         info["message"] = end_sentence(session, info["ended_because"])
-    elif session.tunneled:
+        return info
+    if session.state == "proxied":   # the app answered once; refresh or the tunnel's drop notes when it stops
+        info["app"] = "not answering" if session.backend_gone else "answering"
+        if session.backend_gone:
+            info["message"] = app_down_text(session)
+    if session.tunneled:
         info["tunnel"] = "connected" if ready else "reconnecting"
         if not ready:
             info["message"] = TUNNEL_DOWN_NOTE

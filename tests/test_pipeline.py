@@ -434,7 +434,7 @@ STATUS_FIELDS = {"alias", "state", "ready", "expires", "seconds_left", "message"
 @pytest.mark.parametrize("reason,sentence", [
     ("expired", "reached the end of its time"), ("app gone", "app stopped answering"),
     ("tunnel gone", "connection to satellite was lost"), ("released", "gave the link back"),
-    ("revoked", "administrator ended"), ("job hit its time limit", "The session ended: job hit its time limit."),
+    ("revoked", "administrator ended"), ("job hit its time limit", "The scheduler says: your job hit its time limit."),
 ])
 def test_the_status_of_an_ended_session_says_why_in_a_sentence(reason, sentence):
     now = time.time()
@@ -561,3 +561,14 @@ def test_the_ending_notice_page_links_back_on_this_host_and_sets_its_cookie():
 def test_the_notice_cookie_never_reaches_the_app_and_the_app_cannot_set_it():
     assert satellite.strip_satellite_cookie(f"a=1; {satellite.NOTICE_COOKIE}=shown; b=2") == "a=1; b=2"
     assert satellite.host_only_cookie(f"{satellite.NOTICE_COOKIE}=shown; Path=/") is None
+
+
+def test_the_status_says_whether_the_app_answers_apart_from_whether_the_job_runs():
+    now = time.time()
+    up = satellite.status_info(session(state="proxied", jobid="77", jobstate="RUNNING"), True, now)
+    assert up["app"] == "answering" and up["state"] == "proxied"
+    down = satellite.status_info(session(state="proxied", jobid="77", jobstate="RUNNING", backend_gone=now - 30),
+                                 False, now)
+    assert down["app"] == "not answering" and down["state"] == "proxied"
+    assert "job 77 is still running" in down["message"]
+    assert "app" not in satellite.status_info(session(state="queued"), False, now)
