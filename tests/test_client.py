@@ -804,3 +804,13 @@ def test_list_shows_live_sessions_prunes_ended_and_fails_when_satellite_is_unrea
         assert client.run("prune").returncode == 1 and client.sessions() == [live["alias"]]   # unknown: kept
     finally:
         info_path.write_text(json.dumps(info))
+
+
+def test_help_teaches_time_limits_list_and_prune():
+    client = [sys.executable, str(ROOT / "satellite_client.py")]
+    launch = subprocess.run([*client, "launch", "--help"], capture_output=True, text=True).stdout
+    assert "90:00 is 90 minutes" in " ".join(launch.split()) and "{\"error\"" in launch
+    top = subprocess.run([*client, "--help"], capture_output=True, text=True).stdout
+    assert "prune" in top
+    listing = " ".join(subprocess.run([*client, "list", "--help"], capture_output=True, text=True).stdout.split())
+    assert "--all" in listing and "pending with the reason it waits" in listing and "Exits 1" in listing

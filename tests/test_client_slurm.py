@@ -206,6 +206,9 @@ def test_list_reports_a_failed_job_as_failed_with_the_agents_reason(client, job_
     assert client.run("list").stdout.count(alias) == 0                  # ended: not a live session
     row = next(r for r in json.loads(client.run("list", "--all", "--json", check=True).stdout) if r["alias"] == alias)
     assert row["job"] == "failed" and "could not be started" in row["end_reason"]
+    token = json.loads((client.session_dir(alias) / "secrets").read_text())["token"]
+    assert job_satellite.api("status", token=token)[1]["ended_because"] == \
+        "released: the app could not be started; see the lines above"        # the agent's release carried it
     assert "failed" in client.run("list", "--all").stdout
 
 
