@@ -80,6 +80,17 @@ def test_standin_scheduler_end_to_end(tmp_path, job_satellite, flavour, expected
     wait_for(lambda: link_status(job_satellite, result["url"]) == 410, what="link released")
 
 
+@pytest.mark.parametrize("flavour", ["pbs", "lsf"])
+def test_a_failed_job_is_reported_failed_by_the_standin_schedulers(tmp_path, job_satellite, flavour):
+    """qstat -f's Exit_status and bjobs' EXIT: the job's outcome, not just "done"."""
+    client, _ = standin_client(tmp_path, job_satellite, flavour)
+    result = client.run("launch", "--scheduler", flavour, "--command", "sh -c 'exit 3' {port}", "--wait")
+    assert result.returncode == 1 and "could not be started" in result.stderr, result.stderr
+    status = lambda: json.loads(client.run("status", client.sessions()[0], "--json").stdout)    # noqa: E731
+    wait_for(lambda: status()["job"] != "running", what="the job to end")     # the agent releases, then exits
+    assert status()["job"] == "failed" and "could not be started" in status()["end_reason"]
+
+
 def test_local_scheduler_end_to_end_and_app_exit_releases(client, job_satellite):
     result = client.launch_json("--scheduler", "local", "--command", ECHO_APP, "--wait")
     assert result["state"] == "proxied" and result["scheduler"] == "local"
