@@ -1959,6 +1959,7 @@ def check_params(params: dict, allowed: Iterable) -> None:
         raise ApiError(400, f"unknown parameter {unknown[0]!r}")
 
 
+RELEASE_REASON = re.compile(r"[ -~]{1,120}")      # printable ASCII, one short line: it reaches logs and terminals
 USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
 MUNGE_CREDENTIAL = re.compile(r"^MUNGE:[A-Za-z0-9+/=]{16,4096}:\Z")
 
@@ -2207,11 +2208,15 @@ class ManagementApi:
         return 200, session.describe()
 
     def release(self, params: dict, peer: str) -> tuple:
-        check_params(params, ("key",))
+        """reason= (optional): the job's one line on why it ended, kept as the session's end_reason."""
+        check_params(params, ("key", "reason"))
+        reason = params.get("reason")
+        if reason is not None and not RELEASE_REASON.fullmatch(reason):
+            raise ApiError(400, "malformed reason: 1 to 120 printable ASCII characters")
         session = self.store.session_by_key(require(params, "key"))
         if session is None:
             raise ApiError(404, "unknown key")
-        if self.store.end(session.alias, "released"):      # idempotent: releasing twice is fine
+        if self.store.end(session.alias, f"released: {reason}" if reason else "released"):   # idempotent
             self.events.record("release", session.alias, peer)
         return 200, self.store.session(session.alias).describe()
 

@@ -71,7 +71,8 @@ __version__ = "0.1.0"
 SITE_CONFIG = "/etc/satellite/client.ini"          # or $SATELLITE_CLIENT_CONFIG
 SCHEDULER_NAMES = ("slurm", "pbs", "lsf", "htcondor", "sge", "local")
 CONNECT_MODES = ("direct", "tunnel", "auto")        # how satellite reaches the app (see --connect)
-JOB_STATES = ("pending", "held", "running", "done", "failed", "unknown")
+JOB_STATES = ("pending", "held", "running", "completed", "failed", "timeout", "cancelled", "done", "unknown")
+ENDED_JOB_STATES = ("completed", "failed", "timeout", "cancelled", "done")   # done: ended, outcome not known
 SESSION_ROOT = ".satellite/sessions"                # under the user's home
 PROFILE_ROOT = ".satellite/profiles"
 LOOPBACK = "127.0.0.1"                              # where a tunneled app listens: only the node reaches it
@@ -144,17 +145,43 @@ def printable(text) -> str:
 # 2. Options
 ###############################################################################
 
+TIME_LIMIT_FORMS = "minutes (90), MM:SS (90:00), HH:MM:SS (1:30:00), D-HH (1-12), D-HH:MM or D-HH:MM:SS"
+SCHEDULER_TIME = re.compile(r"(?:(?P<days>[0-9]+)-(?P<dhours>[0-9]+)(?::(?P<dminutes>[0-5]?[0-9])"
+                            r"(?::(?P<dseconds>[0-5]?[0-9]))?)?"
+                            r"|(?P<hours>[0-9]+):(?P<hminutes>[0-5]?[0-9]):(?P<hseconds>[0-5]?[0-9])"
+                            r"|(?P<minutes>[0-9]+)(?::(?P<mseconds>[0-5]?[0-9]))?)")
+
+
+def scheduler_seconds(text: str) -> Optional[int]:
+    """A time in Slurm's forms (which squeue prints too) -> seconds; None if it is not one. Read as Slurm reads
+    it: one number is minutes, two (90:00) are minutes and seconds, three hours, minutes and seconds; with
+    days-, the next number is hours."""
+    match = SCHEDULER_TIME.fullmatch(text.strip())
+    if not match:
+        return None
+    n = {name: int(value or 0) for name, value in match.groupdict().items()}
+    return ((n["days"] * 24 + n["dhours"] + n["hours"]) * 60 + n["dminutes"] + n["hminutes"] + n["minutes"]) * 60 \
+        + n["dseconds"] + n["hseconds"] + n["mseconds"]
+
+
 def parse_time_limit(text: str) -> int:
-    """'90' (minutes), '90m', '2h', '1d', 'HH:MM', 'HH:MM:SS' or 'D-HH:MM:SS' -> seconds."""
+    """--time-limit -> seconds, in the forms Slurm reads (TIME_LIMIT_FORMS; every scheduler gets it converted
+    to its own), or with a unit: 90m, 2h, 1d. Zero is refused: to Slurm it means no limit at all."""
     text = str(text).strip()
-    match = re.fullmatch(r"([0-9]+)([mhd]?)", text)
-    if match:
-        return int(match.group(1)) * {"": 60, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    match = re.fullmatch(r"(?:([0-9]+)-)?([0-9]+):([0-5][0-9])(?::([0-5][0-9]))?", text)
-    if match:
-        days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-        return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    raise UsageError(f"--time-limit {text!r}: use HH:MM:SS, D-HH:MM:SS, or minutes (90, 90m, 2h)")
+    match = re.fullmatch(r"([0-9]+)([mhd])", text)
+    seconds = (int(match.group(1)) * {"m": 60, "h": 3600, "d": 86400}[match.group(2)] if match
+               else scheduler_seconds(text))
+    if seconds is None:
+        raise UsageError(f"--time-limit {text!r}: use {TIME_LIMIT_FORMS}, or 90m, 2h, 1d")
+    if seconds == 0:
+        raise UsageError(f"--time-limit {text!r}: give a limit above zero (0 is no limit at all to Slurm)")
+    return seconds
+
+
+def limit_text(seconds: int) -> str:
+    """A time limit as Slurm writes it: [D-]HH:MM:SS."""
+    days, rest = divmod(seconds, 86400)
+    return f"{days}-{hms(rest)}" if days else hms(rest)
 
 
 def hms(seconds: int) -> str:
@@ -486,6 +513,8 @@ class SatelliteApi:
             sock = conn.sock                               # getresponse may let go of it (Connection: close)
             resp = conn.getresponse()
             data = self.read_reply(sock, resp)
+        except ssl.SSLCertVerificationError as exc:
+            raise Unreachable(self.untrusted(exc)) from None
         except (OSError, http.client.HTTPException) as exc:
             raise Unreachable(f"cannot reach satellite at {self.url}: {exc}") from None
         finally:
@@ -499,6 +528,11 @@ class SatelliteApi:
         if resp.status >= 400:
             raise ApiRefused(resp.status, reply.get("error", "refused"))
         return reply
+
+    def untrusted(self, exc: ssl.SSLCertVerificationError) -> str:
+        return (f"cannot reach satellite at {self.url}: its certificate is not trusted here "
+                f"({exc.verify_message or exc}); check --cacert (or $SATELLITE_CACERT, or cacert in the site "
+                f"config {SITE_CONFIG}): it must name the CA that signed satellite's certificate")
 
     def read_reply(self, sock: socket.socket, resp: http.client.HTTPResponse) -> bytes:
         """The reply's body, whole within the call's timeout and MAX_REPLY bytes: a satellite that
@@ -533,6 +567,8 @@ class SatelliteApi:
                 if not data or len(received) > 65536:
                     raise ConnectionError("satellite closed the connection before answering")
                 received += data
+        except ssl.SSLCertVerificationError as exc:
+            raise Unreachable(self.untrusted(exc)) from None
         except OSError as exc:
             raise Unreachable(f"cannot open a tunnel to satellite at {self.url}: {exc}") from None
         head, _, rest = received.partition(b"\r\n\r\n")
@@ -723,6 +759,19 @@ class SessionDir:
         except OSError:
             return ""
 
+    def save_end_reason(self, reason: str) -> None:
+        """The agent's one line on why it stopped (end_reason), for list, status and --wait."""
+        try:
+            (self.path / "end_reason").write_text(printable(reason)[:300] + "\n")
+        except OSError:
+            pass
+
+    def end_reason(self) -> Optional[str]:
+        try:
+            return printable((self.path / "end_reason").read_text().strip()[:300]) or None
+        except OSError:
+            return None
+
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
@@ -799,6 +848,14 @@ class Scheduler:
     def query(self, jobid: str) -> str:
         raise NotImplementedError
 
+    def status(self, jobid: str) -> "JobStatus":
+        """The state, and where the CLI tells them, why the job waits and its time left."""
+        return JobStatus(self.query(jobid))
+
+    def never_starts(self, reason: str) -> Optional[str]:
+        """Advice if the scheduler's pending reason is one that never clears by itself, else None."""
+        return None
+
     def cancel(self, jobid: str) -> None:
         raise NotImplementedError
 
@@ -812,6 +869,13 @@ class Scheduler:
         if not JOBID_SHAPE.fullmatch(match.group(1)):
             raise Failure(f"{cli} answered job id {match.group(1)!r}, which does not look like one")
         return match.group(1)
+
+
+@dataclasses.dataclass
+class JobStatus:
+    state: str                          # one of JOB_STATES
+    reason: str = ""                    # why it waits, in the scheduler's words (Slurm's %r), while it waits
+    time_left: Optional[int] = None     # seconds: left while it runs, asked for while it waits (None: not told)
 
 
 JOBID_SHAPE = re.compile(r"[0-9][A-Za-z0-9._@\[\]-]{0,127}")   # 4242, 4242.server, 4242[].server
@@ -840,9 +904,8 @@ class Slurm(Scheduler):
                "constraint": "--constraint={}"}
 
     def fixed(self, plan, session, alias):
-        days, rest = divmod(plan.time_limit, 86400)
         lines = [f"--job-name=satellite-{alias}", f"--output={session / 'job.log'}",
-                 f"--time={days}-{hms(rest)}" if days else f"--time={hms(rest)}", "--no-requeue"]
+                 f"--time={limit_text(plan.time_limit)}", "--no-requeue"]
         if warning_seconds(plan.time_limit):
             lines.append(f"--signal=B:USR1@{warning_seconds(plan.time_limit)}")    # to the agent, before the limit
         if plan.memory_mb:
@@ -854,21 +917,54 @@ class Slurm(Scheduler):
         return self.parse_jobid(r"^([0-9]+)", result, "sbatch")
 
     STATES = {"PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pending", "RUNNING": "running",
-              "COMPLETING": "running", "SUSPENDED": "held", "COMPLETED": "done", "CANCELLED": "done",
-              "FAILED": "failed", "TIMEOUT": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed",
-              "PREEMPTED": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed"}
+              "COMPLETING": "running", "SUSPENDED": "held", "COMPLETED": "completed", "CANCELLED": "cancelled",
+              "FAILED": "failed", "TIMEOUT": "timeout", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed",
+              "PREEMPTED": "failed", "BOOT_FAIL": "failed", "DEADLINE": "timeout"}
+
+    # pending reasons that never clear by themselves (the job asks more than a limit allows any one job),
+    # with what to do instead; other reasons (Resources, Priority, ReqNodeNotAvail, ...) are shown and waited on,
+    # PartitionConfig too: Slurm gives it for a second before PartitionTimeLimit (checked with 22.05)
+    NEVER_STARTS = (
+        (re.compile(r"PartitionTimeLimit"), "the time limit is longer than the partition allows: give a shorter "
+                                            "--time-limit or another --partition (sinfo -o '%P %l' lists the limits)"),
+        (re.compile(r"PartitionNodeLimit"), "more nodes than the partition allows: fewer --nodes, or another "
+                                            "--partition"),
+        (re.compile(r"QOSMax\w*PerJob\w*|QOSMin\w*|InvalidQOS"), "more (or less) than your QOS allows one job: "
+                                                                "change the request or --qos (sacctmgr show qos)"),
+        (re.compile(r"AssocMax\w*PerJob\w*|AssocGrp\w*MinutesLimit|InvalidAccount"),
+         "your account's limits refuse it: change the request or --account, or ask your admins "
+         "(sacctmgr show assoc user=$USER)"),
+    )
+
+    def status(self, jobid):
+        # -t all: a finished job too (squeue -j alone prints nothing for it, until MinJobAge)
+        result = run(["squeue", "-h", "-t", "all", "-j", jobid, "-o", "%T|%r|%L|%l"], timeout=30)
+        if result.returncode != 0 and "Invalid job id" not in result.stderr:
+            return JobStatus("unknown")                 # an unreachable controller is not a dead job
+        line = result.stdout.strip().splitlines()[0] if result.stdout.strip() else ""
+        if not line:
+            return self.accounted(jobid)
+        state, reason, left, limit = (line.split("|") + ["", "", ""])[:4]
+        state = "held" if state == "PENDING" and reason.startswith("JobHeld") else \
+            self.STATES.get(state.rstrip("+"), "unknown")
+        waiting = state in ("pending", "held")
+        return JobStatus(state, reason if waiting and reason != "None" else "",
+                         scheduler_seconds(limit if waiting else left) if state in ("pending", "held", "running")
+                         else None)
+
+    def accounted(self, jobid: str) -> JobStatus:
+        """A job squeue has forgotten (after MinJobAge): its outcome from sacct, where accounting is kept."""
+        if not shutil.which("sacct"):
+            return JobStatus("done")
+        result = run(["sacct", "-n", "-X", "-P", "-j", jobid, "-o", "State"], timeout=30)
+        words = result.stdout.split() if result.returncode == 0 else []
+        return JobStatus(self.STATES.get(words[0].rstrip("+"), "done") if words else "done")
 
     def query(self, jobid):
-        result = run(["squeue", "-h", "-j", jobid, "-o", "%T %r"], timeout=30)
-        if result.returncode != 0:
-            # a finished job leaves squeue after MinJobAge; an unreachable controller is not a dead job
-            return "done" if "Invalid job id" in result.stderr else "unknown"
-        if not result.stdout.strip():
-            return "done"
-        state, _, reason = result.stdout.strip().partition(" ")
-        if state == "PENDING" and reason.startswith("JobHeld"):
-            return "held"
-        return self.STATES.get(state.rstrip("+"), "unknown")
+        return self.status(jobid).state
+
+    def never_starts(self, reason):
+        return next((advice for shape, advice in self.NEVER_STARTS if shape.search(reason)), None)
 
     def cancel(self, jobid):
         run(["scancel", jobid])
@@ -911,7 +1007,7 @@ class Pbs(Scheduler):
             return "unknown"
         if match.group(1) in ("F", "C"):
             exit_match = re.search(r"[Ee]xit_status = (-?\d+)", result.stdout)
-            return "failed" if exit_match and exit_match.group(1) != "0" else "done"
+            return ("failed" if exit_match.group(1) != "0" else "completed") if exit_match else "done"
         return self.STATES.get(match.group(1), "unknown")
 
     def cancel(self, jobid):
@@ -946,7 +1042,7 @@ class Lsf(Scheduler):
         return self.parse_jobid(r"Job <([0-9]+)>", result, "bsub")
 
     STATES = {"PEND": "pending", "WAIT": "pending", "PSUSP": "held", "USUSP": "held", "SSUSP": "held",
-              "RUN": "running", "PROV": "running", "DONE": "done", "EXIT": "failed", "UNKWN": "unknown",
+              "RUN": "running", "PROV": "running", "DONE": "completed", "EXIT": "failed", "UNKWN": "unknown",
               "ZOMBI": "unknown"}
 
     def query(self, jobid):
@@ -991,7 +1087,8 @@ class HtCondor(Scheduler):
         result = run(["condor_submit", str(session.path / "job.sub")])
         return self.parse_jobid(r"submitted to cluster ([0-9]+)", result, "condor_submit")
 
-    STATES = {"1": "pending", "2": "running", "3": "done", "4": "done", "5": "held", "6": "running", "7": "held"}
+    STATES = {"1": "pending", "2": "running", "3": "cancelled", "4": "completed", "5": "held", "6": "running",
+              "7": "held"}
 
     def query(self, jobid):
         result = run(["condor_q", jobid, "-af", "JobStatus"], timeout=30)
@@ -1304,7 +1401,22 @@ def start_app(command: str, host: str, env: dict, start_timeout: float, stop: St
             stop_process_group(proc)
             raise Failure(f"the app did not listen on {host}:{port} within {start_timeout:.0f}s")
         say(f"the app exited with status {proc.returncode} before listening")
+        if proc.returncode in (126, 127):           # the shell found no such program (or cannot run it)
+            raise Failure(missing_app(line, proc.returncode))
     raise Failure("the app could not be started; see the lines above")
+
+
+def missing_app(line: str, status: int) -> str:
+    """What to do when the shell could not find (127) or not run (126) the app: another port will not help."""
+    try:
+        program = shlex.split(line)[0]
+    except (ValueError, IndexError):
+        program = line.split(" ", 1)[0]
+    if status == 127:
+        return (f"{program} is not on PATH on the compute node: use --venv, --conda-env or --env-modules, "
+                "or ask your admins which module provides it")
+    return (f"{program} cannot be run on the compute node (exit status 126: not executable there): check it, or "
+            "use --venv, --conda-env or --env-modules")
 
 
 class TunnelKeeper:
@@ -1400,7 +1512,7 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
     api = SatelliteApi(info["satellite"], info.get("cacert"))
     key = secrets["key"]
     connect = info.get("connect", "direct")
-    proc, keeper, code = None, None, 1
+    proc, keeper, code, reason = None, None, 1, "the agent stopped"
     try:
         with_retries(lambda: api.call("state", key=key, state="running"), "reporting running", stop)
         host = LOOPBACK if connect == "tunnel" else api.local_address()
@@ -1423,27 +1535,47 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
         if stop:
             say(f"got {signal.Signals(stop.signum).name}; releasing the link, then stopping the app")
             code = 128 + stop.signum
+            reason = STOP_REASONS.get(stop.signum, f"stopped by {signal.Signals(stop.signum).name}")
         else:
             code = proc.returncode
             say(f"the app exited with status {code}")
+            reason = f"the app exited with status {code}"
     except Failure as exc:
         say(str(exc))
+        reason = str(exc)
     finally:
+        session.save_end_reason(reason)
         # release first: a scheduler may kill the whole job seconds after its SIGTERM (PBS, LSF: ~10 s;
         # Slurm: KillWait), and stopping an app can take that long
-        release_link(api, key)
+        release_link(api, key, reason)
         if keeper is not None:
             keeper.close()
         stop_process_group(proc)
     return code
 
 
-def release_link(api: SatelliteApi, key: str, timeout: float = 5) -> None:
+# why the agent stopped, by signal: SIGUSR1 is the time-limit warning every scheduler here is asked for
+# (Slurm --signal, Grid Engine s_rt, LSF -wa); SIGTERM is a cancel, or a limit with no warning before it
+TIME_LIMIT_REASON = "the job's time limit"
+STOP_REASONS = {signal.SIGUSR1: f"{TIME_LIMIT_REASON} was near (SIGUSR1)",
+                signal.SIGTERM: "stopped by the scheduler (SIGTERM: cancelled, or the time limit)",
+                signal.SIGUSR2: "stopped by the scheduler (SIGUSR2: about to be killed)"}
+
+
+def release_link(api: SatelliteApi, key: str, reason: Optional[str] = None, timeout: float = 5) -> None:
     """End the link (satellite answers 410 for it from now on); quickly, as the job may be killed soon.
+    The reason goes with it (satellite keeps it as the session's end_reason; one that does not know the
+    parameter refuses it with 400, and then the release goes again without it).
     Whatever satellite answers, this returns: stopping the app comes after it."""
     api.timeout = timeout
+    short = re.sub(r"[^ -~]", "?", reason)[:120] if reason else None
     try:
-        api.call("release", key=key)
+        try:
+            api.call("release", key=key, reason=short)
+        except ApiRefused as exc:
+            if exc.status != 400 or short is None:
+                raise
+            api.call("release", key=key)
         say("link released")
     except Exception as exc:                           # noqa: nothing satellite says may keep the app running
         say(f"could not release the link: {printable(exc)}")
@@ -1467,11 +1599,11 @@ def stop_process_group(proc: Optional[subprocess.Popen], grace: float = 10) -> N
 ###############################################################################
 
 def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_run: bool) -> int:
-    plan = plan_launch(options, need_cli=not dry_run)
+    plan = plan_launch(options, need_cli=not dry_run, need_satellite=not dry_run)
     if dry_run:
         placeholder = SessionDir.root() / "ALIAS"
-        print("satellite-client: dry run; nothing contacted. The session directory is named after the "
-              "link's alias, shown here as ALIAS.", file=sys.stderr)
+        print(f"satellite-client: dry run; nothing contacted; time limit {limit_text(plan.time_limit)}. The "
+              "session directory is named after the link's alias, shown here as ALIAS.", file=sys.stderr)
         print(render_script(plan, placeholder, "ALIAS"), end="")
         if isinstance(plan.scheduler, HtCondor):
             print("\n# job.sub (submit description):")
@@ -1510,11 +1642,14 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
     except Failure:
         pass                                            # only informative; the job is submitted
     result = {"alias": link["alias"], "url": link["url"], "state": "queued", "scheduler": plan.scheduler.name,
-              "jobid": info["jobid"], "session_dir": str(session.path)}
+              "jobid": info["jobid"], "time_limit": limit_text(plan.time_limit), "session_dir": str(session.path)}
     if quiet:
         print(link["url"], flush=True)
+    elif as_json and wait:
+        print(json.dumps(result), flush=True)          # the link first, as --quiet does; the outcome last
     elif not as_json:
-        print(printable(f"Submitted {plan.scheduler.name} job {info['jobid']} for session {link['alias']}."))
+        print(printable(f"Submitted {plan.scheduler.name} job {info['jobid']} for session {link['alias']} "
+                        f"(time limit {limit_text(plan.time_limit)})."))
         print(f"Your link (it shows progress until the app is up):\n\n  {link['url']}\n", flush=True)
     code = 0
     if wait:
@@ -1535,7 +1670,7 @@ def wait_for_session(api: SatelliteApi, scheduler: Scheduler, session: SessionDi
             print(f"  [{time.monotonic() - started:5.0f}s] {printable(text)}", flush=True)
     try:
         while True:
-            job = scheduler.query(info["jobid"])
+            job = scheduler.status(info["jobid"])
             try:
                 state = checked_status(api.call("status", key=key))[0]
             except Failure as exc:
@@ -1543,18 +1678,30 @@ def wait_for_session(api: SatelliteApi, scheduler: Scheduler, session: SessionDi
                 show(f"cannot ask satellite: {exc}")
             if state == "mapped" and link_answers(api, url):
                 state = "proxied"
-            label = "held by the scheduler" if job == "held" and state == "queued" else state
+            label = {"queued": "queued: waiting for the scheduler", "running": "running: the app is starting",
+                     "mapped": "mapped: waiting for the app to answer", "proxied": "ready"}.get(state, state)
+            if state == "queued" and job.state == "held":
+                label = "held by the scheduler"
+            if state == "queued" and job.reason:
+                label += f" ({job.reason})"
             if label != shown:
-                show({"queued": "queued: waiting for the scheduler", "running": "running: the app is starting",
-                      "mapped": "mapped: waiting for the app to answer", "proxied": "ready"}.get(label, label))
+                show(label)
                 shown = label
             if state == "proxied":
                 return state, 0
-            if state == "ended" or job in ("done", "failed"):
+            advice = scheduler.never_starts(job.reason) if job.state in ("pending", "held") else None
+            if advice:
+                scheduler.cancel(info["jobid"])
                 release_quietly(api, key)
-                tail = session.log_tail()
-                print(f"satellite-client: the job ended before the app was ready (job {job}, link {state}).",
-                      file=sys.stderr)
+                print(printable(f"satellite-client: job {info['jobid']} can never start: the scheduler says "
+                                f"{job.reason}; {advice}. Stopped here: cancelled job {info['jobid']} and "
+                                "released its link, so nothing is left running."), file=sys.stderr)
+                return "ended", 1
+            if state == "ended" or job.state in ENDED_JOB_STATES:
+                release_quietly(api, key)
+                tail, reason = session.log_tail(), session.end_reason()
+                print(f"satellite-client: the job ended before the app was ready (job {job.state}, link {state})"
+                      + (f": {reason}" if reason else "."), file=sys.stderr)
                 if tail:
                     print(f"Last lines of {session.log}:\n{printable(tail)}", file=sys.stderr)
                 return "ended", 1
@@ -1581,26 +1728,53 @@ def release_quietly(api: SatelliteApi, key: str) -> None:
 
 
 def session_status(session: SessionDir) -> dict:
-    """Satellite's view and the scheduler's, combined. A job that is gone gets its link released."""
+    """Satellite's view and the scheduler's, combined. A job that is gone gets its link released.
+    time_left is the job's: the scheduler's own (Slurm %L) while it runs, the limit it asked for while it
+    waits; where the scheduler does not tell, at most what the link has left less its margin."""
     info, secrets = session.info(), session.secrets()
     api = SatelliteApi(info["satellite"], info.get("cacert"))
     status = {"alias": session.alias, "url": secrets["url"], "scheduler": info["scheduler"],
-              "jobid": info["jobid"], "job": "unknown", "state": "unknown", "time_left": None}
+              "jobid": info["jobid"], "job": "unknown", "reason": "", "state": "unknown", "time_left": None,
+              "end_reason": session.end_reason()}
+    job = JobStatus("unknown")
     if info.get("jobid"):
         try:
-            status["job"] = find_scheduler(info["scheduler"], need_cli=False).query(info["jobid"])
+            job = find_scheduler(info["scheduler"], need_cli=False).status(info["jobid"])
         except Failure:
             pass
+    link_left = None
     try:
-        state, expires = checked_status(api.call("status", key=secrets["key"]))
+        reply = api.call("status", key=secrets["key"])
+        state, expires = checked_status(reply)
         status["state"] = state
-        status["time_left"] = max(0, int(expires - time.time())) if state != "ended" else 0
+        link_left = max(0, int(expires - time.time())) if state != "ended" else 0
+        if not status["end_reason"] and isinstance(reply.get("ended_because"), str):
+            status["end_reason"] = printable(reply["ended_because"])[:300]     # satellite's record of it
+    except Unreachable as exc:
+        status["error"], status["unreachable"] = str(exc), True
     except Failure as exc:
         status["error"] = str(exc)
-    if status["job"] in ("done", "failed") and status["state"] not in ("ended", "unknown"):
+    status["job"], status["reason"] = job_outcome(job.state, status["end_reason"]), job.reason
+    if job.time_left is not None:
+        status["time_left"] = job.time_left
+    elif job.state in ("pending", "held"):
+        status["time_left"] = info["time_limit"]
+    elif job.state in ENDED_JOB_STATES:
+        status["time_left"] = 0
+    elif link_left is not None:
+        status["time_left"] = max(0, link_left - LIFETIME_MARGIN)
+    if job.state in ENDED_JOB_STATES and status["state"] not in ("ended", "unknown"):
         release_quietly(api, secrets["key"])
         status["state"] = "ended"
     return status
+
+
+def job_outcome(state: str, end_reason: Optional[str]) -> str:
+    """The scheduler's state, made exact by the agent's reason: a job the agent ended at its time-limit
+    warning exits non-zero (Slurm: FAILED) but ran out of time."""
+    if state in ("failed", "done") and end_reason and end_reason.startswith(TIME_LIMIT_REASON):
+        return "timeout"
+    return state
 
 
 def format_left(seconds: Optional[int]) -> str:
@@ -1609,20 +1783,48 @@ def format_left(seconds: Optional[int]) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def command_list(as_json: bool) -> int:
+def unreachable_note(rows: list) -> int:
+    """Exit status for list/prune: 1 (and a line saying so) if satellite could not be asked about a session."""
+    failed = [row for row in rows if row.get("unreachable")]
+    if failed:
+        print(printable(f"satellite-client: {failed[0]['error']}; the state of {len(failed)} session(s) is "
+                        "unknown"), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def command_list(as_json: bool, show_all: bool) -> int:
     rows = [session_status(s) for s in SessionDir.all()]
+    shown = rows if show_all else [row for row in rows if row["state"] != "ended"]
+    hidden = len(rows) - len(shown)
     if as_json:
-        print(json.dumps(rows))
-        return 0
-    if not rows:
-        print("No sessions. Start one with: satellite-client launch")
-        return 0
-    print(f"{'ALIAS':<24} {'STATE':<8} {'JOB':<18} {'LEFT':>6}  LINK")
-    for row in rows:
-        job = f"{row['jobid']} {row['job']}"
-        print(printable(f"{row['alias']:<24} {row['state']:<8} {job:<18} {format_left(row['time_left']):>6}  "
-                        f"{row['url']}"))
-    return 0
+        print(json.dumps(shown))
+        return unreachable_note(rows)
+    if not shown:
+        print("No live sessions. Start one with: satellite-client launch")
+    else:
+        print(f"{'ALIAS':<24} {'STATE':<8} {'JOB':<28} {'LEFT':>6}  LINK")
+        for row in shown:
+            job = f"{row['jobid']} {row['job']}" + (f" ({row['reason']})" if row["reason"] else "")
+            print(printable(f"{row['alias']:<24} {row['state']:<8} {job:<28} {format_left(row['time_left']):>6}  "
+                            f"{row['url']}"))
+            if show_all and row["state"] == "ended" and row.get("end_reason"):
+                print(printable(f"{'':<24} ended: {row['end_reason']}"))
+    if hidden:
+        print(f"({hidden} ended session(s) not shown: list --all shows them, prune removes them)")
+    return unreachable_note(rows)
+
+
+def command_prune() -> int:
+    """Remove the records of ended sessions (link ended, job gone). A session satellite cannot be asked
+    about stays."""
+    rows = []
+    for session in SessionDir.all():
+        row = session_status(session)
+        rows.append(row)
+        if row["state"] == "ended" and row["job"] not in ("pending", "held", "running"):
+            session.remove()
+            print(printable(f"removed {row['alias']} (job {row['jobid']} {row['job']})"))
+    return unreachable_note(rows)
 
 
 def command_status(alias: str, as_json: bool) -> int:
@@ -1630,8 +1832,9 @@ def command_status(alias: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(status))
     else:
-        for key in ("alias", "state", "scheduler", "jobid", "job", "time_left", "url", "error"):
-            if status.get(key) is not None:
+        for key in ("alias", "state", "scheduler", "jobid", "job", "reason", "time_left", "url", "end_reason",
+                    "error"):
+            if status.get(key) not in (None, ""):
                 value = format_left(status[key]) if key == "time_left" else status[key]
                 print(printable(f"{key}={value}"))
     return 0 if status["state"] != "unknown" else 1
@@ -1643,7 +1846,7 @@ def command_cancel(alias: str) -> int:
     info, secrets = session.info(), session.secrets()
     if info.get("jobid"):
         scheduler = find_scheduler(info["scheduler"], need_cli=False)
-        if scheduler.query(info["jobid"]) not in ("done", "failed"):
+        if scheduler.query(info["jobid"]) not in ENDED_JOB_STATES:
             scheduler.cancel(info["jobid"])
     api = SatelliteApi(info["satellite"], info.get("cacert"))
     try:
@@ -1718,7 +1921,8 @@ def add_launch_options(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--memory", metavar="GB", help="memory per node in GB (e.g. 16, 0.5)")
     job.add_argument("--gpus", type=int, help="number of GPUs")
     job.add_argument("--gres", help="generic resources, e.g. gpu:a100:1 (Slurm)")
-    job.add_argument("--time-limit", metavar="TIME", help="walltime: HH:MM:SS, D-HH:MM:SS or minutes (default 1:00:00)")
+    job.add_argument("--time-limit", metavar="TIME", help=f"walltime, read as Slurm reads it: {TIME_LIMIT_FORMS}; or 90m, 2h, 1d "
+                     "(default 1:00:00; 90:00 is 90 minutes, not hours)")
     job.add_argument("--constraint", help="node features (Slurm --constraint, LSF select[])")
     app = parser.add_argument_group("app")
     app.add_argument("--jupyter", choices=("lab", "notebook", "voila"), help="Jupyter flavour (default: lab)")
@@ -1777,14 +1981,26 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--profile", metavar="NAME", help="start from a saved profile (see: profile save)")
     out.add_argument("--wait", action="store_true", help="follow the job until the link works; fail if the job dies")
     out.add_argument("--quiet", action="store_true", help="print only the link (for portals and scripts)")
-    out.add_argument("--json", action="store_true", help="last line of output: one JSON object (no key)")
+    out.add_argument("--json", action="store_true",
+                     help="last line of output: one JSON object (no key); with --wait, a first line with the "
+                          "link; errors too: {\"error\": ...} on stdout, exit 1 or 2")
     out.add_argument("--dry-run", action="store_true", help="print the script that would be submitted; contact nothing")
 
-    list_parser = commands.add_parser("list", help="your sessions: state, job, time left, link")
-    list_parser.add_argument("--json", action="store_true")
-    status_parser = commands.add_parser("status", help="one session's state")
+    list_parser = commands.add_parser(
+        "list", help="your live sessions: state, job, time left, link",
+        description="Your sessions, as satellite and the scheduler see them. STATE is the link's (queued, "
+                    "running, mapped, proxied, ended); JOB is the scheduler's (pending with the reason it waits, "
+                    "running, completed, failed, timeout, cancelled; done = ended, outcome not told); LEFT is "
+                    "the job's time left (while it waits: the limit it asked for). Exits 1 if satellite cannot "
+                    "be reached (those rows say unknown).")
+    list_parser.add_argument("--all", action="store_true", help="ended sessions too, with the agent's reason")
+    list_parser.add_argument("--json", action="store_true", help="one JSON array")
+    commands.add_parser("prune", help="remove the records of ended sessions",
+                        description="Removes ~/.satellite/sessions/<alias> of every session whose link has ended "
+                                    "and whose job is gone. Sessions satellite cannot be asked about stay.")
+    status_parser = commands.add_parser("status", help="one session's state, with why it waits or ended")
     status_parser.add_argument("alias")
-    status_parser.add_argument("--json", action="store_true")
+    status_parser.add_argument("--json", action="store_true", help="one JSON object")
     cancel_parser = commands.add_parser("cancel", help="cancel the job and release the link (safe to repeat)")
     cancel_parser.add_argument("alias")
 
@@ -1811,7 +2027,9 @@ def main(argv: Optional[list] = None) -> int:
         if args.command_name == "launch":
             return launch(launch_options(args), args.wait, args.quiet, args.json, args.dry_run)
         if args.command_name == "list":
-            return command_list(args.json)
+            return command_list(args.json, args.all)
+        if args.command_name == "prune":
+            return command_prune()
         if args.command_name == "status":
             return command_status(args.alias, args.json)
         if args.command_name == "cancel":
@@ -1822,12 +2040,13 @@ def main(argv: Optional[list] = None) -> int:
             return run_agent(args.session_dir, args.app_command, args.start_timeout)
         parser.print_help()
         return 2
-    except UsageError as exc:
-        print(f"satellite-client: error: {printable(exc)}", file=sys.stderr)
-        return 2
-    except Failure as exc:
-        print(f"satellite-client: {printable(exc)}", file=sys.stderr)
-        return 1
+    except (UsageError, Failure) as exc:
+        code = 2 if isinstance(exc, UsageError) else 1
+        if getattr(args, "json", False):              # --json: the error is JSON too, where the answer would be
+            print(json.dumps({"error": str(exc), "exit": code}), flush=True)
+        else:
+            print(f"satellite-client: {'error: ' if code == 2 else ''}{printable(exc)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -207,3 +207,22 @@ def test_secrets_are_stored_only_hashed_and_never_logged(satellite, app):
     log = satellite.log_text()
     assert link["alias"] in log and "REDACTED" in log
     assert link["token"] not in log and link["key"] not in log
+
+
+def test_release_keeps_a_short_printable_reason_socketlessly(tmp_path):
+    """The agent's release carries why the job ended; satellite keeps it as the session's end_reason, and
+    refuses one that is long or holds control characters (it reaches logs and terminals)."""
+    import pytest
+    import satellite
+    settings = satellite.Settings(domain="sat.test", cert="c", key="k", db=str(tmp_path / "s.db"))
+    store = satellite.Store(settings.db)
+    api = satellite.ManagementApi(settings, store, satellite.Events(store, ""), satellite.Metrics())
+    links = [api.getlink({}, "127.0.0.1")[1] for _ in range(2)]
+    for bad in ("x" * 121, "two\nlines", "esc \x1b[31m", "", "caf\u00e9"):
+        with pytest.raises(satellite.ApiError) as refused:
+            api.release({"key": links[0]["key"], "reason": bad}, "127.0.0.1")
+        assert refused.value.status == 400
+    status, fields = api.release({"key": links[0]["key"], "reason": "the app exited with status 3"}, "127.0.0.1")
+    assert status == 200 and fields["ended_because"] == "released: the app exited with status 3"
+    assert store.session(fields["alias"]).end_reason == "released: the app exited with status 3"
+    assert api.release({"key": links[1]["key"]}, "127.0.0.1")[1]["ended_because"] == "released"

@@ -81,6 +81,17 @@ def test_standin_scheduler_end_to_end(tmp_path, job_satellite, flavour, expected
     wait_for(lambda: link_status(job_satellite, result["url"]) == 410, what="link released")
 
 
+@pytest.mark.parametrize("flavour", ["pbs", "lsf"])
+def test_a_failed_job_is_reported_failed_by_the_standin_schedulers(tmp_path, job_satellite, flavour):
+    """qstat -f's Exit_status and bjobs' EXIT: the job's outcome, not just "done"."""
+    client, _ = standin_client(tmp_path, job_satellite, flavour)
+    result = client.run("launch", "--scheduler", flavour, "--command", "sh -c 'exit 3' {port}", "--wait")
+    assert result.returncode == 1 and "could not be started" in result.stderr, result.stderr
+    status = lambda: json.loads(client.run("status", client.sessions()[0], "--json").stdout)    # noqa: E731
+    wait_for(lambda: status()["job"] != "running", what="the job to end")     # the agent releases, then exits
+    assert status()["job"] == "failed" and "could not be started" in status()["end_reason"]
+
+
 def test_local_scheduler_end_to_end_and_app_exit_releases(client, job_satellite):
     result = client.launch_json("--scheduler", "local", "--command", ECHO_APP, "--wait")
     assert result["state"] == "proxied" and result["scheduler"] == "local"
@@ -499,7 +510,7 @@ def test_a_shared_working_directory_named_like_a_shell_line_runs_nothing(tmp_pat
     shared.mkdir()
     result = client.run("launch", "--json", "--scheduler", "sge", "--command", ECHO_APP, "--wait", cwd=shared)
     assert not (shared / "PWNED_sge").exists(), "a directory name ran as a shell line in the victim's job"
-    assert result.returncode == 2 and "control characters" in result.stderr, result.stderr     # refused outright
+    assert result.returncode == 2 and "control characters" in json.loads(result.stdout)["error"]   # refused outright
     assert client.sessions() == []
 
 
@@ -721,3 +732,97 @@ def test_a_satellite_reply_too_large_is_not_read_whole(tmp_path, certs, fake_sat
     client = Client(tmp_path / "home", fake)
     result = client.run("launch", "--scheduler", "local", "--command", ECHO_APP)
     assert result.returncode == 1 and "more than 65536 bytes" in result.stderr and "Traceback" not in result.stderr
+
+
+# issue 15: limits as the scheduler reads them, --json, list, prune, dry runs, CA errors -------------------
+
+@pytest.mark.parametrize("given, directive", [
+    ("90", "--time=01:30:00"), ("90:00", "--time=01:30:00"), ("1:30:00", "--time=01:30:00"),
+    ("1-2", "--time=1-02:00:00"), ("1-2:30", "--time=1-02:30:00"), ("2-00:00:30", "--time=2-00:00:30"),
+])
+def test_time_limits_are_read_as_slurm_reads_them_and_echoed(client, given, directive):
+    """`--time-limit 90:00` is 90 minutes to Slurm (MM:SS), not 90 hours; D-HH and D-HH:MM are days and hours."""
+    result = dry_run(client, "--scheduler", "slurm", "--command", ECHO_APP, "--time-limit", given)
+    assert result.returncode == 0, result.stderr
+    assert f"#SBATCH {directive}\n" in result.stdout
+    assert f"time limit {directive.split('=')[1]}" in result.stderr        # echoed, as parsed
+
+
+@pytest.mark.parametrize("given", ["0", "0:00", "00:00:00", "0-0", "1:60", "90m30", "-5"])
+def test_a_zero_or_malformed_time_limit_is_refused(client, given):
+    """0 is "no limit" to Slurm while the link would get minutes: refused, like forms Slurm does not read."""
+    result = dry_run(client, "--scheduler", "slurm", "--command", ECHO_APP, "--time-limit", given)
+    assert result.returncode == 2 and "--time-limit" in result.stderr, result.stderr
+
+
+def test_launch_echoes_the_parsed_time_limit(client):
+    result = client.run("launch", "--scheduler", "local", "--command", ECHO_APP, "--time-limit", "90:00")
+    assert result.returncode == 0, result.stderr
+    assert "time limit 01:30:00" in result.stdout
+
+
+def test_a_dry_run_needs_no_satellite(tmp_path, job_satellite):
+    client = Client(tmp_path / "home", job_satellite)
+    del client.env["SATELLITE_URL"]
+    result = dry_run(client, "--scheduler", "slurm", "--command", ECHO_APP)
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH --time=01:00:00" in result.stdout
+
+
+def test_json_errors_are_json_on_stdout(tmp_path, job_satellite):
+    client = Client(tmp_path / "home", job_satellite)
+    result = client.run("launch", "--json", "--scheduler", "local", "--time-limit", "soon")
+    assert result.returncode == 2
+    assert "--time-limit" in json.loads(result.stdout)["error"]
+    client.env["SATELLITE_URL"] = f"https://127.0.0.1:{closed_port()}"
+    result = client.run("launch", "--json", "--scheduler", "local", "--command", ECHO_APP)
+    assert result.returncode == 1
+    assert "cannot reach satellite" in json.loads(result.stdout)["error"]
+    result = client.run("status", "--json", "no-such-alias")
+    assert result.returncode == 2 and "no session" in json.loads(result.stdout)["error"]
+
+
+def test_json_wait_prints_the_link_before_waiting(client):
+    result = client.run("launch", "--json", "--wait", "--scheduler", "local", "--command", ECHO_APP)
+    assert result.returncode == 0, result.stderr
+    first, *_, last = [json.loads(line) for line in result.stdout.splitlines()]
+    assert first["state"] == "queued" and first["url"].startswith("https://") and "key" not in first
+    assert last["state"] == "proxied" and last["url"] == first["url"]
+
+
+def test_a_wrong_ca_says_to_check_cacert(client):
+    client.env["SATELLITE_CACERT"] = "/etc/ssl/certs/ca-certificates.crt"      # the system's CAs, not satellite's
+    result = client.run("launch", "--scheduler", "local", "--command", ECHO_APP)
+    assert result.returncode == 1 and "--cacert" in result.stderr and "site config" in result.stderr, result.stderr
+
+
+def test_list_shows_live_sessions_prunes_ended_and_fails_when_satellite_is_unreachable(client):
+    ended = client.launch_json("--scheduler", "local", "--command", ECHO_APP, "--wait")
+    live = client.launch_json("--scheduler", "local", "--command", ECHO_APP, "--wait")
+    client.run("cancel", ended["alias"], check=True)
+    shown = client.run("list", check=True).stdout
+    assert live["alias"] in shown and ended["alias"] not in shown and "--all" in shown
+    assert {row["alias"] for row in json.loads(client.run("list", "--all", "--json", check=True).stdout)} == \
+        {ended["alias"], live["alias"]}
+    pruned = client.run("prune", check=True).stdout
+    assert ended["alias"] in pruned and client.sessions() == [live["alias"]]
+
+    info_path = client.session_dir(live["alias"]) / "session.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps(dict(info, satellite=f"https://127.0.0.1:{closed_port()}")))
+    try:
+        result = client.run("list")
+        assert result.returncode == 1 and "cannot reach satellite" in result.stderr
+        assert client.run("prune").returncode == 1 and client.sessions() == [live["alias"]]   # unknown: kept
+    finally:
+        info_path.write_text(json.dumps(info))
+
+
+def test_help_teaches_time_limits_list_and_prune():
+    client = [sys.executable, str(ROOT / "satellite_client.py")]
+    launch = subprocess.run([*client, "launch", "--help"], capture_output=True, text=True).stdout
+    assert "90:00 is 90 minutes" in " ".join(launch.split()) and "{\"error\"" in launch
+    top = subprocess.run([*client, "--help"], capture_output=True, text=True).stdout
+    assert "prune" in top
+    listing = " ".join(subprocess.run([*client, "list", "--help"], capture_output=True, text=True).stdout.split())
+    assert "--all" in listing and "pending with the reason it waits" in listing and "Exits 1" in listing

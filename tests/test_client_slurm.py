@@ -53,7 +53,8 @@ def test_launch_wait_list_status_cancel(client, job_satellite, slurm):
 
     listed = json.loads(client.run("list", "--json", check=True).stdout)
     row = next(r for r in listed if r["alias"] == result["alias"])
-    assert row["state"] == "proxied" and row["job"] == "running" and 0 < row["time_left"] <= 1200
+    # the job's own time left (squeue %L), not the link's (which outlives the job by ten minutes)
+    assert row["state"] == "proxied" and row["job"] == "running" and 500 < row["time_left"] <= 600
     text = client.run("list", check=True).stdout
     assert result["alias"] in text and result["url"] in text
     status_out = client.run("status", result["alias"], check=True).stdout
@@ -111,6 +112,8 @@ def test_time_limit_releases_the_link(client, job_satellite, slurm):
              what="the link to end with the job's time limit")
     log = (client.session_dir(result["alias"]) / "job.log").read_text()
     assert re.search(r"got SIG(TERM|USR1)", log) and "link released" in log     # the limit, or its warning
+    row = json.loads(client.run("status", result["alias"], "--json").stdout)
+    assert row["job"] == "timeout" and "time limit" in row["end_reason"]        # not "done"
 
 
 def test_failed_sbatch_releases_the_link_and_leaves_nothing(client, job_satellite):
@@ -160,6 +163,10 @@ def test_wait_shows_progress_while_the_job_queues(client, job_satellite, slurm):
         jobid = re.search(r"Submitted slurm job (\d+)", "".join(lines)).group(1)
         time.sleep(3)
         assert slurm.job_state(jobid) == "PENDING"            # really queued behind the blocker
+        # queued: the time it asked for (not the link's), and why it waits
+        row = json.loads(client.run("list", "--json", check=True).stdout)[0]
+        assert row["job"] == "pending" and row["time_left"] == 600, row
+        wait_for(lambda: "(Resources)" in client.run("list").stdout, timeout=30, what="the pending reason")
         assert proc.poll() is None
         subprocess.run(["scancel", blocker_id], env=slurm.env(), check=True)
         out, err = proc.communicate(timeout=120)
@@ -186,3 +193,47 @@ def test_the_link_is_released_before_slurm_kills_an_app_that_ignores_sigterm(cli
     log = (client.session_dir(result["alias"]) / "job.log").read_text()
     assert "got SIGUSR1" in log and log.index("got SIGUSR1") < log.index("link released"), log   # the warning
     assert "#SBATCH --signal=B:USR1@30" in (client.session_dir(result["alias"]) / "job.sh").read_text()
+
+
+def test_list_reports_a_failed_job_as_failed_with_the_agents_reason(client, job_satellite, slurm):
+    """A job whose app dies: Slurm says FAILED (the agent exits 1), and `list` says failed, not done, and
+    keeps the agent's reason (squeue -j alone prints nothing for a finished job)."""
+    result = client.run("launch", "--command", "sh -c 'exit 3' {port}", "--time-limit", "5", "--wait")
+    assert result.returncode == 1
+    alias = client.sessions()[0]
+    jobid = json.loads((client.session_dir(alias) / "session.json").read_text())["jobid"]
+    wait_for(lambda: slurm.job_state(jobid) == "FAILED", timeout=60, what="the job to fail")
+    assert client.run("list").stdout.count(alias) == 0                  # ended: not a live session
+    row = next(r for r in json.loads(client.run("list", "--all", "--json", check=True).stdout) if r["alias"] == alias)
+    assert row["job"] == "failed" and "could not be started" in row["end_reason"]
+    token = json.loads((client.session_dir(alias) / "secrets").read_text())["token"]
+    assert job_satellite.api("status", token=token)[1]["ended_because"] == \
+        "released: the app could not be started; see the lines above"        # the agent's release carried it
+    assert "failed" in client.run("list", "--all").stdout
+
+
+def test_a_missing_app_is_explained_and_not_retried(client, job_satellite, slurm):
+    client.env["PATH"] = "/usr/bin:/bin"                                # no jupyter there
+    result = client.run("launch", "--jupyter", "lab", "--time-limit", "5", "--wait")
+    assert result.returncode == 1
+    assert "jupyter is not on PATH on the compute node" in result.stderr and "--venv" in result.stderr, result.stderr
+    log = (client.session_dir(client.sessions()[0]) / "job.log").read_text()
+    assert log.count("starting the app") == 1, log
+
+
+def test_a_job_that_can_never_start_fails_fast_and_is_cancelled(client, job_satellite, slurm):
+    """A partition whose MaxTime is shorter than the job's limit: Slurm keeps the job pending with reason
+    PartitionTimeLimit for ever. --wait says so, cancels the job and releases the link."""
+    subprocess.run(["scontrol", "create", "PartitionName=short", "Nodes=ALL", "MaxTime=1", "State=UP"],
+                   env=slurm.env(), check=True)
+    try:
+        result = client.run("launch", "--partition", "short", "--command", ECHO_APP, "--time-limit", "5",
+                            "--wait", timeout=90)
+        assert result.returncode == 1
+        assert "PartitionTimeLimit" in result.stderr and "--time-limit" in result.stderr, result.stderr
+        info = json.loads((client.session_dir(client.sessions()[0]) / "session.json").read_text())
+        assert f"cancelled job {info['jobid']}" in result.stderr
+        wait_for(lambda: slurm.job_state(info["jobid"]) in ("CANCELLED", None), timeout=30, what="job cancelled")
+        assert link_status(job_satellite, info["link"] + "/")[0] == 410
+    finally:
+        subprocess.run(["scontrol", "delete", "PartitionName=short"], env=slurm.env())

@@ -58,7 +58,9 @@ def directives(script, flavour):
 def start(jobid, script_path, output, env_name, environment=None):
     env = dict(os.environ if environment is None else environment, **{env_name: jobid})
     with open(output, "ab") as out:
-        proc = subprocess.Popen(["bash", script_path], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+        # the job's exit status is kept in <jobid>.exit, for qstat -f's Exit_status and bjobs' DONE/EXIT
+        proc = subprocess.Popen(["bash", "-c", 'bash "$1"; echo $? > "$2"', "job", script_path,
+                                 str(STATE / f"{jobid}.exit")], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
     (STATE / f"{jobid}.pid").write_text(str(proc.pid))
 
@@ -81,6 +83,11 @@ def alive(jobid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (ProcessLookupError, FileNotFoundError):
         return False
+
+
+def exit_status(jobid):
+    path = STATE / f"{jobid}.exit"
+    return path.read_text().strip() if path.exists() else "0"
 
 
 def cancel(jobid):
@@ -123,7 +130,8 @@ def main():
         state = alive(jobid)
         if state is None:
             fail(f"qstat: Unknown Job Id {ARGS[-1]}", 153)
-        print(f"Job Id: {ARGS[-1]}\n    job_state = {'R' if state else 'F'}\n" + ("" if state else "    Exit_status = 0\n"))
+        print(f"Job Id: {ARGS[-1]}\n    job_state = {'R' if state else 'F'}\n"
+              + ("" if state else f"    Exit_status = {exit_status(jobid)}\n"))
     elif NAME == "qstat":
         record()
         print("job-ID  prior   name       user         state submit/start at     queue   slots ja-task-ID")
@@ -148,7 +156,7 @@ def main():
         state = alive(ARGS[-1])
         if state is None:
             fail(f"Job <{ARGS[-1]}> is not found", 255)
-        print("RUN" if state else "DONE")
+        print("RUN" if state else "DONE" if exit_status(ARGS[-1]) == "0" else "EXIT")
     elif NAME == "condor_submit":
         text = Path(ARGS[-1]).read_text()
         record(description=text)
