@@ -2474,6 +2474,8 @@ def end_sentence(session: Session, reason: str) -> str:
         return "The link expired before the job started its app."
     if reason in JOB_ENDED.values() or reason == JOB_NOT_LISTED:
         return f"The scheduler says: your {reason}."
+    if reason.startswith("released: "):                   # the agent's words (RELEASE_REASON)
+        return f"The job gave the link back: {reason[len('released: '):]}."
     return END_SENTENCES.get(reason) or f"The session ended: {reason}."
 
 

@@ -434,7 +434,8 @@ STATUS_FIELDS = {"alias", "state", "ready", "expires", "seconds_left", "message"
 @pytest.mark.parametrize("reason,sentence", [
     ("expired", "reached the end of its time"), ("app gone", "app stopped answering"),
     ("tunnel gone", "connection to satellite was lost"), ("released", "gave the link back"),
-    ("revoked", "administrator ended"), ("job hit its time limit", "The scheduler says: your job hit its time limit."),
+    ("revoked", "administrator ended"), ("released: jupyter exited with status 1", "The job gave the link back: jupyter exited with status 1."),
+    ("job hit its time limit", "The scheduler says: your job hit its time limit."),
 ])
 def test_the_status_of_an_ended_session_says_why_in_a_sentence(reason, sentence):
     now = time.time()
