@@ -271,8 +271,15 @@ class Settings:
         values = {}
         if ini_path:
             parser = configparser.ConfigParser(interpolation=None)
-            if not parser.read(ini_path):
-                raise ValueError(f"cannot read config file {ini_path}")
+            try:
+                if not parser.read(ini_path):
+                    raise ValueError(f"cannot read config file {ini_path}")
+            except configparser.MissingSectionHeaderError as exc:
+                raise ValueError(f"{ini_path}: line {exc.lineno}: no [satellite] line before the settings: put "
+                                 f"[satellite] on the first line, as in contrib/satellite.ini") from None
+            except configparser.Error as exc:
+                raise ValueError(f"{ini_path}: {exc.message.splitlines()[0]} (see contrib/satellite.ini for "
+                                 f"the form: [satellite], then one NAME = VALUE a line)") from None
             if not parser.has_section("satellite"):
                 raise ValueError(f"{ini_path}: no [satellite] section")
             for name, value in parser.items("satellite"):
@@ -946,7 +953,14 @@ class Events:
         if audit_path == "-":
             self.audit = sys.stderr
         elif audit_path:
-            self.audit = open(audit_path, "a", buffering=1)
+            try:
+                self.audit = open(audit_path, "a", buffering=1)
+            except OSError as exc:
+                raise ValueError(
+                    f"audit-log: cannot open {audit_path}: {exc.strerror}. Its directory must exist and be writable "
+                    f"by the user satellite runs as (install -d -m 0750 -o satellite -g satellite "
+                    f"{os.path.dirname(os.path.abspath(audit_path))}; the systemd unit's LogsDirectory= makes "
+                    f"/var/log/satellite), or set audit-log to another file") from None
 
     def record(self, event: str, alias: Optional[str] = None, source: Optional[str] = None, **fields) -> None:
         if event in LIFECYCLE_EVENTS:
@@ -3203,10 +3217,51 @@ def tunnel_answer(session: Session, peer: str, tunnels: Tunnels, store: Store, e
 # 12. Server: accept, TLS, deadlines, the request pipeline, the one writer
 ###############################################################################
 
+class TLSFilesError(ValueError):
+    """The certificate or key cannot be loaded; the message names the setting, the file and what to do."""
+
+
+def pem_kinds(path: str) -> set:
+    """The kinds of PEM blocks in a file: {'CERTIFICATE', 'PRIVATE KEY', ...}; empty if none or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return set()
+    return {kind.decode() for kind in re.findall(rb"-----BEGIN ([A-Z0-9 ]+)-----", text)}
+
+
+def tls_files_problem(cert: str, key: str, error: Exception) -> str:
+    """Why load_cert_chain failed, in the admin's terms (OpenSSL says '[SSL] PEM lib')."""
+    for name, path in (("cert", cert), ("key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            return (f"{name}: cannot read {path}: {exc.strerror} (the user satellite runs as must read it: "
+                    f"e.g. chgrp satellite {path} && chmod 0640 {path}, its directory 0750 root:satellite)")
+    cert_kinds, key_kinds = pem_kinds(cert), pem_kinds(key)
+    if "CERTIFICATE" not in cert_kinds:
+        what = "a private key" if any(k.endswith("PRIVATE KEY") for k in cert_kinds) else "no PEM certificate"
+        return (f"cert: {cert} holds {what}, not a certificate: give the certificate chain "
+                f"(fullchain.pem with certbot)")
+    if not any(k.endswith("PRIVATE KEY") for k in key_kinds):
+        what = "a certificate" if "CERTIFICATE" in key_kinds else "no PEM private key"
+        return f"key: {key} holds {what}, not a private key: give the certificate's key (privkey.pem with certbot)"
+    if getattr(error, "reason", "") == "KEY_VALUES_MISMATCH" or "values mismatch" in str(error):
+        return (f"cert/key: the key in {key} does not belong to the certificate in {cert}: give the key the "
+                f"certificate was issued for (certbot keeps them together as privkey.pem and fullchain.pem)")
+    return f"cert/key: cannot load {cert} with {key}: {error}"
+
+
 def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The server context; a pair that cannot be loaded raises TLSFilesError saying why."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSFilesError(tls_files_problem(cert, key, exc)) from None
     context.set_alpn_protocols(["http/1.1"])
     return context
 
@@ -3250,7 +3305,7 @@ class Satellite:
         """Swap in a freshly loaded context; connections already open keep theirs."""
         try:
             self.tls = load_tls_context(self.settings.cert, self.settings.key)
-        except (OSError, ssl.SSLError) as exc:
+        except TLSFilesError as exc:
             log.error("certificate reload failed, keeping the old certificate: %s", exc)
             return False
         self.cert_expiry = certificate_expiry(self.settings.cert)
@@ -3728,14 +3783,11 @@ def command_serve(settings: Settings) -> int:
         service = Satellite(settings)
         service.store.mark_tunnels_down(time.time())
         service.store.close_thread_connection()    # the main thread keeps none open (workers close theirs)
-    except (CookieKeyError, ValueError) as exc:
+    except (CookieKeyError, ValueError) as exc:     # TLSFilesError, the audit log, the front secret: named
         log.error("%s", exc)
         return 1
-    except (OSError, ssl.SSLError) as exc:
-        log.error("cannot load certificate %s / key %s: %s", settings.cert, settings.key, exc)
-        return 1
     except sqlite3.Error as exc:
-        log.error("cannot open database %s: %s", settings.db, exc)
+        log.error("%s", database_problem(settings.db, exc))
         return 1
     listeners = [("HTTPS", settings.listen, ConnectionHandler, "data" if settings.control_listen else "all"),
                  ("the control plane", settings.control_listen, ConnectionHandler, "control"),
@@ -3778,6 +3830,19 @@ def command_serve(settings: Settings) -> int:
     return 0
 
 
+def database_problem(db: str, error: Exception) -> str:
+    """Why the database cannot be opened, with what to do (SQLite says only 'unable to open database file')."""
+    directory = os.path.dirname(os.path.abspath(db))
+    if not os.path.isdir(directory):
+        return (f"db: the directory {directory} does not exist: create it for the user satellite runs as "
+                f"(install -d -m 0700 -o satellite -g satellite {directory}; the systemd unit's "
+                f"StateDirectory= makes /var/lib/satellite)")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return (f"db: cannot write in {directory} as uid {os.geteuid()}: it must belong to the user satellite runs "
+                f"as (chown satellite:satellite {directory}; chmod 0700 {directory})")
+    return f"db: cannot open {db}: {error}"
+
+
 def admin_store(settings: Settings) -> Store:
     if not os.path.exists(settings.db):
         raise SystemExit(f"satellite: error: no database at {settings.db} (give -c FILE or --db FILE)")
@@ -3791,7 +3856,7 @@ def command_refresh(settings: Settings, dry_run: bool) -> int:
     started = time.monotonic()
     try:
         summary = refresh(store, settings, Events(store, settings.audit_log), dry_run)
-    except (sqlite3.Error, OSError, subprocess.SubprocessError) as exc:
+    except (sqlite3.Error, OSError, subprocess.SubprocessError, ValueError) as exc:     # ValueError: audit-log
         store.bump("refresh_failed")
         print(f"refresh failed: {exc}", file=sys.stderr)
         return 1
