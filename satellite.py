@@ -4024,7 +4024,7 @@ def may_access(path: str, uid: int, gids: set, bits: int) -> bool:
     return True
 
 
-def tls_handshake(server: ssl.SSLContext, client: ssl.SSLContext, hostname: Optional[str]) -> ssl.SSLObject:
+def handshake_in_memory(server: ssl.SSLContext, client: ssl.SSLContext, hostname: Optional[str]) -> ssl.SSLObject:
     """A TLS handshake in memory (no socket) between the server's context and a client; returns the
     client's end, or raises what the client or the server refused."""
     bios = [ssl.MemoryBIO() for _ in range(4)]
@@ -4053,7 +4053,7 @@ def certificate_names(server: ssl.SSLContext, chain: str, hostname: Optional[str
     client.check_hostname = hostname is not None
     client.load_verify_locations(cafile=chain)
     client.verify_flags |= getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0x80000)   # the chain's leaf is enough
-    return tls_handshake(server, client, hostname).getpeercert()
+    return handshake_in_memory(server, client, hostname).getpeercert()
 
 
 def check_deployment(settings: Settings, user: str) -> list:

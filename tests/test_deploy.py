@@ -144,3 +144,47 @@ def test_check_help_teaches():
     assert result.returncode == 0
     for what in ("before", "OK", "WARN", "FAIL", "--user", "exit"):
         assert what in result.stdout, (what, result.stdout)
+
+
+# ---- the login node: satellite-client check ----------------------------------------------------------------
+
+def client_check(tmp_path, config_text, path_dirs=()):
+    ini = tmp_path / "client.ini"
+    ini.write_text(config_text)
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)                  # PATH holds only what the test puts there (this host has sbatch)
+    env = {"HOME": str(tmp_path), "SATELLITE_CLIENT_CONFIG": str(ini),
+           "PATH": ":".join(map(str, [*path_dirs, empty]))}
+    return subprocess.run([sys.executable, str(ROOT / "satellite_client.py"), "check"], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_client_check_on_a_good_login_node(certs, tmp_path, satellite):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").symlink_to("/bin/false")               # found on PATH, never run
+    result = client_check(tmp_path, f"[client]\nsatellite = https://127.0.0.1:{satellite.port}\n"
+                                    f"cacert = {certs}/ca.pem\n", [bin_dir])
+    lines = check_lines(result)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert any(line.startswith("OK   satellite at") and "certificate trusted" in line for line in lines), lines
+    assert any(line.startswith(f"OK   scheduler slurm (found on PATH: {bin_dir}/sbatch)") for line in lines), lines
+
+
+def test_client_check_names_the_ca_the_address_and_the_scheduler(certs, tmp_path, satellite):
+    other = tmp_path / "other"
+    subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(other), DOMAIN], check=True, capture_output=True)
+    result = client_check(tmp_path, f"[client]\nsatellite = https://127.0.0.1:{satellite.port}\n"
+                                    f"cacert = {other}/ca.pem\nscheduler = slurm\n")
+    check_lines(result)
+    assert result.returncode == 1
+    assert re.search(r"^FAIL satellite at .*certificate is not trusted with cacert .*set cacert = ", result.stdout,
+                     re.M), result.stdout
+    assert re.search(r"^FAIL scheduler slurm \(set in the config\): sbatch is not on PATH", result.stdout,
+                     re.M), result.stdout
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        result = client_check(tmp_path, f"[client]\nsatellite = https://127.0.0.1:{port}\ncacert = {certs}/ca.pem\n")
+    assert re.search(r"^FAIL cannot reach satellite at .*firewall", result.stdout, re.M), result.stdout
+    assert re.search(r"^WARN scheduler local: no batch system's command on PATH", result.stdout, re.M), result.stdout
