@@ -4219,10 +4219,14 @@ def command_check(config: Optional[str], overrides: dict, user: str) -> int:
     try:
         settings = Settings.from_sources(config, overrides)
     except ValueError as exc:
-        print(f"FAIL config {config or '(flags)'}: {exc}")
-        return 1
-    print(f"OK   config {config or '(flags)'} parses (domain {settings.domain})")
-    results = check_deployment(settings, user)
+        return print_checks([("FAIL", f"config {config or '(flags)'}: {exc}")])
+    return print_checks([("OK", f"config {config or '(flags)'} parses (domain {settings.domain})")]
+                        + check_deployment(settings, user))
+
+
+def print_checks(results: list) -> int:
+    """One line per check, 'OK  ', 'WARN' or 'FAIL' first; the exit status: 1 if any FAILed.
+    (satellite-client check prints its findings with this too.)"""
     for level, text in results:
         print(f"{level:<4} {text}")
     return 1 if any(level == "FAIL" for level, _ in results) else 0

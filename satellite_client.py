@@ -60,6 +60,7 @@ from typing import Optional
 
 from satellite import TUNNEL_PROTOCOL, Tunnel     # the tunnel protocol's one copy (see above)
 from satellite import ALIAS_SHAPE, SESSION_STATES  # what satellite issues: the client checks its replies against it
+from satellite import print_checks                # `check`'s OK/WARN/FAIL lines, as `satellite check` prints them
 
 __version__ = "0.1.0"
 
@@ -1712,10 +1713,8 @@ def client_checks(options: LaunchOptions, config: str) -> list:
 
 def command_check() -> int:
     config = os.environ.get("SATELLITE_CLIENT_CONFIG", SITE_CONFIG)
-    results = client_checks(enforce_site(site_options()), config)
-    for level, text in results:
-        print(f"{level:<4} {printable(text)}")
-    return 1 if any(level == "FAIL" for level, _ in results) else 0
+    return print_checks([(level, printable(text)) for level, text in client_checks(enforce_site(site_options()),
+                                                                                   config)])
 
 
 def command_profile(action: str, name: Optional[str], options: LaunchOptions) -> int:
