@@ -3784,6 +3784,9 @@ def command_serve(settings: Settings) -> int:
         service = Satellite(settings)
         service.store.mark_tunnels_down(time.time())
         service.store.close_thread_connection()    # the main thread keeps none open (workers close theirs)
+        for level, text in certificate_findings(settings, service.tls):
+            if level != "OK":
+                log.warning("%s (satellite check -c FILE checks this and more)", text)
     except (CookieKeyError, ValueError) as exc:     # TLSFilesError, the audit log, the front secret: named
         log.error("%s", exc)
         return 1
@@ -4056,6 +4059,35 @@ def certificate_names(server: ssl.SSLContext, chain: str, hostname: Optional[str
     return handshake_in_memory(server, client, hostname).getpeercert()
 
 
+def certificate_findings(settings: Settings, context: ssl.SSLContext) -> list:
+    """The certificate as browsers will judge it: (level, line) for its expiry and for whether it covers
+    *.DOMAIN (tried as anything.DOMAIN) and DOMAIN. `check` reports them; `serve` logs any that is not OK."""
+    results, seen = [], {}
+    try:
+        seen = certificate_names(context, settings.cert, None)
+        left = ssl.cert_time_to_seconds(seen["notAfter"]) - time.time()
+        level = "OK" if left > 14 * 86400 else "WARN"
+        results.append((level, f"certificate valid until {seen['notAfter']} ({left / 86400:.0f} days)"
+                        + ("" if level == "OK" else ": renew it soon (certbot renew; then systemctl reload satellite)")))
+    except ssl.SSLCertVerificationError as exc:
+        results.append(("FAIL", f"certificate in {settings.cert}: {exc.verify_message}: get a new one"))
+    names = ", ".join(value for kind, value in seen.get("subjectAltName", ()) if kind == "DNS")
+    for shown, hostname in ((f"*.{settings.domain}", f"anything.{settings.domain}"),
+                            (settings.domain, settings.domain)):
+        try:
+            certificate_names(context, settings.cert, hostname)
+            results.append(("OK", f"certificate covers {shown}" + (f" (tried {hostname})" if shown != hostname
+                                                                    else "")))
+        except ssl.SSLCertVerificationError:
+            results.append(("FAIL" if shown.startswith("*") else "WARN",
+                            f"certificate covers {shown}: it names {names or 'no DNS name'} and does not name "
+                            f"{hostname}: get a certificate for *.{settings.domain} and {settings.domain} (domain = "
+                            f"{settings.domain} in the config)"))
+        except ssl.SSLError as exc:
+            results.append(("FAIL", f"certificate covers {shown}: the handshake failed: {exc}"))
+    return results
+
+
 def check_deployment(settings: Settings, user: str) -> list:
     """What `satellite check` finds: (level, line) for each check, level OK, WARN or FAIL."""
     import grp
@@ -4094,29 +4126,8 @@ def check_deployment(settings: Settings, user: str) -> list:
     except TLSFilesError as exc:
         report("FAIL", str(exc))
         context = None
-    seen = {}
     if context is not None:
-        try:
-            seen = certificate_names(context, settings.cert, None)
-            left = ssl.cert_time_to_seconds(seen["notAfter"]) - time.time()
-            level = "OK" if left > 14 * 86400 else "WARN"
-            report(level, f"certificate valid until {seen['notAfter']} ({left / 86400:.0f} days)"
-                          + ("" if level == "OK" else ": renew it soon (certbot renew; then systemctl reload satellite)"))
-        except ssl.SSLCertVerificationError as exc:
-            report("FAIL", f"certificate in {settings.cert}: {exc.verify_message}: get a new one")
-        names = ", ".join(value for kind, value in seen.get("subjectAltName", ()) if kind == "DNS")
-        for shown, hostname in ((f"*.{settings.domain}", f"anything.{settings.domain}"),
-                                (settings.domain, settings.domain)):
-            try:
-                certificate_names(context, settings.cert, hostname)
-                report("OK", f"certificate covers {shown}" + (f" (tried {hostname})" if shown != hostname else ""))
-            except ssl.SSLCertVerificationError:
-                report("FAIL" if shown.startswith("*") else "WARN",
-                       f"certificate covers {shown}: it names {names or 'no DNS name'} and does not name {hostname}: "
-                       f"get a certificate for *.{settings.domain} and {settings.domain} (domain = "
-                       f"{settings.domain} in the config)")
-            except ssl.SSLError as exc:
-                report("FAIL", f"certificate covers {shown}: the handshake failed: {exc}")
+        results.extend(certificate_findings(settings, context))
 
     # where it listens
     for name in ("listen", "control_listen", "redirect_listen"):

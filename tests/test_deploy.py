@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from conftest import DOMAIN, ROOT
+from conftest import DOMAIN, ROOT, wait_for
 
 
 def satellite(*args, timeout=30):
@@ -188,3 +188,21 @@ def test_client_check_names_the_ca_the_address_and_the_scheduler(certs, tmp_path
         result = client_check(tmp_path, f"[client]\nsatellite = https://127.0.0.1:{port}\ncacert = {certs}/ca.pem\n")
     assert re.search(r"^FAIL cannot reach satellite at .*firewall", result.stdout, re.M), result.stdout
     assert re.search(r"^WARN scheduler local: no batch system's command on PATH", result.stdout, re.M), result.stdout
+
+
+def test_serve_warns_when_the_certificate_does_not_cover_the_domain(tmp_path):
+    other = tmp_path / "other"
+    subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(other), "elsewhere.test"], check=True, capture_output=True)
+    ini = write_ini(tmp_path / "satellite.ini", other)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "satellite.py"), "serve", "-c", str(ini)], stdout=out,
+                                stderr=out)
+    try:
+        wait_for(lambda: "serving" in log.read_text() or proc.poll() is not None, what="satellite to start")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = log.read_text()
+    assert re.search(rf"WARNING certificate covers \*\.{re.escape(DOMAIN)}: it names \*\.elsewhere\.test, "
+                     rf"elsewhere\.test and does not name anything\.{re.escape(DOMAIN)}", text), text
