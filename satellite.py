@@ -72,6 +72,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -4235,6 +4236,11 @@ def command_check(config: Optional[str], overrides: dict, user: str) -> int:
                         + check_deployment(settings, user))
 
 
+def wrapped_help(text: str) -> str:
+    """A command's description, its paragraphs wrapped for a terminal (the formatter keeps the example's lines)."""
+    return "\n\n".join(textwrap.fill(paragraph, 100) for paragraph in text.split("\n\n"))
+
+
 def print_checks(results: list) -> int:
     """One line per check, 'OK  ', 'WARN' or 'FAIL' first; the exit status: 1 if any FAILed.
     (satellite-client check prints its findings with this too.)"""
@@ -4396,7 +4402,7 @@ def build_parser() -> argparse.ArgumentParser:
         .add_argument("--cookie-key", dest="cookie_key", metavar="FILE", help="the key file (instead of -c or --db)")
     check_parser = commands.add_parser(
         "check", help="check a config before starting: certificate, files, listen address, networks",
-        description="Check what `satellite serve -c FILE` would need, before you start it (and after each change): "
+        description=wrapped_help("Check what `satellite serve -c FILE` would need, before you start it (and after each change): "
                     "the config parses; the certificate and key load, belong together and cover *.DOMAIN and "
                     "DOMAIN (a real TLS handshake in memory, trusting the chain itself, so a site CA is fine) and "
                     "are not expiring; the key is not readable by others; the listen addresses can be bound (with "
@@ -4404,7 +4410,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and the service's user can write them; issue-from/redeem-from are sensible (a network written "
                     "with host bits set, like 10.1.0.5/24, means all of 10.1.0.0/24).\n\n"
                     "It prints one line per check: OK, WARN (works, but look) or FAIL (serve would fail or be "
-                    "unsafe), each with what to do; the exit status is 1 if any check FAILs, else 0.",
+                    "unsafe), each with what to do; the exit status is 1 if any check FAILs, else 0."),
         epilog="Example, as root on the proxy node before the first start:\n"
                "  satellite check --user satellite -c /etc/satellite/satellite.ini",
         formatter_class=argparse.RawDescriptionHelpFormatter)

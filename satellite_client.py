@@ -60,7 +60,7 @@ from typing import Optional
 
 from satellite import TUNNEL_PROTOCOL, Tunnel     # the tunnel protocol's one copy (see above)
 from satellite import ALIAS_SHAPE, SESSION_STATES  # what satellite issues: the client checks its replies against it
-from satellite import print_checks                # `check`'s OK/WARN/FAIL lines, as `satellite check` prints them
+from satellite import print_checks, wrapped_help  # `check`'s help and OK/WARN/FAIL lines, as `satellite check`'s
 
 __version__ = "0.1.0"
 
@@ -1860,11 +1860,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "check", help="check this login node: satellite reachable, its certificate trusted, scheduler found",
-        description=f"For the admin installing the client on a login node. Reads the site config ({SITE_CONFIG} "
+        description=wrapped_help(f"For the admin installing the client on a login node. Reads the site config ({SITE_CONFIG} "
                     "or $SATELLITE_CLIENT_CONFIG) as launch does, then checks: satellite answers /healthz at the "
                     "configured address, with a certificate trusted by cacert (or the system's store); and which "
                     "scheduler launch would use, with its command on PATH. One line per check, OK, WARN or FAIL "
-                    "with what to do; exit status 1 if any check FAILs. It asks for no link.",
+                    "with what to do; exit status 1 if any check FAILs. It asks for no link."),
         epilog="Example, after installing /etc/satellite/client.ini:\n  satellite-client check",
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
