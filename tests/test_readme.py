@@ -142,6 +142,9 @@ def test_readme_deployment_runs_top_to_bottom(certs, tmp_path):
 
         result = run(moved(install).replace("useradd ", "id -u satellite >/dev/null 2>&1 || useradd "))
         assert result.returncode == 0, result.stderr
+        key = (root / "etc/satellite/tls/privkey.pem").stat()
+        gid = int(subprocess.run(["id", "-g", "satellite"], capture_output=True, text=True).stdout)
+        assert (key.st_uid, key.st_gid, key.st_mode & 0o777) == (0, gid, 0o640)     # others cannot read the key
         ini = root / "etc/satellite/satellite.ini"
         edit_ini(ini, {name: moved(value) for name, value in edits(steps["4"]).items()})
         assert set(edits(steps["4"])) == {"domain", "issue-from", "redeem-from"}
