@@ -4069,7 +4069,8 @@ def certificate_findings(settings: Settings, context: ssl.SSLContext) -> list:
         left = ssl.cert_time_to_seconds(seen["notAfter"]) - time.time()
         level = "OK" if left > 14 * 86400 else "WARN"
         results.append((level, f"certificate valid until {seen['notAfter']} ({left / 86400:.0f} days)"
-                        + ("" if level == "OK" else ": renew it soon (certbot renew; then systemctl reload satellite)")))
+                        + ("" if level == "OK" else ": renew it soon (certbot renew, then systemctl reload "
+                                                    "satellite)")))
     except ssl.SSLCertVerificationError as exc:
         results.append(("FAIL", f"certificate in {settings.cert}: {exc.verify_message}: get a new one"))
     names = ", ".join(value for kind, value in seen.get("subjectAltName", ()) if kind == "DNS")
@@ -4402,7 +4403,8 @@ def build_parser() -> argparse.ArgumentParser:
         .add_argument("--cookie-key", dest="cookie_key", metavar="FILE", help="the key file (instead of -c or --db)")
     check_parser = commands.add_parser(
         "check", help="check a config before starting: certificate, files, listen address, networks",
-        description=wrapped_help("Check what `satellite serve -c FILE` would need, before you start it (and after each change): "
+        description=wrapped_help(
+                    "Check what `satellite serve -c FILE` would need, before you start it (and after each change): "
                     "the config parses; the certificate and key load, belong together and cover *.DOMAIN and "
                     "DOMAIN (a real TLS handshake in memory, trusting the chain itself, so a site CA is fine) and "
                     "are not expiring; the key is not readable by others; the listen addresses can be bound (with "

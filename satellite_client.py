@@ -1860,7 +1860,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "check", help="check this login node: satellite reachable, its certificate trusted, scheduler found",
-        description=wrapped_help(f"For the admin installing the client on a login node. Reads the site config ({SITE_CONFIG} "
+        description=wrapped_help(
+                    f"For the admin installing the client on a login node. Reads the site config ({SITE_CONFIG} "
                     "or $SATELLITE_CLIENT_CONFIG) as launch does, then checks: satellite answers /healthz at the "
                     "configured address, with a certificate trusted by cacert (or the system's store); and which "
                     "scheduler launch would use, with its command on PATH. One line per check, OK, WARN or FAIL "

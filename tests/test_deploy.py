@@ -1,5 +1,4 @@
 """Deploying as an HPC admin would: config mistakes named clearly, `satellite check` before the first start."""
-import os
 import re
 import shutil
 import socket
