@@ -3964,8 +3964,13 @@ def command_revoke(settings: Settings, alias: str) -> int:
     if store.session(alias) is None:
         print(f"satellite: no session {alias}", file=sys.stderr)
         return 1
+    try:
+        events = Events(store, settings.audit_log)
+    except ValueError as exc:                     # the audit log cannot be opened: say so before changing anything
+        print(f"satellite: error: {exc}", file=sys.stderr)
+        return 1
     if store.end(alias, "revoked"):
-        Events(store, settings.audit_log).record("revoke", alias, user=os.environ.get("SUDO_USER") or None)
+        events.record("revoke", alias, user=os.environ.get("SUDO_USER") or None)
         print(f"revoked {alias}")
     else:
         print(f"{alias} had already ended")

@@ -205,3 +205,14 @@ def test_serve_warns_when_the_certificate_does_not_cover_the_domain(tmp_path):
     text = log.read_text()
     assert re.search(rf"WARNING certificate covers \*\.{re.escape(DOMAIN)}: it names \*\.elsewhere\.test, "
                      rf"elsewhere\.test and does not name anything\.{re.escape(DOMAIN)}", text), text
+
+
+def test_admin_commands_name_an_audit_log_they_cannot_open(certs, tmp_path, fresh_satellite):
+    server = fresh_satellite()
+    alias = server.getlink()["alias"]
+    ini = write_ini(tmp_path / "satellite.ini", certs, audit_log=f"{tmp_path}/no-such-dir/audit.log", db=server.db)
+    for command in (["revoke", alias], ["refresh"]):
+        result = satellite(*command, "-c", str(ini))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (command, result.stderr)
+        assert "audit-log: cannot open" in result.stderr, (command, result.stderr)
+    assert server.request(f"{alias}.{DOMAIN}", "/")[0] != 410            # the failed revoke changed nothing
