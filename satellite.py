@@ -32,7 +32,7 @@ who deploys it. Sections, top-down:
    11. Tunnel                frames that carry a session through a connection the job opened
    12. Server                accept (connection limits), TLS and deadlines, the pipeline
                              (route -> decide -> act), the one writer, HTTP redirect
-   13. Commands              serve, refresh, list, show, revoke, stats, export; main()
+   13. Commands              serve, check, refresh, list, show, revoke, stats, export; main()
    14. Word list             aliases are three words from this list
 
 Handlers return an Answer (status, fields, body or a streaming body); errors are answers
@@ -73,6 +73,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -297,14 +298,22 @@ class Settings:
         values = {}
         if ini_path:
             parser = configparser.ConfigParser(interpolation=None)
-            if not parser.read(ini_path):
-                raise ValueError(f"cannot read config file {ini_path}")
+            try:
+                if not parser.read(ini_path):
+                    raise ValueError(f"cannot read config file {ini_path}")
+            except configparser.MissingSectionHeaderError as exc:
+                raise ValueError(f"{ini_path}: line {exc.lineno}: no [satellite] line before the settings: put "
+                                 f"[satellite] on the first line, as in contrib/satellite.ini") from None
+            except configparser.Error as exc:
+                raise ValueError(f"{ini_path}: {exc.message.splitlines()[0]} (see contrib/satellite.ini for "
+                                 f"the form: [satellite], then one NAME = VALUE a line)") from None
             if not parser.has_section("satellite"):
                 raise ValueError(f"{ini_path}: no [satellite] section")
             for name, value in parser.items("satellite"):
                 values[name.replace("-", "_")] = value
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls()
+        settings.given = dict(values)           # the text as written, for `satellite check` (e.g. host bits)
         known = {f.name for f in dataclasses.fields(cls)}
         for name, value in values.items():
             if name not in known:
@@ -989,7 +998,14 @@ class Events:
         if audit_path == "-":
             self.audit = sys.stderr
         elif audit_path:
-            self.audit = open(audit_path, "a", buffering=1)
+            try:
+                self.audit = open(audit_path, "a", buffering=1)
+            except OSError as exc:
+                raise ValueError(
+                    f"audit-log: cannot open {audit_path}: {exc.strerror}. Its directory must exist and be writable "
+                    f"by the user satellite runs as (install -d -m 0750 -o satellite -g satellite "
+                    f"{os.path.dirname(os.path.abspath(audit_path))}; the systemd unit's LogsDirectory= makes "
+                    f"/var/log/satellite), or set audit-log to another file") from None
 
     def record(self, event: str, alias: Optional[str] = None, source: Optional[str] = None, **fields) -> None:
         if event in LIFECYCLE_EVENTS:
@@ -3514,10 +3530,51 @@ def tunnel_answer(session: Session, peer: str, tunnels: Tunnels, store: Store, e
 # 12. Server: accept, TLS, deadlines, the request pipeline, the one writer
 ###############################################################################
 
+class TLSFilesError(ValueError):
+    """The certificate or key cannot be loaded; the message names the setting, the file and what to do."""
+
+
+def pem_kinds(path: str) -> set:
+    """The kinds of PEM blocks in a file: {'CERTIFICATE', 'PRIVATE KEY', ...}; empty if none or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return set()
+    return {kind.decode() for kind in re.findall(rb"-----BEGIN ([A-Z0-9 ]+)-----", text)}
+
+
+def tls_files_problem(cert: str, key: str, error: Exception) -> str:
+    """Why load_cert_chain failed, in the admin's terms (OpenSSL says '[SSL] PEM lib')."""
+    for name, path in (("cert", cert), ("key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            return (f"{name}: cannot read {path}: {exc.strerror} (the user satellite runs as must read it: "
+                    f"e.g. chgrp satellite {path} && chmod 0640 {path}, its directory 0750 root:satellite)")
+    cert_kinds, key_kinds = pem_kinds(cert), pem_kinds(key)
+    if "CERTIFICATE" not in cert_kinds:
+        what = "a private key" if any(k.endswith("PRIVATE KEY") for k in cert_kinds) else "no PEM certificate"
+        return (f"cert: {cert} holds {what}, not a certificate: give the certificate chain "
+                f"(fullchain.pem with certbot)")
+    if not any(k.endswith("PRIVATE KEY") for k in key_kinds):
+        what = "a certificate" if "CERTIFICATE" in key_kinds else "no PEM private key"
+        return f"key: {key} holds {what}, not a private key: give the certificate's key (privkey.pem with certbot)"
+    if getattr(error, "reason", "") == "KEY_VALUES_MISMATCH" or "values mismatch" in str(error):
+        return (f"cert/key: the key in {key} does not belong to the certificate in {cert}: give the key the "
+                f"certificate was issued for (certbot keeps them together as privkey.pem and fullchain.pem)")
+    return f"cert/key: cannot load {cert} with {key}: {error}"
+
+
 def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The server context; a pair that cannot be loaded raises TLSFilesError saying why."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSFilesError(tls_files_problem(cert, key, exc)) from None
     context.set_alpn_protocols(["http/1.1"])
     return context
 
@@ -3561,7 +3618,7 @@ class Satellite:
         """Swap in a freshly loaded context; connections already open keep theirs."""
         try:
             self.tls = load_tls_context(self.settings.cert, self.settings.key)
-        except (OSError, ssl.SSLError) as exc:
+        except TLSFilesError as exc:
             log.error("certificate reload failed, keeping the old certificate: %s", exc)
             return False
         self.cert_expiry = certificate_expiry(self.settings.cert)
@@ -4041,14 +4098,14 @@ def command_serve(settings: Settings) -> int:
         service = Satellite(settings)
         service.store.mark_tunnels_down(time.time())
         service.store.close_thread_connection()    # the main thread keeps none open (workers close theirs)
-    except (CookieKeyError, ValueError) as exc:
+        for level, text in certificate_findings(settings, service.tls):
+            if level != "OK":
+                log.warning("%s (satellite check -c FILE checks this and more)", text)
+    except (CookieKeyError, ValueError) as exc:     # TLSFilesError, the audit log, the front secret: named
         log.error("%s", exc)
         return 1
-    except (OSError, ssl.SSLError) as exc:
-        log.error("cannot load certificate %s / key %s: %s", settings.cert, settings.key, exc)
-        return 1
     except sqlite3.Error as exc:
-        log.error("cannot open database %s: %s", settings.db, exc)
+        log.error("%s", database_problem(settings.db, exc))
         return 1
     listeners = [("HTTPS", settings.listen, ConnectionHandler, "data" if settings.control_listen else "all"),
                  ("the control plane", settings.control_listen, ConnectionHandler, "control"),
@@ -4091,6 +4148,19 @@ def command_serve(settings: Settings) -> int:
     return 0
 
 
+def database_problem(db: str, error: Exception) -> str:
+    """Why the database cannot be opened, with what to do (SQLite says only 'unable to open database file')."""
+    directory = os.path.dirname(os.path.abspath(db))
+    if not os.path.isdir(directory):
+        return (f"db: the directory {directory} does not exist: create it for the user satellite runs as "
+                f"(install -d -m 0700 -o satellite -g satellite {directory}; the systemd unit's "
+                f"StateDirectory= makes /var/lib/satellite)")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return (f"db: cannot write in {directory} as uid {os.geteuid()}: it must belong to the user satellite runs "
+                f"as (chown satellite:satellite {directory}; chmod 0700 {directory})")
+    return f"db: cannot open {db}: {error}"
+
+
 def admin_store(settings: Settings) -> Store:
     if not os.path.exists(settings.db):
         raise SystemExit(f"satellite: error: no database at {settings.db} (give -c FILE or --db FILE)")
@@ -4104,7 +4174,7 @@ def command_refresh(settings: Settings, dry_run: bool) -> int:
     started = time.monotonic()
     try:
         summary = refresh(store, settings, Events(store, settings.audit_log), dry_run)
-    except (sqlite3.Error, OSError, subprocess.SubprocessError) as exc:
+    except (sqlite3.Error, OSError, subprocess.SubprocessError, ValueError) as exc:     # ValueError: audit-log
         store.bump("refresh_failed")
         print(f"refresh failed: {exc}", file=sys.stderr)
         return 1
@@ -4207,8 +4277,13 @@ def command_revoke(settings: Settings, alias: str) -> int:
     if store.session(alias) is None:
         print(f"satellite: no session {alias}", file=sys.stderr)
         return 1
+    try:
+        events = Events(store, settings.audit_log)
+    except ValueError as exc:                     # the audit log cannot be opened: say so before changing anything
+        print(f"satellite: error: {exc}", file=sys.stderr)
+        return 1
     if store.end(alias, "revoked"):
-        Events(store, settings.audit_log).record("revoke", alias, user=os.environ.get("SUDO_USER") or None)
+        events.record("revoke", alias, user=os.environ.get("SUDO_USER") or None)
         print(f"revoked {alias}")
     else:
         print(f"{alias} had already ended")
@@ -4249,6 +4324,248 @@ def command_stats(settings: Settings) -> int:
     when = iso_time(last["time"]) if last else "never"
     print(f"refresh:  {counters.get('refresh_ok', 0)} runs, {counters.get('refresh_failed', 0)} failed, last {when}")
     return 0
+
+
+CHECK_NETWORKS = ("issue_from", "redeem_from", "metrics_from", "admin_from", "trusted_fronts")
+
+
+def may_access(path: str, uid: int, gids: set, bits: int) -> bool:
+    """Could user `uid` (groups `gids`) do `bits` (4 read, 2 write, 1 enter) to `path`, and reach it?"""
+    if uid == 0:
+        return True
+    path = os.path.abspath(path)
+    parents = [p for p in Path(path).parents]
+    try:
+        for each, want in [(str(p), 1) for p in parents] + [(path, bits)]:
+            st = os.stat(each)
+            have = (st.st_mode >> 6 if st.st_uid == uid else st.st_mode >> 3 if st.st_gid in gids else st.st_mode)
+            if have & want != want:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def handshake_in_memory(server: ssl.SSLContext, client: ssl.SSLContext, hostname: Optional[str]) -> ssl.SSLObject:
+    """A TLS handshake in memory (no socket) between the server's context and a client; returns the
+    client's end, or raises what the client or the server refused."""
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    server_end = server.wrap_bio(bios[0], bios[1], server_side=True)
+    client_end = client.wrap_bio(bios[2], bios[3], server_hostname=hostname)
+    done = [False, False]
+    for _ in range(50):
+        for index, end in enumerate((client_end, server_end)):
+            if not done[index]:
+                try:
+                    end.do_handshake()
+                    done[index] = True
+                except ssl.SSLWantReadError:
+                    pass
+        bios[0].write(bios[3].read())
+        bios[2].write(bios[1].read())
+        if all(done):
+            return client_end
+    raise ssl.SSLError("the handshake did not finish")
+
+
+def certificate_names(server: ssl.SSLContext, chain: str, hostname: Optional[str]) -> dict:
+    """The certificate as a client sees it, trusting the chain file itself (so any CA will do) and, given a
+    hostname, checking the certificate names it: OpenSSL's own name check, the one browsers' libraries make."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = hostname is not None
+    client.load_verify_locations(cafile=chain)
+    client.verify_flags |= getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0x80000)   # the chain's leaf is enough
+    return handshake_in_memory(server, client, hostname).getpeercert()
+
+
+def certificate_findings(settings: Settings, context: ssl.SSLContext) -> list:
+    """The certificate as browsers will judge it: (level, line) for its expiry and for whether it covers
+    *.DOMAIN (tried as anything.DOMAIN) and DOMAIN. `check` reports them; `serve` logs any that is not OK."""
+    results, seen = [], {}
+    try:
+        seen = certificate_names(context, settings.cert, None)
+        left = ssl.cert_time_to_seconds(seen["notAfter"]) - time.time()
+        level = "OK" if left > 14 * 86400 else "WARN"
+        results.append((level, f"certificate valid until {seen['notAfter']} ({left / 86400:.0f} days)"
+                        + ("" if level == "OK" else ": renew it soon (certbot renew, then systemctl reload "
+                                                    "satellite)")))
+    except ssl.SSLCertVerificationError as exc:
+        results.append(("FAIL", f"certificate in {settings.cert}: {exc.verify_message}: get a new one"))
+    names = ", ".join(value for kind, value in seen.get("subjectAltName", ()) if kind == "DNS")
+    for shown, hostname in ((f"*.{settings.domain}", f"anything.{settings.domain}"),
+                            (settings.domain, settings.domain)):
+        try:
+            certificate_names(context, settings.cert, hostname)
+            results.append(("OK", f"certificate covers {shown}" + (f" (tried {hostname})" if shown != hostname
+                                                                    else "")))
+        except ssl.SSLCertVerificationError:
+            results.append(("FAIL" if shown.startswith("*") else "WARN",
+                            f"certificate covers {shown}: it names {names or 'no DNS name'} and does not name "
+                            f"{hostname}: get a certificate for *.{settings.domain} and {settings.domain} (domain = "
+                            f"{settings.domain} in the config)"))
+        except ssl.SSLError as exc:
+            results.append(("FAIL", f"certificate covers {shown}: the handshake failed: {exc}"))
+    return results
+
+
+def check_deployment(settings: Settings, user: str) -> list:
+    """What `satellite check` finds: (level, line) for each check, level OK, WARN or FAIL."""
+    import grp
+    import pwd
+    results = []
+
+    def report(level, text):
+        results.append((level, text))
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        report("FAIL", f"user {user} does not exist: create it (useradd --system ... satellite) or give --user")
+        return results
+    uid = account.pw_uid
+    gids = set(os.getgrouplist(user, account.pw_gid))
+    group = grp.getgrgid(account.pw_gid).gr_name
+    as_user = f"as {user}" if uid != os.geteuid() else f"as {user} (this user; give --user satellite to check as "\
+                                                         "the service's user)"
+    report("OK", f"checking as user {user} (uid {uid})" if uid != os.geteuid() else f"checking {as_user}")
+
+    # the certificate and its key
+    for name, path in (("cert", settings.cert), ("key", settings.key)):
+        if not os.path.isfile(path):
+            report("FAIL", f"{name} file {path} does not exist: copy it into place (see README, Deployment)")
+        elif not may_access(path, uid, gids, 4):
+            report("FAIL", f"{name} file {path} cannot be read by {user}: chgrp {group} {path}; "
+                           f"chmod 0640 {path} (and its directory 0750 root:{group})")
+        elif name == "key" and os.stat(path).st_mode & 0o004:
+            report("FAIL", f"key file {path}: other users may read it (mode {os.stat(path).st_mode & 0o777:04o}): "
+                           f"chmod 0640 {path}; chown root:{group} {path}")
+        else:
+            report("OK", f"{name} file {path} readable by {user}")
+    try:
+        context = load_tls_context(settings.cert, settings.key)
+        report("OK", f"key matches the certificate ({settings.key}, {settings.cert})")
+    except TLSFilesError as exc:
+        report("FAIL", str(exc))
+        context = None
+    if context is not None:
+        results.extend(certificate_findings(settings, context))
+
+    # where it listens
+    for name in ("listen", "control_listen", "redirect_listen"):
+        address = getattr(settings, name)
+        if address is None:
+            continue
+        shown = f"{name.replace('_', '-')} {host_port(*address)}"
+        try:
+            family, kind, proto, _, where = socket.getaddrinfo(address[0] or None, address[1], 0, socket.SOCK_STREAM,
+                                                               0, socket.AI_PASSIVE)[0]
+            with socket.socket(family, kind, proto) as probe_socket:
+                probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe_socket.bind(where)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                report("FAIL", f"{shown}: the address is in use: stop what listens there (ss -ltnp "
+                               f"'sport = :{address[1]}'), or is satellite already running?")
+            elif exc.errno == errno.EACCES:
+                report("FAIL", f"{shown}: permission denied: ports below 1024 need CAP_NET_BIND_SERVICE "
+                               f"(contrib/satellite.service gives it: AmbientCapabilities=CAP_NET_BIND_SERVICE)")
+            else:
+                report("FAIL", f"{shown}: cannot bind: {exc.strerror or exc}: is it an address of this host?")
+            continue
+        if 0 < address[1] < 1024 and uid != 0:
+            report("WARN", f"{shown}: can be bound, but port {address[1]} is below 1024: {user} needs "
+                           f"CAP_NET_BIND_SERVICE (contrib/satellite.service gives it with "
+                           f"AmbientCapabilities=; without systemd, start it with that capability)")
+        else:
+            report("OK", f"{shown} can be bound")
+
+    # files and directories
+    state = os.path.dirname(os.path.abspath(settings.db))
+    if not os.path.isdir(state):
+        report("FAIL", f"db directory {state} does not exist: install -d -m 0700 -o {user} -g "
+                       f"{group} {state}")
+    elif not may_access(state, uid, gids, 3):
+        report("FAIL", f"db directory {state}: {user} cannot write in it: chown {user} {state}; chmod 0700 {state}")
+    elif os.stat(state).st_mode & 0o007:
+        report("WARN", f"db directory {state}: other users may enter it (mode {os.stat(state).st_mode & 0o777:04o}): "
+                       f"chmod 0700 {state}")
+    else:
+        report("OK", f"db directory {state} writable by {user}, closed to others")
+    key_path = settings.cookie_key_path
+    if os.path.exists(key_path):
+        st = os.stat(key_path)
+        if st.st_uid != uid or st.st_mode & 0o077:
+            report("FAIL", f"cookie-key {key_path} (owner uid {st.st_uid}, mode {st.st_mode & 0o777:04o}) would be "
+                           f"refused: it must be {user}'s, mode 0600; remove it and satellite makes a new one")
+    for name in ("audit_log", "access_log"):
+        path = getattr(settings, name)
+        if path in ("", "-", "off"):
+            continue
+        shown, directory = name.replace("_", "-"), os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            report("FAIL", f"{shown} directory {directory} does not exist: install -d -m 0750 -o {user} -g "
+                           f"{group} {directory}")
+        elif not (may_access(path, uid, gids, 2) if os.path.exists(path) else may_access(directory, uid, gids, 3)):
+            report("FAIL", f"{shown} {path}: {user} cannot write it: chown {user} {directory}")
+        else:
+            report("OK", f"{shown} {path} writable by {user}")
+
+    # networks
+    for name in CHECK_NETWORKS:
+        shown = name.replace("_", "-")
+        written = [part for part in str(getattr(settings, "given", {}).get(name, "")).replace(" ", "").split(",")
+                   if part]
+        for part in written:
+            with contextlib.suppress(ValueError):
+                if not _strict_network(part):
+                    network = ipaddress.ip_network(part, strict=False)
+                    report("WARN", f"{shown} {part} has host bits set: it means {network} (all "
+                                   f"{network.num_addresses} addresses); write {part.split('/')[0]}/"
+                                   f"{network.max_prefixlen} for that one host")
+        networks = getattr(settings, name)
+        if name in ("issue_from", "redeem_from"):
+            if not networks:
+                report("FAIL", f"{shown} is empty: no one could {'ask for' if name == 'issue_from' else 'redeem'} "
+                               f"links")
+            elif all(net.is_loopback for net in networks):
+                report("WARN", f"{shown} {setting_text(name, networks)} is this host only: give your "
+                               f"{'login' if name == 'issue_from' else 'compute'} nodes' networks")
+            elif any(net.prefixlen == 0 for net in networks):
+                report("WARN", f"{shown} {setting_text(name, networks)} is every address: anyone could "
+                               f"{'ask for' if name == 'issue_from' else 'redeem'} links")
+            else:
+                report("OK", f"{shown} {setting_text(name, networks)}")
+    return results
+
+
+def _strict_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=True)
+        return True
+    except ValueError:
+        return False
+
+
+def command_check(config: Optional[str], overrides: dict, user: str) -> int:
+    """`satellite check`: one line per check; exit 1 if any FAILs."""
+    try:
+        settings = Settings.from_sources(config, overrides)
+    except ValueError as exc:
+        return print_checks([("FAIL", f"config {config or '(flags)'}: {exc}")])
+    return print_checks([("OK", f"config {config or '(flags)'} parses (domain {settings.domain})")]
+                        + check_deployment(settings, user))
+
+
+def wrapped_help(text: str) -> str:
+    """A command's description, its paragraphs wrapped for a terminal (the formatter keeps the example's lines)."""
+    return "\n\n".join(textwrap.fill(paragraph, 100) for paragraph in text.split("\n\n"))
+
+
+def print_checks(results: list) -> int:
+    """One line per check, 'OK  ', 'WARN' or 'FAIL' first; the exit status: 1 if any FAILed.
+    (satellite-client check prints its findings with this too.)"""
+    for level, text in results:
+        print(f"{level:<4} {text}")
+    return 1 if any(level == "FAIL" for level, _ in results) else 0
 
 
 SETTING_FLAGS = [
@@ -4406,6 +4723,24 @@ def build_parser() -> argparse.ArgumentParser:
           "made before are refused and browsers open their link (with its token) again. Links, tokens, job keys "
           "and sessions are unchanged. Run it as the user satellite runs as.") \
         .add_argument("--cookie-key", dest="cookie_key", metavar="FILE", help="the key file (instead of -c or --db)")
+    check_parser = commands.add_parser(
+        "check", help="check a config before starting: certificate, files, listen address, networks",
+        description=wrapped_help(
+                    "Check what `satellite serve -c FILE` would need, before you start it (and after each change): "
+                    "the config parses; the certificate and key load, belong together and cover *.DOMAIN and "
+                    "DOMAIN (a real TLS handshake in memory, trusting the chain itself, so a site CA is fine) and "
+                    "are not expiring; the key is not readable by others; the listen addresses can be bound (with "
+                    "the CAP_NET_BIND_SERVICE hint for ports below 1024); the database and log directories exist "
+                    "and the service's user can write them; issue-from/redeem-from are sensible (a network written "
+                    "with host bits set, like 10.1.0.5/24, means all of 10.1.0.0/24).\n\n"
+                    "It prints one line per check: OK, WARN (works, but look) or FAIL (serve would fail or be "
+                    "unsafe), each with what to do; the exit status is 1 if any check FAILs, else 0."),
+        epilog="Example, as root on the proxy node before the first start:\n"
+               "  satellite check --user satellite -c /etc/satellite/satellite.ini",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    check_parser.add_argument("-c", "--config", metavar="FILE", required=True, help="the INI file serve will use")
+    check_parser.add_argument("--user", metavar="NAME", help="check file access and port binding as this user, the "
+                                                             "one satellite runs as (default: the user running check)")
     export_parser = admin(
         "export", "write the alias -> app map for nginx, Apache or HAProxy",
         "For sites that put nginx/Apache/HAProxy in front as the data plane: write the live map (atomically, "
@@ -4427,6 +4762,9 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     os.umask(0o077)     # what satellite makes (database, WAL, logs, audit log, cookie key) is its own user's alone
     overrides = {dest: getattr(args, dest, None) for _, dest, _ in SETTING_FLAGS}
+    if args.command == "check":
+        import pwd
+        return command_check(args.config, overrides, args.user or pwd.getpwuid(os.geteuid()).pw_name)
     try:
         settings = Settings.from_sources(args.config, overrides, serving=args.command == "serve")
     except ValueError as exc:

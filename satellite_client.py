@@ -60,6 +60,7 @@ from typing import Optional
 
 from satellite import TUNNEL_PROTOCOL, Tunnel     # the tunnel protocol's one copy (see above)
 from satellite import ALIAS_SHAPE, SESSION_STATES  # what satellite issues: the client checks its replies against it
+from satellite import print_checks, wrapped_help  # `check`'s help and OK/WARN/FAIL lines, as `satellite check`'s
 
 __version__ = "0.1.0"
 
@@ -1858,6 +1859,67 @@ def command_cancel(alias: str) -> int:
     return 0
 
 
+def client_checks(options: LaunchOptions, config: str) -> list:
+    """What `satellite-client check` finds on this login node: (level, line) pairs, level OK, WARN or FAIL."""
+    results = []
+    if os.path.exists(config):
+        results.append(("OK", f"site config {config}"))
+    else:
+        results.append(("WARN", f"no site config at {config}: install contrib/client.ini there (satellite URL, "
+                                f"CA, scheduler), or users must give --satellite each time"))
+    if not options.satellite:
+        results.append(("FAIL", f"no satellite address: set satellite = https://manage.DOMAIN in [client] of "
+                                f"{config}"))
+    elif options.cacert and not os.path.isfile(options.cacert):
+        results.append(("FAIL", f"cacert {options.cacert} does not exist: give your site CA's PEM file, or leave "
+                                f"cacert out if the system's store trusts satellite's certificate"))
+    else:
+        api = SatelliteApi(options.satellite, options.cacert, timeout=10)
+        conn = SniHTTPSConnection(api.address, api.address[0], api.address[1], api.context, api.timeout)
+        trust = f"cacert {options.cacert}" if options.cacert else "the system's CA store"
+        try:
+            conn.request("GET", "/healthz", headers={"User-Agent": f"satellite-client/{__version__}"})
+            resp = conn.getresponse()
+            body = resp.read(100)
+            if resp.status == 200 and body.strip() == b"ok":
+                results.append(("OK", f"satellite at {options.satellite} answers, its certificate trusted ({trust})"))
+            else:
+                results.append(("FAIL", f"{options.satellite}/healthz answered {resp.status}, not ok: is that "
+                                        f"satellite's address (https://manage.DOMAIN)?"))
+        except ssl.SSLCertVerificationError as exc:
+            results.append(("FAIL", f"satellite at {options.satellite}: its certificate is not trusted with "
+                                    f"{trust} ({exc.verify_message}): set cacert = your site CA's PEM file in "
+                                    f"[client] of {config}, or fix the address"))
+        except (OSError, http.client.HTTPException) as exc:
+            results.append(("FAIL", f"cannot reach satellite at {options.satellite}: {exc}: check the address, DNS "
+                                    f"and that the proxy node's firewall lets this node reach port "
+                                    f"{api.address[1]}"))
+        finally:
+            conn.close()
+    name = options.scheduler or detect_scheduler()
+    if name not in SCHEDULERS:
+        results.append(("FAIL", f"scheduler {name!r}: choose from {', '.join(SCHEDULER_NAMES)}"))
+    else:
+        scheduler = SCHEDULERS[name]()
+        how = "set in the config" if options.scheduler else "found on PATH"
+        if scheduler.cli and not shutil.which(scheduler.cli):
+            results.append(("FAIL", f"scheduler {name} ({how}): {scheduler.cli} is not on PATH here: load its "
+                                    f"module or fix PATH, or set scheduler = in [client]"))
+        elif not scheduler.cli:
+            results.append(("WARN", f"scheduler {name}: no batch system's command on PATH (sbatch, qsub, bsub, "
+                                    f"condor_submit): jobs would run here, on the login node; set scheduler = in "
+                                    f"[client] or fix PATH"))
+        else:
+            results.append(("OK", f"scheduler {name} ({how}: {shutil.which(scheduler.cli)})"))
+    return results
+
+
+def command_check() -> int:
+    config = os.environ.get("SATELLITE_CLIENT_CONFIG", SITE_CONFIG)
+    return print_checks([(level, printable(text)) for level, text in client_checks(enforce_site(site_options()),
+                                                                                   config)])
+
+
 def command_profile(action: str, name: Optional[str], options: LaunchOptions) -> int:
     root = Path.home() / PROFILE_ROOT
     if action == "list":
@@ -2012,6 +2074,17 @@ def build_parser() -> argparse.ArgumentParser:
     profile_parser.add_argument("name", nargs="?")
     add_launch_options(profile_parser)
 
+    commands.add_parser(
+        "check", help="check this login node: satellite reachable, its certificate trusted, scheduler found",
+        description=wrapped_help(
+                    f"For the admin installing the client on a login node. Reads the site config ({SITE_CONFIG} "
+                    "or $SATELLITE_CLIENT_CONFIG) as launch does, then checks: satellite answers /healthz at the "
+                    "configured address, with a certificate trusted by cacert (or the system's store); and which "
+                    "scheduler launch would use, with its command on PATH. One line per check, OK, WARN or FAIL "
+                    "with what to do; exit status 1 if any check FAILs. It asks for no link."),
+        epilog="Example, after installing /etc/satellite/client.ini:\n  satellite-client check",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+
     agent_parser = commands.add_parser("agent", help="(inside the job) start the app and serve the link")
     agent_parser.add_argument("session_dir")
     agent_parser.add_argument("--command", dest="app_command", required=True,
@@ -2036,6 +2109,8 @@ def main(argv: Optional[list] = None) -> int:
             return command_cancel(args.alias)
         if args.command_name == "profile":
             return command_profile(args.action, args.name, options_from_args(args))
+        if args.command_name == "check":
+            return command_check()
         if args.command_name == "agent":
             return run_agent(args.session_dir, args.app_command, args.start_timeout)
         parser.print_help()
