@@ -129,6 +129,12 @@ JOBID_SHAPE = re.compile(r"^[A-Za-z0-9._\-\[\]@:+]{1,64}\Z")
 TARGET_SAFE = re.compile(r"^[\x21-\x7e]+\Z")                       # visible ASCII, no spaces
 REDACT_PARAMS = re.compile(r"(?i)([?&;](?:token|key)=)[^&;#\s]*")
 
+# The upstream proof (section 10): a line satellite sends first on every connection it opens to an isolating
+# agent (satellite-client's direct mode), inside the TLS the agent's pinned certificate ends. The agent relays
+# nothing to its app before it has read exactly UPSTREAM_PREAMBLE_SIZE bytes equal to the session's line.
+UPSTREAM_PREAMBLE_PREFIX = b"satellite-upstream/1 "
+UPSTREAM_PREAMBLE_SIZE = len(UPSTREAM_PREAMBLE_PREFIX) + 64 + 2           # prefix, 64 hex digits, CRLF
+
 # Sent with every page and API answer satellite writes itself (not with the apps' answers).
 PAGE_HEADERS = [
     ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
@@ -339,6 +345,13 @@ class Settings:
         """`cookie-key`, or beside the database: /var/lib/satellite/satellite.db -> .../satellite.cookie-key."""
         return self.cookie_key or os.path.splitext(self.db)[0] + ".cookie-key"
 
+    @property
+    def upstream_key_path(self) -> str:
+        """Beside the cookie key: .../satellite.cookie-key -> .../satellite.upstream-key (same rules, own file:
+        rotating the cookie key must not cut running sessions off their agents)."""
+        base = self.cookie_key_path
+        return (base[:-len(".cookie-key")] if base.endswith(".cookie-key") else base) + ".upstream-key"
+
 
 def address_in(address: str, networks: Iterable) -> bool:
     try:
@@ -386,6 +399,19 @@ def cookie_value(server_secret: bytes, alias: str, token_hash: str) -> str:
     """The browser cookie is derived from the token, never the token itself, and is bound
     to one alias: a cookie of one session is worthless on another."""
     return hmac.new(server_secret, f"{alias}\0{token_hash}".encode(), hashlib.sha256).hexdigest()
+
+
+def upstream_proof(upstream_key: bytes, alias: str, key_hash: str) -> str:
+    """What proves a connection to the job's agent comes from satellite, for this session: derived from
+    the upstream key (a file of its own, like the cookie key) and never stored. It is given to the agent
+    once, in the redeem reply over TLS the agent verified, and sent as `upstream_preamble` on every
+    connection satellite opens to that session. A reader of the database (which holds key_hash) cannot
+    compute it; rotating the cookie key does not change it."""
+    return hmac.new(upstream_key, f"upstream\0{alias}\0{key_hash}".encode(), hashlib.sha256).hexdigest()
+
+
+def upstream_preamble(proof: str) -> bytes:
+    return UPSTREAM_PREAMBLE_PREFIX + proof.encode() + b"\r\n"
 
 
 class CookieKeyError(ValueError):
@@ -555,6 +581,7 @@ class Session:
     tunnel_attach: Optional[int] = None
     issued_for: Optional[str] = None
     user_proof: Optional[str] = None
+    upstream_proof: Optional[int] = None       # 1: the app is behind an agent that wants satellite's proof
 
     @property
     def target(self) -> Optional[tuple]:
@@ -585,7 +612,7 @@ class Session:
         if self.issued_for:
             info["issued_for"] = f"{self.issued_for} ({self.user_proof})"
         if self.tls_pin:
-            info["upstream"] = "tls, pinned sha256:" + self.tls_pin
+            info["upstream"] = "tls, pinned sha256:" + self.tls_pin + (", proof" if self.upstream_proof else "")
         if self.end_reason:
             info["ended_because"] = self.end_reason
         return info
@@ -622,6 +649,7 @@ ADDED_COLUMNS = [
     ("tunnel_attach", "INTEGER"),          # reached through the job's tunnel: its last attach number
     ("issued_for", "TEXT"),                # the user who asked for the link, if named
     ("user_proof", "TEXT"),                # how that was known: 'sso', 'munge' (verified) or 'claim' (not)
+    ("upstream_proof", "INTEGER"),         # 1: send the upstream proof first (a flag: the proof is never stored)
 ]
 
 
@@ -801,7 +829,8 @@ class Store:
             return self.session(alias), token, key
         raise ApiError(503, "could not find an unused alias; the word list is exhausted")
 
-    def redeem(self, key: str, host: str, port: int, tls_pin: Optional[str] = None, once: bool = False) -> Session:
+    def redeem(self, key: str, host: str, port: int, tls_pin: Optional[str] = None, once: bool = False,
+               proof: bool = False) -> Session:
         """Map a session to host:port. `once` (the legacy API, whose key is the alias): a redeemed session
         keeps its target; the same host and port again is a retry and changes nothing."""
         with self.immediate_transaction() as db:
@@ -816,8 +845,9 @@ class Store:
                 raise ApiError(409, "already redeemed from another host")
             state = "proxied" if session.state == "proxied" and session.target == (host, port) else "mapped"
             db.execute("UPDATE sessions SET state = ?, target_host = ?, target_port = ?, redeemed = ?,"
-                       " expires = ?, tls_pin = ? WHERE alias = ?",
-                       (state, host, port, time.time(), time.time() + session.lifetime, tls_pin, session.alias))
+                       " expires = ?, tls_pin = ?, upstream_proof = ? WHERE alias = ?",
+                       (state, host, port, time.time(), time.time() + session.lifetime, tls_pin,
+                        1 if proof else None, session.alias))
         return self.session(session.alias)
 
     def attach_tunnel(self, key: str, host: str, attach: int) -> Session:
@@ -1928,6 +1958,7 @@ class ManagementApi:
         self.store = store
         self.events = events
         self.metrics = metrics
+        self.upstream_key: Optional[CookieKey] = None      # set by Satellite: what upstream proofs derive from
         self.getlink_limit = RateLimiter(settings.getlink_rate)
         self.lookup_failures = RateLimiter(settings.token_failures)     # /api/status is open to anyone
         # unmunge runs a process: an address gets a few times its getlink rate of checks, before the user is known
@@ -2059,7 +2090,10 @@ class ManagementApi:
             raise ApiError(429, f"{quota} live sessions from {peer} already; release one first", retry_after=60)
 
     def redeem(self, params: dict, peer: str) -> tuple:
-        check_params(params, ("key", "port", "fingerprint", "check"))
+        """Map the session to the caller's address and `port`. With `fingerprint`, satellite speaks TLS to it
+        and accepts only that certificate. With `proof=1` too (satellite-client's agent), the reply carries
+        `upstream_proof`, which satellite then sends first on every connection to it (section 10)."""
+        check_params(params, ("key", "port", "fingerprint", "check", "proof"))
         key = require(params, "key")
         port = redeemable_port(require(params, "port"), self.settings.port_range)
         pin = None
@@ -2070,9 +2104,17 @@ class ManagementApi:
         if params.get("check") == "1" and self.store.session_by_key(key) and not probe((peer, port), 2.0):
             raise ApiError(502, f"satellite cannot connect to {host_port(peer, port)}; the app is not listening "
                                 "there, or the node takes no inbound connections (use a tunnel)")
-        session = self.store.redeem(key, peer, port, pin)
+        proof = params.get("proof") == "1"
+        if proof and not pin:
+            raise ApiError(400, "proof=1 needs fingerprint: the proof travels only inside pinned TLS")
+        session = self.store.redeem(key, peer, port, pin, proof=proof)
         self.events.record("redeem", session.alias, peer, target=session.describe()["target"])
-        return 200, session.describe()
+        reply = session.describe()
+        if proof:
+            if self.upstream_key is None:
+                raise ApiError(503, "this satellite has no upstream key")
+            reply["upstream_proof"] = upstream_proof(self.upstream_key.current(), session.alias, session.key_hash)
+        return 200, reply
 
     def attach_tunnel(self, request: Request, peer: str) -> Session:
         """`GET /api/tunnel` with `Upgrade: satellite-tunnel/1`, `Authorization: Bearer <key>` (a header,
@@ -2337,7 +2379,8 @@ class Upstream:
     """A keep-alive connection to one app, reused by one client connection. With a pin, it is
     TLS and accepted only if the app's certificate has exactly that SHA-256 fingerprint."""
 
-    def __init__(self, target: tuple, connect: Connector, timeout: float, pin: Optional[str] = None):
+    def __init__(self, target: tuple, connect: Connector, timeout: float, pin: Optional[str] = None,
+                 preamble: bytes = b""):
         sock = connect()
         if pin:
             sock = PINNED_CONTEXT.wrap_socket(sock)
@@ -2346,6 +2389,8 @@ class Upstream:
                 sock.close()
                 raise CertificateMismatch(f"the app at {host_port(*target)} presented certificate "
                                           f"sha256:{presented}, not the pinned one")
+            if preamble:                            # the agent's gate: satellite's proof before any HTTP byte
+                sock.sendall(preamble)
         sock.settimeout(timeout)
         self.stream = Stream(sock)
         self.reused = False
@@ -2542,7 +2587,8 @@ class Forwarder:
     answer into an Answer whose body streams as it comes. Keeps one upstream connection for reuse."""
 
     def __init__(self, client: Stream, settings: Settings, store: Store, metrics: Metrics,
-                 tunnel_for: Callable[[str], Optional[Connector]]):
+                 tunnel_for: Callable[[str], Optional[Connector]], upstream_key: Optional[Callable] = None):
+        self.upstream_key = upstream_key          # () -> the key upstream proofs derive from
         self.client = client
         self.settings = settings
         self.store = store
@@ -2618,7 +2664,10 @@ class Forwarder:
                 return self.upstream
             self.drop_upstream()
         connect = through_tunnel or direct_connector(session.target, self.settings.upstream_connect_timeout)
-        self.upstream = Upstream(session.target, connect, self.settings.upstream_timeout, session.tls_pin)
+        preamble = b""
+        if session.upstream_proof and not session.tunneled and self.upstream_key is not None:
+            preamble = upstream_preamble(upstream_proof(self.upstream_key(), session.alias, session.key_hash))
+        self.upstream = Upstream(session.target, connect, self.settings.upstream_timeout, session.tls_pin, preamble)
         self.upstream.key = key
         return self.upstream
 
@@ -3237,10 +3286,12 @@ class Satellite:
         self.settings = settings
         self.store = Store(settings.db)
         self.cookie_key = CookieKey(settings.cookie_key_path)
+        self.upstream_key = CookieKey(settings.upstream_key_path)
         self.events = Events(self.store, settings.audit_log)
         self.metrics = Metrics()
         self.token_failures = RateLimiter(settings.token_failures)     # keyed by (address, alias)
         self.api = ManagementApi(settings, self.store, self.events, self.metrics)
+        self.api.upstream_key = self.upstream_key
         self.tls = load_tls_context(settings.cert, settings.key)
         self.cert_expiry = certificate_expiry(settings.cert)
         self.tunnels = Tunnels()
@@ -3411,7 +3462,7 @@ class Connection:
         self.settings = service.settings
         self.hsts = [("Strict-Transport-Security", f"max-age={service.settings.hsts}")] if service.settings.hsts else []
         self.forwarder = Forwarder(self.stream, service.settings, service.store, service.metrics,
-                                   service.tunnels.connector)
+                                   service.tunnels.connector, service.upstream_key.current)
 
     def read_form_body(self, ex: Exchange, limit: int) -> bytes:
         """An API form body (the endpoint already let the caller in), within `limit` and header-timeout."""
