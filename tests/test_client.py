@@ -181,7 +181,7 @@ def test_options_a_scheduler_cannot_express_fail_before_any_contact(tmp_path, jo
     (["--time-limit", "soon"], "--time-limit"),
     (["--memory", "lots"], "--memory"),
     (["--nodes", "0"], "--nodes must be at least 1"),
-    (["--command", "serve --port 8000"], "must contain {port}"),
+    (["--command", "serve --port 8000"], "must contain {socket}"),
     (["--command", "serve {port} {token}"], "unknown placeholder {token}"),
     (["--command", "x {port}", "--jupyter", "lab"], "choose one of"),
     (["--app", "emacs"], "--app 'emacs'"),
@@ -294,17 +294,20 @@ def test_example_site_config_in_contrib(tmp_path, job_satellite):
         assert line in result.stdout
 
 
-def test_tls_launch_pins_the_apps_own_certificate(client, job_satellite):
-    command = ECHO_APP + " --certfile {certfile} --keyfile {keyfile}"
-    result = client.launch_json("--scheduler", "local", "--tls", "--command", command, "--wait")
+def test_direct_links_are_tls_to_the_agent_with_a_pinned_certificate(client, job_satellite):
+    """By default (app-listens = isolated) satellite speaks TLS to the job's agent, pinned at redeem, and sends
+    its proof; --tls asks for nothing more. The app serves plain HTTP behind the agent, so {certfile} and
+    {keyfile} are refused (they are for app-listens = cluster-network-unprotected, with --tls)."""
+    result = client.launch_json("--scheduler", "local", "--tls", "--command", ECHO_APP, "--wait")
     assert link_status(job_satellite, result["url"]) == 200
     session = client.session_dir(result["alias"])
     assert (session / "app-key.pem").stat().st_mode & 0o777 == 0o600
     shown = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "show", result["alias"], "--db",
                             str(job_satellite.db)], capture_output=True, text=True).stdout
-    assert "upstream=tls, pinned sha256:" in shown
-    bad = client.run("launch", "--scheduler", "local", "--tls", "--command", ECHO_APP)
-    assert bad.returncode == 2 and "{certfile} and {keyfile}" in bad.stderr
+    assert "upstream=tls, pinned sha256:" in shown and ", proof" in shown
+    bad = client.run("launch", "--scheduler", "local", "--tls", "--command",
+                     ECHO_APP + " --certfile {certfile} --keyfile {keyfile}")
+    assert bad.returncode == 2 and "unknown placeholder {certfile}" in bad.stderr
 
 
 # planning: checks only --------------------------------------------------------------
@@ -585,9 +588,26 @@ UNAUTHENTICATED = {"lab": "/api/contents", "notebook": "/api/contents", "voila":
 
 
 def app_process(port):
-    """The pid of the process listening on 127.0.0.1:port (ss -ltnp)."""
-    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    """The pid of the process listening on 127.0.0.1:port (ss -ltnp), or on a Unix socket path (ss -lxp)."""
+    if isinstance(port, str):
+        out = [line for line in subprocess.run(["ss", "-Hlxp"], capture_output=True, text=True).stdout.splitlines()
+               if f" {port} " in line][0]
+    else:
+        out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
     return int(re.search(r"pid=(\d+)", out).group(1))
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to an app on its Unix socket: what root (or the job's own user) could do on the node."""
+
+    def __init__(self, path, timeout=60):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
 
 
 @pytest.mark.parametrize("app", sorted(UNAUTHENTICATED))
@@ -601,9 +621,12 @@ def test_a_known_app_refuses_requests_without_the_links_token_by_itself(tmp_path
                                 "--workdir", str(work), "--wait", timeout=240)
     token = result["url"].split("token=")[1]
     log = (client.session_dir(result["alias"]) / "job.log").read_text()
-    port = int(re.search(r"starting the app on 127\.0\.0\.1:(\d+)", log).group(1))
+    on_socket = re.search(r"starting the app on the Unix socket (\S+):", log)
+    port = on_socket.group(1) if on_socket else int(re.search(r"starting the app on 127\.0\.0\.1:(\d+)", log).group(1))
     target = UNAUTHENTICATED[app]
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)   # straight to the app, as another user
+    assert on_socket or app == "voila"                                 # Jupyter serves on its socket
+    # straight to the app (as root here: the socket's directory is the user's 0700 one)
+    conn = UnixHTTPConnection(port) if on_socket else http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("GET", target)
     refused = conn.getresponse()
     refused.read()
