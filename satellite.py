@@ -491,12 +491,13 @@ class CookieKey:
 
     CHECK_SECONDS = 1.0
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, name: str = "cookie-key"):
         self.path = path
+        self.name = name                          # "upstream-key": the same rules for the upstream proofs' key
         self._lock = threading.Lock()
         if not os.path.lexists(path):
             write_cookie_key(path, replace=False)
-            log.info("cookie-key: made a new key in %s", path)
+            log.info("%s: made a new key in %s", name, path)
         self._signature = file_signature(path)
         self.key = read_cookie_key(path)
         self._checked = time.monotonic()
@@ -523,7 +524,7 @@ class CookieKey:
             return
         if key != self.key:
             self.key = key
-            log.info("cookie key reloaded from %s: cookies made with the old key no longer work", self.path)
+            log.info("%s reloaded from %s: what the old key signed no longer works", self.name, self.path)
 
 
 def iso_time(epoch: float) -> str:
@@ -3286,7 +3287,7 @@ class Satellite:
         self.settings = settings
         self.store = Store(settings.db)
         self.cookie_key = CookieKey(settings.cookie_key_path)
-        self.upstream_key = CookieKey(settings.upstream_key_path)
+        self.upstream_key = CookieKey(settings.upstream_key_path, "upstream-key")
         self.events = Events(self.store, settings.audit_log)
         self.metrics = Metrics()
         self.token_failures = RateLimiter(settings.token_failures)     # keyed by (address, alias)
