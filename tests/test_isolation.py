@@ -318,3 +318,54 @@ def test_the_old_behaviour_is_only_the_sites_explicit_setting(tmp_path, monkeypa
     monkeypatch.setattr(satellite_client, "SITE_CONFIG", str(tmp_path / "site.ini"))
     assert satellite_client.main(launch) == 0
     assert "--ip={host} --port={port}" in capsys.readouterr().out
+
+
+def test_the_gate_holds_few_unproven_connections_and_relays_only_proven_ones(tmp_path):
+    """The agent's gate, on its own (a real app on a Unix socket, real TLS): GATE_PENDING connections that say
+    nothing are held, one more is closed at once while they still are; a wrong proof is closed and the app sees
+    nothing; the right proof is relayed to the app."""
+    session = satellite_client.SessionDir(tmp_path)
+    certificate, fingerprint = satellite_client.make_certificate(session)
+    sock_path, log = str(tmp_path / "app.sock"), tmp_path / "requests.log"
+    app = subprocess.Popen([sys.executable, str(ROOT / "tests/apps/echo_app.py"), "--unix", sock_path],
+                           env=dict(os.environ, APP_REQUEST_LOG=str(log)), stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(sock_path), what="the app's socket")
+        gate = satellite_client.Gate("127.0.0.1", certificate, satellite_client.AppAddress(path=sock_path))
+        gate.proof = satellite_client.upstream_preamble("ab" * 32)
+        idle = [socket.create_connection(("127.0.0.1", gate.port), 10)
+                for _ in range(satellite_client.GATE_PENDING)]
+        wait_for(lambda: gate.pending._value == 0, what="the gate to hold them all")
+        extra = socket.create_connection(("127.0.0.1", gate.port), 10)
+        assert extra.recv(10) == b""                                 # closed: the gate holds no more
+        held = select_readable(idle)
+        assert held == [], "the idle connections were closed before their deadline"
+        for sock in idle + [extra]:
+            sock.close()
+        wait_for(lambda: gate.pending._value == satellite_client.GATE_PENDING, what="the slots to come back")
+        context = ssl._create_unverified_context()
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", gate.port), 10)) as wrong:
+            presented = hashlib.sha256(wrong.getpeercert(binary_form=True)).hexdigest()
+            assert presented == fingerprint                             # what satellite pins
+            wrong.sendall(satellite_client.upstream_preamble("cd" * 32) + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert wrong.recv(100) == b""
+        assert not log.exists() or log.read_text() == ""
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", gate.port), 10)) as right:
+            right.sendall(gate.proof + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := right.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and b"Hello from the compute node" in answer
+        assert log.read_text() == "GET /\n"
+        gate.close()
+    finally:
+        app.kill()
+        app.wait()
+
+
+def select_readable(socks):
+    import select
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock, select.POLLIN)
+    return poller.poll(0)
