@@ -104,6 +104,7 @@ MAX_HEADER_COUNT = 100
 MAX_UPSTREAM_HEADER_BYTES = 64 * 1024              # apps may send big cookies or CSPs
 COPY_BUFFER = 256 * 1024                           # bulk body relay buffer
 RECV_SIZE = 64 * 1024
+TLS_RECORD = 16 * 1024                             # the most one TLS record (one SSL_read) carries
 
 HOP_BY_HOP = frozenset((
     "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding",
@@ -1268,13 +1269,24 @@ class Stream:
         return data
 
     def read_into(self, view: memoryview) -> int:
-        """Up to len(view) bytes: buffered ones first, else one recv. 0 means EOF."""
+        """Up to len(view) bytes: buffered ones first, else one recv. 0 means EOF. From TLS (an isolating
+        agent upstream), one recv gives one record (16 KiB at most): the records that have already arrived
+        are taken too, so a bulk body is relayed in large writes, not a Python round per record."""
         if self.buf:
             n = min(len(view), len(self.buf))
             view[:n] = self.buf[:n]
             del self.buf[:n]
             return n
-        return self.sock.recv_into(view)
+        n = self.sock.recv_into(view)
+        if n >= TLS_RECORD and isinstance(self.sock, ssl.SSLSocket):      # a full record: more may follow
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            while n < len(view) and (self.sock.pending() or poller.poll(0)):
+                more = self.sock.recv_into(view[n:])
+                if not more:
+                    break
+                n += more
+        return n
 
     def take_buffered(self) -> bytes:
         data = bytes(self.buf)
