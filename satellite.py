@@ -5,7 +5,8 @@ A user on a login node asks satellite for a link (``/api/getlink``) and gets
 ``https://<three-words>.<domain>/?token=...`` plus a separate job key. The job,
 once it runs on a compute node, starts its web app (Jupyter, TensorBoard, ...)
 and redeems the key (``/api/redeem?key=K&port=P``); satellite maps the alias to
-the caller's own address and that port. From then on the link proxies HTTP/1.1
+the caller's own address and that port (satellite-client's agent also pins its
+certificate and asks for an upstream proof: section 10). From then on the link proxies HTTP/1.1
 and WebSocket traffic to the app. Until then it shows a status page that turns
 into the app by itself.
 

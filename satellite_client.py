@@ -6,9 +6,11 @@ batch job behind a Satellite HTTPS link.
 
 asks satellite for a link, writes the batch script, submits it with the scheduler's own
 CLI and prints the link. Inside the job the same program runs as `agent`: it reports
-"running", starts the app on a free port with the link's token in its environment, waits
-until the app listens, redeems the link, and releases it on every way out (the app ends,
-scancel, time limit).
+"running", starts the app where only the agent reaches it (a Unix socket in the session's
+0700 directory, or the node's loopback, checked to be the app's own listener), opens its
+gate (TLS, satellite's per-session proof, then a byte relay: the only network listener in
+direct mode), redeems the link, and releases it on every way out (the app ends, scancel,
+time limit). See README, "Where the app listens".
 
 Secrets: the link's token and the job's key live only in ~/.satellite/sessions/<alias>/secrets
 (mode 0600, directory 0700). They never appear in the batch script, on a command line or in
@@ -2002,14 +2004,19 @@ LAUNCH_EXAMPLES = """examples:
       --conda-env torch --notebook-dir ~/project
   satellite-client launch --sif ~/images/lab.sif --bind /scratch --nv --jupyter lab
   satellite-client launch --command 'python3 -m http.server {port} --bind {host}' --quiet
+  satellite-client launch --command 'code-server --socket {socket} .'
   satellite-client launch --profile gpu --time-limit 30 --dry-run
   satellite-client launch --jupyter lab --connect tunnel   # a node that accepts no inbound connections
 
-{host} and {port} in --command are filled in on the node. The link's token reaches a --command app
-in $SATELLITE_TOKEN, and a 0600 file holding it in $SATELLITE_TOKEN_FILE; check it in your app.
-Known apps (--jupyter, --app) read it from a 0600 config file of their own (Jupyter's IdentityProvider.token,
-Voila's Voila.token, code-server's password), never from the command line or the environment.
-TensorBoard has no login of its own: anyone who can reach its port on the node can use it."""
+{socket}, or {port} (and {host}), in --command are filled in on the node. Prefer {socket}: the app
+serves on a Unix socket in your 0700 session directory and only the job's agent reaches it. With
+{port} it listens on the node's loopback, where other users on that node could connect to it.
+The link's token reaches a --command app in $SATELLITE_TOKEN, and a 0600 file holding it in
+$SATELLITE_TOKEN_FILE; check it in your app. Known apps (--jupyter, --app) read it from a 0600
+config file of their own (Jupyter's IdentityProvider.token, Voila's Voila.token, code-server's
+password), never from the command line or the environment. Lab, Notebook and code-server serve
+on a Unix socket. TensorBoard has no login of its own, and Voila and TensorBoard listen on the
+node's loopback: other users on that node could use them."""
 
 
 def add_launch_options(parser: argparse.ArgumentParser) -> None:
@@ -2033,7 +2040,8 @@ def add_launch_options(parser: argparse.ArgumentParser) -> None:
     app = parser.add_argument_group("app")
     app.add_argument("--jupyter", choices=("lab", "notebook", "voila"), help="Jupyter flavour (default: lab)")
     app.add_argument("--app", help=f"a known app: {', '.join(sorted(APPS))} (tensorboard has no login)")
-    app.add_argument("--command", help="any web app, with {port} (and {host}) to fill in")
+    app.add_argument("--command", help="any web app, with {socket} (a Unix socket; preferred) or {port} (and {host}) "
+                                       "to fill in")
     app.add_argument("--workdir", "--notebook-dir", dest="workdir", metavar="DIR",
                      help="directory the app starts in (default: here)")
     app.add_argument("--env-modules", metavar="A,B", help="environment modules to load")
@@ -2045,8 +2053,9 @@ def add_launch_options(parser: argparse.ArgumentParser) -> None:
     app.add_argument("--rocm", action="store_true", default=None, help="AMD GPUs in the container")
     app.add_argument("--python", metavar="PATH", help="python3 the job runs the agent with (default: this one)")
     app.add_argument("--tls", action="store_true", default=None,
-                     help="encrypt satellite-to-node too: the job makes a self-signed certificate (openssl) and "
-                          "satellite accepts only that one")
+                     help="encrypt satellite-to-node: on by default (the agent's gate speaks TLS with a certificate "
+                          "satellite pins); only with the site's app-listens = cluster-network-unprotected does it "
+                          "change anything (the app then serves HTTPS itself)")
     app.add_argument("--connect", choices=CONNECT_MODES, default=None,
                      help="how satellite reaches the app: 'direct' connects to the node (default); 'tunnel' has "
                           "the job connect out to satellite and carry the traffic back, for nodes that take no "

@@ -124,7 +124,7 @@ GOLDEN_OPTIONS = {
             "--ntasks-per-node", "2", "--memory", "8", "--gpus", "1", "--constraint", "avx512",
             "--time-limit", "2:30:00", "--jupyter", "notebook"],
     "htcondor": ["--account", "group_physics", "--cpus-per-task", "4", "--memory", "16", "--gpus", "1",
-                 "--time-limit", "4h", "--command", "code-server --bind-addr {host}:{port} ."],
+                 "--time-limit", "4h", "--command", "code-server --socket {socket} ."],
     "sge": ["--account", "proj", "--partition", "all.q", "--reservation", "42", "--cpus-per-task", "4",
             "--memory", "16", "--time-limit", "45", "--jupyter", "voila"],
     "local": ["--time-limit", "15", "--command", "python3 -m http.server {port} --bind {host}"],
