@@ -1521,6 +1521,7 @@ class Gate:
                 return None
             sock = tls_handshake(raw, self.context, deadline, peer)
             if sock is None:
+                raw.close()
                 return None
             sock.setblocking(True)
             got = b""
@@ -1694,6 +1695,9 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
                 reply = redeem_directly(api, key, gate.port if gate else app.port, fingerprint, stop,
                                         connect == "auto", proof=gate is not None)
             if reply is None:
+                if gate is not None:                     # through the tunnel, nothing listens on the network
+                    gate.close()
+                    gate = None
                 keeper = TunnelKeeper(api, key, app, stop)
                 keeper.start(stop)
                 say(f"link ready: {info['link']} is now your app on {app}, through the tunnel")
