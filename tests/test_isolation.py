@@ -369,3 +369,22 @@ def select_readable(socks):
     for sock in socks:
         poller.register(sock, select.POLLIN)
     return poller.poll(0)
+
+
+def test_the_proof_is_given_only_with_a_pin_and_stored_nowhere(satellite):
+    """redeem proof=1 needs a fingerprint (the proof travels only inside pinned TLS); the reply's proof is the
+    HMAC of the upstream key file, and neither the database nor `satellite show` nor the log holds it."""
+    link = satellite.getlink()
+    status, fields = satellite.api("redeem", source="127.0.0.2", method="POST", key=link["key"], port=4000, proof=1)
+    assert status == 400 and "fingerprint" in fields.get("error", str(fields))
+    status, fields = satellite.api("redeem", source="127.0.0.2", method="POST", key=link["key"], port=4000, proof=1,
+                                   fingerprint="ab" * 32)
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{64}", fields["upstream_proof"])
+    key = bytes.fromhex((satellite.workdir / "satellite.upstream-key").read_text().strip())
+    row = [r for r in satellite.rows() if r[0] == link["alias"]][0]
+    assert fields["upstream_proof"] == hmac.new(key, f"upstream\0{link['alias']}\0{row[2]}".encode(),
+                                                hashlib.sha256).hexdigest()
+    assert fields["upstream_proof"] not in repr(satellite.rows()) and fields["upstream_proof"] not in satellite.log_text()
+    shown = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "show", link["alias"], "--db", str(satellite.db)],
+                           capture_output=True, text=True).stdout
+    assert "pinned sha256:" + "ab" * 32 + ", proof" in shown and fields["upstream_proof"] not in shown
