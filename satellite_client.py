@@ -55,6 +55,7 @@ import socket
 import ssl
 import stat
 import string
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1445,17 +1446,28 @@ def start_app(command: str, host: str, env: dict, start_timeout: float, stop: St
     listener there must belong to the app's own process tree (a squatter that bound the port first is
     refused, never redeemed to). A port taken before the app binds it makes the app exit: try another."""
     container = shutil.which("apptainer") or shutil.which("singularity") or "apptainer"
+    netns = ""
+    if verify and not socket_path and host == LOOPBACK and private_network():
+        netns = socket_path = os.path.join(tempfile.mkdtemp(prefix="satellite-"), APP_SOCKET)
     for _ in range(3):
-        if socket_path:
+        if netns:
+            where = AppAddress(path=socket_path)
+        elif socket_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket_path)                  # ours, from an earlier try: the directory is 0700
             where = AppAddress(path=socket_path)
         else:
             where = AppAddress(host=host, port=free_port(host))
-        line = command.format(host=host, port=where.port, socket=shlex.quote(socket_path), container=container,
-                              **{name: shlex.quote(path) for name, path in (files or {}).items()})
-        say(f"starting the app on {where}: {line}")
-        proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line], env=env, start_new_session=True, cwd=directory)
+        line = command.format(host=host, port=NETNS_PORT if netns else where.port, socket=shlex.quote(socket_path),
+                              container=container, **{name: shlex.quote(path) for name, path in (files or {}).items()})
+        argv = ["/bin/sh", "-c", "exec " + line]
+        if netns:
+            say(f"starting the app in a private network namespace on {host}:{NETNS_PORT}, relayed to {where}: {line}")
+            argv = [shutil.which("unshare"), "-Urn", "--", sys.executable or "python3", client_path(), "netns-relay",
+                    socket_path, str(NETNS_PORT), line]
+        else:
+            say(f"starting the app on {where}: {line}")
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, cwd=directory)
         listening = wait_until_listening(where, proc, start_timeout, stop, verify)
         if listening or stop:
             return proc, where
@@ -1468,6 +1480,67 @@ def start_app(command: str, host: str, env: dict, start_timeout: float, stop: St
             raise Failure(f"the app did not listen on {where} within {start_timeout:.0f}s")
         say(f"the app exited with status {proc.returncode} before listening")
     raise Failure("the app could not be started; see the lines above")
+
+
+NETNS_PORT = 8000                                   # inside a private network namespace every port is free
+
+
+def private_network() -> bool:
+    """Can this node give the app a network namespace of its own without privileges (util-linux `unshare`,
+    unprivileged user namespaces)? Asked at run time: many sites turn user namespaces off."""
+    unshare = shutil.which("unshare")
+    if not unshare:
+        return False
+    try:
+        return subprocess.run([unshare, "-Urn", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def loopback_up() -> None:
+    """Bring `lo` up in a new network namespace (SIOCSIFFLAGS; no `ip` needed)."""
+    import fcntl
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        flags = struct.unpack("16sh", fcntl.ioctl(sock, 0x8913, struct.pack("16sh", b"lo", 0)))[1]
+        fcntl.ioctl(sock, 0x8914, struct.pack("16sh", b"lo", flags | 0x1))
+
+
+def run_netns_relay(socket_path: str, port: int, line: str) -> int:
+    """Inside the app's private network namespace (`unshare -Urn`): start the app on 127.0.0.1:`port` there,
+    and once it listens, relay a Unix socket at `socket_path` (0600; the filesystem is shared, the network is
+    not) to it. No other process of the node can reach the app: its loopback is its own. Ends with the app."""
+    loopback_up()
+    proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line])
+    where = AppAddress(port=port)
+    while proc.poll() is None:
+        try:
+            where.connect(1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        return proc.returncode
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        listener.bind(socket_path)
+    finally:
+        os.umask(old)
+    listener.listen(128)
+
+    def relay(conn: socket.socket) -> None:
+        try:
+            with conn, where.connect() as app:
+                relay_websocket(conn, app, lambda: proc.poll() is None, check_every=30.0)
+        except OSError:
+            pass
+
+    def accept() -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=relay, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return proc.wait()
 
 
 class Gate:
@@ -1684,9 +1757,11 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
             files.update(tls_files)
         if not stop:
             proc, app = start_app(command, host, env, start_timeout, stop, files, app_dir, socket_path, isolated)
+            socket_path = app.path or socket_path
             if isolated and not app.path:
-                say(f"note: this app cannot serve on a Unix socket, so it listens on {app}: other users on this "
-                    "node could connect to it (not from other nodes)")
+                say(f"note: this app cannot serve on a Unix socket and this node gives no private network namespace "
+                    f"(unprivileged user namespaces are off), so it listens on {app}: other users on this node could "
+                    "connect to it (not from other nodes)")
         if not stop and isolated and connect != "tunnel":
             gate = Gate(node, tls_files, app)
         if not stop:
@@ -1836,7 +1911,9 @@ def listening_note(plan: Plan) -> str:
                 "cluster address, and anyone on the cluster network can connect to it.")
     if "{socket}" not in plan.command:
         return ("Note: this app cannot serve on a Unix socket, so it listens on the compute node's loopback "
-                "(127.0.0.1): other users on that node could connect to it; other nodes cannot.")
+                "(127.0.0.1), in a network namespace of its own where the node allows that without privileges; "
+                "where it does not, other users on that node could connect to it (the job log says which). "
+                "Other nodes cannot.")
     return ""
 
 
@@ -2124,6 +2201,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent_parser.add_argument("--command", dest="app_command", required=True,
                               help="the app's shell command with {host} and {port}")
     agent_parser.add_argument("--start-timeout", type=float, default=600, help="seconds for the app to listen")
+    relay_parser = commands.add_parser("netns-relay", help="(inside the agent's private network namespace) the app")
+    relay_parser.add_argument("socket_path")
+    relay_parser.add_argument("port", type=int)
+    relay_parser.add_argument("line")
     return parser
 
 
@@ -2143,6 +2224,8 @@ def main(argv: Optional[list] = None) -> int:
             return command_profile(args.action, args.name, options_from_args(args))
         if args.command_name == "agent":
             return run_agent(args.session_dir, args.app_command, args.start_timeout)
+        if args.command_name == "netns-relay":
+            return run_netns_relay(args.socket_path, args.port, args.line)
         parser.print_help()
         return 2
     except UsageError as exc:

@@ -85,7 +85,7 @@ def test_local_scheduler_end_to_end_and_app_exit_releases(client, job_satellite)
     assert result["state"] == "proxied" and result["scheduler"] == "local"
     assert link_status(job_satellite, result["url"]) == 200
     log = client.session_dir(result["alias"]) / "job.log"
-    port = re.search(r"starting the app on 127\.0\.0\.1:(\d+)", log.read_text()).group(1)
+    port = re.search(r"starting the app (?:in a private network namespace )?on 127\.0\.0\.1:(\d+)", log.read_text()).group(1)
     # the app ends on its own (killed here): the agent releases the link
     app_pid = int(subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True, text=True).stdout.split()[0])
     os.kill(app_pid, signal.SIGKILL)
@@ -517,7 +517,7 @@ def test_braces_in_container_paths_reach_the_container_runtime_as_written(client
     wait_for(lambda: "link released" in log.read_text(), timeout=60, what="the agent to give up on the app")
     text = log.read_text()
     assert "Traceback" not in text, text
-    assert re.search(r"starting the app on \S+: \S+ exec --bind '/data/\{x\}' --bind /s '/images/\{lab\}\.sif' ", text)
+    assert re.search(r"starting the app .*?: \S+ exec --bind '/data/\{x\}' --bind /s '/images/\{lab\}\.sif' ", text)
 
 
 # relative paths ---------------------------------------------------------------------------
@@ -621,10 +621,10 @@ def test_a_known_app_refuses_requests_without_the_links_token_by_itself(tmp_path
                                 "--workdir", str(work), "--wait", timeout=240)
     token = result["url"].split("token=")[1]
     log = (client.session_dir(result["alias"]) / "job.log").read_text()
-    on_socket = re.search(r"starting the app on the Unix socket (\S+):", log)
+    on_socket = re.search(r"(?:starting the app on|relayed to) the Unix socket (\S+):", log)
     port = on_socket.group(1) if on_socket else int(re.search(r"starting the app on 127\.0\.0\.1:(\d+)", log).group(1))
     target = UNAUTHENTICATED[app]
-    assert on_socket or app == "voila"                                 # Jupyter serves on its socket
+    assert on_socket                 # Jupyter on its socket; Voila in a network namespace of its own, relayed to one
     # straight to the app (as root here: the socket's directory is the user's 0700 one)
     conn = UnixHTTPConnection(port) if on_socket else http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("GET", target)
@@ -634,7 +634,9 @@ def test_a_known_app_refuses_requests_without_the_links_token_by_itself(tmp_path
     conn.request("GET", f"{target}?token={token}")
     allowed = conn.getresponse()
     assert allowed.status == 200 and b"42" in allowed.read() if app == "voila" else allowed.status == 200
-    pid = app_process(port)
+    pid = app_process(port) if not on_socket or on_socket.group(0).startswith("starting") else int(
+        subprocess.run(["pgrep", "-n", "-f", str(client.session_dir(result["alias"]) / "app-config")],
+                       capture_output=True, text=True).stdout.split()[0])     # in its own netns: ss here cannot see it
     argv = Path(f"/proc/{pid}/cmdline").read_bytes()
     environ = Path(f"/proc/{pid}/environ").read_bytes()
     assert token.encode() not in argv, "the token is on the app's command line (ps shows it to everyone)"

@@ -225,19 +225,39 @@ def test_other_users_and_other_nodes_get_nothing_from_the_app(net_client, net_sa
         capture_output=True, text=True).stdout
 
 
-def test_an_app_without_a_socket_is_on_loopback_only(net_client, net_satellite, other_node, tmp_path):
-    """An app with no login that can only take a TCP port: it listens on the node's loopback, so another node
-    gets nothing; another user on the same node still can (README says so, and launch says so)."""
+def test_an_app_without_a_socket_is_on_a_private_loopback(net_client, net_satellite, other_node, tmp_path):
+    """An app with no login that can only take a TCP port: it listens on 127.0.0.1 in a network namespace of its
+    own (unprivileged user namespaces work here: checked first), relayed to a Unix socket, so neither another node
+    nor another user on the same node gets an answer."""
+    assert subprocess.run(NOBODY + ["unshare", "-Urn", "true"]).returncode == 0
     out = net_client.run("launch", "--command", APPS["loopback app"], "--time-limit", "10", "--wait")
     assert out.returncode == 0, out.stderr
     alias = re.search(r"session ([a-z-]+)\.", out.stdout).group(1)
     tcp, paths = listeners(job_tree(net_client, alias))
     assert attempts(["ip", "netns", "exec", other_node], tcp, set()) == []
-    assert {address for address, _ in tcp} == {HOST_SIDE, "127.0.0.1"} and not paths
-    assert "other users on that node could connect to it" in out.stdout
-    same_node = attempts(NOBODY, tcp, set())
-    assert [where for _, where, _ in same_node] == [f"http://127.0.0.1:{port}" for a, port in tcp if a == "127.0.0.1"]
-    assert "this app cannot serve on a Unix socket" in (net_client.session_dir(alias) / "job.log").read_text()
+    job_log = (net_client.session_dir(alias) / "job.log").read_text()
+    assert "in a private network namespace" in job_log
+    relayed = re.search(r"relayed to the Unix socket (\S+):", job_log).group(1)     # ss shows it only in its netns
+    assert {address for address, _ in tcp} == {HOST_SIDE} and os.path.exists(relayed)
+    assert attempts(NOBODY, tcp, paths | {relayed}) == []
+    assert "in a network namespace of its own" in out.stdout
+    conn, resp = net_satellite.link(re.search(r"https://\S+", out.stdout).group(0))
+    assert resp.status == 200 and b"Hello from the compute node" in resp.read()
+
+
+def test_without_user_namespaces_an_app_without_a_socket_is_on_verified_loopback(tmp_path, monkeypatch):
+    """Where the node gives no private network namespace, the agent falls back to the node's loopback, checks that
+    the listener is the app's own, and says that other users on the node could connect."""
+    monkeypatch.setattr(satellite_client, "private_network", lambda: False)
+    stop = satellite_client.StopFlag()
+    proc, where = satellite_client.start_app(APPS["loopback app"], "127.0.0.1", dict(os.environ), 30, stop)
+    try:
+        assert where.path == "" and where.host == "127.0.0.1"
+        assert satellite_client.listener_is_ours(where.port, proc.pid) is True
+        code, out = curl_as(NOBODY, f"http://127.0.0.1:{where.port}/")
+        assert code == "200"                         # the documented exception: same node, no namespace
+    finally:
+        satellite_client.stop_process_group(proc)
 
 
 def test_jupyter_on_its_socket_through_slurm(net_client, net_satellite, other_node):
@@ -275,7 +295,7 @@ SQUATTER = textwrap.dedent("""
 """)
 
 
-def test_a_squatter_on_the_apps_port_is_never_taken_for_the_app():
+def test_a_squatter_on_the_apps_port_is_never_taken_for_the_app(monkeypatch):
     """Another user binds the port the agent picked for the app before the app does (here: told it by the app's
     own command, which then does not listen: the race, made certain). The agent must not take the squatter's
     listener for the app's."""
@@ -289,6 +309,7 @@ def test_a_squatter_on_the_apps_port_is_never_taken_for_the_app():
         wait_for(control.exists, what="the squatter")
         tell = (f"python3 -c 'import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
                 f"s.sendall(sys.argv[2].encode()); s.recv(2); time.sleep(60)' {control} {{port}}")
+        monkeypatch.setattr(satellite_client, "private_network", lambda: False, raising=False)   # the shared loopback
         stop = satellite_client.StopFlag()
         with pytest.raises(satellite_client.Failure, match="something other than the app listens"):
             satellite_client.start_app(tell, "127.0.0.1", dict(os.environ), 20, stop)
