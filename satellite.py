@@ -5,7 +5,8 @@ A user on a login node asks satellite for a link (``/api/getlink``) and gets
 ``https://<three-words>.<domain>/?token=...`` plus a separate job key. The job,
 once it runs on a compute node, starts its web app (Jupyter, TensorBoard, ...)
 and redeems the key (``/api/redeem?key=K&port=P``); satellite maps the alias to
-the caller's own address and that port. From then on the link proxies HTTP/1.1
+the caller's own address and that port (satellite-client's agent also pins its
+certificate and asks for an upstream proof: section 10). From then on the link proxies HTTP/1.1
 and WebSocket traffic to the app. Until then it shows a status page that turns
 into the app by itself.
 
@@ -129,6 +130,7 @@ MAX_HEADER_COUNT = 100
 MAX_UPSTREAM_HEADER_BYTES = 64 * 1024              # apps may send big cookies or CSPs
 COPY_BUFFER = 256 * 1024                           # bulk body relay buffer
 RECV_SIZE = 64 * 1024
+TLS_RECORD = 16 * 1024                             # the most one TLS record (one SSL_read) carries
 
 HOP_BY_HOP = frozenset((
     "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding",
@@ -153,6 +155,12 @@ ALIAS_SHAPE = re.compile(r"^[a-z]{3,7}-[a-z]{3,7}-[a-z]{3,7}\Z")
 JOBID_SHAPE = re.compile(r"^[A-Za-z0-9._\-\[\]@:+]{1,64}\Z")
 TARGET_SAFE = re.compile(r"^[\x21-\x7e]+\Z")                       # visible ASCII, no spaces
 REDACT_PARAMS = re.compile(r"(?i)([?&;](?:token|key)=)[^&;#\s]*")
+
+# The upstream proof (section 10): a line satellite sends first on every connection it opens to an isolating
+# agent (satellite-client's direct mode), inside the TLS the agent's pinned certificate ends. The agent relays
+# nothing to its app before it has read exactly UPSTREAM_PREAMBLE_SIZE bytes equal to the session's line.
+UPSTREAM_PREAMBLE_PREFIX = b"satellite-upstream/1 "
+UPSTREAM_PREAMBLE_SIZE = len(UPSTREAM_PREAMBLE_PREFIX) + 64 + 2           # prefix, 64 hex digits, CRLF
 
 # Sent with every page and API answer satellite writes itself (not with the apps' answers).
 PAGE_HEADERS = [
@@ -374,6 +382,13 @@ class Settings:
         """`cookie-key`, or beside the database: /var/lib/satellite/satellite.db -> .../satellite.cookie-key."""
         return self.cookie_key or os.path.splitext(self.db)[0] + ".cookie-key"
 
+    @property
+    def upstream_key_path(self) -> str:
+        """Beside the cookie key: .../satellite.cookie-key -> .../satellite.upstream-key (same rules, own file:
+        rotating the cookie key must not cut running sessions off their agents)."""
+        base = self.cookie_key_path
+        return (base[:-len(".cookie-key")] if base.endswith(".cookie-key") else base) + ".upstream-key"
+
 
 def address_in(address: str, networks: Iterable) -> bool:
     try:
@@ -421,6 +436,19 @@ def cookie_value(server_secret: bytes, alias: str, token_hash: str) -> str:
     """The browser cookie is derived from the token, never the token itself, and is bound
     to one alias: a cookie of one session is worthless on another."""
     return hmac.new(server_secret, f"{alias}\0{token_hash}".encode(), hashlib.sha256).hexdigest()
+
+
+def upstream_proof(upstream_key: bytes, alias: str, key_hash: str) -> str:
+    """What proves a connection to the job's agent comes from satellite, for this session: derived from
+    the upstream key (a file of its own, like the cookie key) and never stored. It is given to the agent
+    once, in the redeem reply over TLS the agent verified, and sent as `upstream_preamble` on every
+    connection satellite opens to that session. A reader of the database (which holds key_hash) cannot
+    compute it; rotating the cookie key does not change it."""
+    return hmac.new(upstream_key, f"upstream\0{alias}\0{key_hash}".encode(), hashlib.sha256).hexdigest()
+
+
+def upstream_preamble(proof: str) -> bytes:
+    return UPSTREAM_PREAMBLE_PREFIX + proof.encode() + b"\r\n"
 
 
 class CookieKeyError(ValueError):
@@ -500,12 +528,13 @@ class CookieKey:
 
     CHECK_SECONDS = 1.0
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, name: str = "cookie-key"):
         self.path = path
+        self.name = name                          # "upstream-key": the same rules for the upstream proofs' key
         self._lock = threading.Lock()
         if not os.path.lexists(path):
             write_cookie_key(path, replace=False)
-            log.info("cookie-key: made a new key in %s", path)
+            log.info("%s: made a new key in %s", name, path)
         self._signature = file_signature(path)
         self.key = read_cookie_key(path)
         self._checked = time.monotonic()
@@ -532,7 +561,7 @@ class CookieKey:
             return
         if key != self.key:
             self.key = key
-            log.info("cookie key reloaded from %s: cookies made with the old key no longer work", self.path)
+            log.info("%s reloaded from %s: what the old key signed no longer works", self.name, self.path)
 
 
 def iso_time(epoch: float) -> str:
@@ -592,6 +621,7 @@ class Session:
     user_proof: Optional[str] = None
     job_seen: Optional[float] = None
     pending_reason: Optional[str] = None
+    upstream_proof: Optional[int] = None       # 1: the app is behind an agent that wants satellite's proof
 
     @property
     def target(self) -> Optional[tuple]:
@@ -624,7 +654,7 @@ class Session:
         if self.issued_for:
             info["issued_for"] = f"{self.issued_for} ({self.user_proof})"
         if self.tls_pin:
-            info["upstream"] = "tls, pinned sha256:" + self.tls_pin
+            info["upstream"] = "tls, pinned sha256:" + self.tls_pin + (", proof" if self.upstream_proof else "")
         if self.end_reason:
             info["ended_because"] = self.end_reason
         return info
@@ -663,6 +693,7 @@ ADDED_COLUMNS = [
     ("user_proof", "TEXT"),                # how that was known: 'sso', 'munge' (verified) or 'claim' (not)
     ("job_seen", "REAL"),                  # when a job-state feed last listed the session's job
     ("pending_reason", "TEXT"),            # why the scheduler keeps the job pending (squeue %r), from the feed
+    ("upstream_proof", "INTEGER"),         # 1: send the upstream proof first (a flag: the proof is never stored)
 ]
 
 
@@ -842,7 +873,8 @@ class Store:
             return self.session(alias), token, key
         raise ApiError(503, "could not find an unused alias; the word list is exhausted")
 
-    def redeem(self, key: str, host: str, port: int, tls_pin: Optional[str] = None, once: bool = False) -> Session:
+    def redeem(self, key: str, host: str, port: int, tls_pin: Optional[str] = None, once: bool = False,
+               proof: bool = False) -> Session:
         """Map a session to host:port. `once` (the legacy API, whose key is the alias): a redeemed session
         keeps its target; the same host and port again is a retry and changes nothing."""
         with self.immediate_transaction() as db:
@@ -857,8 +889,9 @@ class Store:
                 raise ApiError(409, "already redeemed from another host")
             state = "proxied" if session.state == "proxied" and session.target == (host, port) else "mapped"
             db.execute("UPDATE sessions SET state = ?, target_host = ?, target_port = ?, redeemed = ?,"
-                       " expires = ?, tls_pin = ? WHERE alias = ?",
-                       (state, host, port, time.time(), time.time() + session.lifetime, tls_pin, session.alias))
+                       " expires = ?, tls_pin = ?, upstream_proof = ? WHERE alias = ?",
+                       (state, host, port, time.time(), time.time() + session.lifetime, tls_pin,
+                        1 if proof else None, session.alias))
         return self.session(session.alias)
 
     def attach_tunnel(self, key: str, host: str, attach: int) -> Session:
@@ -1354,13 +1387,24 @@ class Stream:
         return data
 
     def read_into(self, view: memoryview) -> int:
-        """Up to len(view) bytes: buffered ones first, else one recv. 0 means EOF."""
+        """Up to len(view) bytes: buffered ones first, else one recv. 0 means EOF. From TLS (an isolating
+        agent upstream), one recv gives one record (16 KiB at most): the records that have already arrived
+        are taken too, so a bulk body is relayed in large writes, not a Python round per record."""
         if self.buf:
             n = min(len(view), len(self.buf))
             view[:n] = self.buf[:n]
             del self.buf[:n]
             return n
-        return self.sock.recv_into(view)
+        n = self.sock.recv_into(view)
+        if n >= TLS_RECORD and isinstance(self.sock, ssl.SSLSocket):      # a full record: more may follow
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            while n < len(view) and (self.sock.pending() or poller.poll(0)):
+                more = self.sock.recv_into(view[n:])
+                if not more:
+                    break
+                n += more
+        return n
 
     def take_buffered(self) -> bytes:
         data = bytes(self.buf)
@@ -2048,6 +2092,7 @@ class ManagementApi:
         self.store = store
         self.events = events
         self.metrics = metrics
+        self.upstream_key: Optional[CookieKey] = None      # set by Satellite: what upstream proofs derive from
         self.getlink_limit = RateLimiter(settings.getlink_rate)
         self.lookup_failures = RateLimiter(settings.token_failures)     # /api/status is open to anyone
         # unmunge runs a process: an address gets a few times its getlink rate of checks, before the user is known
@@ -2179,7 +2224,10 @@ class ManagementApi:
             raise ApiError(429, f"{quota} live sessions from {peer} already; release one first", retry_after=60)
 
     def redeem(self, params: dict, peer: str) -> tuple:
-        check_params(params, ("key", "port", "fingerprint", "check"))
+        """Map the session to the caller's address and `port`. With `fingerprint`, satellite speaks TLS to it
+        and accepts only that certificate. With `proof=1` too (satellite-client's agent), the reply carries
+        `upstream_proof`, which satellite then sends first on every connection to it (section 10)."""
+        check_params(params, ("key", "port", "fingerprint", "check", "proof"))
         key = require(params, "key")
         port = redeemable_port(require(params, "port"), self.settings.port_range)
         pin = None
@@ -2190,9 +2238,17 @@ class ManagementApi:
         if params.get("check") == "1" and self.store.session_by_key(key) and not probe((peer, port), 2.0):
             raise ApiError(502, f"satellite cannot connect to {host_port(peer, port)}; the app is not listening "
                                 "there, or the node takes no inbound connections (use a tunnel)")
-        session = self.store.redeem(key, peer, port, pin)
+        proof = params.get("proof") == "1"
+        if proof and not pin:
+            raise ApiError(400, "proof=1 needs fingerprint: the proof travels only inside pinned TLS")
+        session = self.store.redeem(key, peer, port, pin, proof=proof)
         self.events.record("redeem", session.alias, peer, target=session.describe()["target"])
-        return 200, session.describe()
+        reply = session.describe()
+        if proof:
+            if self.upstream_key is None:
+                raise ApiError(503, "this satellite has no upstream key")
+            reply["upstream_proof"] = upstream_proof(self.upstream_key.current(), session.alias, session.key_hash)
+        return 200, reply
 
     def attach_tunnel(self, request: Request, peer: str) -> Session:
         """`GET /api/tunnel` with `Upgrade: satellite-tunnel/1`, `Authorization: Bearer <key>` (a header,
@@ -2662,7 +2718,8 @@ class Upstream:
     """A keep-alive connection to one app, reused by one client connection. With a pin, it is
     TLS and accepted only if the app's certificate has exactly that SHA-256 fingerprint."""
 
-    def __init__(self, target: tuple, connect: Connector, timeout: float, pin: Optional[str] = None):
+    def __init__(self, target: tuple, connect: Connector, timeout: float, pin: Optional[str] = None,
+                 preamble: bytes = b""):
         sock = connect()
         if pin:
             sock = PINNED_CONTEXT.wrap_socket(sock)
@@ -2671,6 +2728,8 @@ class Upstream:
                 sock.close()
                 raise CertificateMismatch(f"the app at {host_port(*target)} presented certificate "
                                           f"sha256:{presented}, not the pinned one")
+            if preamble:                            # the agent's gate: satellite's proof before any HTTP byte
+                sock.sendall(preamble)
         sock.settimeout(timeout)
         self.stream = Stream(sock)
         self.reused = False
@@ -2870,7 +2929,8 @@ class Forwarder:
     answer into an Answer whose body streams as it comes. Keeps one upstream connection for reuse."""
 
     def __init__(self, client: Stream, settings: Settings, store: Store, metrics: Metrics,
-                 tunnel_for: Callable[[str], Optional[Connector]]):
+                 tunnel_for: Callable[[str], Optional[Connector]], upstream_key: Optional[Callable] = None):
+        self.upstream_key = upstream_key          # () -> the key upstream proofs derive from
         self.client = client
         self.settings = settings
         self.store = store
@@ -2945,7 +3005,10 @@ class Forwarder:
                 return self.upstream
             self.drop_upstream()
         connect = through_tunnel or direct_connector(session.target, self.settings.upstream_connect_timeout)
-        self.upstream = Upstream(session.target, connect, self.settings.upstream_timeout, session.tls_pin)
+        preamble = b""
+        if session.upstream_proof and not session.tunneled and self.upstream_key is not None:
+            preamble = upstream_preamble(upstream_proof(self.upstream_key(), session.alias, session.key_hash))
+        self.upstream = Upstream(session.target, connect, self.settings.upstream_timeout, session.tls_pin, preamble)
         self.upstream.key = key
         return self.upstream
 
@@ -3605,10 +3668,12 @@ class Satellite:
         self.settings = settings
         self.store = Store(settings.db)
         self.cookie_key = CookieKey(settings.cookie_key_path)
+        self.upstream_key = CookieKey(settings.upstream_key_path, "upstream-key")
         self.events = Events(self.store, settings.audit_log)
         self.metrics = Metrics()
         self.token_failures = RateLimiter(settings.token_failures)     # keyed by (address, alias)
         self.api = ManagementApi(settings, self.store, self.events, self.metrics)
+        self.api.upstream_key = self.upstream_key
         self.tls = load_tls_context(settings.cert, settings.key)
         self.cert_expiry = certificate_expiry(settings.cert)
         self.tunnels = Tunnels()
@@ -3781,7 +3846,7 @@ class Connection:
         self.settings = service.settings
         self.hsts = [("Strict-Transport-Security", f"max-age={service.settings.hsts}")] if service.settings.hsts else []
         self.forwarder = Forwarder(self.stream, service.settings, service.store, service.metrics,
-                                   service.tunnels.connector)
+                                   service.tunnels.connector, service.upstream_key.current)
 
     def read_form_body(self, ex: Exchange, limit: int) -> bytes:
         """An API form body (the endpoint already let the caller in), within `limit` and header-timeout."""

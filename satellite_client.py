@@ -6,9 +6,11 @@ batch job behind a Satellite HTTPS link.
 
 asks satellite for a link, writes the batch script, submits it with the scheduler's own
 CLI and prints the link. Inside the job the same program runs as `agent`: it reports
-"running", starts the app on a free port with the link's token in its environment, waits
-until the app listens, redeems the link, and releases it on every way out (the app ends,
-scancel, time limit).
+"running", starts the app where only the agent reaches it (a Unix socket in the session's
+0700 directory, or the node's loopback, checked to be the app's own listener), opens its
+gate (TLS, satellite's per-session proof, then a byte relay: the only network listener in
+direct mode), redeems the link, and releases it on every way out (the app ends, scancel,
+time limit). See README, "Where the app listens".
 
 Secrets: the link's token and the job's key live only in ~/.satellite/sessions/<alias>/secrets
 (mode 0600, directory 0700). They never appear in the batch script, on a command line or in
@@ -36,8 +38,10 @@ from __future__ import annotations
 import argparse
 import calendar
 import configparser
+import contextlib
 import dataclasses
 import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -49,9 +53,12 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import string
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -59,6 +66,8 @@ from pathlib import Path
 from typing import Optional
 
 from satellite import TUNNEL_PROTOCOL, Tunnel     # the tunnel protocol's one copy (see above)
+from satellite import relay_websocket, tls_handshake   # byte relay and deadline-bound TLS: one copy, there
+from satellite import UPSTREAM_PREAMBLE_PREFIX, UPSTREAM_PREAMBLE_SIZE, upstream_preamble
 from satellite import ALIAS_SHAPE, SESSION_STATES  # what satellite issues: the client checks its replies against it
 from satellite import print_checks, wrapped_help  # `check`'s help and OK/WARN/FAIL lines, as `satellite check`'s
 
@@ -76,13 +85,26 @@ JOB_STATES = ("pending", "held", "running", "completed", "failed", "timeout", "c
 ENDED_JOB_STATES = ("completed", "failed", "timeout", "cancelled", "done")   # done: ended, outcome not known
 SESSION_ROOT = ".satellite/sessions"                # under the user's home
 PROFILE_ROOT = ".satellite/profiles"
-LOOPBACK = "127.0.0.1"                              # where a tunneled app listens: only the node reaches it
+LOOPBACK = "127.0.0.1"                              # where an app with no Unix socket listens: only the node
+# Where the app listens (README, "Security model"). The default: on a Unix socket in the session's 0700
+# directory, or the node's loopback for apps that cannot serve on one; in direct mode the agent's gate is the
+# only network listener. The old behaviour, the app on the node's cluster address in plain HTTP for anyone on
+# the cluster network, only by the site's [enforced] app-listens = cluster-network-unprotected.
+ISOLATED, UNPROTECTED = "isolated", "cluster-network-unprotected"
+APP_LISTENS = (ISOLATED, UNPROTECTED)
+APP_SOCKET = "app.sock"                             # in the session directory (0700)
+MAX_SOCKET_PATH = 100                               # sun_path holds 108 bytes
+GATE_PENDING = 16                                   # connections the gate holds before they proved anything
+GATE_SECONDS = 5.0                                  # for the TLS handshake and satellite's proof, in total
 LIFETIME_MARGIN = 600                               # link outlives the walltime by this much (seconds)
 MAX_REPLY = 64 * 1024                               # bytes of a satellite reply we read at most
 
 JUPYTER_FLAGS = ("--no-browser --ip={host} --port={port} --ServerApp.port_retries=0 "
                  # satellite is the front: Host names are its aliases, and it sets X-Forwarded-*
                  "--ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True")
+# jupyter_server >= 1.?: --ServerApp.sock (mode 0600; --port must then be left out; the token still applies)
+JUPYTER_SOCKET_FLAGS = ("--no-browser --ServerApp.sock={socket} "
+                        "--ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True")
 JUPYTER_CONFIG = '{"IdentityProvider": {"token": "$token"}}'        # jupyter_server 2: Lab and Notebook 7
 
 
@@ -94,24 +116,31 @@ class KnownApp:
     The app starts in that private directory and is told the working directory as its root ({workdir}): what
     an app loads from where it starts (Voila's voila.py, also loaded by Lab and Notebook when Voila is
     installed) cannot be another user's plant in a shared project directory.
-    The command is a shell template: {host} {port} {workdir}, {config} (the file) and {config_dir}."""
+    The command is a shell template: {host} {port} {workdir}, {config} (the file) and {config_dir};
+    `socket_command`, for an app that can serve on a Unix socket, has {socket} instead of {host} {port}
+    and is what runs by default (app-listens = isolated)."""
     command: str
     config_name: str = ""             # the file's name; "" = the app has no login of its own
     config: str = ""                  # its text; $token is the link's token
+    socket_command: str = ""          # the same app on the Unix socket {socket}; "" = loopback only
 
 
 APPS = {
     "lab": KnownApp(f"jupyter lab {JUPYTER_FLAGS} --ServerApp.root_dir={{workdir}} --config={{config}}",
-                    "jupyter_config.json", JUPYTER_CONFIG),
+                    "jupyter_config.json", JUPYTER_CONFIG,
+                    f"jupyter lab {JUPYTER_SOCKET_FLAGS} --ServerApp.root_dir={{workdir}} --config={{config}}"),
     "notebook": KnownApp(f"jupyter notebook {JUPYTER_FLAGS} --ServerApp.root_dir={{workdir}} --config={{config}}",
-                         "jupyter_config.json", JUPYTER_CONFIG),
+                         "jupyter_config.json", JUPYTER_CONFIG,
+                         f"jupyter notebook {JUPYTER_SOCKET_FLAGS} --ServerApp.root_dir={{workdir}} "
+                         "--config={config}"),
     # Voila ignores $JUPYTER_TOKEN and serves with no login unless Voila.token is set; it reads voila.json
     # from config_file_paths (by default the directory it starts in too)
     "voila": KnownApp("voila --no-browser --Voila.ip={host} --port={port} --Voila.port_retries=0 "
                       "--Voila.config_file_paths={config_dir} {workdir}", "voila.json", '{"Voila": {"token": "$token"}}'),
     # code-server: its --config YAML file (password auth)
     "code-server": KnownApp("code-server --config={config} --bind-addr {host}:{port} --disable-telemetry {workdir}",
-                            "code-server.yaml", "auth: password\npassword: $token\n"),
+                            "code-server.yaml", "auth: password\npassword: $token\n",
+                            "code-server --config={config} --socket {socket} --disable-telemetry {workdir}"),
     # TensorBoard has no login of its own: whoever reaches its port uses it (README, "Security model")
     "tensorboard": KnownApp("tensorboard --logdir {workdir} --host {host} --port {port}"),
 }
@@ -239,6 +268,7 @@ class LaunchOptions:
     python: Optional[str] = None
     tls: Optional[bool] = None
     connect: Optional[str] = None
+    app_listens: Optional[str] = None      # only from the site's [enforced] section (APP_LISTENS)
 
     def merged(self, other: "LaunchOptions") -> "LaunchOptions":
         """These options, with other's given values taking over."""
@@ -257,6 +287,8 @@ class LaunchOptions:
             key = name.replace("-", "_")
             if key not in known:
                 raise UsageError(f"{source}: unknown setting {name!r}")
+            if key == "app_listens" and not source.endswith("[enforced]"):
+                raise UsageError(f"{source}: app-listens is the site's alone ({SITE_CONFIG}, [enforced])")
             if key in ("nv", "rocm", "tls") and isinstance(value, str):
                 value = value.strip().lower() in ("1", "yes", "true", "on")
             options[key] = value
@@ -333,7 +365,7 @@ class Plan:
     scheduler: "Scheduler"
     time_limit: int                 # seconds
     memory_mb: Optional[int]
-    command: str                    # shell command template with {host} and {port}
+    command: str                    # shell command template with {port} (and {host}), or {socket}
     app: Optional[str]              # a name in APPS, or None for --command
     workdir: str
     python: str
@@ -349,20 +381,28 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
     options = with_absolute_paths(options)
     if sum(x is not None for x in (options.jupyter, options.app, options.command)) > 1:
         raise UsageError("choose one of --jupyter, --app and --command")
+    if options.app_listens is not None and options.app_listens not in APP_LISTENS:
+        raise UsageError(f"app-listens {options.app_listens!r}: choose {ISOLATED} or {UNPROTECTED}")
+    isolated = options.app_listens != UNPROTECTED
     if options.command is not None:
         command, app = options.command, None
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(command) if f is not None}
         except ValueError as exc:
             raise UsageError(f"--command: {exc} (write literal braces as {{{{ and }}}})") from None
-        if "port" not in fields:
-            raise UsageError("--command must contain {port}: the agent fills in the free port it picked")
-        allowed = {"port", "host", "certfile", "keyfile"} if options.tls else {"port", "host"}
+        if not {"port", "socket"} & fields or {"port", "socket"} <= fields:
+            raise UsageError("--command must contain {socket} (a Unix socket the app serves on: only the agent "
+                             "reaches it) or {port} (a loopback port the agent picks), one of them")
+        allowed = {"port", "host", "socket"}
+        if options.tls and not isolated:
+            allowed |= {"certfile", "keyfile"}
         if fields - allowed:
             raise UsageError(f"--command: unknown placeholder {{{sorted(fields - allowed)[0]}}}; only "
                              + ", ".join(f"{{{f}}}" for f in sorted(allowed)) + " are filled in")
-        if options.tls and not {"certfile", "keyfile"} <= fields:
+        if options.tls and not isolated and not {"certfile", "keyfile"} <= fields:
             raise UsageError("--tls with --command: pass {certfile} and {keyfile} to your app so it serves HTTPS")
+        if "socket" in fields and not isolated:
+            raise UsageError(f"--command with {{socket}}: this site runs apps with app-listens = {UNPROTECTED}")
     else:
         name = options.app or options.jupyter or "lab"
         if options.jupyter and options.jupyter not in ("lab", "notebook", "voila"):
@@ -370,9 +410,13 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
         if name not in APPS:
             raise UsageError(f"--app {name!r}: choose from {', '.join(sorted(APPS))}, or give --command")
         command, app = APPS[name].command, name
+        if isolated and APPS[name].socket_command:
+            command = APPS[name].socket_command
         if name in ("lab", "notebook") and os.geteuid() == 0:
             command += " --allow-root"              # jobs run as the launching user; Jupyter refuses root without it
-        if options.tls:
+        if options.tls and isolated:
+            pass                                    # the agent's gate speaks TLS to satellite already
+        elif options.tls:
             if name not in ("lab", "notebook", "voila"):
                 raise UsageError(f"--tls: {name} is not known to serve HTTPS here; use --command with "
                                  "{certfile} and {keyfile}")
@@ -633,6 +677,9 @@ DOMAIN_SHAPE = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0
 LINK_SHAPE = re.compile(r"https://(?P<alias>[a-z-]+)\.(?P<domain>" + DOMAIN_SHAPE + r")(?::(?P<port>[0-9]{1,5}))?"
                         r"/\?token=(?P<token>[A-Za-z0-9_-]+)")
 ISO_TIME = "%Y-%m-%dT%H:%M:%SZ"
+
+
+UPSTREAM_PROOF_SHAPE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class BadReply(Failure):
@@ -1308,20 +1355,124 @@ def say(text: str) -> None:
 
 
 def free_port(host: str) -> int:
+    """A port that was free a moment ago: only for apps that must take a TCP port themselves. What the app
+    then listens on is checked to be its own (`listener_is_ours`): another user may bind it first."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
-def wait_until_listening(host: str, port: int, proc: subprocess.Popen, timeout: float, stop: StopFlag) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None and not stop:
+def listening_inodes(port: int) -> set:
+    """Socket inodes listening on TCP `port`, any address (/proc/net/tcp and tcp6: every user sees them)."""
+    inodes = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            socket.create_connection((host, port), timeout=1).close()
+            with open(name) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except OSError:
+            continue
+    return inodes
+
+
+def process_tree(pid: int) -> set:
+    """`pid` and its descendants (from /proc/*/stat's parent field)."""
+    parents: dict = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        if current not in tree:
+            tree.add(current)
+            todo.extend(parents.get(current, ()))
+    return tree
+
+
+def listener_is_ours(port: int, pid: int) -> Optional[bool]:
+    """Does a process of `pid`'s tree hold the socket listening on `port`? None: nobody listens there yet;
+    False: somebody else does (a squatter, or a leftover: never redeem the link to it)."""
+    inodes = listening_inodes(port)
+    if not inodes:
+        return None
+    for member in process_tree(pid):
+        try:
+            for fd in os.listdir(f"/proc/{member}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{member}/fd/{fd}")[len("socket:["):-1] in inodes:
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class AppAddress:
+    """Where the agent reaches the app: a Unix socket in the session's 0700 directory (only this user,
+    and root, can connect), or a port on the node's loopback (every user on the node can)."""
+    path: str = ""
+    host: str = LOOPBACK
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"the Unix socket {self.path}" if self.path else f"{self.host}:{self.port}"
+
+    def connect(self, timeout: float = 10) -> socket.socket:
+        if self.path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(self.path)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        return sock
+
+
+def app_is_listening(where: AppAddress, proc: subprocess.Popen, verify: bool) -> Optional[bool]:
+    """True: the app (and nobody else) listens at `where`; None: not yet; False: somebody else does."""
+    if where.path:
+        try:
+            st = os.lstat(where.path)
+        except OSError:
+            return None
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            return False
+        try:
+            where.connect(1).close()
             return True
         except OSError:
-            stop.pause(0.2)
-    return False
+            return None
+    if verify:
+        return listener_is_ours(where.port, proc.pid)
+    try:
+        socket.create_connection((where.host, where.port), timeout=1).close()   # the old, unverified way
+        return True
+    except OSError:
+        return None
+
+
+def wait_until_listening(where: AppAddress, proc: subprocess.Popen, timeout: float, stop: StopFlag,
+                         verify: bool = True) -> Optional[bool]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not stop:
+        listening = app_is_listening(where, proc, verify)
+        if listening is not None:
+            return listening
+        stop.pause(0.1)
+    return None
 
 
 def with_retries(action, what: str, stop: StopFlag, attempts: int = 8, final: tuple = ()):
@@ -1386,21 +1537,45 @@ def app_setup(session: SessionDir, info: dict, token: str) -> tuple:
 
 
 def start_app(command: str, host: str, env: dict, start_timeout: float, stop: StopFlag,
-              files: Optional[dict] = None, directory: Optional[str] = None) -> tuple:
-    """Start the app on a free port of `host` and wait until it listens: (process, port).
-    A port taken between picking and binding makes the app exit: then try another."""
+              files: Optional[dict] = None, directory: Optional[str] = None,
+              socket_path: str = "", verify: bool = True) -> tuple:
+    """Start the app and wait until it listens: (process, AppAddress). With `socket_path` the app serves on
+    that Unix socket ({socket}); else on a port of `host` it is given ({port}), and with `verify` the
+    listener there must belong to the app's own process tree (a squatter that bound the port first is
+    refused, never redeemed to). A port taken before the app binds it makes the app exit: try another."""
     container = shutil.which("apptainer") or shutil.which("singularity") or "apptainer"
+    netns = ""
+    if verify and not socket_path and host == LOOPBACK and private_network():
+        netns = socket_path = os.path.join(tempfile.mkdtemp(prefix="satellite-"), APP_SOCKET)
     for _ in range(3):
-        port = free_port(host)
-        line = command.format(host=host, port=port, container=container,
-                              **{name: shlex.quote(path) for name, path in (files or {}).items()})
-        say(f"starting the app on {host}:{port}: {line}")
-        proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line], env=env, start_new_session=True, cwd=directory)
-        if wait_until_listening(host, port, proc, start_timeout, stop) or stop:
-            return proc, port
+        if netns:
+            where = AppAddress(path=socket_path)
+        elif socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)                  # ours, from an earlier try: the directory is 0700
+            where = AppAddress(path=socket_path)
+        else:
+            where = AppAddress(host=host, port=free_port(host))
+        line = command.format(host=host, port=NETNS_PORT if netns else where.port, socket=shlex.quote(socket_path),
+                              container=container, **{name: shlex.quote(path) for name, path in (files or {}).items()})
+        argv = ["/bin/sh", "-c", "exec " + line]
+        if netns:
+            say(f"starting the app in a private network namespace on {host}:{NETNS_PORT}, relayed to {where}: {line}")
+            argv = [shutil.which("unshare"), "-Urn", "--", sys.executable or "python3", client_path(), "netns-relay",
+                    socket_path, str(NETNS_PORT), line]
+        else:
+            say(f"starting the app on {where}: {line}")
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, cwd=directory)
+        listening = wait_until_listening(where, proc, start_timeout, stop, verify)
+        if listening or stop:
+            return proc, where
+        if listening is False:
+            stop_process_group(proc)
+            raise Failure(f"something other than the app listens on {where} (another user's process?); "
+                          "the link is not connected to it")
         if proc.poll() is None:
             stop_process_group(proc)
-            raise Failure(f"the app did not listen on {host}:{port} within {start_timeout:.0f}s")
+            raise Failure(f"the app did not listen on {where} within {start_timeout:.0f}s")
         say(f"the app exited with status {proc.returncode} before listening")
         if proc.returncode in (126, 127):           # the shell found no such program (or cannot run it)
             raise Failure(missing_app(line, proc.returncode))
@@ -1420,12 +1595,163 @@ def missing_app(line: str, status: int) -> str:
             "use --venv, --conda-env or --env-modules")
 
 
+NETNS_PORT = 8000                                   # inside a private network namespace every port is free
+
+
+def private_network() -> bool:
+    """Can this node give the app a network namespace of its own without privileges (util-linux `unshare`,
+    unprivileged user namespaces)? Asked at run time: many sites turn user namespaces off."""
+    unshare = shutil.which("unshare")
+    if not unshare:
+        return False
+    try:
+        return subprocess.run([unshare, "-Urn", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def loopback_up() -> None:
+    """Bring `lo` up in a new network namespace (SIOCSIFFLAGS; no `ip` needed)."""
+    import fcntl
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        flags = struct.unpack("16sh", fcntl.ioctl(sock, 0x8913, struct.pack("16sh", b"lo", 0)))[1]
+        fcntl.ioctl(sock, 0x8914, struct.pack("16sh", b"lo", flags | 0x1))
+
+
+def run_netns_relay(socket_path: str, port: int, line: str) -> int:
+    """Inside the app's private network namespace (`unshare -Urn`): start the app on 127.0.0.1:`port` there,
+    and once it listens, relay a Unix socket at `socket_path` (0600; the filesystem is shared, the network is
+    not) to it. No other process of the node can reach the app: its loopback is its own. Ends with the app."""
+    loopback_up()
+    proc = subprocess.Popen(["/bin/sh", "-c", "exec " + line])
+    where = AppAddress(port=port)
+    while proc.poll() is None:
+        try:
+            where.connect(1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        return proc.returncode
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        listener.bind(socket_path)
+    finally:
+        os.umask(old)
+    listener.listen(128)
+
+    def relay(conn: socket.socket) -> None:
+        try:
+            with conn, where.connect() as app:
+                relay_websocket(conn, app, lambda: proc.poll() is None, check_every=30.0)
+        except OSError:
+            pass
+
+    def accept() -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=relay, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return proc.wait()
+
+
+class Gate:
+    """The agent's one network listener in direct mode: TLS with the job's own certificate, which
+    satellite pinned at redeem, and then satellite's proof for this session before a byte reaches the app.
+
+    Each connection gets GATE_SECONDS in total for its TLS handshake and for the preamble line
+    (satellite.upstream_preamble: a fixed prefix, 64 hex digits, CRLF; read to exactly its size), which is
+    compared in constant time with the proof the redeem reply gave. Anything else is closed, and the app
+    never sees it. At most GATE_PENDING connections are held before they proved anything; more are closed at
+    once. Proven connections are relayed to the app's socket byte for byte (satellite.relay_websocket).
+    The gate binds its own port (0: the kernel picks) and holds it from before the redeem to the end: no
+    port is picked and then hoped for. The proof lives only in this process's memory: never in a file,
+    a log, a command line or the app's environment."""
+
+    def __init__(self, host: str, certificate: dict, app: AppAddress):
+        self.app = app
+        self.proof: Optional[bytes] = None              # the preamble; None until the redeem reply gives it
+        self.pending = threading.BoundedSemaphore(GATE_PENDING)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.load_cert_chain(certificate["certfile"], certificate["keyfile"])
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.bind((host, 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self.accept, daemon=True, name="gate").start()
+
+    def accept(self) -> None:
+        while not self.closed:
+            try:
+                raw, peer = self.sock.accept()
+            except OSError:
+                if self.closed:
+                    return
+                time.sleep(0.05)                          # EMFILE and the like: do not spin
+                continue
+            if not self.pending.acquire(blocking=False):
+                raw.close()
+                continue
+            threading.Thread(target=self.serve, args=(raw, peer[0]), daemon=True).start()
+
+    def admit(self, raw: socket.socket, peer: str) -> Optional[ssl.SSLSocket]:
+        """The TLS connection if it proved itself within the deadline, else None (and it is closed)."""
+        deadline = time.monotonic() + GATE_SECONDS
+        try:
+            raw.settimeout(GATE_SECONDS)
+            if raw.recv(1, socket.MSG_PEEK) != b"\x16":       # not TLS: closed without a word
+                raw.close()
+                return None
+            sock = tls_handshake(raw, self.context, deadline, peer)
+            if sock is None:
+                raw.close()
+                return None
+            sock.setblocking(True)
+            got = b""
+            while len(got) < UPSTREAM_PREAMBLE_SIZE:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                sock.settimeout(remaining)
+                chunk = sock.recv(UPSTREAM_PREAMBLE_SIZE - len(got))
+                if not chunk:
+                    break
+                got += chunk
+            if self.proof is not None and hmac.compare_digest(got, self.proof):
+                return sock
+            sock.close()
+        except (OSError, ssl.SSLError):
+            pass
+        raw.close()
+        return None
+
+    def serve(self, raw: socket.socket, peer: str) -> None:
+        try:
+            sock = self.admit(raw, peer)
+        finally:
+            self.pending.release()
+        if sock is None:
+            return
+        try:
+            with sock, self.app.connect() as app:
+                relay_websocket(sock, app, lambda: not self.closed, check_every=30.0)
+        except (OSError, ssl.SSLError):
+            pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
 class TunnelKeeper:
     """Holds the session's tunnel to satellite open from inside the job (satellite.Tunnel): reconnects
     with backoff and jitter when it drops, and gives up only when satellite refuses it for good
     (the session is over) or the agent closes it."""
 
-    def __init__(self, api: SatelliteApi, key: str, app: tuple, stop: StopFlag):
+    def __init__(self, api: SatelliteApi, key: str, app: AppAddress, stop: StopFlag):
         self.api, self.key, self.app, self.stop_flag = api, key, app, stop
         self.closing = threading.Event()
         self.connected = threading.Event()           # set at the first successful attach
@@ -1439,10 +1765,7 @@ class TunnelKeeper:
 
     def connect_app(self) -> socket.socket:
         """Every stream goes to this job's app, and nowhere else."""
-        sock = socket.create_connection(self.app, timeout=10)
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        return self.app.connect()
 
     def keep(self) -> None:
         delay = 1.0
@@ -1491,44 +1814,87 @@ class TunnelKeeper:
 
 
 def redeem_directly(api: SatelliteApi, key: str, port: int, fingerprint: Optional[str], stop: StopFlag,
-                    check: bool) -> bool:
-    """Map the link to the app for direct connections. With `check`, satellite first tries to connect;
-    False if it cannot (then a tunnel is the way)."""
+                    check: bool, proof: bool = False) -> Optional[dict]:
+    """Map the link to `port` for direct connections: the reply, or None if `check` was asked and satellite
+    cannot connect (then a tunnel is the way). With `proof`, the reply must carry the upstream proof."""
     try:
-        with_retries(lambda: api.call("redeem", key=key, port=port, fingerprint=fingerprint,
-                                      check="1" if check else None), "redeem", stop, final=(502,))
-        return True
+        reply = with_retries(lambda: api.call("redeem", key=key, port=port, fingerprint=fingerprint,
+                                              check="1" if check else None, proof="1" if proof else None),
+                             "redeem", stop, final=(502,))
     except ApiRefused as exc:
         if check and exc.status == 502:
             say(f"{exc.reason}; using a tunnel instead")
-            return False
+            return None
         raise
+    if proof:
+        reply_field(reply, "upstream_proof", UPSTREAM_PROOF_SHAPE, "64 hex digits")
+    return reply
+
+
+def isolated_app_address(session: SessionDir, command: str) -> str:
+    """The Unix socket path for an app whose command has {socket}; "" for a loopback app. In the session's
+    directory (0700); where that path is too long for a Unix socket (sun_path: 108 bytes), in a new 0700
+    directory of the node's /tmp (mkdtemp), removed when the agent ends."""
+    fields = {f for _, f, _, _ in string.Formatter().parse(command) if f is not None}
+    if "socket" not in fields:
+        return ""
+    path = str(session.path / APP_SOCKET)
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        path = os.path.join(tempfile.mkdtemp(prefix="satellite-", dir="/tmp"), APP_SOCKET)
+    return path
 
 
 def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int:
-    """Inside the job: start the app, connect the link to it (redeem, or a tunnel), release it on every way out."""
+    """Inside the job: start the app, connect the link to it (redeem, or a tunnel), release it on every way out.
+
+    By default (app-listens = isolated) the app listens on a Unix socket in the session's directory, or on
+    the node's loopback (checked to be the app's own listener); in direct mode the only network listener is
+    the agent's Gate, which lets through only satellite's connections for this session."""
     stop = StopFlag()
     session = SessionDir(Path(session_dir))
     info, secrets = session.info(), session.secrets()
     api = SatelliteApi(info["satellite"], info.get("cacert"))
     key = secrets["key"]
     connect = info.get("connect", "direct")
-    proc, keeper, code, reason = None, None, 1, "the agent stopped"
+    isolated = info.get("app_listens", ISOLATED) != UNPROTECTED
+    proc, keeper, gate, code, socket_path, reason = None, None, None, 1, "", "the agent stopped"
     try:
         with_retries(lambda: api.call("state", key=key, state="running"), "reporting running", stop)
-        host = LOOPBACK if connect == "tunnel" else api.local_address()
+        node = api.local_address() if connect != "tunnel" else LOOPBACK
+        host = LOOPBACK if isolated or connect == "tunnel" else node
         env, files, app_dir = app_setup(session, info, secrets["token"])
-        tls_files, fingerprint = make_certificate(session) if info.get("tls") else ({}, None)
-        files.update(tls_files)
+        socket_path = isolated_app_address(session, command) if isolated else ""
+        tls_files, fingerprint = make_certificate(session) if (info.get("tls") or isolated) and connect != "tunnel" \
+            else ({}, None)
+        if not isolated:
+            files.update(tls_files)
         if not stop:
-            proc, port = start_app(command, host, env, start_timeout, stop, files, app_dir)
+            proc, app = start_app(command, host, env, start_timeout, stop, files, app_dir, socket_path, isolated)
+            socket_path = app.path or socket_path
+            if isolated and not app.path:
+                say(f"note: this app cannot serve on a Unix socket and this node gives no private network namespace "
+                    f"(unprivileged user namespaces are off), so it listens on {app}: other users on this node could "
+                    "connect to it (not from other nodes)")
+        if not stop and isolated and connect != "tunnel":
+            gate = Gate(node, tls_files, app)
         if not stop:
-            if connect == "tunnel" or not redeem_directly(api, key, port, fingerprint, stop, connect == "auto"):
-                keeper = TunnelKeeper(api, key, (host, port), stop)
+            reply = None
+            if connect != "tunnel":
+                reply = redeem_directly(api, key, gate.port if gate else app.port, fingerprint, stop,
+                                        connect == "auto", proof=gate is not None)
+            if reply is None:
+                if gate is not None:                     # through the tunnel, nothing listens on the network
+                    gate.close()
+                    gate = None
+                keeper = TunnelKeeper(api, key, app, stop)
                 keeper.start(stop)
-                say(f"link ready: {info['link']} is now your app on {host}:{port}, through the tunnel")
+                say(f"link ready: {info['link']} is now your app on {app}, through the tunnel")
+            elif gate is not None:
+                gate.proof = upstream_preamble(reply["upstream_proof"])
+                say(f"link ready: {info['link']} is now your app on {app}, through this agent on "
+                    f"{host_text(node, gate.port)} (TLS; only satellite's connections for this session pass)")
             else:
-                say(f"link ready: {info['link']} is now your app on {host}:{port}")
+                say(f"link ready: {info['link']} is now your app on {app}")
         while proc is not None and proc.poll() is None and not stop and not (keeper and keeper.refused):
             stop.pause(1.0)
         if keeper and keeper.refused:
@@ -1551,7 +1917,11 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
         release_link(api, key, reason)
         if keeper is not None:
             keeper.close()
+        if gate is not None:
+            gate.close()
         stop_process_group(proc)
+        if socket_path and not socket_path.startswith(str(session.path)):
+            shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
     return code
 
 
@@ -1561,6 +1931,10 @@ TIME_LIMIT_REASON = "the job's time limit"
 STOP_REASONS = {signal.SIGUSR1: f"{TIME_LIMIT_REASON} was near (SIGUSR1)",
                 signal.SIGTERM: "stopped by the scheduler (SIGTERM: cancelled, or the time limit)",
                 signal.SIGUSR2: "stopped by the scheduler (SIGUSR2: about to be killed)"}
+
+
+def host_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def release_link(api: SatelliteApi, key: str, reason: Optional[str] = None, timeout: float = 5) -> None:
@@ -1621,7 +1995,8 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
                 "scheduler": plan.scheduler.name, "jobid": None, "created": time.time(),
                 "time_limit": plan.time_limit, "workdir": plan.workdir, "command": plan.command,
                 "app": plan.app, "link": link["url"].split("?", 1)[0],
-                "tls": bool(options.tls), "connect": options.connect or "direct"}
+                "tls": bool(options.tls), "connect": options.connect or "direct",
+                "app_listens": options.app_listens or ISOLATED}
         session.save_info(info)
         session.script.write_text(render_script(plan, session.path, link["alias"]))
         session.script.chmod(0o700)
@@ -1644,6 +2019,11 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
         pass                                            # only informative; the job is submitted
     result = {"alias": link["alias"], "url": link["url"], "state": "queued", "scheduler": plan.scheduler.name,
               "jobid": info["jobid"], "time_limit": limit_text(plan.time_limit), "session_dir": str(session.path)}
+    note = listening_note(plan)
+    if note and not (quiet or as_json):
+        print(printable(note))
+    elif note:
+        print(f"satellite-client: {note}", file=sys.stderr)
     if quiet:
         print(link["url"], flush=True)
     elif as_json and wait:
@@ -1658,6 +2038,19 @@ def launch(options: LaunchOptions, wait: bool, quiet: bool, as_json: bool, dry_r
     if as_json:
         print(json.dumps(result))
     return code
+
+
+def listening_note(plan: Plan) -> str:
+    """What `launch` says about who besides the link can reach the app, when that is more than the agent."""
+    if plan.options.app_listens == UNPROTECTED:
+        return (f"Note: this site runs apps with app-listens = {UNPROTECTED}: the app listens on the node's "
+                "cluster address, and anyone on the cluster network can connect to it.")
+    if "{socket}" not in plan.command:
+        return ("Note: this app cannot serve on a Unix socket, so it listens on the compute node's loopback "
+                "(127.0.0.1), in a network namespace of its own where the node allows that without privileges; "
+                "where it does not, other users on that node could connect to it (the job log says which). "
+                "Other nodes cannot.")
+    return ""
 
 
 def wait_for_session(api: SatelliteApi, scheduler: Scheduler, session: SessionDir, info: dict,
@@ -1957,14 +2350,19 @@ LAUNCH_EXAMPLES = """examples:
       --conda-env torch --notebook-dir ~/project
   satellite-client launch --sif ~/images/lab.sif --bind /scratch --nv --jupyter lab
   satellite-client launch --command 'python3 -m http.server {port} --bind {host}' --quiet
+  satellite-client launch --command 'code-server --socket {socket} .'
   satellite-client launch --profile gpu --time-limit 30 --dry-run
   satellite-client launch --jupyter lab --connect tunnel   # a node that accepts no inbound connections
 
-{host} and {port} in --command are filled in on the node. The link's token reaches a --command app
-in $SATELLITE_TOKEN, and a 0600 file holding it in $SATELLITE_TOKEN_FILE; check it in your app.
-Known apps (--jupyter, --app) read it from a 0600 config file of their own (Jupyter's IdentityProvider.token,
-Voila's Voila.token, code-server's password), never from the command line or the environment.
-TensorBoard has no login of its own: anyone who can reach its port on the node can use it."""
+{socket}, or {port} (and {host}), in --command are filled in on the node. Prefer {socket}: the app
+serves on a Unix socket in your 0700 session directory and only the job's agent reaches it. With
+{port} it listens on the node's loopback, where other users on that node could connect to it.
+The link's token reaches a --command app in $SATELLITE_TOKEN, and a 0600 file holding it in
+$SATELLITE_TOKEN_FILE; check it in your app. Known apps (--jupyter, --app) read it from a 0600
+config file of their own (Jupyter's IdentityProvider.token, Voila's Voila.token, code-server's
+password), never from the command line or the environment. Lab, Notebook and code-server serve
+on a Unix socket. TensorBoard has no login of its own, and Voila and TensorBoard listen on the
+node's loopback: other users on that node could use them."""
 
 
 def add_launch_options(parser: argparse.ArgumentParser) -> None:
@@ -1989,7 +2387,8 @@ def add_launch_options(parser: argparse.ArgumentParser) -> None:
     app = parser.add_argument_group("app")
     app.add_argument("--jupyter", choices=("lab", "notebook", "voila"), help="Jupyter flavour (default: lab)")
     app.add_argument("--app", help=f"a known app: {', '.join(sorted(APPS))} (tensorboard has no login)")
-    app.add_argument("--command", help="any web app, with {port} (and {host}) to fill in")
+    app.add_argument("--command", help="any web app, with {socket} (a Unix socket; preferred) or {port} (and {host}) "
+                                       "to fill in")
     app.add_argument("--workdir", "--notebook-dir", dest="workdir", metavar="DIR",
                      help="directory the app starts in (default: here)")
     app.add_argument("--env-modules", metavar="A,B", help="environment modules to load")
@@ -2001,8 +2400,9 @@ def add_launch_options(parser: argparse.ArgumentParser) -> None:
     app.add_argument("--rocm", action="store_true", default=None, help="AMD GPUs in the container")
     app.add_argument("--python", metavar="PATH", help="python3 the job runs the agent with (default: this one)")
     app.add_argument("--tls", action="store_true", default=None,
-                     help="encrypt satellite-to-node too: the job makes a self-signed certificate (openssl) and "
-                          "satellite accepts only that one")
+                     help="encrypt satellite-to-node: on by default (the agent's gate speaks TLS with a certificate "
+                          "satellite pins); only with the site's app-listens = cluster-network-unprotected does it "
+                          "change anything (the app then serves HTTPS itself)")
     app.add_argument("--connect", choices=CONNECT_MODES, default=None,
                      help="how satellite reaches the app: 'direct' connects to the node (default); 'tunnel' has "
                           "the job connect out to satellite and carry the traffic back, for nodes that take no "
@@ -2090,6 +2490,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent_parser.add_argument("--command", dest="app_command", required=True,
                               help="the app's shell command with {host} and {port}")
     agent_parser.add_argument("--start-timeout", type=float, default=600, help="seconds for the app to listen")
+    relay_parser = commands.add_parser("netns-relay", help="(inside the agent's private network namespace) the app")
+    relay_parser.add_argument("socket_path")
+    relay_parser.add_argument("port", type=int)
+    relay_parser.add_argument("line")
     return parser
 
 
@@ -2113,6 +2517,8 @@ def main(argv: Optional[list] = None) -> int:
             return command_check()
         if args.command_name == "agent":
             return run_agent(args.session_dir, args.app_command, args.start_timeout)
+        if args.command_name == "netns-relay":
+            return run_netns_relay(args.socket_path, args.port, args.line)
         parser.print_help()
         return 2
     except (UsageError, Failure) as exc:

@@ -295,6 +295,7 @@ def measure_other_figures(satellite, paths, ports, work, args, lines, tls_port, 
     lines.append(f"| WebSocket round trip, direct (TLS) | {direct_rtt:.3f} ms |")
     lines.append(f"| WebSocket round trip through satellite | {via_rtt:.3f} ms (+{via_rtt - direct_rtt:.3f}) |")
     lines += tunnel_figures(satellite, paths, ports, plain_app, work, args, via_rtt)
+    lines += isolation_figures(satellite, paths, ports, plain_app, work, args, via_rtt)
     # idle WebSockets: satellite's memory, and whether it still answers at once
     before = rss_mb(satellite.proc.pid)
     idle = [websocket.create_connection(f"wss://{host}:{satellite.port}/ws", socket=satellite.tls_socket(host),
@@ -342,6 +343,59 @@ def tunneled_link(satellite, app_port, work):
             return link, end
     end.wait(10)
     raise RuntimeError("the tunnel's end exited before connecting")
+
+
+def gated_link(satellite, app_port, work):
+    """A link whose app is reached through the agent's gate (bench/gate_end.py as the job's end)."""
+    link = satellite.getlink()
+    end = subprocess.Popen([sys.executable, str(ROOT / "bench/gate_end.py"), f"https://127.0.0.1:{satellite.port}",
+                            str(work / "certs/ca.pem"), str(app_port)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    end.stdin.write(link["key"] + "\n")
+    end.stdin.close()
+    for line in end.stdout:
+        if line.strip() == "connected":
+            return link, end
+    end.wait(10)
+    raise RuntimeError("the gate's end exited before redeeming")
+
+
+def isolation_figures(satellite, paths, ports, echo_app, work, args, open_ws_rtt):
+    """Isolated direct (satellite -> TLS + proof -> the agent's gate -> app) vs today's open direct
+    (satellite -> the app in plain HTTP), in the same run: small requests, bulk download, WebSocket round trip."""
+    import websocket
+    rows, ends = [], []
+    try:
+        link, end = gated_link(satellite, ports["backend"], work)
+        ends.append(end)
+        echo_link, echo_end = gated_link(satellite, echo_app.port, work)
+        ends.append(echo_end)
+        gated = (satellite.port, [f"Host: {link['alias']}.sat.test:{satellite.port}",
+                                  f"Authorization: token {link['token']}"])
+        for c in (1, 16):
+            opened, isolated = [], []
+            for _ in range(args.rounds):
+                opened.append(wrk(paths["satellite"][0], c, args.seconds, paths["satellite"][1]))
+                isolated.append(wrk(gated[0], c, args.seconds, gated[1]))
+            o_rate, i_rate = (statistics.median(r["rate"] for r in runs) for runs in (opened, isolated))
+            o_p50, i_p50 = (statistics.median(r["p50"] for r in runs) for runs in (opened, isolated))
+            rows.append(f"| small requests at concurrency {c}, isolated / open direct | {i_rate:,.0f} / {o_rate:,.0f} "
+                        f"req/s = {i_rate / o_rate:.2f}; p50 {i_p50:.2f} / {o_p50:.2f} ms |")
+        i_rate = download_mb_per_s(*gated, args.bulk_mb << 20)
+        o_rate = download_mb_per_s(*paths["satellite"], args.bulk_mb << 20)
+        rows.append(f"| bulk download {args.bulk_mb} MB, isolated / open direct | {i_rate:,.0f} / {o_rate:,.0f} MB/s "
+                    f"= {i_rate / o_rate:.2f} |")
+        host = f"{echo_link['alias']}.sat.test"
+        rtt = websocket_rtt_ms(lambda: websocket.create_connection(
+            f"wss://{host}:{satellite.port}/ws", socket=satellite.tls_socket(host),
+            header=[f"Authorization: token {echo_link['token']}"]))
+        rows.append(f"| WebSocket round trip through satellite, isolated / open direct | {rtt:.3f} / "
+                    f"{open_ws_rtt:.3f} ms (+{rtt - open_ws_rtt:.3f}) |")
+    finally:
+        for process in ends:
+            process.terminate()
+            process.wait(10)
+    return rows
 
 
 def tunnel_figures(satellite, paths, ports, echo_app, work, args, direct_ws_rtt):

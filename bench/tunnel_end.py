@@ -17,7 +17,7 @@ def main():
     url, cacert, app_port = sys.argv[1:4]
     key = sys.stdin.readline().strip()
     stop = client.StopFlag()
-    keeper = client.TunnelKeeper(client.SatelliteApi(url, cacert), key, ("127.0.0.1", int(app_port)), stop)
+    keeper = client.TunnelKeeper(client.SatelliteApi(url, cacert), key, client.AppAddress(port=int(app_port)), stop)
     keeper.start(stop)
     print("connected", flush=True)
     while not stop:

@@ -21,7 +21,7 @@ def test_bench_smoke_measures_every_path():
     bulk = re.findall(r"^\| bulk download 20 MB, (\w+) \| ([\d,]+) MB/s \|$", result.stdout, re.M)
     assert [name for name, _ in bulk] == ["direct", "satellite", "chp", "nginx"]
     for figure in ("WebSocket round trip through satellite", "idle WebSockets", "redeem → first proxied response",
-                   "getlink calls per second", "tunnel / direct"):
+                   "getlink calls per second", "tunnel / direct", "isolated / open direct"):
         assert figure in result.stdout
     loads = re.findall(r"^\| ([\w ()]+) \| ([\d,]+) \| (\d+) \| [\d.]+ \| [\d.]+ \|$", result.stdout, re.M)
     assert [name for name, _, _ in loads] == ["direct (plain HTTP)", "satellite", "chp", "nginx"]

@@ -97,7 +97,7 @@ def test_local_scheduler_end_to_end_and_app_exit_releases(client, job_satellite)
     assert result["state"] == "proxied" and result["scheduler"] == "local"
     assert link_status(job_satellite, result["url"]) == 200
     log = client.session_dir(result["alias"]) / "job.log"
-    port = re.search(r"starting the app on 127\.0\.0\.1:(\d+)", log.read_text()).group(1)
+    port = re.search(r"starting the app (?:in a private network namespace )?on 127\.0\.0\.1:(\d+)", log.read_text()).group(1)
     # the app ends on its own (killed here): the agent releases the link
     app_pid = int(subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True, text=True).stdout.split()[0])
     os.kill(app_pid, signal.SIGKILL)
@@ -136,7 +136,7 @@ GOLDEN_OPTIONS = {
             "--ntasks-per-node", "2", "--memory", "8", "--gpus", "1", "--constraint", "avx512",
             "--time-limit", "2:30:00", "--jupyter", "notebook"],
     "htcondor": ["--account", "group_physics", "--cpus-per-task", "4", "--memory", "16", "--gpus", "1",
-                 "--time-limit", "4h", "--command", "code-server --bind-addr {host}:{port} ."],
+                 "--time-limit", "4h", "--command", "code-server --socket {socket} ."],
     "sge": ["--account", "proj", "--partition", "all.q", "--reservation", "42", "--cpus-per-task", "4",
             "--memory", "16", "--time-limit", "45", "--jupyter", "voila"],
     "local": ["--time-limit", "15", "--command", "python3 -m http.server {port} --bind {host}"],
@@ -193,7 +193,7 @@ def test_options_a_scheduler_cannot_express_fail_before_any_contact(tmp_path, jo
     (["--time-limit", "soon"], "--time-limit"),
     (["--memory", "lots"], "--memory"),
     (["--nodes", "0"], "--nodes must be at least 1"),
-    (["--command", "serve --port 8000"], "must contain {port}"),
+    (["--command", "serve --port 8000"], "must contain {socket}"),
     (["--command", "serve {port} {token}"], "unknown placeholder {token}"),
     (["--command", "x {port}", "--jupyter", "lab"], "choose one of"),
     (["--app", "emacs"], "--app 'emacs'"),
@@ -306,17 +306,20 @@ def test_example_site_config_in_contrib(tmp_path, job_satellite):
         assert line in result.stdout
 
 
-def test_tls_launch_pins_the_apps_own_certificate(client, job_satellite):
-    command = ECHO_APP + " --certfile {certfile} --keyfile {keyfile}"
-    result = client.launch_json("--scheduler", "local", "--tls", "--command", command, "--wait")
+def test_direct_links_are_tls_to_the_agent_with_a_pinned_certificate(client, job_satellite):
+    """By default (app-listens = isolated) satellite speaks TLS to the job's agent, pinned at redeem, and sends
+    its proof; --tls asks for nothing more. The app serves plain HTTP behind the agent, so {certfile} and
+    {keyfile} are refused (they are for app-listens = cluster-network-unprotected, with --tls)."""
+    result = client.launch_json("--scheduler", "local", "--tls", "--command", ECHO_APP, "--wait")
     assert link_status(job_satellite, result["url"]) == 200
     session = client.session_dir(result["alias"])
     assert (session / "app-key.pem").stat().st_mode & 0o777 == 0o600
     shown = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "show", result["alias"], "--db",
                             str(job_satellite.db)], capture_output=True, text=True).stdout
-    assert "upstream=tls, pinned sha256:" in shown
-    bad = client.run("launch", "--scheduler", "local", "--tls", "--command", ECHO_APP)
-    assert bad.returncode == 2 and "{certfile} and {keyfile}" in bad.stderr
+    assert "upstream=tls, pinned sha256:" in shown and ", proof" in shown
+    bad = client.run("launch", "--scheduler", "local", "--tls", "--command",
+                     ECHO_APP + " --certfile {certfile} --keyfile {keyfile}")
+    assert bad.returncode == 2 and "unknown placeholder {certfile}" in bad.stderr
 
 
 # planning: checks only --------------------------------------------------------------
@@ -526,7 +529,7 @@ def test_braces_in_container_paths_reach_the_container_runtime_as_written(client
     wait_for(lambda: "link released" in log.read_text(), timeout=60, what="the agent to give up on the app")
     text = log.read_text()
     assert "Traceback" not in text, text
-    assert re.search(r"starting the app on \S+: \S+ exec --bind '/data/\{x\}' --bind /s '/images/\{lab\}\.sif' ", text)
+    assert re.search(r"starting the app .*?: \S+ exec --bind '/data/\{x\}' --bind /s '/images/\{lab\}\.sif' ", text)
 
 
 # relative paths ---------------------------------------------------------------------------
@@ -597,9 +600,26 @@ UNAUTHENTICATED = {"lab": "/api/contents", "notebook": "/api/contents", "voila":
 
 
 def app_process(port):
-    """The pid of the process listening on 127.0.0.1:port (ss -ltnp)."""
-    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    """The pid of the process listening on 127.0.0.1:port (ss -ltnp), or on a Unix socket path (ss -lxp)."""
+    if isinstance(port, str):
+        out = [line for line in subprocess.run(["ss", "-Hlxp"], capture_output=True, text=True).stdout.splitlines()
+               if f" {port} " in line][0]
+    else:
+        out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
     return int(re.search(r"pid=(\d+)", out).group(1))
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to an app on its Unix socket: what root (or the job's own user) could do on the node."""
+
+    def __init__(self, path, timeout=60):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
 
 
 @pytest.mark.parametrize("app", sorted(UNAUTHENTICATED))
@@ -613,9 +633,12 @@ def test_a_known_app_refuses_requests_without_the_links_token_by_itself(tmp_path
                                 "--workdir", str(work), "--wait", timeout=240)
     token = result["url"].split("token=")[1]
     log = (client.session_dir(result["alias"]) / "job.log").read_text()
-    port = int(re.search(r"starting the app on 127\.0\.0\.1:(\d+)", log).group(1))
+    on_socket = re.search(r"(?:starting the app on|relayed to) the Unix socket (\S+):", log)
+    port = on_socket.group(1) if on_socket else int(re.search(r"starting the app on 127\.0\.0\.1:(\d+)", log).group(1))
     target = UNAUTHENTICATED[app]
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)   # straight to the app, as another user
+    assert on_socket                 # Jupyter on its socket; Voila in a network namespace of its own, relayed to one
+    # straight to the app (as root here: the socket's directory is the user's 0700 one)
+    conn = UnixHTTPConnection(port) if on_socket else http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("GET", target)
     refused = conn.getresponse()
     refused.read()
@@ -623,7 +646,9 @@ def test_a_known_app_refuses_requests_without_the_links_token_by_itself(tmp_path
     conn.request("GET", f"{target}?token={token}")
     allowed = conn.getresponse()
     assert allowed.status == 200 and b"42" in allowed.read() if app == "voila" else allowed.status == 200
-    pid = app_process(port)
+    pid = app_process(port) if not on_socket or on_socket.group(0).startswith("starting") else int(
+        subprocess.run(["pgrep", "-n", "-f", str(client.session_dir(result["alias"]) / "app-config")],
+                       capture_output=True, text=True).stdout.split()[0])     # in its own netns: ss here cannot see it
     argv = Path(f"/proc/{pid}/cmdline").read_bytes()
     environ = Path(f"/proc/{pid}/environ").read_bytes()
     assert token.encode() not in argv, "the token is on the app's command line (ps shows it to everyone)"

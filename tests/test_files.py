@@ -194,7 +194,7 @@ def test_rotating_the_cookie_key_logs_every_browser_out_and_changes_nothing_else
     status, fields = server.api("status", key=link["key"])
     assert status == 200 and fields["state"] == "proxied"
     assert server.rows() == rows
-    assert "cookie key reloaded" in server.log_text()
+    assert "cookie-key reloaded" in server.log_text()
 
 
 def test_a_key_file_opened_to_others_while_serving_is_reported_and_refused_at_the_next_start(open_dir, server_in):

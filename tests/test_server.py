@@ -104,9 +104,9 @@ def test_config_file_and_flags(certs, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "satellite.py"), "serve", "-c", str(ini),
                              "--port-range", "4000-5000"], stderr=subprocess.PIPE, text=True)
     try:
-        lines = [proc.stderr.readline() for _ in range(2)]       # a first start also logs the cookie key it made
-        assert "cookie-key: made a new key" in lines[0]
-        line = lines[1]
+        lines = [proc.stderr.readline() for _ in range(3)]       # a first start also logs the keys it made
+        assert "cookie-key: made a new key" in lines[0] and "upstream-key: made a new key" in lines[1]
+        line = lines[2]
         assert "serving https://*.sat.test on 127.0.0.1:" in line
         port = int(line.rsplit(":", 1)[1].split()[0])
         context = ssl.create_default_context(cafile=str(certs / "ca.pem"))

@@ -14,7 +14,8 @@ Stdlib only. Every request it receives is appended to $APP_REQUEST_LOG (one line
     GET  /status/NNN        an empty answer with that status
     GET  /ws                WebSocket echo (text and binary)
 
-usage: echo_app.py [--host 127.0.0.1] [--port 0] [--certfile C --keyfile K]
+usage: echo_app.py [--host 127.0.0.1] [--port 0] [--unix PATH] [--certfile C --keyfile K]
+(--unix: serve on that Unix socket instead, as code-server --socket does)
 prints "listening HOST PORT" when ready
 """
 import argparse
@@ -24,6 +25,8 @@ import http.server
 import json
 import os
 import random
+import socket
+import socketserver
 import ssl
 import struct
 import sys
@@ -207,7 +210,31 @@ def main():
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--certfile", help="serve HTTPS with this certificate (and --keyfile)")
     parser.add_argument("--keyfile")
+    parser.add_argument("--unix", help="serve on this Unix socket (mode 0600) instead of host and port")
     args = parser.parse_args()
+    if args.unix:
+        class UnixServer(http.server.ThreadingHTTPServer):
+            address_family = socket.AF_UNIX
+
+            def server_bind(self):
+                old = os.umask(0o177)
+                try:
+                    socketserver.TCPServer.server_bind(self)
+                finally:
+                    os.umask(old)
+                self.server_name, self.server_port = "localhost", 0
+
+            def get_request(self):
+                sock, _ = self.socket.accept()
+                return sock, ("unix", 0)
+        server = UnixServer(args.unix, type("UnixHandler", (Handler,), {"disable_nagle_algorithm": False}))
+        server.daemon_threads = True
+        print("listening", args.unix, flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        return 0
     server = http.server.ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     if args.certfile:

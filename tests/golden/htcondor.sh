@@ -4,7 +4,7 @@
 # the agent reads them, starts the app, redeems the link, and releases it when the job ends.
 set -e
 cd /work
-exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command 'code-server --bind-addr {host}:{port} .'
+exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command 'code-server --socket {socket} .'
 
 # job.sub (submit description):
 # Satellite session ALIAS
