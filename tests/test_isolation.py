@@ -232,7 +232,7 @@ def test_an_app_without_a_socket_is_on_a_private_loopback(net_client, net_satell
     assert subprocess.run(NOBODY + ["unshare", "-Urn", "true"]).returncode == 0
     out = net_client.run("launch", "--command", APPS["loopback app"], "--time-limit", "10", "--wait")
     assert out.returncode == 0, out.stderr
-    alias = re.search(r"session ([a-z-]+)\.", out.stdout).group(1)
+    alias = re.search(r"for session ([a-z-]+) ", out.stdout).group(1)
     tcp, paths = listeners(job_tree(net_client, alias))
     assert attempts(["ip", "netns", "exec", other_node], tcp, set()) == []
     job_log = (net_client.session_dir(alias) / "job.log").read_text()
