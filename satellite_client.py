@@ -63,10 +63,10 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from satellite import TUNNEL_PROTOCOL, Tunnel     # the tunnel protocol's one copy (see above)
-from satellite import relay_websocket, tls_handshake   # byte relay and deadline-bound TLS: one copy, there
+from satellite import plain_address, relay_websocket, tls_handshake   # address, byte relay, deadline-bound TLS: one copy, there
 from satellite import UPSTREAM_PREAMBLE_PREFIX, UPSTREAM_PREAMBLE_SIZE, upstream_preamble
 from satellite import ALIAS_SHAPE, SESSION_STATES  # what satellite issues: the client checks its replies against it
 from satellite import print_checks, wrapped_help  # `check`'s help and OK/WARN/FAIL lines, as `satellite check`'s
@@ -95,6 +95,7 @@ APP_LISTENS = (ISOLATED, UNPROTECTED)
 APP_SOCKET = "app.sock"                             # in the session directory (0700)
 MAX_SOCKET_PATH = 100                               # sun_path holds 108 bytes
 GATE_PENDING = 16                                   # connections the gate holds before they proved anything
+GATE_PENDING_SATELLITE = 256                        # the same, for connections from satellite's own addresses
 GATE_SECONDS = 5.0                                  # for the TLS handshake and satellite's proof, in total
 LIFETIME_MARGIN = 600                               # link outlives the walltime by this much (seconds)
 MAX_REPLY = 64 * 1024                               # bytes of a satellite reply we read at most
@@ -631,6 +632,13 @@ class SatelliteApi:
             raise ApiRefused(int(parts[1]), reason)
         sock.settimeout(None)
         return sock, rest
+
+    def satellite_addresses(self) -> list:
+        """The addresses satellite's name resolves to here: where its connections to this node come from."""
+        try:
+            return [plain_address(info[4][0]) for info in socket.getaddrinfo(*self.address, type=socket.SOCK_STREAM)]
+        except OSError:
+            return []
 
     def local_address(self) -> str:
         """The address this host uses to reach satellite: what satellite will map a redeem to."""
@@ -1664,15 +1672,19 @@ class Gate:
     (satellite.upstream_preamble: a fixed prefix, 64 hex digits, CRLF; read to exactly its size), which is
     compared in constant time with the proof the redeem reply gave. Anything else is closed, and the app
     never sees it. At most GATE_PENDING connections are held before they proved anything; more are closed at
-    once. Proven connections are relayed to the app's socket byte for byte (satellite.relay_websocket).
+    once. Connections from satellite's own addresses (where this node reaches it) have a pool of their own,
+    GATE_PENDING_SATELLITE, so other users filling the small pool with silent connections cannot keep
+    satellite out (a connection from there must still prove itself). Proven connections are relayed to the app's socket byte for byte (satellite.relay_websocket).
     The gate binds its own port (0: the kernel picks) and holds it from before the redeem to the end: no
     port is picked and then hoped for. The proof lives only in this process's memory: never in a file,
     a log, a command line or the app's environment."""
 
-    def __init__(self, host: str, certificate: dict, app: AppAddress):
+    def __init__(self, host: str, certificate: dict, app: AppAddress, satellite_addresses: Iterable[str] = ()):
         self.app = app
         self.proof: Optional[bytes] = None              # the preamble; None until the redeem reply gives it
         self.pending = threading.BoundedSemaphore(GATE_PENDING)
+        self.satellite_addresses = frozenset(satellite_addresses)
+        self.satellite_pending = threading.BoundedSemaphore(GATE_PENDING_SATELLITE)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.context.load_cert_chain(certificate["certfile"], certificate["keyfile"])
@@ -1692,10 +1704,11 @@ class Gate:
                     return
                 time.sleep(0.05)                          # EMFILE and the like: do not spin
                 continue
-            if not self.pending.acquire(blocking=False):
+            pool = self.satellite_pending if plain_address(peer[0]) in self.satellite_addresses else self.pending
+            if not pool.acquire(blocking=False):
                 raw.close()
                 continue
-            threading.Thread(target=self.serve, args=(raw, peer[0]), daemon=True).start()
+            threading.Thread(target=self.serve, args=(raw, peer[0], pool), daemon=True).start()
 
     def admit(self, raw: socket.socket, peer: str) -> Optional[ssl.SSLSocket]:
         """The TLS connection if it proved itself within the deadline, else None (and it is closed)."""
@@ -1728,11 +1741,11 @@ class Gate:
         raw.close()
         return None
 
-    def serve(self, raw: socket.socket, peer: str) -> None:
+    def serve(self, raw: socket.socket, peer: str, pool: threading.BoundedSemaphore) -> None:
         try:
             sock = self.admit(raw, peer)
         finally:
-            self.pending.release()
+            pool.release()
         if sock is None:
             return
         try:
@@ -1876,7 +1889,7 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
                     f"(unprivileged user namespaces are off), so it listens on {app}: other users on this node could "
                     "connect to it (not from other nodes)")
         if not stop and isolated and connect != "tunnel":
-            gate = Gate(node, tls_files, app)
+            gate = Gate(node, tls_files, app, api.satellite_addresses())
         if not stop:
             reply = None
             if connect != "tunnel":

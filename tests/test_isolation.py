@@ -384,6 +384,37 @@ def test_the_gate_holds_few_unproven_connections_and_relays_only_proven_ones(tmp
         app.wait()
 
 
+def test_silent_connections_from_other_addresses_do_not_keep_satellite_out(tmp_path):
+    """Another user fills the gate's small pool with connections that say nothing; satellite's own connection
+    (from the address satellite's name resolves to) still gets in and is relayed with its proof."""
+    session = satellite_client.SessionDir(tmp_path)
+    certificate, _ = satellite_client.make_certificate(session)
+    sock_path = str(tmp_path / "app.sock")
+    app = subprocess.Popen([sys.executable, str(ROOT / "tests/apps/echo_app.py"), "--unix", sock_path],
+                           stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(sock_path), what="the app's socket")
+        gate = satellite_client.Gate("127.0.0.1", certificate, satellite_client.AppAddress(path=sock_path),
+                                     satellite_addresses=["127.0.0.2"])
+        gate.proof = satellite_client.upstream_preamble("ab" * 32)
+        idle = [socket.create_connection(("127.0.0.1", gate.port), 10, source_address=("127.0.0.3", 0))
+                for _ in range(satellite_client.GATE_PENDING)]
+        wait_for(lambda: gate.pending._value == 0, what="the attacker to fill the small pool")
+        raw = socket.create_connection(("127.0.0.1", gate.port), 10, source_address=("127.0.0.2", 0))
+        with ssl._create_unverified_context().wrap_socket(raw) as sat:
+            sat.sendall(gate.proof + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sat.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        for sock in idle:
+            sock.close()
+        gate.close()
+    finally:
+        app.kill()
+        app.wait()
+
+
 def select_readable(socks):
     import select
     poller = select.poll()
