@@ -102,6 +102,7 @@ class LoopbackHTTPS(http.client.HTTPSConnection):
 
 class SatelliteServer:
     """A satellite process; restartable on the same port and database."""
+    listen_host = "127.0.0.1"
 
     def __init__(self, certs, workdir, extra_args=()):
         self.certs = certs
@@ -131,7 +132,7 @@ class SatelliteServer:
             if self.proc.poll() is not None:
                 raise AssertionError("satellite exited:\n" + self.log_text())
             text = self.log_path.read_text()[start_at:]
-            return re.search(r"serving .* on 127\.0\.0\.1:(\d+)", text)
+            return re.search(r"serving .* on " + re.escape(self.listen_host) + r":(\d+)", text)
         self.port = int(wait_for(serving, what="satellite to listen").group(1))
         control = re.search(r"control plane .* on 127\.0\.0\.1:(\d+)", self.log_path.read_text()[start_at:])
         self.control_port = int(control.group(1)) if control else None     # --control-listen: the API is there

@@ -54,23 +54,12 @@ def other_node():
 
 class NetSatellite(SatelliteServer):
     """A satellite on the cluster network's host address (a certificate with that IP in it)."""
+    listen_host = HOST_SIDE
 
     def command(self):
         command = super().command()
         command[command.index("--listen") + 1] = f"{HOST_SIDE}:{self.port}"
         return command + ["--redeem-from", "10.251.7.0/24", "--issue-from", "10.251.7.0/24"]
-
-    def start(self):
-        log = open(self.log_path, "a")
-        start_at = self.log_path.stat().st_size
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.workdir)
-        log.close()
-
-        def serving():
-            assert self.proc.poll() is None, self.log_text()
-            return re.search(r"serving .* on 10\.251\.7\.1:(\d+)", self.log_path.read_text()[start_at:])
-        self.port = int(wait_for(serving, what="satellite to listen").group(1))
-        return self
 
     def link(self, url, target="/", method="GET", body=None, headers=None):
         host = url.split("/")[2].split(":")[0]
