@@ -65,6 +65,7 @@ import re
 import resource
 import secrets
 import select
+import shutil
 import signal
 import socket
 import socketserver
@@ -264,7 +265,8 @@ class Settings:
     # operations (refresh, audit, metrics, limits)
     audit_log: str = ""                     # JSON lines file; '' = off, '-' = stderr
     metrics_from: tuple = parse_networks("127.0.0.0/8,::1")
-    admin_from: tuple = parse_networks("127.0.0.0/8,::1")     # may feed scheduler states
+    admin_from: tuple = parse_networks("127.0.0.0/8,::1")     # a front's auth_request is answered for these
+    jobstates_from: tuple = ()              # may feed scheduler states (which end sessions): none until named
     getlink_rate: tuple = (120, 60)         # getlink calls per user (per address if no user is named) per window
     max_live_per_source: int = 500          # live sessions per issuing address: a login node's ceiling
     max_live_per_user: int = 20             # live sessions per user: one user cannot fill the node's ceiling
@@ -291,6 +293,7 @@ class Settings:
         "public_port": int, "handshake_timeout": float, "idle_timeout": float,
         "header_timeout": float, "upstream_connect_timeout": float, "upstream_timeout": float,
         "max_connections": int, "max_connections_per_address": int, "metrics_from": parse_networks, "admin_from": parse_networks,
+        "jobstates_from": parse_networks,
         "getlink_rate": parse_rate, "max_live_per_source": int, "token_failures": parse_rate,
         "max_live_per_user": int,
         "dead_after": parse_duration, "retention": parse_duration, "hsts": parse_duration,
@@ -1267,6 +1270,13 @@ def take_jobstates(store: Store, events: Events, feed: str, snapshot: bool, gone
     return named, ended
 
 
+def run_jobstate_command(command: str) -> subprocess.CompletedProcess:
+    """The site's job-state command, with pipefail where bash is (a pipeline fails when any command in it does)."""
+    shell = shutil.which("bash")
+    argv = [shell, "-o", "pipefail", "-c", command] if shell else ["/bin/sh", "-c", command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
 def refresh(store: Store, settings: Settings, events: Events, dry_run: bool = False) -> dict:
     """The cron job: expire what is past its time, end sessions whose app is gone, prune
     old ended sessions, take scheduler states. Safe beside `serve` and beside itself:
@@ -1275,12 +1285,15 @@ def refresh(store: Store, settings: Settings, events: Events, dry_run: bool = Fa
     summary = dict.fromkeys(("expired_links", "expired_sessions", "probed", "down", "dead", "pruned",
                              "jobstates", "jobs_ended"), 0)
     if settings.jobstate_command:
-        result = subprocess.run(settings.jobstate_command, shell=True, capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            log.warning("jobstate command failed (%d): %s", result.returncode, result.stderr.strip()[:200])
-        # its output is a full snapshot only if it succeeded: an unreachable controller ends nothing
+        result = run_jobstate_command(settings.jobstate_command)
+        if result.returncode != 0 or result.stderr.strip():
+            log.warning("jobstate command %s (%d): %s", "failed" if result.returncode else "complained",
+                        result.returncode, result.stderr.strip()[:200])
+        # its output is a full snapshot only if every command of it succeeded and none complained:
+        # an unreachable controller (`qstat ... | awk ...` with qstat failing) ends nothing
+        snapshot = result.returncode == 0 and not result.stderr.strip()
         summary["jobstates"], summary["jobs_ended"] = take_jobstates(
-            store, events, result.stdout, result.returncode == 0, settings.job_gone_after, dry_run)
+            store, events, result.stdout, snapshot, settings.job_gone_after, dry_run)
     live = store.sessions(("queued", "running", "mapped", "proxied"))
     for session in live:
         if now >= session.expires:
@@ -1755,7 +1768,7 @@ class Endpoint:
 
 FORM_BODY = 8 * 1024                     # an API form: a key, a port, a state
 FEED_BODY = 4 * 1024 * 1024              # scheduler states for a whole cluster, from the admin network only
-ISSUERS, REDEEMERS, ADMINS = ("issue_from",), ("redeem_from",), ("admin_from",)
+ISSUERS, REDEEMERS, FEEDERS = ("issue_from",), ("redeem_from",), ("jobstates_from",)
 
 ENDPOINTS = {
     "/healthz": Endpoint("health"),
@@ -1766,14 +1779,14 @@ ENDPOINTS = {
     "/api/state": Endpoint("state", ISSUERS + REDEEMERS, FORM_BODY),
     "/api/release": Endpoint("release", ISSUERS + REDEEMERS, FORM_BODY),
     "/api/status": Endpoint("status", (), FORM_BODY),
-    "/api/jobstates": Endpoint("jobstates", ADMINS, FEED_BODY),
+    "/api/jobstates": Endpoint("jobstates", FEEDERS, FEED_BODY),
     # SDSC Satellite's CGIs (legacy-api = yes)
     "/getlink.cgi": Endpoint("getlink", ISSUERS, FORM_BODY, legacy=True),
     "/redeemtoken.cgi": Endpoint("redeem", REDEEMERS, FORM_BODY, legacy=True),
     "/destroytoken.cgi": Endpoint("destroy", ISSUERS + REDEEMERS, FORM_BODY, legacy=True),
     "/linktoken.cgi": Endpoint("link", ISSUERS + REDEEMERS, FORM_BODY, legacy=True),
     "/tokenjobstate.cgi": Endpoint("jobstate", ISSUERS + REDEEMERS, FORM_BODY, legacy=True),
-    "/update-jobs.cgi": Endpoint("update-jobs", ADMINS, FEED_BODY, legacy=True),
+    "/update-jobs.cgi": Endpoint("update-jobs", FEEDERS, FEED_BODY, legacy=True),
 }
 API_METHODS = ("GET", "POST", "HEAD")
 
@@ -2676,7 +2689,8 @@ def ending_notice_answer(request: Request, session: Session, now: float) -> Answ
     """Satellite's short page before the app, near the end: save your work, then continue (the
     same address). Its cookie, kept until the session ends, says it was shown."""
     left = session.expires - now
-    target = "/" + request.target.lstrip("/")           # never '//host': the link stays on this host
+    # never '//host' nor '/\\host' (browsers read a backslash as a slash): the link stays on this host
+    target = "/" + request.target.lstrip("/\\").replace("\\", "%5C")
     body = (f"<p>Your session <code>{html.escape(session.alias)}</code> ends in "
             f"<strong>{minutes_text(left)}</strong>. Save your work now: when the session ends, the app "
             f"stops and what is not saved is lost.</p>"
@@ -4391,7 +4405,7 @@ def command_stats(settings: Settings) -> int:
     return 0
 
 
-CHECK_NETWORKS = ("issue_from", "redeem_from", "metrics_from", "admin_from", "trusted_fronts")
+CHECK_NETWORKS = ("issue_from", "redeem_from", "metrics_from", "admin_from", "jobstates_from", "trusted_fronts")
 
 
 def may_access(path: str, uid: int, gids: set, bits: int) -> bool:
@@ -4503,6 +4517,10 @@ def check_deployment(settings: Settings, user: str) -> list:
         elif name == "key" and os.stat(path).st_mode & 0o004:
             report("FAIL", f"key file {path}: other users may read it (mode {os.stat(path).st_mode & 0o777:04o}): "
                            f"chmod 0640 {path}; chown root:{group} {path}")
+        elif name == "key" and os.stat(path).st_mode & 0o040 and os.stat(path).st_gid != account.pw_gid:
+            key_group = os.stat(path).st_gid
+            report("FAIL", f"key file {path}: group {grp_name(key_group)} may read it, not only {user}'s group: "
+                           f"chown root:{group} {path}; chmod 0640 {path}")
         else:
             report("OK", f"{name} file {path} readable by {user}")
     try:
@@ -4599,7 +4617,29 @@ def check_deployment(settings: Settings, user: str) -> list:
                                f"{'ask for' if name == 'issue_from' else 'redeem'} links")
             else:
                 report("OK", f"{shown} {setting_text(name, networks)}")
+        elif any(net.prefixlen == 0 for net in networks):
+            report("FAIL", f"{shown} {setting_text(name, networks)} is every address: {NETWORK_POWERS[name]}; "
+                           f"name the hosts that need it")
+        elif name == "jobstates_from" and any(net.is_loopback for net in networks):
+            report("WARN", f"{shown} {setting_text(name, networks)} takes this host: any local user here may then "
+                           f"feed job states, which end sessions; prefer jobstate-command (refresh runs it)")
+        elif networks:
+            report("OK", f"{shown} {setting_text(name, networks)}")
     return results
+
+
+NETWORK_POWERS = {"metrics_from": "anyone could read the metrics",
+                  "admin_from": "anyone could ask satellite to decide a front's requests",
+                  "jobstates_from": "anyone could feed job states and so end every session",
+                  "trusted_fronts": "anyone could name the client address and the signed-in user"}
+
+
+def grp_name(gid: int) -> str:
+    import grp
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _strict_network(text: str) -> bool:
@@ -4661,7 +4701,9 @@ SETTING_FLAGS = [
     ("--audit-log", "audit_log", "JSON-lines audit log of every issue/redeem/state/release/revoke/expire/denial "
                                  "('-' for stderr, '' for off)"),
     ("--metrics-from", "metrics_from", "CIDR[,CIDR] that may read /metrics"),
-    ("--admin-from", "admin_from", "CIDR[,CIDR] that may feed scheduler states to /api/jobstates"),
+    ("--admin-from", "admin_from", "CIDR[,CIDR] of fronts whose auth_request satellite answers"),
+    ("--jobstates-from", "jobstates_from", "CIDR[,CIDR] that may feed scheduler states to /api/jobstates and "
+                                           "update-jobs.cgi (they end sessions: name your controller; none by default)"),
     ("--getlink-rate", "getlink_rate", "getlink calls per user (per address if none is named), COUNT/DURATION "
                                        "(0 = no limit)"),
     ("--max-live-per-source", "max_live_per_source", "live sessions per issuing address, its ceiling (0 = no limit)"),

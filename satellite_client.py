@@ -2268,6 +2268,11 @@ def command_cancel(alias: str) -> int:
 def client_checks(options: LaunchOptions, config: str) -> list:
     """What `satellite-client check` finds on this login node: (level, line) pairs, level OK, WARN or FAIL."""
     results = []
+    for what, path in (("site config", config), ("cacert", options.cacert)):
+        loose = path and os.path.exists(path) and others_may_replace(path)
+        if loose:
+            results.append(("FAIL", f"{what} {path}: {loose}, so they could point every user's links at their own "
+                                    f"server: chown root {path}; chmod 0644 {path} (and its directory 0755 root)"))
     if os.path.exists(config):
         results.append(("OK", f"site config {config}"))
     else:
@@ -2318,6 +2323,17 @@ def client_checks(options: LaunchOptions, config: str) -> list:
         else:
             results.append(("OK", f"scheduler {name} ({how}: {shutil.which(scheduler.cli)})"))
     return results
+
+
+def others_may_replace(path: str) -> str:
+    """Why users other than root and this one could change `path` (the file or its directory), or ''."""
+    for place in (path, os.path.dirname(os.path.abspath(path))):
+        st = os.stat(place)
+        if st.st_uid not in (0, os.geteuid()):
+            return f"{place} belongs to uid {st.st_uid}"
+        if st.st_mode & 0o022 and not (place != path and st.st_mode & stat.S_ISVTX):
+            return f"{place} is writable by {'others' if st.st_mode & 0o002 else 'its group'}"
+    return ""
 
 
 def command_check() -> int:

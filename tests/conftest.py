@@ -264,7 +264,9 @@ def certs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def satellite(certs, tmp_path_factory):
-    server = SatelliteServer(certs, tmp_path_factory.mktemp("satellite")).start()
+    """The shared satellite. The tests' login address stands for the scheduler's controller too (the job-state
+    feed is off by default: fresh_satellite() shows the defaults)."""
+    server = SatelliteServer(certs, tmp_path_factory.mktemp("satellite"), ("--jobstates-from", "127.0.0.1/32")).start()
     yield server
     server.stop()
 

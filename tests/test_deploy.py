@@ -1,9 +1,13 @@
 """Deploying as an HPC admin would: config mistakes named clearly, `satellite check` before the first start."""
+import grp
+import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+
+import pytest
 
 from conftest import DOMAIN, ROOT, wait_for
 
@@ -147,9 +151,10 @@ def test_check_help_teaches():
 
 # ---- the login node: satellite-client check ----------------------------------------------------------------
 
-def client_check(tmp_path, config_text, path_dirs=()):
+def client_check(tmp_path, config_text, path_dirs=(), mode=0o644):
     ini = tmp_path / "client.ini"
     ini.write_text(config_text)
+    ini.chmod(mode)
     empty = tmp_path / "empty"
     empty.mkdir(exist_ok=True)                  # PATH holds only what the test puts there (this host has sbatch)
     env = {"HOME": str(tmp_path), "SATELLITE_CLIENT_CONFIG": str(ini),
@@ -216,3 +221,42 @@ def test_admin_commands_name_an_audit_log_they_cannot_open(certs, tmp_path, fres
         assert result.returncode == 1 and "Traceback" not in result.stderr, (command, result.stderr)
         assert "audit-log: cannot open" in result.stderr, (command, result.stderr)
     assert server.request(f"{alias}.{DOMAIN}", "/")[0] != 410            # the failed revoke changed nothing
+
+
+# ---- found by an attacker: networks open to all, a key a wide group reads, a site config others may change ------
+
+@pytest.mark.parametrize("name,value", [("admin_from", "0.0.0.0/0"), ("trusted_fronts", "::/0"),
+                                        ("metrics_from", "0.0.0.0/0"), ("jobstates_from", "::/0")])
+def test_check_fails_networks_open_to_every_address(certs, tmp_path, name, value):
+    ini = write_ini(tmp_path / "satellite.ini", certs, **{name: value})
+    result = satellite("check", "-c", str(ini))
+    assert re.search(rf"^FAIL {name.replace('_', '-')} .*every address", result.stdout, re.M), result.stdout
+    assert result.returncode == 1
+
+
+def test_check_warns_a_feed_from_this_host(certs, tmp_path):
+    ini = write_ini(tmp_path / "satellite.ini", certs, jobstates_from="127.0.0.1/32")
+    result = satellite("check", "-c", str(ini))
+    assert re.search(r"^WARN jobstates-from .*any local user", result.stdout, re.M), result.stdout
+
+
+def test_check_fails_a_key_a_group_other_than_the_services_reads(certs, tmp_path):
+    key = tmp_path / "key.pem"
+    shutil.copy(certs / "key.pem", key)
+    other = next(g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getegid())
+    os.chown(key, -1, other)
+    key.chmod(0o640)
+    result = satellite("check", "-c", str(write_ini(tmp_path / "satellite.ini", certs, key=str(key))))
+    assert re.search(r"^FAIL key file .*group .* may read it", result.stdout, re.M), result.stdout
+
+
+def test_client_check_fails_a_site_config_or_ca_others_may_change(certs, tmp_path, satellite):
+    """Whoever may rewrite the site config or its CA file could point every user's links at their own server."""
+    ca = tmp_path / "ca.pem"
+    shutil.copy(certs / "ca.pem", ca)
+    ca.chmod(0o664)
+    result = client_check(tmp_path, f"[client]\nsatellite = https://127.0.0.1:{satellite.port}\ncacert = {ca}\n"
+                                    "scheduler = local\n", mode=0o666)
+    assert re.search(r"^FAIL site config .*: .* writable by others", result.stdout, re.M), result.stdout
+    assert re.search(r"^FAIL cacert .*ca\.pem: .* writable by its group", result.stdout, re.M), result.stdout
+    assert result.returncode == 1

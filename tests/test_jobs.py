@@ -42,7 +42,7 @@ def feed(satellite, how, lines):
 
 @pytest.mark.parametrize("how", ["api", "update-jobs.cgi", "jobstate-command"])
 def test_a_terminal_job_state_ends_the_session_at_once(fresh_satellite, new_app, how):
-    satellite = fresh_satellite("--legacy-api", "--admin-from", "127.0.0.1/32", "--audit-log", "audit.log")
+    satellite = fresh_satellite("--legacy-api", "--jobstates-from", "127.0.0.1/32", "--audit-log", "audit.log")
     app = new_app()
     link, other = proxied(satellite, app, "3"), proxied(satellite, app, "4")
     feed(satellite, how, "3 CANCELLED\n4 RUNNING")
@@ -58,7 +58,7 @@ def test_a_terminal_job_state_ends_the_session_at_once(fresh_satellite, new_app,
 def test_galyleo_sees_D_as_soon_as_the_scheduler_says_the_job_is_gone(fresh_satellite, new_app):
     """SDSC's galyleo: getlink.cgi, linktoken.cgi with the job id, redeemtoken.cgi from the node; scancel
     (no trap, no destroytoken.cgi); the feed says CANCELLED: tokenjobstate.cgi answers the bare D."""
-    satellite = fresh_satellite("--legacy-api", "--admin-from", "127.0.0.1/32")
+    satellite = fresh_satellite("--legacy-api", "--jobstates-from", "127.0.0.1/32")
     app = new_app(APP_TOKEN="jupyter-own-token")
     alias = curl(satellite, "/getlink.cgi")[1].splitlines()[1]
     assert curl(satellite, f"/linktoken.cgi?token={alias}&jobid=3") == (200, "Success!\n")
@@ -95,7 +95,7 @@ def test_states_of_a_live_or_unknown_job_end_nothing(state):
 
 
 def test_a_job_a_full_snapshot_no_longer_lists_ends_after_the_grace_period(fresh_satellite, new_app):
-    satellite = fresh_satellite("--admin-from", "127.0.0.1/32", "--job-gone-after", "1s")
+    satellite = fresh_satellite("--jobstates-from", "127.0.0.1/32", "--job-gone-after", "1s")
     app = new_app()
     seen, never_listed = proxied(satellite, app, "11"), proxied(satellite, app, "12")
     refresh = ["refresh", "--job-gone-after", "1s", "--jobstate-command"]
@@ -120,7 +120,7 @@ def test_a_job_a_full_snapshot_no_longer_lists_ends_after_the_grace_period(fresh
 
 
 def test_an_app_that_stops_while_its_job_runs_says_so(fresh_satellite, new_app):
-    satellite = fresh_satellite("--admin-from", "127.0.0.1/32")
+    satellite = fresh_satellite("--jobstates-from", "127.0.0.1/32")
     app = new_app()
     link = proxied(satellite, app, "21")
     satellite.api("jobstates", method="POST", jobstates="21 RUNNING")
@@ -180,7 +180,7 @@ def test_a_galyleo_style_job_cancelled_with_scancel_shows_the_ended_page(fresh_s
 
 def test_the_readmes_feed_line_posts_a_controllers_list(fresh_satellite, new_app):
     """Deployment step 7's curl line, fed a list on stdin as a controller's cron would."""
-    satellite = fresh_satellite("--admin-from", "127.0.0.1/32")
+    satellite = fresh_satellite("--jobstates-from", "127.0.0.1/32")
     link = proxied(satellite, new_app(), "31")
     readme = (ROOT / "README.md").read_text()
     line = re.search(r"\| (curl -sS --data-urlencode jobstates@-)\s+https://manage\.sat\.example\.edu(/api/jobstates)`",
@@ -189,3 +189,31 @@ def test_the_readmes_feed_line_posts_a_controllers_list(fresh_satellite, new_app
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
     assert result.stdout == "jobs=1\nsessions=1\nended=1\n", result.stderr
     assert ended_page(satellite, link)[0] == 410
+
+
+def test_a_local_user_on_the_proxy_node_cannot_feed_job_states_by_default(fresh_satellite, app):
+    """The feed ends sessions, so by default no one may feed it: before, `admin-from` (loopback by default) let
+    any local account (here the real user nobody, with curl) end another user's session by its public job id."""
+    satellite = fresh_satellite()
+    link = proxied(satellite, app, "987654")
+    feed = subprocess.run(["runuser", "-u", "nobody", "--", "curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}",
+                           "--data-urlencode", "jobstates=987654 CANCELLED",
+                           f"https://127.0.0.1:{satellite.port}/api/jobstates"],
+                          capture_output=True, text=True, timeout=30)
+    assert feed.stdout == "403", feed
+    assert ended_page(satellite, link)[0] == 200
+
+
+def test_a_job_state_pipeline_whose_scheduler_fails_ends_no_session(fresh_satellite, new_app):
+    """`qstat ... | awk ...` with qstat failing exits 0 with nothing: not a snapshot (pipefail), nothing ends."""
+    satellite = fresh_satellite("--job-gone-after", "1s")
+    link = proxied(satellite, new_app(), "11")
+    refresh = ["refresh", "--job-gone-after", "1s", "--jobstate-command"]
+    assert admin(satellite, *refresh, "printf '11 r\\n'").returncode == 0
+    time.sleep(1.1)
+    qstat_down = ("{ echo 'error: commlib error: got select error (Connection refused)' >&2; exit 1; } "
+                  "| awk 'NR > 2 {print $1, $5}'")
+    admin(satellite, *refresh, qstat_down)
+    assert ended_page(satellite, link)[0] == 200
+    admin(satellite, *refresh, "echo 'warning: partial answer' >&2")          # a complaint: not a snapshot either
+    assert ended_page(satellite, link)[0] == 200

@@ -20,7 +20,7 @@ def test_legacy_api_is_off_by_default(satellite):
 
 
 def test_legacy_flow_as_galyleo_runs_it(fresh_satellite, new_app):
-    satellite = fresh_satellite("--legacy-api", "--admin-from", "127.0.0.1/32")
+    satellite = fresh_satellite("--legacy-api", "--jobstates-from", "127.0.0.1/32")
     app = new_app(APP_TOKEN="jupyter-own-token")
     # login node: getlink.cgi, then the alias is the second line of the reply
     status, body = curl(satellite, "/getlink.cgi")

@@ -122,7 +122,7 @@ def test_concurrent_refreshes_beside_live_traffic(ops_satellite, new_app):
 # scheduler feed --------------------------------------------------------------------
 
 def test_jobstate_feed_endpoint_and_refresh_command(ops_satellite):
-    satellite = ops_satellite("--admin-from", "127.0.0.1/32")
+    satellite = ops_satellite("--jobstates-from", "127.0.0.1/32")
     pending, held = satellite.getlink(), satellite.getlink()
     satellite.api("state", key=pending["key"], state="queued", jobid="4242")
     satellite.api("state", key=held["key"], state="queued", jobid="4243")

@@ -5,6 +5,7 @@ and the bounds on what a tunnel queues. The end-to-end suites drive the same cod
 import itertools
 import json
 import os
+import re
 import sys
 import time
 
@@ -19,6 +20,7 @@ ALIAS = "brave-otter-lamp"
 SETTINGS = satellite.Settings(domain=DOMAIN, cert="c", key="k", issue_from=satellite.parse_networks("10.1.0.0/24"),
                               redeem_from=satellite.parse_networks("10.2.0.0/16"),
                               admin_from=satellite.parse_networks("10.9.0.1"),
+                              jobstates_from=satellite.parse_networks("10.9.0.1"),
                               metrics_from=satellite.parse_networks("10.9.0.0/24"))
 SECRET = b"k" * 32
 TOKEN = "the-token"
@@ -573,3 +575,14 @@ def test_the_status_says_whether_the_app_answers_apart_from_whether_the_job_runs
     assert down["app"] == "not answering" and down["state"] == "proxied"
     assert "job 77 is still running" in down["message"]
     assert "app" not in satellite.status_info(session(state="queued"), False, now)
+
+
+def test_the_ending_notice_link_stays_on_this_host_even_with_backslashes():
+    """Browsers read '/\\host' as '//host': the notice's continue link must not carry a raw backslash."""
+    now = time.time()
+    near = session(expires=now + 300)
+    for target in ("/\\evil.example/?token=x", "/\\/evil.example/", "//\\evil.example/"):
+        request = request_from_bytes(f"GET {target} HTTP/1.1\r\nHost: {ALIAS}.{DOMAIN}\r\n\r\n".encode())
+        body = satellite.ending_notice_answer(request, near, now).body.decode()
+        href = re.search(r"href='([^']*)'", body).group(1)
+        assert "\\" not in href and not href.startswith("//"), href
