@@ -3012,7 +3012,7 @@ class Forwarder:
         through_tunnel = self.tunnel_for(session.alias) if session.tunneled else None
         if session.tunneled and through_tunnel is None:
             raise TunnelDown()
-        key = (session.target, session.tls_pin, through_tunnel)
+        key = (session.alias, session.target, session.tls_pin, through_tunnel)   # an upstream proves one session
         if self.upstream is not None:
             if self.upstream.key == key and (retryable or self.upstream.is_idle_and_open()):
                 self.upstream.reused = True

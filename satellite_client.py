@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import collections
 import configparser
 import contextlib
 import dataclasses
@@ -96,6 +97,7 @@ APP_SOCKET = "app.sock"                             # in the session directory (
 MAX_SOCKET_PATH = 100                               # sun_path holds 108 bytes
 GATE_PENDING = 16                                   # connections the gate holds before they proved anything
 GATE_PENDING_SATELLITE = 256                        # the same, for connections from satellite's own addresses
+GATE_PENDING_PER_SOURCE = 4                         # of GATE_PENDING, what one other address may hold
 GATE_SECONDS = 5.0                                  # for the TLS handshake and satellite's proof, in total
 LIFETIME_MARGIN = 600                               # link outlives the walltime by this much (seconds)
 MAX_REPLY = 64 * 1024                               # bytes of a satellite reply we read at most
@@ -103,9 +105,13 @@ MAX_REPLY = 64 * 1024                               # bytes of a satellite reply
 JUPYTER_FLAGS = ("--no-browser --ip={host} --port={port} --ServerApp.port_retries=0 "
                  # satellite is the front: Host names are its aliases, and it sets X-Forwarded-*
                  "--ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True")
-# jupyter_server >= 1.?: --ServerApp.sock (mode 0600; --port must then be left out; the token still applies)
-JUPYTER_SOCKET_FLAGS = ("--no-browser --ServerApp.sock={socket} "
+# jupyter_server >= 1.?: --ServerApp.sock (mode 0600; --port must then be left out; the token still applies).
+# Kernels talk to the server over Unix sockets (transport=ipc) in a private runtime directory
+# (JUPYTER_RUNTIME_DIR, see app_setup), not on five TCP ports of the node's shared loopback.
+JUPYTER_IPC_KERNELS = "--KernelManager.transport=ipc"
+JUPYTER_SOCKET_FLAGS = ("--no-browser --ServerApp.sock={socket} " + JUPYTER_IPC_KERNELS + " "
                         "--ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True")
+RUNTIME_PREFIX = "satellite-runtime-"              # a short private directory: a Unix socket path has 107 bytes
 JUPYTER_CONFIG = '{"IdentityProvider": {"token": "$token"}}'        # jupyter_server 2: Lab and Notebook 7
 
 
@@ -1541,6 +1547,8 @@ def app_setup(session: SessionDir, info: dict, token: str) -> tuple:
     if known.config_name:
         private_file(config_dir / known.config_name, string.Template(known.config).substitute(token=token))
         files["config"] = str(config_dir / known.config_name)
+    if JUPYTER_IPC_KERNELS in (known.socket_command or ""):
+        env["JUPYTER_RUNTIME_DIR"] = tempfile.mkdtemp(prefix=RUNTIME_PREFIX, dir="/tmp")   # 0700; run_agent removes it
     return env, files, str(config_dir)
 
 
@@ -1672,9 +1680,11 @@ class Gate:
     (satellite.upstream_preamble: a fixed prefix, 64 hex digits, CRLF; read to exactly its size), which is
     compared in constant time with the proof the redeem reply gave. Anything else is closed, and the app
     never sees it. At most GATE_PENDING connections are held before they proved anything; more are closed at
-    once. Connections from satellite's own addresses (where this node reaches it) have a pool of their own,
-    GATE_PENDING_SATELLITE, so other users filling the small pool with silent connections cannot keep
-    satellite out (a connection from there must still prove itself). Proven connections are relayed to the app's socket byte for byte (satellite.relay_websocket).
+    once, and one address may hold at most GATE_PENDING_PER_SOURCE of them. Connections from satellite's
+    addresses — those its name resolves to here, and any address a connection has proved itself from
+    (satellite may connect from another interface) — have a pool of their own, GATE_PENDING_SATELLITE, so
+    other users filling the small pool with silent connections cannot keep satellite out (a connection from
+    there must still prove itself). Proven connections are relayed to the app's socket byte for byte (satellite.relay_websocket).
     The gate binds its own port (0: the kernel picks) and holds it from before the redeem to the end: no
     port is picked and then hoped for. The proof lives only in this process's memory: never in a file,
     a log, a command line or the app's environment."""
@@ -1683,8 +1693,10 @@ class Gate:
         self.app = app
         self.proof: Optional[bytes] = None              # the preamble; None until the redeem reply gives it
         self.pending = threading.BoundedSemaphore(GATE_PENDING)
-        self.satellite_addresses = frozenset(satellite_addresses)
+        self.satellite_addresses = set(satellite_addresses)
         self.satellite_pending = threading.BoundedSemaphore(GATE_PENDING_SATELLITE)
+        self.held_by: collections.Counter = collections.Counter()     # unproven connections per other address
+        self.lock = threading.Lock()
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.context.load_cert_chain(certificate["certfile"], certificate["keyfile"])
@@ -1704,11 +1716,34 @@ class Gate:
                     return
                 time.sleep(0.05)                          # EMFILE and the like: do not spin
                 continue
-            pool = self.satellite_pending if plain_address(peer[0]) in self.satellite_addresses else self.pending
-            if not pool.acquire(blocking=False):
+            source = plain_address(peer[0])
+            pool = self.hold(source)
+            if pool is None:
                 raw.close()
                 continue
-            threading.Thread(target=self.serve, args=(raw, peer[0], pool), daemon=True).start()
+            threading.Thread(target=self.serve, args=(raw, source, pool), daemon=True).start()
+
+    def hold(self, source: str) -> Optional[str]:
+        """Take a slot for an unproven connection from `source` if its pool and its share allow: which pool."""
+        if source in self.satellite_addresses:
+            return "satellite" if self.satellite_pending.acquire(blocking=False) else None
+        with self.lock:
+            if self.held_by[source] >= GATE_PENDING_PER_SOURCE or not self.pending.acquire(blocking=False):
+                return None
+            self.held_by[source] += 1
+            return "others"
+
+    def let_go(self, source: str, pool: str, proven: bool) -> None:
+        if pool == "satellite":
+            self.satellite_pending.release()
+        else:
+            with self.lock:
+                self.held_by[source] -= 1
+                if not self.held_by[source]:
+                    del self.held_by[source]
+                self.pending.release()
+        if proven:
+            self.satellite_addresses.add(source)      # satellite connects from here: its own pool from now on
 
     def admit(self, raw: socket.socket, peer: str) -> Optional[ssl.SSLSocket]:
         """The TLS connection if it proved itself within the deadline, else None (and it is closed)."""
@@ -1741,11 +1776,12 @@ class Gate:
         raw.close()
         return None
 
-    def serve(self, raw: socket.socket, peer: str, pool: threading.BoundedSemaphore) -> None:
+    def serve(self, raw: socket.socket, source: str, pool: str) -> None:
+        sock = None
         try:
-            sock = self.admit(raw, peer)
+            sock = self.admit(raw, source)
         finally:
-            pool.release()
+            self.let_go(source, pool, sock is not None)
         if sock is None:
             return
         try:
@@ -1870,7 +1906,7 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
     key = secrets["key"]
     connect = info.get("connect", "direct")
     isolated = info.get("app_listens", ISOLATED) != UNPROTECTED
-    proc, keeper, gate, code, socket_path, reason = None, None, None, 1, "", "the agent stopped"
+    proc, keeper, gate, code, socket_path, reason, env = None, None, None, 1, "", "the agent stopped", {}
     try:
         with_retries(lambda: api.call("state", key=key, state="running"), "reporting running", stop)
         node = api.local_address() if connect != "tunnel" else LOOPBACK
@@ -1935,6 +1971,9 @@ def run_agent(session_dir: str, command: str, start_timeout: float = 600) -> int
         stop_process_group(proc)
         if socket_path and not socket_path.startswith(str(session.path)):
             shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
+        runtime = env.get("JUPYTER_RUNTIME_DIR", "")
+        if os.path.basename(runtime).startswith(RUNTIME_PREFIX):
+            shutil.rmtree(runtime, ignore_errors=True)
     return code
 
 

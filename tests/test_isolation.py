@@ -268,6 +268,12 @@ def test_jupyter_on_its_socket_through_slurm(net_client, net_satellite, other_no
     ws = websocket.create_connection(f"wss://{host}:{net_satellite.port}/api/kernels/{kernel}/channels",
                                      socket=raw, timeout=60, header=[f"Authorization: token {token}"])
     assert execute(ws, "6*7") == "42"
+    # a running kernel talks to the server over Unix sockets in a private runtime directory: before, its five
+    # channels (and ipykernel's output port) listened on the node's shared 127.0.0.1, and nobody got answers
+    tcp, paths = listeners(job_tree(net_client, result["alias"]))
+    on_loopback = sorted(port for address, port in tcp if address.startswith("127."))
+    assert len(on_loopback) <= 1, tcp              # left: ipykernel's output port (drops what lacks its random key)
+    assert attempts(NOBODY, tcp, paths) == []
     ws.close()
 
 
@@ -343,14 +349,18 @@ def test_the_gate_holds_few_unproven_connections_and_relays_only_proven_ones(tmp
         wait_for(lambda: os.path.exists(sock_path), what="the app's socket")
         gate = satellite_client.Gate("127.0.0.1", certificate, satellite_client.AppAddress(path=sock_path))
         gate.proof = satellite_client.upstream_preamble("ab" * 32)
-        idle = [socket.create_connection(("127.0.0.1", gate.port), 10)
-                for _ in range(satellite_client.GATE_PENDING)]
+        share, sources = satellite_client.GATE_PENDING_PER_SOURCE, attackers()
+        one_source = [socket.create_connection(("127.0.0.1", gate.port), 10, source_address=(sources[0], 0))
+                      for _ in range(share + 1)]
+        assert one_source[-1].recv(10) == b""                        # one address holds its share, no more
+        idle = one_source[:-1] + [socket.create_connection(("127.0.0.1", gate.port), 10, source_address=(source, 0))
+                                  for source in sources[1:] for _ in range(share)]
         wait_for(lambda: gate.pending._value == 0, what="the gate to hold them all")
-        extra = socket.create_connection(("127.0.0.1", gate.port), 10)
+        extra = socket.create_connection(("127.0.0.1", gate.port), 10, source_address=("127.0.0.99", 0))
         assert extra.recv(10) == b""                                 # closed: the gate holds no more
         held = select_readable(idle)
         assert held == [], "the idle connections were closed before their deadline"
-        for sock in idle + [extra]:
+        for sock in one_source + idle + [extra]:
             sock.close()
         wait_for(lambda: gate.pending._value == satellite_client.GATE_PENDING, what="the slots to come back")
         context = ssl._create_unverified_context()
@@ -374,8 +384,8 @@ def test_the_gate_holds_few_unproven_connections_and_relays_only_proven_ones(tmp
 
 
 def test_silent_connections_from_other_addresses_do_not_keep_satellite_out(tmp_path):
-    """Another user fills the gate's small pool with connections that say nothing; satellite's own connection
-    (from the address satellite's name resolves to) still gets in and is relayed with its proof."""
+    """Other users fill the gate's small pool with connections that say nothing; satellite's connections (from
+    the address its name resolves to, or from one it has proved itself from) still get in with their proof."""
     session = satellite_client.SessionDir(tmp_path)
     certificate, _ = satellite_client.make_certificate(session)
     sock_path = str(tmp_path / "app.sock")
@@ -386,22 +396,36 @@ def test_silent_connections_from_other_addresses_do_not_keep_satellite_out(tmp_p
         gate = satellite_client.Gate("127.0.0.1", certificate, satellite_client.AppAddress(path=sock_path),
                                      satellite_addresses=["127.0.0.2"])
         gate.proof = satellite_client.upstream_preamble("ab" * 32)
-        idle = [socket.create_connection(("127.0.0.1", gate.port), 10, source_address=("127.0.0.3", 0))
-                for _ in range(satellite_client.GATE_PENDING)]
-        wait_for(lambda: gate.pending._value == 0, what="the attacker to fill the small pool")
-        raw = socket.create_connection(("127.0.0.1", gate.port), 10, source_address=("127.0.0.2", 0))
-        with ssl._create_unverified_context().wrap_socket(raw) as sat:
-            sat.sendall(gate.proof + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            answer = b""
-            while chunk := sat.recv(65536):
-                answer += chunk
-        assert answer.startswith(b"HTTP/1.1 200")
+        # satellite's name resolves to 127.0.0.2, but it connects from 127.0.0.9 (another interface): its
+        # first connection, made before the attack, proves that address
+        assert proven_get(gate, "127.0.0.9").startswith(b"HTTP/1.1 200")
+        idle = [socket.create_connection(("127.0.0.1", gate.port), 10, source_address=(source, 0))
+                for source in attackers() for _ in range(satellite_client.GATE_PENDING_PER_SOURCE)]
+        wait_for(lambda: gate.pending._value == 0, what="the attackers to fill the small pool")
+        assert proven_get(gate, "127.0.0.2").startswith(b"HTTP/1.1 200")
+        assert proven_get(gate, "127.0.0.9").startswith(b"HTTP/1.1 200")
         for sock in idle:
             sock.close()
         gate.close()
     finally:
         app.kill()
         app.wait()
+
+
+def attackers():
+    """Source addresses enough to fill the gate's small pool, each to its share."""
+    count = satellite_client.GATE_PENDING // satellite_client.GATE_PENDING_PER_SOURCE
+    return [f"127.0.0.{30 + n}" for n in range(count)]
+
+
+def proven_get(gate, source):
+    raw = socket.create_connection(("127.0.0.1", gate.port), 10, source_address=(source, 0))
+    with ssl._create_unverified_context().wrap_socket(raw) as sat:
+        sat.sendall(gate.proof + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sat.recv(65536):
+            answer += chunk
+    return answer
 
 
 def select_readable(socks):
