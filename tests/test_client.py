@@ -97,9 +97,17 @@ def test_local_scheduler_end_to_end_and_app_exit_releases(client, job_satellite)
     assert result["state"] == "proxied" and result["scheduler"] == "local"
     assert link_status(job_satellite, result["url"]) == 200
     log = client.session_dir(result["alias"]) / "job.log"
-    port = re.search(r"starting the app (?:in a private network namespace )?on 127\.0\.0\.1:(\d+)", log.read_text()).group(1)
-    # the app ends on its own (killed here): the agent releases the link
-    app_pid = int(subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True, text=True).stdout.split()[0])
+    # the app ends on its own (killed here): the agent releases the link. In a network namespace of its own
+    # every app has port 8000: this one is the child of the relay that serves this session's socket
+    relayed = re.search(r"relayed to the Unix socket (\S+):", log.read_text())
+    if relayed:
+        relay = subprocess.run(["pgrep", "-f", "--", f"netns-relay {relayed.group(1)}"], capture_output=True,
+                               text=True).stdout.split()
+        app_pid = int(subprocess.run(["pgrep", "-P", relay[-1]], capture_output=True, text=True).stdout.split()[0])
+    else:
+        port = re.search(r"starting the app on 127\.0\.0\.1:(\d+)", log.read_text()).group(1)
+        app_pid = int(subprocess.run(["pgrep", "-f", "--", f"--port {port}"], capture_output=True,
+                                     text=True).stdout.split()[0])
     os.kill(app_pid, signal.SIGKILL)
     wait_for(lambda: link_status(job_satellite, result["url"]) == 410, what="link released after the app ended")
     wait_for(lambda: "link released" in log.read_text(), what="agent log")
