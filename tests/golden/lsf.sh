@@ -18,4 +18,4 @@
 # the agent reads them, starts the app, redeems the link, and releases it when the job ends.
 set -e
 cd /work
-exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command 'jupyter notebook --no-browser --ServerApp.sock={socket} --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True --ServerApp.root_dir={workdir} --config={config}'
+exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command 'jupyter notebook --no-browser --ServerApp.sock={socket} --KernelManager.transport=ipc --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True --ServerApp.root_dir={workdir} --config={config}'

@@ -23,4 +23,4 @@ module load cuda python/3.11
 eval "$(conda shell.bash hook)"
 conda activate torch
 cd /work
-exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command '{container} exec --bind /scratch --bind /data --nv /images/lab.sif jupyter lab --no-browser --ServerApp.sock={socket} --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True --ServerApp.root_dir={workdir} --config={config}'
+exec /usr/bin/python3 /opt/satellite/satellite_client.py agent $HOME/.satellite/sessions/ALIAS --command '{container} exec --bind /scratch --bind /data --nv /images/lab.sif jupyter lab --no-browser --ServerApp.sock={socket} --KernelManager.transport=ipc --ServerApp.allow_remote_access=True --ServerApp.trust_xheaders=True --ServerApp.root_dir={workdir} --config={config}'
