@@ -1256,12 +1256,14 @@ def take_jobstates(store: Store, events: Events, feed: str, snapshot: bool, gone
     (sessions named, sessions ended). `snapshot`: the feed lists every job the scheduler knows
     (jobstate-command, /api/jobstates snapshot=1)."""
     now = time.time()
-    states = read_jobstates(feed)
-    over = jobs_over(store.sessions_with_jobs(), states, snapshot, gone_after, now)
+    states, live = read_jobstates(feed), store.sessions_with_jobs()
+    over = jobs_over(live, states, snapshot, gone_after, now)
     if dry_run:
         return len(states), len(over)
-    named = store.set_jobstates(states, now)
-    store.set_pending_reasons(read_pending_reasons(feed))
+    # a feed lists every job of the cluster: write only what names a live session (one statement each)
+    ours = {session.jobid for session in live}
+    named = store.set_jobstates({job: state for job, state in states.items() if job in ours}, now)
+    store.set_pending_reasons({job: why for job, why in read_pending_reasons(feed).items() if job in ours})
     ended = 0
     for alias, reason, state in over:
         if store.end(alias, reason):

@@ -363,70 +363,44 @@ def gated_link(satellite, app_port, work):
 def isolation_figures(satellite, paths, ports, echo_app, work, args, open_ws_rtt):
     """Isolated direct (satellite -> TLS + proof -> the agent's gate -> app) vs today's open direct
     (satellite -> the app in plain HTTP), in the same run: small requests, bulk download, WebSocket round trip."""
-    import websocket
-    rows, ends = [], []
-    try:
-        link, end = gated_link(satellite, ports["backend"], work)
-        ends.append(end)
-        echo_link, echo_end = gated_link(satellite, echo_app.port, work)
-        ends.append(echo_end)
-        gated = (satellite.port, [f"Host: {link['alias']}.sat.test:{satellite.port}",
-                                  f"Authorization: token {link['token']}"])
-        for c in (1, 16):
-            opened, isolated = [], []
-            for _ in range(args.rounds):
-                opened.append(wrk(paths["satellite"][0], c, args.seconds, paths["satellite"][1]))
-                isolated.append(wrk(gated[0], c, args.seconds, gated[1]))
-            o_rate, i_rate = (statistics.median(r["rate"] for r in runs) for runs in (opened, isolated))
-            o_p50, i_p50 = (statistics.median(r["p50"] for r in runs) for runs in (opened, isolated))
-            rows.append(f"| small requests at concurrency {c}, isolated / open direct | {i_rate:,.0f} / {o_rate:,.0f} "
-                        f"req/s = {i_rate / o_rate:.2f}; p50 {i_p50:.2f} / {o_p50:.2f} ms |")
-        i_rate = download_mb_per_s(*gated, args.bulk_mb << 20)
-        o_rate = download_mb_per_s(*paths["satellite"], args.bulk_mb << 20)
-        rows.append(f"| bulk download {args.bulk_mb} MB, isolated / open direct | {i_rate:,.0f} / {o_rate:,.0f} MB/s "
-                    f"= {i_rate / o_rate:.2f} |")
-        host = f"{echo_link['alias']}.sat.test"
-        rtt = websocket_rtt_ms(lambda: websocket.create_connection(
-            f"wss://{host}:{satellite.port}/ws", socket=satellite.tls_socket(host),
-            header=[f"Authorization: token {echo_link['token']}"]))
-        rows.append(f"| WebSocket round trip through satellite, isolated / open direct | {rtt:.3f} / "
-                    f"{open_ws_rtt:.3f} ms (+{rtt - open_ws_rtt:.3f}) |")
-    finally:
-        for process in ends:
-            process.terminate()
-            process.wait(10)
-    return rows
+    return end_figures(gated_link, "isolated / open direct", satellite, paths, ports, echo_app, work, args, open_ws_rtt)
 
 
 def tunnel_figures(satellite, paths, ports, echo_app, work, args, direct_ws_rtt):
     """Tunnel vs direct, both through satellite: small requests, bulk download, WebSocket round trip."""
+    return end_figures(tunneled_link, "tunnel / direct", satellite, paths, ports, echo_app, work, args, direct_ws_rtt)
+
+
+def end_figures(make_link, names, satellite, paths, ports, echo_app, work, args, direct_ws_rtt):
+    """A job's end (`make_link`: the tunnel's, the gate's) vs satellite straight to the app, interleaved in the
+    same run: small requests at concurrency 1 and 16, bulk download, WebSocket round trip."""
     import websocket
     rows, ends = [], []
     try:
-        link, end = tunneled_link(satellite, ports["backend"], work)
+        link, end = make_link(satellite, ports["backend"], work)
         ends.append(end)
-        echo_link, echo_end = tunneled_link(satellite, echo_app.port, work)
+        echo_link, echo_end = make_link(satellite, echo_app.port, work)
         ends.append(echo_end)
-        tunneled = (satellite.port, [f"Host: {link['alias']}.sat.test:{satellite.port}",
-                                     f"Authorization: token {link['token']}"])
+        other = (satellite.port, [f"Host: {link['alias']}.sat.test:{satellite.port}",
+                                  f"Authorization: token {link['token']}"])
         for c in (1, 16):
-            direct, tunnel = [], []
+            direct, via = [], []
             for _ in range(args.rounds):                  # interleaved, like the main table
                 direct.append(wrk(paths["satellite"][0], c, args.seconds, paths["satellite"][1]))
-                tunnel.append(wrk(tunneled[0], c, args.seconds, tunneled[1]))
-            d_rate, t_rate = (statistics.median(r["rate"] for r in runs) for runs in (direct, tunnel))
-            d_p50, t_p50 = (statistics.median(r["p50"] for r in runs) for runs in (direct, tunnel))
-            rows.append(f"| small requests at concurrency {c}, tunnel / direct | {t_rate:,.0f} / {d_rate:,.0f} "
-                        f"req/s = {t_rate / d_rate:.2f}; p50 {t_p50:.2f} / {d_p50:.2f} ms |")
-        t_rate = download_mb_per_s(*tunneled, args.bulk_mb << 20)
+                via.append(wrk(other[0], c, args.seconds, other[1]))
+            d_rate, v_rate = (statistics.median(r["rate"] for r in runs) for runs in (direct, via))
+            d_p50, v_p50 = (statistics.median(r["p50"] for r in runs) for runs in (direct, via))
+            rows.append(f"| small requests at concurrency {c}, {names} | {v_rate:,.0f} / {d_rate:,.0f} "
+                        f"req/s = {v_rate / d_rate:.2f}; p50 {v_p50:.2f} / {d_p50:.2f} ms |")
+        v_rate = download_mb_per_s(*other, args.bulk_mb << 20)
         d_rate = download_mb_per_s(*paths["satellite"], args.bulk_mb << 20)
-        rows.append(f"| bulk download {args.bulk_mb} MB, tunnel / direct | {t_rate:,.0f} / {d_rate:,.0f} MB/s "
-                    f"= {t_rate / d_rate:.2f} |")
+        rows.append(f"| bulk download {args.bulk_mb} MB, {names} | {v_rate:,.0f} / {d_rate:,.0f} MB/s "
+                    f"= {v_rate / d_rate:.2f} |")
         host = f"{echo_link['alias']}.sat.test"
         rtt = websocket_rtt_ms(lambda: websocket.create_connection(
             f"wss://{host}:{satellite.port}/ws", socket=satellite.tls_socket(host),
             header=[f"Authorization: token {echo_link['token']}"]))
-        rows.append(f"| WebSocket round trip through satellite, tunnel / direct | {rtt:.3f} / {direct_ws_rtt:.3f} ms "
+        rows.append(f"| WebSocket round trip through satellite, {names} | {rtt:.3f} / {direct_ws_rtt:.3f} ms "
                     f"(+{rtt - direct_ws_rtt:.3f}) |")
     finally:
         for process in ends:
