@@ -60,6 +60,7 @@ import html
 import ipaddress
 import json
 import logging
+import mmap
 import os
 import re
 import resource
@@ -132,6 +133,7 @@ MAX_UPSTREAM_HEADER_BYTES = 64 * 1024              # apps may send big cookies o
 COPY_BUFFER = 256 * 1024                           # bulk body relay buffer
 RECV_SIZE = 64 * 1024
 TLS_RECORD = 16 * 1024                             # the most one TLS record (one SSL_read) carries
+MAX_WORKERS = 64                                   # serving processes at most (workers =)
 
 HOP_BY_HOP = frozenset((
     "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding",
@@ -284,6 +286,7 @@ class Settings:
     trusted_user_header: str = ""           # e.g. X-Remote-User, set by an authenticating front (SSO)
     trusted_fronts: tuple = ()              # the only addresses whose user header is believed
     legacy_api: bool = False                # SDSC Satellite's *.cgi endpoints (weaker: see README)
+    workers: int = 0                        # serving processes; 0 = one per core this process may run on
 
     # name -> parser for values that come as text (INI or flags)
     PARSERS = {
@@ -300,6 +303,7 @@ class Settings:
         "job_gone_after": parse_duration,
         "redirect_listen": parse_optional_listen,
         "control_listen": parse_optional_listen, "trusted_fronts": parse_networks, "legacy_api": parse_bool,
+        "workers": int,
     }
 
     @classmethod
@@ -353,6 +357,8 @@ class Settings:
             raise ValueError("trusted_user_header: give a header name, e.g. X-Remote-User")
         if self.max_session_lifetime < self.session_lifetime:
             raise ValueError("max_session_lifetime is shorter than session_lifetime")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers: give 1 to {MAX_WORKERS} serving processes, or 0 for one per core")
         if self.user_proof not in USER_PROOFS:
             raise ValueError(f"user_proof: choose {' or '.join(USER_PROOFS)}")
         for name in ("issue_from", "redeem_from"):
@@ -367,6 +373,16 @@ class Settings:
             raise ValueError("trusted_fronts includes loopback, which every local user can connect from: give "
                              "front_secret (a file with a secret the front sends as X-Satellite-Front; see "
                              "contrib/nginx-satellite.conf) so satellite can tell the front from them")
+
+    @property
+    def worker_count(self) -> int:
+        """How many serving processes: `workers`, or one per core satellite may run on."""
+        if self.workers:
+            return self.workers
+        try:
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        except AttributeError:                          # not Linux
+            return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
     @property
     def link_port(self) -> int:
@@ -973,8 +989,13 @@ class Store:
         counts.update(self.db.execute("SELECT state, count(*) FROM sessions GROUP BY state").fetchall())
         return counts
 
-    def set_backend_gone(self, alias: str, since: Optional[float]) -> None:
-        self._write("UPDATE sessions SET backend_gone = ? WHERE alias = ? AND state != 'ended'", (since, alias))
+    def set_backend_gone(self, alias: str, since: Optional[float], attach: Optional[int] = None) -> None:
+        """`attach`: only while that tunnel is the session's last (not replaced in another worker meanwhile)."""
+        if attach is None:
+            self._write("UPDATE sessions SET backend_gone = ? WHERE alias = ? AND state != 'ended'", (since, alias))
+        else:
+            self._write("UPDATE sessions SET backend_gone = ? WHERE alias = ? AND state != 'ended'"
+                        " AND tunnel_attach = ?", (since, alias, attach))
 
     def set_jobstates(self, states: dict, now: float) -> int:
         """Scheduler states by job id (from a feed), and that the feed listed them `now`;
@@ -1035,7 +1056,8 @@ class Events:
             self.audit = sys.stderr
         elif audit_path:
             try:
-                self.audit = open(audit_path, "a", buffering=1)
+                # O_APPEND and one write per line: every worker appends whole lines, never into each other's
+                self.audit = open(audit_path, "ab", buffering=0)
             except OSError as exc:
                 raise ValueError(
                     f"audit-log: cannot open {audit_path}: {exc.strerror}. Its directory must exist and be writable "
@@ -1055,8 +1077,16 @@ class Events:
         if alias is not None:
             line.update(self.naming(alias))
         line.update((k, v) for k, v in fields.items() if v is not None)
+        text = json.dumps(line) + "\n"
         with self.lock:
-            self.audit.write(json.dumps(line) + "\n")
+            if self.audit is sys.stderr:
+                self.audit.write(text)
+            else:
+                self.audit.write(text.encode())
+
+    def close(self) -> None:
+        if self.audit is not None and self.audit is not sys.stderr:
+            self.audit.close()
 
     def naming(self, alias: str) -> dict:
         """How an audit line names a session: by its alias, or a legacy session by `legacy_session`
@@ -1070,13 +1100,23 @@ class Events:
         return {}
 
 
+def worker_share(count: int, workers: int) -> int:
+    """One worker's part of a count the whole service may spend (a rate limit, a connection cap): 1/N,
+    rounded down, so the workers together never allow more than the count (while it is at least N);
+    at least 1. 0 (no limit) stays 0. A client's connections land on any worker, so its attempts
+    spread over them; a client whose connections all land on one worker meets the limit sooner."""
+    return max(1, count // workers) if count else 0
+
+
 class RateLimiter:
     """At most `count` events per key in any `window` seconds (a sliding window in memory).
     Keys are source addresses, or (address, alias); the table is bounded so a flood cannot
-    grow it without end. Asking (`retry_after`) and counting (`record`) are separate."""
+    grow it without end. Asking (`retry_after`) and counting (`record`) are separate.
+    With several workers each has its own table and its share of the count (worker_share)."""
 
-    def __init__(self, limit: tuple, max_keys: int = 100_000):
-        self.count, self.window = limit
+    def __init__(self, limit: tuple, max_keys: int = 100_000, workers: int = 1):
+        count, self.window = limit
+        self.count = worker_share(count, workers)
         self.max_keys = max_keys
         self.events: dict = {}
         self.lock = threading.Lock()
@@ -1104,44 +1144,81 @@ class RateLimiter:
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+DENY_LABELS = ("api_403", "api_404", "api_429", "cross_origin", "no_token", "not_owner", "rate_limited",
+               "wrong_token", "other")
+# One worker's counters, in this order, as 64-bit integers (latency_sum in microseconds).
+METRIC_FIELDS = (tuple(f"requests_{c}" for c in STATUS_CLASSES) + tuple(f"denied_{d}" for d in DENY_LABELS)
+                 + ("bytes_in", "bytes_out", "websockets_open", "tunnels_open", "upstream_errors", "latency_sum_us")
+                 + tuple(f"latency_{i}" for i in range(len(LATENCY_BUCKETS) + 1)))
+FIELD = {name: i for i, name in enumerate(METRIC_FIELDS)}
+GAUGES = ("websockets_open", "tunnels_open")      # what a worker has open: zero again when a worker restarts
+
+
+class MetricSlots:
+    """Every worker's counters in one memory area shared across fork (an anonymous shared mmap the
+    supervisor makes before forking): one fixed slot per worker index, written only by that worker
+    (under its Metrics lock), summed by whichever worker answers /metrics. A restarted worker takes its
+    index's slot as it was, so counters never go backwards; only its gauges start at zero again."""
+
+    def __init__(self, workers: int = 1):
+        self.workers = workers
+        self.area = mmap.mmap(-1, 8 * len(METRIC_FIELDS) * workers)     # MAP_SHARED: children see one copy
+        self.values = memoryview(self.area).cast("q")
+
+    def slot(self, index: int) -> memoryview:
+        """Worker `index`'s counters, its gauges zeroed (a worker starting has nothing open)."""
+        size = len(METRIC_FIELDS)
+        slot = self.values[index * size:(index + 1) * size]
+        for name in GAUGES:
+            slot[FIELD[name]] = 0
+        return slot
+
+    def totals(self) -> dict:
+        """Each counter summed over the workers (a torn read is impossible: aligned 8-byte words)."""
+        size = len(METRIC_FIELDS)
+        return {name: sum(self.values[w * size + i] for w in range(self.workers))
+                for i, name in enumerate(METRIC_FIELDS)}
 
 
 class Metrics:
-    """Counters of this process, rendered with the database's counts as Prometheus text."""
+    """Counters of this worker (its slot of MetricSlots), rendered summed over all workers, with the
+    database's counts, as Prometheus text."""
 
-    def __init__(self):
+    def __init__(self, slots: Optional[MetricSlots] = None, index: int = 0):
         self.lock = threading.Lock()
-        self.requests: dict = {}                   # status class -> count
-        self.denied: dict = {}                     # reason -> count
-        self.bytes_in = self.bytes_out = 0
-        self.websockets_open = 0
-        self.upstream_errors = 0
-        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
+        self.slots = slots or MetricSlots(1)
+        self.slot = self.slots.slot(index)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self.lock:
+            self.slot[FIELD[name]] += amount
 
     def request_done(self, status: int, seconds: float, received: int, sent: int) -> None:
         bucket = next((i for i, edge in enumerate(LATENCY_BUCKETS) if seconds <= edge), len(LATENCY_BUCKETS))
+        status_class = f"{min(max(status // 100, 1), 5)}xx"
         with self.lock:
-            key = f"{status // 100}xx"
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.bytes_in += received
-            self.bytes_out += sent
-            self.latency[bucket] += 1
-            self.latency_sum += seconds
+            slot = self.slot
+            slot[FIELD[f"requests_{status_class}"]] += 1
+            slot[FIELD["bytes_in"]] += received
+            slot[FIELD["bytes_out"]] += sent
+            slot[FIELD[f"latency_{bucket}"]] += 1
+            slot[FIELD["latency_sum_us"]] += int(seconds * 1e6)
 
     def deny(self, reason: str) -> None:
-        with self.lock:
-            self.denied[reason] = self.denied.get(reason, 0) + 1
+        self.add(f"denied_{reason if reason in DENY_LABELS else 'other'}")
 
     def upstream_error(self) -> None:
-        with self.lock:
-            self.upstream_errors += 1
+        self.add("upstream_errors")
 
     def websocket_opened(self, change: int) -> None:
-        with self.lock:
-            self.websockets_open += change
+        self.add("websockets_open", change)
 
-    def render(self, store: Store, cert_expiry: Optional[float], tunnels_open: int = 0) -> str:
+    def tunnels_open(self, count: int) -> None:
+        with self.lock:
+            self.slot[FIELD["tunnels_open"]] = count
+
+    def render(self, store: Store, cert_expiry: Optional[float]) -> str:
         out = []
 
         def metric(name, kind, help_text, samples):
@@ -1159,26 +1236,28 @@ class Metrics:
         last = json.loads(store.meta("last_refresh") or "{}")
         metric("satellite_refresh_last_timestamp_seconds", "gauge", "When refresh last finished.",
                [("", last.get("time", 0))])
-        with self.lock:
-            metric("satellite_requests_total", "counter", "Requests answered, by status class.",
-                   sorted((f'{{code="{k}"}}', v) for k, v in self.requests.items()))
-            metric("satellite_denied_total", "counter", "Requests refused by access control, by reason.",
-                   sorted((f'{{reason="{k}"}}', v) for k, v in self.denied.items()))
-            metric("satellite_received_bytes_total", "counter", "Request body bytes from clients.",
-                   [("", self.bytes_in)])
-            metric("satellite_sent_bytes_total", "counter", "Response body bytes to clients.", [("", self.bytes_out)])
-            metric("satellite_websockets_open", "gauge", "WebSockets being relayed.", [("", self.websockets_open)])
-            metric("satellite_tunnels_open", "gauge", "Tunnels jobs have open to this process.",
-                   [("", tunnels_open)])
-            metric("satellite_upstream_errors_total", "counter", "Failures talking to apps.",
-                   [("", self.upstream_errors)])
-            cumulative, samples = 0, []
-            for edge, count in zip(LATENCY_BUCKETS + ("+Inf",), self.latency):
-                cumulative += count
-                samples.append((f'_bucket{{le="{edge}"}}', cumulative))
-            samples += [("_sum", round(self.latency_sum, 6)), ("_count", cumulative)]
-            metric("satellite_request_duration_seconds", "histogram", "Time to answer a request (head to end).",
-                   samples)
+        total = self.slots.totals()
+        metric("satellite_workers", "gauge", "Serving processes (the counters below are their sums).",
+               [("", self.slots.workers)])
+        metric("satellite_requests_total", "counter", "Requests answered, by status class.",
+               [(f'{{code="{c}"}}', total[f"requests_{c}"]) for c in STATUS_CLASSES if total[f"requests_{c}"]])
+        metric("satellite_denied_total", "counter", "Requests refused by access control, by reason.",
+               [(f'{{reason="{d}"}}', total[f"denied_{d}"]) for d in DENY_LABELS if total[f"denied_{d}"]])
+        metric("satellite_received_bytes_total", "counter", "Request body bytes from clients.",
+               [("", total["bytes_in"])])
+        metric("satellite_sent_bytes_total", "counter", "Response body bytes to clients.", [("", total["bytes_out"])])
+        metric("satellite_websockets_open", "gauge", "WebSockets being relayed.", [("", total["websockets_open"])])
+        metric("satellite_tunnels_open", "gauge", "Tunnels jobs have open to this satellite.",
+               [("", total["tunnels_open"])])
+        metric("satellite_upstream_errors_total", "counter", "Failures talking to apps.",
+               [("", total["upstream_errors"])])
+        cumulative, samples = 0, []
+        for i, edge in enumerate(LATENCY_BUCKETS + ("+Inf",)):
+            cumulative += total[f"latency_{i}"]
+            samples.append((f'_bucket{{le="{edge}"}}', cumulative))
+        samples += [("_sum", round(total["latency_sum_us"] / 1e6, 6)), ("_count", cumulative)]
+        metric("satellite_request_duration_seconds", "histogram", "Time to answer a request (head to end).",
+               samples)
         if cert_expiry:
             metric("satellite_certificate_expiry_timestamp_seconds", "gauge", "When the served certificate expires.",
                    [("", int(cert_expiry))])
@@ -2108,10 +2187,11 @@ class ManagementApi:
         self.events = events
         self.metrics = metrics
         self.upstream_key: Optional[CookieKey] = None      # set by Satellite: what upstream proofs derive from
-        self.getlink_limit = RateLimiter(settings.getlink_rate)
-        self.lookup_failures = RateLimiter(settings.token_failures)     # /api/status is open to anyone
+        workers = settings.workers or 1             # serve has made 0 (one per core) a number by now
+        self.getlink_limit = RateLimiter(settings.getlink_rate, workers=workers)
+        self.lookup_failures = RateLimiter(settings.token_failures, workers=workers)   # /api/status: open to anyone
         # unmunge runs a process: an address gets a few times its getlink rate of checks, before the user is known
-        self.munge_checks = RateLimiter((settings.getlink_rate[0] * 5, settings.getlink_rate[1]))
+        self.munge_checks = RateLimiter((settings.getlink_rate[0] * 5, settings.getlink_rate[1]), workers=workers)
         self.routes: dict = {
             "/api/getlink": self.getlink,
             "/api/redeem": self.redeem,
@@ -2185,7 +2265,6 @@ class ManagementApi:
     def getlink(self, params: dict, peer: str, sso_user: Optional[str] = None) -> tuple:
         check_params(params, ("lifetime", "user", "munge"))
         user = self.asking_user(params, sso_user, peer)
-        self.check_issue_limits(peer, user)
         lifetime = self.settings.session_lifetime
         if params.get("lifetime"):
             try:
@@ -2194,8 +2273,7 @@ class ManagementApi:
                 raise ApiError(400, str(exc)) from None
             if not 60 <= lifetime <= self.settings.max_session_lifetime:
                 raise ApiError(400, f"lifetime must be between 60s and {self.settings.max_session_lifetime}s")
-        self.getlink_limit.record(("user", user[0]) if user else peer)
-        session, token, key = self.store.create_link(peer, lifetime, self.settings.redeem_within, user=user)
+        session, token, key = self.issue(peer, lifetime, user)
         self.events.record("issue", session.alias, peer, lifetime=lifetime, issued_for=user and user[0],
                            user_proof=user and user[1])
         return 201, {"alias": session.alias, "url": self.settings.session_url(session.alias) + "?token=" + token,
@@ -2223,6 +2301,15 @@ class ManagementApi:
             raise ApiError(403, "this satellite needs proof of who asks: add munge=$(munge -n) "
                                 "(satellite-client does so where munge is installed)")
         return (claimed, "claim") if claimed else None
+
+    def issue(self, peer: str, lifetime: int, user: Optional[tuple], legacy: bool = False) -> tuple:
+        """A new link within the limits: (Session, token, key). The quotas' count and the new row are one
+        write transaction, so no other thread or worker counts the same live sessions in between and
+        issues one more than the quota."""
+        with self.store.immediate_transaction():
+            self.check_issue_limits(peer, user)
+            self.getlink_limit.record(("user", user[0]) if user else peer)
+            return self.store.create_link(peer, lifetime, self.settings.redeem_within, legacy=legacy, user=user)
 
     def check_issue_limits(self, peer: str, user: Optional[tuple]) -> None:
         """Links are rationed per user where the user is named, so one user on a shared login node
@@ -2351,10 +2438,8 @@ class ManagementApi:
         return session
 
     def legacy_getlink(self, params: dict, peer: str) -> tuple:
-        self.check_issue_limits(peer, None)          # SDSC's client names no user: the address's limits
-        self.getlink_limit.record(peer)
-        session, _, _ = self.store.create_link(peer, self.settings.session_lifetime, self.settings.redeem_within,
-                                               legacy=True)
+        # SDSC's client names no user: the address's limits
+        session, _, _ = self.issue(peer, self.settings.session_lifetime, None, legacy=True)
         self.events.record("issue", session.alias, peer, legacy=True)
         return 200, f"Your token is \n{session.alias}\n"
 
@@ -3366,18 +3451,26 @@ class Tunnel:
     def open_stream(self) -> socket.socket:
         """Satellite: a new stream to the agent's app; returns this end of a socket pair."""
         ours, theirs = socket.socketpair()
+        try:
+            self.carry(theirs)
+        except ConnectionError:
+            ours.close()
+            raise
+        return ours
+
+    def carry(self, sock: socket.socket) -> None:
+        """Satellite: relay `sock` (a socket pair's end, or another worker's connection: TunnelRelay) as a new
+        stream to the agent's app."""
         with self.lock:
             if self.closed or len(self.streams) >= MAX_STREAMS:
-                ours.close()
-                theirs.close()
+                sock.close()
                 raise ConnectionError("the tunnel is closed" if self.closed
                                       else f"the tunnel carries {MAX_STREAMS} streams already")
             stream = TunnelStream(self, self.next_id)
             self.streams[stream.id] = stream
             self.next_id += 1
         self.send(OPEN, stream.id)
-        stream.start(lambda: theirs)
-        return ours
+        stream.start(lambda: sock)
 
     def forget(self, stream_id: int) -> None:
         with self.lock:
@@ -3544,59 +3637,164 @@ class Tunnel:
             pass
 
 
-class Tunnels:
-    """The tunnels jobs have opened to this process, by alias; at most one per alias."""
+class TunnelRelay:
+    """With several workers, a tunnel lives in the worker it attached to, while a browser's connection
+    for its alias may land on any worker. The owner offers the tunnel to the others on a Unix socket
+    named for the alias, in a directory only satellite's user may enter (relay_dir, 0700); another
+    worker's Forwarder connects to it like an upstream, and each connection becomes one new stream of
+    the tunnel. The socket is bound under a temporary name and renamed into place, so a newer tunnel
+    (in this worker or another) atomically takes the name over; each relay removes only its own."""
 
-    def __init__(self):
+    def __init__(self, path: str, tunnel: Tunnel):
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        temporary = f"{path}.{os.getpid()}"
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            self.listener.bind(temporary)
+            self.listener.listen(64)
+            os.rename(temporary, path)
+            self.inode = os.stat(path).st_ino
+        except OSError:
+            self.listener.close()
+            raise
+        threading.Thread(target=self.accept_streams, args=(tunnel,), daemon=True).start()
+
+    def accept_streams(self, tunnel: Tunnel) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:                          # closed: the tunnel is gone
+                return
+            with contextlib.suppress(ConnectionError):
+                tunnel.carry(conn)                  # refused (closed, or full): carry closed it
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.inode:      # not taken over by a newer tunnel
+                os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)         # wakes the accepting thread
+        self.listener.close()
+
+
+def relay_connector(path: str) -> Connector:
+    """A connection to another worker's tunnel (TunnelRelay); TunnelDown if none is there."""
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:     # a worker died with it: it reconnects
+            sock.close()
+            raise TunnelDown() from exc
+        return sock
+    return connect
+
+
+class Tunnels:
+    """The tunnels jobs have opened to this worker, by alias; at most one per alias. With several
+    workers (`relay_dir` set), each is offered to the others (TunnelRelay) and theirs are found here."""
+
+    def __init__(self, relay_dir: str = "", on_count: Callable[[int], None] = lambda count: None):
         self.lock = threading.Lock()
         self.by_alias: dict = {}
+        self.relays: dict = {}
+        self.relay_dir = relay_dir
+        self.on_count = on_count                 # the number of tunnels changed (the metric)
+        self.remote: dict = {}                   # alias -> connector: one object, so pooled upstreams match
+
+    def relay_path(self, alias: str) -> str:
+        """A short name (AF_UNIX paths have 107 bytes), the same in every worker."""
+        return os.path.join(self.relay_dir, hashlib.sha256(alias.encode()).hexdigest()[:16] + ".sock")
 
     def attach(self, alias: str, tunnel: Tunnel) -> None:
+        relay = None
+        if self.relay_dir:
+            try:
+                relay = TunnelRelay(self.relay_path(alias), tunnel)
+            except OSError as exc:
+                log.warning("the tunnel of %s serves only the connections of worker %d: %s", alias, os.getpid(), exc)
         with self.lock:
             old, self.by_alias[alias] = self.by_alias.get(alias), tunnel
+            old_relay = self.relays.pop(alias, None)
+            if relay is not None:
+                self.relays[alias] = relay
+            count = len(self.by_alias)
+        if old_relay is not None:
+            old_relay.close()
         if old is not None:
             old.stop("replaced by a newer connection from the job")
+        self.on_count(count)
 
     def detach(self, alias: str, tunnel: Tunnel) -> bool:
         """True if `tunnel` was still the alias's tunnel (not replaced meanwhile)."""
         with self.lock:
-            if self.by_alias.get(alias) is tunnel:
-                del self.by_alias[alias]
-                return True
-            return False
+            if self.by_alias.get(alias) is not tunnel:
+                return False
+            del self.by_alias[alias]
+            relay = self.relays.pop(alias, None)
+            count = len(self.by_alias)
+        if relay is not None:
+            relay.close()
+        self.on_count(count)
+        return True
 
     def get(self, alias: str) -> Optional[Tunnel]:
         with self.lock:
             return self.by_alias.get(alias)
 
-    def count(self) -> int:
-        with self.lock:
-            return len(self.by_alias)
-
-
     def connector(self, alias: str) -> Optional[Connector]:
-        """A way to open a stream to the alias's app through its tunnel, if one is attached."""
+        """A way to open a stream to the alias's app through its tunnel: here, or in another worker
+        (its connector raises TunnelDown if that worker's tunnel is gone), or None."""
         tunnel = self.get(alias)
-        return tunnel.open_stream if tunnel is not None else None
+        if tunnel is not None:
+            return tunnel.open_stream
+        if not self.relay_dir:
+            return None
+        path = self.relay_path(alias)
+        if not os.path.exists(path):
+            return None
+        with self.lock:
+            if alias not in self.remote:
+                if len(self.remote) >= 10_000:
+                    self.remote.clear()
+                self.remote[alias] = relay_connector(path)
+            return self.remote[alias]
+
+    def reachable(self, alias: str) -> bool:
+        """Is the alias's tunnel attached, here or in another worker (whose relay then opens a stream to the
+        app and closes it: a probe, as for an app reached directly)?"""
+        if self.get(alias) is not None:
+            return True
+        connect = self.connector(alias)
+        if connect is None:
+            return False
+        try:
+            connect().close()
+        except TunnelDown:
+            return False
+        return True
 
 
 def tunnel_answer(session: Session, peer: str, tunnels: Tunnels, store: Store, early: bytes) -> Answer:
-    """101, then the connection carries the session until it drops (the agent reconnects) or the
-    session ends; `early`: bytes the agent sent after its request head."""
-    alias = session.alias
+    """101, then the connection carries the session until it drops (the agent reconnects), the session
+    ends, or a newer attach (perhaps in another worker) replaces it; `early`: bytes the agent sent after
+    its request head."""
+    alias, attach = session.alias, session.tunnel_attach
 
-    def session_lives() -> bool:
+    def still_wanted() -> bool:
         current = store.cached_session(alias)
-        return current is not None and not current.is_over(time.time())
+        return current is not None and not current.is_over(time.time()) and current.tunnel_attach == attach
 
     def carry(sock: socket.socket) -> tuple:
         tunnel = Tunnel(sock, early=early)
         tunnels.attach(alias, tunnel)
         log.info("tunnel of %s attached from %s", alias, peer)
-        reason = tunnel.run(still_wanted=session_lives)
+        reason = tunnel.run(still_wanted=still_wanted)
         if tunnels.detach(alias, tunnel):
             try:
-                store.set_backend_gone(alias, time.time())     # refresh ends it if it stays away
+                store.set_backend_gone(alias, time.time(), attach)     # refresh ends it if it stays away
             except sqlite3.Error as exc:
                 log.warning("could not record the tunnel of %s as gone: %s", alias, exc)
         log.info("tunnel of %s closed: %s", alias, reason)
@@ -3680,19 +3878,22 @@ class Satellite:
     """The running service, shared by all connections: settings, store, limits, TLS, tunnels —
     and `respond`, the request pipeline: route -> decide -> act, returning an Answer."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, slots: Optional[MetricSlots] = None, worker: int = 0,
+                 relay_dir: str = ""):
+        """`slots`, `worker`: where this worker's counters go (Metrics); `relay_dir`: with several workers,
+        where their tunnels meet (TunnelRelay)."""
         self.settings = settings
         self.store = Store(settings.db)
         self.cookie_key = CookieKey(settings.cookie_key_path)
         self.upstream_key = CookieKey(settings.upstream_key_path, "upstream-key")
         self.events = Events(self.store, settings.audit_log)
-        self.metrics = Metrics()
-        self.token_failures = RateLimiter(settings.token_failures)     # keyed by (address, alias)
+        self.metrics = Metrics(slots, worker)
+        self.token_failures = RateLimiter(settings.token_failures, workers=settings.workers or 1)  # (address, alias)
         self.api = ManagementApi(settings, self.store, self.events, self.metrics)
         self.api.upstream_key = self.upstream_key
         self.tls = load_tls_context(settings.cert, settings.key)
         self.cert_expiry = certificate_expiry(settings.cert)
-        self.tunnels = Tunnels()
+        self.tunnels = Tunnels(relay_dir, self.metrics.tunnels_open)
         self.front_secret = read_front_secret(settings.front_secret)
 
     def reload_certificate(self) -> bool:
@@ -3734,7 +3935,7 @@ class Satellite:
         if where.path == "/healthz":
             return Answer(200, [("Content-Type", TEXT)], b"ok\n")
         if where.path == "/metrics":
-            text = self.metrics.render(self.store, self.cert_expiry, self.tunnels.count())
+            text = self.metrics.render(self.store, self.cert_expiry)
             return Answer(200, [("Content-Type", METRICS_TYPE)], text.encode())
         try:
             session = self.api.attach_tunnel(request, peer)
@@ -3800,7 +4001,7 @@ class Satellite:
 
     def app_ready(self, session: Session) -> bool:
         if session.tunneled:
-            return self.tunnels.get(session.alias) is not None
+            return self.tunnels.reachable(session.alias)
         return session.target is not None and probe(session.target, 0.5)
 
     def answer_front(self, ex: Exchange, session: Optional[Session], alias: str) -> Answer:
@@ -4023,32 +4224,54 @@ def connection_group(peer: str) -> str:
 
 def connection_refusal(open_total: int, open_from_peer: int, peer: str, settings: Settings) -> Optional[str]:
     """Why a new connection is closed at once, or None. One address may hold only its share of
-    the slots, so it cannot lock out everyone else; a trusted front speaks for many and is not capped."""
-    if open_total >= settings.max_connections:
-        return f"connection limit {settings.max_connections} reached"
-    per_address = settings.max_connections_per_address
+    the slots, so it cannot lock out everyone else; a trusted front speaks for many and is not capped.
+    The counts are this worker's, so it takes its share (worker_share) of each cap."""
+    workers = settings.workers or 1
+    total = worker_share(settings.max_connections, workers)
+    if total and open_total >= total:
+        return f"connection limit {total} reached" + (f" (1/{workers} of {settings.max_connections})"
+                                                      if workers > 1 else "")
+    per_address = worker_share(settings.max_connections_per_address, workers)
     if per_address and open_from_peer >= per_address and not address_in(peer, settings.trusted_fronts):
-        return f"{per_address} connections from {peer} already"
+        return f"{per_address} connections from {peer} already" + (" in this worker" if workers > 1 else "")
     return None
 
 
+def open_listener(address: tuple) -> socket.socket:
+    """A listening socket, opened before any worker is forked (so binding port 443 needs the capability only
+    here) and shared by all of them. Non-blocking: every worker waits on it, and those that lose the race for
+    a connection must go back to waiting, not block in accept."""
+    host, port = address
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 class ThreadedServer(socketserver.ThreadingTCPServer):
-    """One thread per connection, within the connection limits (counted at accept)."""
+    """One thread per connection, within the connection limits (counted at accept), on a listening socket
+    opened by open_listener."""
     daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
     block_on_close = False
 
-    def __init__(self, service: Satellite, address: Optional[tuple] = None, handler=None, plane: str = "all"):
+    def __init__(self, service: Satellite, listener: socket.socket, handler=None, plane: str = "all"):
         self.service = service
         self.plane = plane
-        host, port = address or service.settings.listen
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.address_family = listener.family
         self.open_connections = 0
         self.open_by_address: dict = {}
         self._count_lock = threading.Lock()
         self._warned = 0.0
-        super().__init__((host, port), handler or ConnectionHandler)
+        super().__init__(listener.getsockname()[:2], handler or ConnectionHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
+        self.server_address = listener.getsockname()
 
     def process_request(self, request, client_address):
         peer = plain_address(client_address[0])
@@ -4130,15 +4353,31 @@ class RedirectHandler(socketserver.BaseRequestHandler):
 # 13. Commands
 ###############################################################################
 
+class AppendHandler(logging.StreamHandler):
+    """A log file opened for appending (O_APPEND), each record one write(): the lines of several workers
+    never mix, and logrotate's copytruncate needs nothing from satellite (the next line goes to the new end)."""
+
+    def __init__(self, path: str):
+        super().__init__(open(path, "ab", buffering=0))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write((self.format(record) + self.terminator).encode(errors="replace"))
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(settings: Settings) -> None:
+    """The log (stderr; with several workers each line names its process) and the access log."""
+    worker = "[%(process)d] " if settings.workers > 1 else ""
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+                        format=f"%(asctime)s %(levelname)s {worker}%(message)s", stream=sys.stderr)
     access_log.propagate = False
     if settings.access_log == "off":
         access_log.disabled = True
         return
     handler = (logging.StreamHandler(sys.stderr) if settings.access_log == "-"
-               else logging.FileHandler(settings.access_log))
+               else AppendHandler(settings.access_log))
     handler.setFormatter(logging.Formatter("%(message)s"))
     access_log.addHandler(handler)
     access_log.setLevel(logging.INFO)
@@ -4170,7 +4409,17 @@ def make_private(paths: Iterable[str]) -> None:
             log.warning("could not make %s private: %s", path, exc)
 
 
+LISTENERS = (    # (what, the setting, handler, plane with a control listener, plane without)
+    ("HTTPS", "listen", ConnectionHandler, "data", "all"),
+    ("the control plane", "control_listen", ConnectionHandler, "control", "control"),
+    ("redirects", "redirect_listen", RedirectHandler, "all", "all"),
+)
+
+
 def command_serve(settings: Settings) -> int:
+    """Check everything a worker needs (so a mistake stops the start, named), open the listeners, then
+    serve: in this process (workers = 1), or in N forked workers under a Supervisor."""
+    settings.workers = settings.worker_count
     setup_logging(settings)
     raise_descriptor_limit()
     make_private([settings.db, settings.db + "-wal", settings.db + "-shm"]
@@ -4188,27 +4437,40 @@ def command_serve(settings: Settings) -> int:
     except sqlite3.Error as exc:
         log.error("%s", database_problem(settings.db, exc))
         return 1
-    listeners = [("HTTPS", settings.listen, ConnectionHandler, "data" if settings.control_listen else "all"),
-                 ("the control plane", settings.control_listen, ConnectionHandler, "control"),
-                 ("redirects", settings.redirect_listen, RedirectHandler, "all")]
-    servers = []
-    for what, address, handler, plane in listeners:
+    listeners = []
+    for what, name, handler, plane, plane_alone in LISTENERS:
+        address = getattr(settings, name)
         if address is None:
             continue
         try:
-            servers.append(ThreadedServer(service, address, handler, plane))
+            listeners.append((open_listener(address), handler, plane if settings.control_listen else plane_alone))
         except OSError as exc:
             log.error("cannot listen on %s for %s: %s", host_port(*address), what, exc)
-            for each in servers:
-                each.server_close()
+            for sock, _, _ in listeners:
+                sock.close()
             return 1
-    server, others = servers[0], servers[1:]
-    for each in others:
-        threading.Thread(target=each.serve_forever, daemon=True).start()
-        host, port = each.server_address[:2]
-        kind = "redirecting http://{} to https" if each.RequestHandlerClass is RedirectHandler else \
+    settings.listen = listeners[0][0].getsockname()[:2]       # port 0 asks the OS for a free one
+    for sock, handler, plane in listeners[1:]:
+        kind = "redirecting http://{} to https" if handler is RedirectHandler else \
             "control plane (API, tunnels, metrics, front auth) on {}"
-        log.info(kind.format(host_port(host, port)))
+        log.info(kind.format(host_port(*sock.getsockname()[:2])))
+    log.info("satellite %s serving https://*.%s on %s:%d (links use port %d)%s", __version__, settings.domain,
+             *settings.listen, settings.link_port, f" with {settings.workers} workers" if settings.workers > 1 else "")
+    if settings.workers == 1:
+        code = serve_listeners(service, listeners)
+    else:
+        service.events.close()                      # each worker opens its own Satellite after fork
+        code = Supervisor(settings, listeners).run()
+    log.info("satellite stopped")
+    return code
+
+
+def serve_listeners(service: Satellite, listeners: list) -> int:
+    """One process's serving: a thread per listener, a thread per connection, until SIGTERM or SIGINT.
+    SIGHUP reloads the certificate."""
+    servers = [ThreadedServer(service, sock, handler, plane) for sock, handler, plane in listeners]
+    for each in servers[1:]:
+        threading.Thread(target=each.serve_forever, daemon=True).start()
     signal.signal(signal.SIGHUP, lambda *_: service.reload_certificate())
 
     def stop(*_):
@@ -4216,17 +4478,171 @@ def command_serve(settings: Settings) -> int:
             threading.Thread(target=each.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    host, port = server.server_address[:2]
-    settings.listen = (host, port)                  # port 0 asks the OS for a free one
-    log.info("satellite %s serving https://*.%s on %s:%d (links use port %d)",
-             __version__, settings.domain, host, port, settings.link_port)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, Supervisor.SIGNALS)     # a worker's were blocked from its fork
     try:
-        server.serve_forever(poll_interval=0.5)
+        servers[0].serve_forever(poll_interval=0.5)
     finally:
         for each in servers:
             each.server_close()
-    log.info("satellite stopped")
     return 0
+
+
+def relay_directory(db: str) -> tuple:
+    """Where workers' tunnels meet (TunnelRelay): beside the database (satellite.db -> satellite.tunnels,
+    0700), emptied of an earlier run's sockets; or, if that path is too long for a Unix socket's name
+    (107 bytes), a new private temporary directory. Returns (path, whether it is temporary)."""
+    path = os.path.splitext(os.path.abspath(db))[0] + ".tunnels"
+    if len(path) > 107 - len("/0123456789abcdef.sock.4194304"):
+        return tempfile.mkdtemp(prefix="satellite-tunnels-"), True
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    clear_relays(path)
+    return path, False
+
+
+def clear_relays(path: str) -> None:
+    """Remove the tunnel relays' sockets (no worker is running: they are stale)."""
+    for name in os.listdir(path):
+        if name.endswith(".sock") or ".sock." in name:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, name))
+
+
+class Supervisor:
+    """`serve` with several workers. This process opened the listeners (and so bound port 443 with the
+    capability) and forks N workers that each run serve_listeners on them with a Satellite of their own
+    (its own database connections, caches, locks and threads: nothing crosses the fork but the listening
+    sockets, the log files and the shared counters). It serves nothing itself: it passes SIGHUP on to
+    every worker (each reloads its certificate), stops them all on SIGTERM or SIGINT (SIGKILL after
+    STOP_WAIT), and starts a worker again that died, after a pause that doubles while it keeps dying
+    (RESTART_DELAY up to RESTART_DELAY_MAX), so a crash loop does not spin."""
+
+    STOP_WAIT = 10.0
+    RESTART_DELAY = 0.5
+    RESTART_DELAY_MAX = 30.0
+    STABLE_AFTER = 10.0                  # a worker that lived this long starts again at once
+
+    SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+    def __init__(self, settings: Settings, listeners: list):
+        self.settings = settings
+        self.listeners = listeners
+        self.slots = MetricSlots(settings.workers)
+        self.relay_dir, self.relay_temporary = relay_directory(settings.db)
+        self.pids: dict = {}             # pid -> worker index
+        self.started: dict = {}          # index -> when it last started (monotonic)
+        self.delay: dict = {}            # index -> the pause before its next restart
+        self.due: dict = {}              # index -> when it is to start again
+        self.stopping = False
+        self.parent = os.getpid()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGHUP, lambda *_: self.signal_workers(signal.SIGHUP))
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        try:
+            for index in range(self.settings.workers):
+                self.spawn(index)
+            while not self.stopping:
+                self.reap()
+                now = time.monotonic()
+                for index, when in list(self.due.items()):
+                    if when <= now and not self.stopping:
+                        del self.due[index]
+                        self.spawn(index)
+                time.sleep(0.1)
+            self.stop_workers()
+        finally:
+            for sock, _, _ in self.listeners:
+                sock.close()
+            if self.relay_temporary:
+                shutil.rmtree(self.relay_dir, ignore_errors=True)
+            else:
+                clear_relays(self.relay_dir)
+        return 0
+
+    def stop(self, *_) -> None:
+        self.stopping = True
+
+    def signal_workers(self, signum: int) -> None:
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def spawn(self, index: int) -> None:
+        """Fork worker `index`. Signals wait (blocked) across the fork until the worker has its own handlers."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(self.worker(index))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+        self.pids[pid] = index
+        self.started[index] = time.monotonic()
+        log.info("worker %d started (pid %d)", index, pid)
+
+    def worker(self, index: int) -> int:
+        """In the child: serve until told to stop, or until the supervisor is gone."""
+        code = 1
+        try:
+            for signum in self.SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            service = Satellite(self.settings, self.slots, index, self.relay_dir)
+            threading.Thread(target=self.watch_parent, daemon=True).start()
+            code = serve_listeners(service, self.listeners)      # sets its handlers, then unblocks below
+        except (CookieKeyError, ValueError) as exc:
+            log.error("worker %d cannot start: %s", index, exc)
+        except sqlite3.Error as exc:
+            log.error("worker %d cannot start: %s", index, database_problem(self.settings.db, exc))
+        except BaseException:
+            log.exception("worker %d failed", index)
+        finally:
+            logging.shutdown()
+        return code
+
+    def watch_parent(self) -> None:
+        """A worker whose supervisor died (kill -9) stops too, rather than serve on unsupervised."""
+        while os.getppid() == self.parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def reap(self) -> None:
+        """Note workers that ended; schedule their restart."""
+        while self.pids:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            index = self.pids.pop(pid, None)
+            if index is None:
+                continue
+            how = (f"was killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"exited with status {os.WEXITSTATUS(status)}")
+            if self.stopping:
+                continue
+            lived = time.monotonic() - self.started[index]
+            delay = 0.0 if lived >= self.STABLE_AFTER else self.delay.get(index, self.RESTART_DELAY)
+            self.delay[index] = min(max(delay * 2, self.RESTART_DELAY), self.RESTART_DELAY_MAX)
+            self.due[index] = time.monotonic() + delay
+            log.warning("worker %d (pid %d) %s after %.1fs; starting it again in %.1fs", index, pid, how, lived, delay)
+
+    def stop_workers(self) -> None:
+        """SIGTERM to every worker, then SIGKILL to those still there after STOP_WAIT."""
+        self.signal_workers(signal.SIGTERM)
+        deadline = time.monotonic() + self.STOP_WAIT
+        while self.pids and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.05)
+        if self.pids:
+            log.warning("workers %s did not stop in %.0fs: killing them", sorted(self.pids.values()), self.STOP_WAIT)
+            self.signal_workers(signal.SIGKILL)
+            for pid in list(self.pids):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+                self.pids.pop(pid, None)
 
 
 def database_problem(db: str, error: Exception) -> str:
@@ -4693,10 +5109,11 @@ SETTING_FLAGS = [
     ("--public-port", "public_port", "port shown in links, if a front maps 443 elsewhere (0: the listen port)"),
     ("--access-log", "access_log", "access log file, '-' for stderr or 'off'; secrets are redacted"),
     ("--log-level", "log_level", "debug, info, warning or error"),
-    ("--max-connections", "max_connections", "open connections at most"),
+    ("--max-connections", "max_connections", "open connections at most, all workers together (each worker "
+                                             "takes 1/N)"),
     ("--max-connections-per-address", "max_connections_per_address",
-     "open connections from one address at most, so one cannot take every slot (0 = no cap; "
-     "trusted fronts are not capped)"),
+     "open connections from one address at most, all workers together (each worker takes 1/N), so one cannot "
+     "take every slot (0 = no cap; trusted fronts are not capped)"),
     ("--handshake-timeout", "handshake_timeout", "seconds a client has to finish the TLS handshake, in all"),
     ("--header-timeout", "header_timeout", "seconds from accept to a whole first request head, handshake included"),
     ("--idle-timeout", "idle_timeout", "seconds a keep-alive connection has for its next whole request head"),
@@ -4734,6 +5151,9 @@ SETTING_FLAGS = [
     ("--trusted-fronts", "trusted_fronts", "CIDR[,CIDR] of fronts (nginx, an SSO proxy): their requests count as the "
                                            "client they name last in X-Forwarded-For; the user header from anyone "
                                            "else is dropped"),
+    ("--workers", "workers", "serving processes, all accepting on the same listening sockets, so every core "
+                             "works (0 = one per core; 1 = a single process, no supervisor). Rate limits and "
+                             "connection caps are split among them: each takes 1/N of every count"),
     ("--legacy-api", "legacy_api", "also serve SDSC Satellite's getlink.cgi, redeemtoken.cgi, ... for old clients "
                                    "(weaker: the alias alone redeems; no proxy token check)"),
 ]

@@ -116,7 +116,10 @@ class SatelliteServer:
         self.context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
 
     def command(self):
-        return [sys.executable, str(ROOT / "satellite.py"), "serve", "--domain", DOMAIN,
+        # One process unless a test asks for workers (tests/test_workers.py) or SATELLITE_TEST_WORKERS says
+        # otherwise (e.g. 0: one per core, the default of `satellite serve`, for a whole run of the suite).
+        workers = [] if "--workers" in self.extra_args else ["--workers", os.environ.get("SATELLITE_TEST_WORKERS", "1")]
+        return [sys.executable, str(ROOT / "satellite.py"), "serve", "--domain", DOMAIN, *workers,
                 "--listen", f"127.0.0.1:{self.port}", "--cert", str(self.certs / "cert.pem"),
                 "--key", str(self.certs / "key.pem"), "--db", str(self.db),
                 "--issue-from", "127.0.0.1/32", "--redeem-from", "127.0.0.2/31",
