@@ -727,7 +727,8 @@ class Store:
     process (kill -9), which is what matters here; it may lose the last commits on power loss.
 
     The proxy's per-request lookup (`cached_session`) is served from memory: this process's
-    writes clear the cache at once; other processes' writes are noticed by the database and
+    writes clear the cache at once, and so do other workers' (a shared write counter); other processes'
+    writes are noticed by the database and
     WAL files changing (stat, at most every CACHE_CHECK_SECONDS: every commit appends to the
     WAL), and nothing is kept longer than CACHE_MAX_AGE. So a revoke or refresh elsewhere takes
     effect within a tenth of a second, without a query per request. (Not PRAGMA data_version:
@@ -738,8 +739,12 @@ class Store:
     CACHE_CHECK_SECONDS = 0.1
     CACHE_MAX_AGE = 2.0
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, workers_writes: Optional[memoryview] = None):
+        """`workers_writes`: with several workers, one shared word each bumps after every write, so a
+        write in one worker clears the others' caches at once (a memory read per request, no syscall)."""
         self.path = path
+        self._workers_writes = workers_writes
+        self._workers_seen = workers_writes[0] if workers_writes is not None else 0
         self._local = threading.local()
         self._cache: dict = {}
         self._stale: dict = {}                    # what the cache held before: served only if the database fails
@@ -800,6 +805,9 @@ class Store:
     def invalidate(self) -> None:
         with self._cache_lock:
             self._clear_cache(time.monotonic())
+            if self._workers_writes is not None:        # a lost increment (two at once) still changes it
+                self._workers_writes[0] += 1
+                self._workers_seen = self._workers_writes[0]
 
     def _clear_cache(self, now: float) -> None:
         self._generation += 1
@@ -815,6 +823,10 @@ class Store:
     def cached_session(self, alias: str) -> Optional[Session]:
         """session(alias), from memory while nothing has changed (see the class docstring)."""
         now = time.monotonic()
+        if self._workers_writes is not None and self._workers_writes[0] != self._workers_seen:
+            with self._cache_lock:
+                self._workers_seen = self._workers_writes[0]
+                self._clear_cache(now)
         if now - self._checked >= self.CACHE_CHECK_SECONDS:
             with self._cache_lock:
                 if now - self._checked >= self.CACHE_CHECK_SECONDS:
@@ -1159,12 +1171,15 @@ class MetricSlots:
     """Every worker's counters in one memory area shared across fork (an anonymous shared mmap the
     supervisor makes before forking): one fixed slot per worker index, written only by that worker
     (under its Metrics lock), summed by whichever worker answers /metrics. A restarted worker takes its
-    index's slot as it was, so counters never go backwards; only its gauges start at zero again."""
+    index's slot as it was, so counters never go backwards; only its gauges start at zero again.
+    One word more counts the workers' database writes (Store's `workers_writes`)."""
 
     def __init__(self, workers: int = 1):
         self.workers = workers
-        self.area = mmap.mmap(-1, 8 * len(METRIC_FIELDS) * workers)     # MAP_SHARED: children see one copy
+        size = len(METRIC_FIELDS) * workers + 1
+        self.area = mmap.mmap(-1, 8 * size)          # MAP_SHARED: the children see one copy
         self.values = memoryview(self.area).cast("q")
+        self.store_writes = self.values[size - 1:]      # the last word: the workers' Store writes (Store)
 
     def slot(self, index: int) -> memoryview:
         """Worker `index`'s counters, its gauges zeroed (a worker starting has nothing open)."""
@@ -3883,7 +3898,7 @@ class Satellite:
         """`slots`, `worker`: where this worker's counters go (Metrics); `relay_dir`: with several workers,
         where their tunnels meet (TunnelRelay)."""
         self.settings = settings
-        self.store = Store(settings.db)
+        self.store = Store(settings.db, slots.store_writes if slots else None)
         self.cookie_key = CookieKey(settings.cookie_key_path)
         self.upstream_key = CookieKey(settings.upstream_key_path, "upstream-key")
         self.events = Events(self.store, settings.audit_log)
@@ -4378,7 +4393,7 @@ def setup_logging(settings: Settings) -> None:
         return
     handler = (logging.StreamHandler(sys.stderr) if settings.access_log == "-"
                else AppendHandler(settings.access_log))
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(logging.Formatter("%(message)s" + (" pid=%(process)d" if settings.workers > 1 else "")))
     access_log.addHandler(handler)
     access_log.setLevel(logging.INFO)
 

@@ -1,0 +1,334 @@
+"""`satellite serve --workers N`: a supervisor and N forked workers sharing the listening sockets.
+
+Each behaviour is checked with real satellite processes at N = 2 and 3: requests land on every worker (the
+access log names the worker's pid), and whatever one worker learns or counts holds in all of them: a redeem,
+a revoke, a tunnel, the counters behind /metrics, the rate limits, a SIGHUP. The supervisor restarts a worker
+killed with SIGKILL, without losing what was acknowledged, and stops them all on SIGTERM.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import websocket
+
+from conftest import DOMAIN, ROOT, App, SatelliteServer, open_raw_tunnel, wait_for
+
+sys.path.insert(0, str(ROOT))
+import satellite as sat  # noqa: E402
+
+ACCESS_LINE = re.compile(r'^\S+ - - \[[^\]]+\] "[^"]*" (\d{3}) \d+ "[^"]*" \d+\.\d{3} pid=(\d+)$')
+WORKERS = (2, 3)
+
+
+# helpers -------------------------------------------------------------------------
+
+def start(certs, workdir, workers, *extra):
+    workdir.mkdir(parents=True, exist_ok=True)
+    return SatelliteServer(certs, workdir, ["--workers", str(workers), "--redeem-from", "127.0.0.0/8",
+                                            "--access-log", str(workdir / "access.log"), *extra]).start()
+
+
+def worker_pids(server):
+    """The supervisor's children, once there are as many as it was told to run."""
+    def children():
+        try:
+            text = open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read()
+        except FileNotFoundError:
+            return []
+        return sorted(int(pid) for pid in text.split())
+    return children()
+
+
+def wait_for_workers(server, count, other_than=()):
+    return wait_for(lambda: (lambda pids: pids if len(pids) == count and not set(pids) & set(other_than) else None)(
+        worker_pids(server)), what=f"{count} workers")
+
+
+def access_pids(server, since=0, status=None):
+    """The pid of the worker that served each access-log line after byte `since` (every line whole)."""
+    lines = (server.workdir / "access.log").read_text()[since:].splitlines()
+    matches = [ACCESS_LINE.match(line) for line in lines]
+    assert all(matches), [line for line, m in zip(lines, matches) if not m][:3]
+    return [int(m.group(2)) for m in matches if status is None or m.group(1) == str(status)]
+
+
+def access_size(server):
+    return (server.workdir / "access.log").stat().st_size
+
+
+def fresh_get(server, host, target, headers=None):
+    """One request on a connection of its own (so the kernel hands it to any worker)."""
+    conn = server.connection(host, timeout=30)
+    try:
+        conn.request("GET", target, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def until_every_worker_served(server, host, target, pids, headers=None, limit=400):
+    """Fresh connections until each worker has answered one; returns the statuses. Bounded."""
+    since, statuses = access_size(server), []
+    for _ in range(limit):
+        statuses.append(fresh_get(server, host, target, headers)[0])
+        if len(statuses) % 10 == 0 and set(access_pids(server, since)) >= set(pids):
+            return statuses
+    raise AssertionError(f"{limit} connections did not reach every worker: {sorted(set(access_pids(server, since)))}")
+
+
+def metric(server, name, default=None):
+    text = fresh_get(server, "127.0.0.1", "/metrics")[1].decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    if found is None and default is not None:
+        return default
+    return float(found.group(1))
+
+
+def session_host(link):
+    return f"{link['alias']}.{DOMAIN}"
+
+
+def token_header(link):
+    return {"Authorization": f"token {link['token']}"}
+
+
+@pytest.fixture(scope="module", params=WORKERS, ids=[f"{n}workers" for n in WORKERS])
+def multi(request, certs, tmp_path_factory):
+    server = start(certs, tmp_path_factory.mktemp(f"workers{request.param}"), request.param)
+    server.workers = request.param
+    server.pids = wait_for_workers(server, request.param)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory):
+    application = App(tmp_path_factory.mktemp("echo"))
+    yield application
+    application.stop()
+
+
+# every worker serves; what one learns, all know ----------------------------------------
+
+def test_every_worker_serves_and_metrics_add_up_across_them(multi):
+    before = metric(multi, 'satellite_requests_total{code="2xx"}', default=0)
+    count_before = metric(multi, "satellite_request_duration_seconds_count")
+    statuses = until_every_worker_served(multi, "127.0.0.1", "/healthz", multi.pids)
+    assert set(statuses) == {200}
+    # Whichever worker answers /metrics gives every worker's sum: the requests above, and the /metrics before
+    assert metric(multi, 'satellite_requests_total{code="2xx"}') == before + len(statuses) + 2
+    assert metric(multi, "satellite_request_duration_seconds_count") == count_before + len(statuses) + 2
+    assert metric(multi, "satellite_workers") == multi.workers
+
+
+def test_denials_sum_across_workers(multi):
+    link = multi.getlink()
+    before = metric(multi, 'satellite_denied_total{reason="wrong_token"}', default=0)
+    statuses = until_every_worker_served(multi, session_host(link), "/", multi.pids, {"Authorization": "token nope"})
+    assert set(statuses) == {403}
+    assert metric(multi, 'satellite_denied_total{reason="wrong_token"}') == before + len(statuses)
+
+
+def test_a_redeem_in_one_worker_is_proxied_by_every_other(multi, echo):
+    link = multi.getlink()
+    status, _ = multi.api("redeem", source=echo.host, key=link["key"], port=echo.port)
+    assert status == 200
+    # within the route cache's bound (a tenth of a second), every worker maps the alias
+    wait_for(lambda: fresh_get(multi, session_host(link), "/", token_header(link))[0] == 200, what="the mapping")
+    time.sleep(sat.Store.CACHE_CHECK_SECONDS * 2)
+    statuses = until_every_worker_served(multi, session_host(link), "/", multi.pids, token_header(link))
+    assert set(statuses) == {200}
+
+
+def test_a_revoke_cuts_websockets_held_by_every_worker(multi, echo):
+    link = multi.mapped_session(echo)
+    host = session_host(link)
+    since = access_size(multi)
+    sockets = []
+    for _ in range(6 * multi.workers):
+        ws = websocket.create_connection(f"wss://{host}:{multi.port}/ws", socket=multi.tls_socket(host),
+                                         header=[f"Authorization: token {link['token']}"], timeout=30)
+        ws.send("hello")
+        assert ws.recv() == "hello"
+        sockets.append(ws)
+    assert metric(multi, "satellite_websockets_open") == len(sockets)
+    revoke = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "revoke", "--db", str(multi.db),
+                             link["alias"]], capture_output=True, text=True, timeout=60)
+    assert revoke.returncode == 0, revoke.stderr
+    for ws in sockets:                     # each is cut within a check interval (5 s of silence), whoever holds it
+        with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError, OSError)):
+            while True:
+                if ws.recv() in ("", b"", None):
+                    raise websocket.WebSocketConnectionClosedException("closed")
+    wait_for(lambda: len(access_pids(multi, since, 101)) == len(sockets), what="the WebSockets' access lines")
+    holders = access_pids(multi, since, 101)
+    assert len(set(holders)) >= 2, holders       # the WebSockets were spread over workers, and all were cut
+    assert metric(multi, "satellite_websockets_open") == 0
+
+
+def attach_tunnel(server, key, app):
+    """The agent's end of a tunnel, in this process (satellite's own Tunnel class, as the agent uses it)."""
+    status, head, sock = open_raw_tunnel(server, key, 1)
+    assert status == 101, head
+    tunnel = sat.Tunnel(sock, connect_app=lambda: socket.create_connection((app.host, app.port), 10))
+    threading.Thread(target=tunnel.run, daemon=True).start()
+    return tunnel
+
+
+def test_a_tunnel_serves_its_session_from_every_worker(multi, echo):
+    link = multi.getlink()
+    log_start = len(multi.log_text())
+    tunnel = attach_tunnel(multi, link["key"], echo)
+    owner = int(wait_for(lambda: re.search(rf"\[(\d+)\] tunnel of {link['alias']} attached",
+                                           multi.log_text()[log_start:]), what="the attach").group(1))
+    assert owner in multi.pids
+    relays = [p for p in (multi.workdir / "satellite.tunnels").glob("*.sock")]
+    assert [p.name for p in relays] == [hashlib.sha256(link["alias"].encode()).hexdigest()[:16] + ".sock"]
+    assert oct(os.stat(multi.workdir / "satellite.tunnels").st_mode & 0o777) == "0o700"
+    host = session_host(link)
+    since = access_size(multi)
+    for _ in range(100):                  # real curl, a new connection each time, until another worker served one
+        result = multi.curl("-H", f"Authorization: token {link['token']}", multi.url(host, "/"), host=host)
+        assert "Hello from the compute node" in result.stdout, result.stderr
+        served = access_pids(multi, since)
+        if set(served) - {owner}:
+            break
+    assert set(served) - {owner}, served
+    # the status JSON sees the tunnel from every worker; the gauge counts it once
+    for _ in range(3 * multi.workers):
+        status, body = fresh_get(multi, host, "/__satellite/status", token_header(link))
+        assert status == 200 and json.loads(body)["ready"] is True, body
+    assert metric(multi, "satellite_tunnels_open") == 1
+    tunnel.stop("test over")
+    wait_for(lambda: not list((multi.workdir / "satellite.tunnels").glob("*.sock")), what="the relay removed")
+    wait_for(lambda: metric(multi, "satellite_tunnels_open") == 0, what="the gauge to drop")
+
+
+# limits hold in all workers together ----------------------------------------------------
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_wrong_tokens_and_quotas_are_limited_across_workers(certs, tmp_path, workers, echo):
+    server = start(certs, tmp_path / "limits", workers, "--token-failures", "6/1m", "--max-live-per-source", "7")
+    try:
+        wait_for_workers(server, workers)
+        link = server.mapped_session(echo)
+        statuses = [fresh_get(server, session_host(link), "/", {"Authorization": "token wrong"})[0]
+                    for _ in range(12 * workers)]
+        assert statuses.count(403) <= 6 and statuses.count(429) >= 6 * workers, statuses   # all workers together
+        # the right token is never refused for others' failures
+        assert fresh_get(server, session_host(link), "/", token_header(link))[0] == 200
+        # the live-session quota: 7 per address, however many getlinks race in however many workers
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: server.api("getlink")[0], range(24)))
+        assert answers.count(201) == 6 and answers.count(429) == 18, answers         # 1 + 6 = the quota of 7
+    finally:
+        server.stop()
+
+
+# signals and the supervisor ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def second_certs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("certs2")
+    subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(directory), DOMAIN], check=True, capture_output=True)
+    return directory
+
+
+def served_certificate(server):
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", server.port), 10) as raw:
+        with context.wrap_socket(raw, server_hostname=f"x.{DOMAIN}") as tls:
+            return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
+
+
+def pem_fingerprint(path):
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(open(path).read().split("-----END CERTIFICATE-----")[0]
+                                                   + "-----END CERTIFICATE-----\n")).hexdigest()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_sighup_reloads_every_worker_and_sigterm_stops_them_all(certs, second_certs, tmp_path, workers):
+    shutil.copy(certs / "cert.pem", tmp_path / "cert.pem")
+    shutil.copy(certs / "key.pem", tmp_path / "key.pem")
+    server = start(certs, tmp_path / "sat", workers, "--cert", str(tmp_path / "cert.pem"),
+                   "--key", str(tmp_path / "key.pem"))
+    try:
+        pids = wait_for_workers(server, workers)
+        old, new = pem_fingerprint(certs / "cert.pem"), pem_fingerprint(second_certs / "cert.pem")
+        assert {served_certificate(server) for _ in range(10 * workers)} == {old}
+        shutil.copy(second_certs / "key.pem", tmp_path / "key.pem")
+        shutil.copy(second_certs / "cert.pem", tmp_path / "cert.pem")
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: server.log_text().count("certificate reloaded") == workers, what="every worker's reload")
+        assert {served_certificate(server) for _ in range(10 * workers)} == {new}
+        assert worker_pids(server) == pids              # reloaded in place, not restarted
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+        assert not list((tmp_path / "sat/satellite.tunnels").glob("*"))
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_killed_worker_loses_nothing_acknowledged_and_comes_back(certs, tmp_path, workers):
+    server = start(certs, tmp_path / "sat", workers, "--getlink-rate", "0", "--max-live-per-source", "0")
+    try:
+        pids = wait_for_workers(server, workers)
+        requests_before = metric(server, 'satellite_requests_total{code="2xx"}', default=0)
+        acknowledged, failed, stop = [], [], threading.Event()
+
+        def load():
+            while not stop.is_set():
+                try:
+                    status, fields = server.api("getlink")
+                    if status == 201:
+                        acknowledged.append((time.monotonic(), fields["alias"]))
+                except (OSError, ssl.SSLError, ConnectionError) as exc:    # cut mid-request: not acknowledged
+                    failed.append(exc)
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(acknowledged) >= 20, what="load")
+        victim = pids[-1]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(lambda: len([t for t, _ in acknowledged if t > killed_at]) >= 20, what="the others to serve on")
+        new_pids = wait_for_workers(server, workers, other_than=[victim])
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        assert set(pids) - {victim} <= set(new_pids)                   # the others were never restarted
+        assert re.search(rf"worker {workers - 1} \(pid {victim}\) was killed by signal 9 .* starting it again",
+                         server.log_text())
+        aliases = {alias for _, alias in acknowledged}
+        stored = {row[0] for row in server.rows()}
+        assert aliases <= stored                                         # every 201 is in the database
+        # the restarted worker serves, and the counters it inherited never went backwards
+        restarted = (set(new_pids) - set(pids)).pop()
+        until_every_worker_served(server, "127.0.0.1", "/healthz", [restarted])
+        assert metric(server, 'satellite_requests_total{code="2xx"}') >= requests_before + len(acknowledged)
+        # a worker that keeps dying is started again after a pause that grows
+        os.kill(restarted, signal.SIGKILL)
+        again = wait_for_workers(server, workers, other_than=[victim, restarted])
+        third = (set(again) - set(new_pids)).pop()
+        os.kill(third, signal.SIGKILL)
+        wait_for_workers(server, workers, other_than=[victim, restarted, third])
+        delays = re.findall(rf"worker {workers - 1} \(pid \d+\) was killed .* starting it again in ([\d.]+)s",
+                            server.log_text())
+        assert [float(d) for d in delays] == [0.5, 1.0, 2.0], delays
+    finally:
+        server.stop()
