@@ -3,8 +3,9 @@
 
 Small keep-alive requests (wrk) at several concurrencies, TLS on the browser side for every path:
 
-    direct      nginx serving the fixed answer itself over TLS (no proxy: the floor)
-    satellite   satellite -> backend
+    direct       nginx serving the fixed answer itself over TLS (no proxy: the floor)
+    satellite    satellite (workers = 1: one process) -> backend
+    satellite_w2 satellite with workers = 2 (a supervisor, two processes on one listening socket) -> backend
     chp         configurable-http-proxy (JupyterHub's proxy, npm) -> backend
     nginx       nginx as a TLS reverse proxy (upstream keep-alive) -> backend
 
@@ -145,12 +146,12 @@ def start_chp(certs, port, backend):
     return proc
 
 
-def wrk(port, connections, seconds, headers):
+def wrk(port, connections, seconds, headers, path="/"):
     threads = 1 if connections == 1 else 2
     args = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--latency"]
     for header in headers:
         args += ["-H", header]
-    result = subprocess.run(args + [f"https://127.0.0.1:{port}/"], capture_output=True, text=True,
+    result = subprocess.run(args + [f"https://127.0.0.1:{port}{path}"], capture_output=True, text=True,
                             timeout=seconds + 60)
     out = result.stdout
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -194,19 +195,13 @@ def main():
     procs += [start_nginx(work, certs, ports["backend"], ports["direct"], ports["nginx"], big_file,
                           ports["jupyter"], ports["nginx_lab"]),
               start_chp(certs, ports["chp"], ports["backend"]), start_chp(certs, ports["chp_lab"], ports["jupyter"])]
-    satellite = SatelliteServer(certs, work, ["--access-log", "off", "--redeem-from", "127.0.0.0/8",
-                                              "--max-connections", "8192", "--getlink-rate", "0",
-                                              "--max-live-per-source", "0", "--max-live-per-user", "0",
-                                              # wrk's connections all come from 127.0.0.1: many clients, one address
-                                              "--max-connections-per-address", "0"]).start()
+    satellite = start_satellite(certs, work, 1)
+    satellite_w2 = start_satellite(certs, work / "w2", 2)
     try:
-        link = satellite.getlink()
-        status, _ = satellite.api("redeem", key=link["key"], port=ports["backend"])
-        assert status == 200
-        host = f"{link['alias']}.sat.test:{satellite.port}"
         paths = {
             "direct": (ports["direct"], []),
-            "satellite": (satellite.port, [f"Host: {host}", f"Authorization: token {link['token']}"]),
+            "satellite": satellite_path(satellite, ports["backend"]),
+            "satellite_w2": satellite_path(satellite_w2, ports["backend"]),
             "chp": (ports["chp"], []),
             "nginx": (ports["nginx"], []),
         }
@@ -217,10 +212,12 @@ def main():
                 for name, (port, headers) in paths.items():
                     runs[(name, c)].append(wrk(port, c, args.seconds, headers))
         report = render(runs, paths, levels, args)
+        report += issue_figures({"workers=1": satellite, "workers=2": satellite_w2}, args)
         report += other_figures(satellite, paths, ports, work, args)
         report += jupyterlab_table(satellite, ports, args)
     finally:
         satellite.stop()
+        satellite_w2.stop()
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
@@ -228,6 +225,64 @@ def main():
     if not args.smoke:
         Path(args.output).write_text(report)
     return 0
+
+
+def start_satellite(certs, work, workers):
+    work.mkdir(exist_ok=True)
+    return SatelliteServer(certs, work, ["--workers", str(workers), "--access-log", "off",
+                                         "--redeem-from", "127.0.0.0/8", "--max-connections", "8192",
+                                         "--getlink-rate", "0", "--max-live-per-source", "0", "--max-live-per-user", "0",
+                                         # wrk's connections all come from 127.0.0.1: many clients, one address
+                                         "--max-connections-per-address", "0"]).start()
+
+
+def satellite_path(satellite, backend):
+    """(port, wrk headers) of a link of `satellite` redeemed for the backend."""
+    link = satellite.getlink()
+    status, _ = satellite.api("redeem", key=link["key"], port=backend)
+    assert status == 200
+    return satellite.port, [f"Host: {link['alias']}.sat.test:{satellite.port}", f"Authorization: token {link['token']}"]
+
+
+def issue_rate(satellite, seconds, clients=4):
+    """getlink + redeem pairs per second from `clients` keep-alive clients at once (each pair: two SQLite
+    write transactions). The clients are Python threads on the same machine: a floor, not a ceiling."""
+    import threading
+    count, stop = [0], time.perf_counter() + seconds
+
+    def client():
+        login, node = satellite.connection("127.0.0.1"), satellite.connection("127.0.0.1", source="127.0.0.2")
+        while time.perf_counter() < stop:
+            login.request("GET", "/api/getlink")
+            response = login.getresponse()
+            key = re.search(r"^key=(\S+)$", response.read().decode(), re.M).group(1)
+            node.request("GET", f"/api/redeem?key={key}&port=8000")
+            response = node.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+            count[0] += 1
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return count[0] / (time.perf_counter() - start)
+
+
+def issue_figures(servers, args):
+    """Issuing links with one and two workers: getlink alone (wrk, 16 connections) and getlink + redeem pairs."""
+    lines = ["", "| issuing links | " + " | ".join(servers) + " | ratio |", "|---|" + "---:|" * (len(servers) + 1)]
+    getlinks, pairs = {name: [] for name in servers}, {name: [] for name in servers}
+    for _ in range(args.rounds):
+        for name, server in servers.items():
+            getlinks[name].append(wrk(server.port, 16, args.seconds, ["Host: 127.0.0.1"], "/api/getlink")["rate"])
+            pairs[name].append(issue_rate(server, args.seconds))
+    for label, runs in (("getlink per second (wrk, 16 keep-alive connections)", getlinks),
+                        ("getlink + redeem pairs per second (4 Python keep-alive clients)", pairs)):
+        rates = [statistics.median(runs[name]) for name in servers]
+        lines.append(f"| {label} | " + " | ".join(f"{rate:,.0f}" for rate in rates) + f" | {rates[-1] / rates[0]:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def download_mb_per_s(port, headers, size, path="/big"):
@@ -440,12 +495,16 @@ def render(runs, paths, levels, args):
             errors = sum(r["errors"] for r in runs[(name, c)])
             lines.append(f"| {c} | {name} | {median(name, c, 'rate'):,.0f} | {median(name, c, 'p50'):.2f} | "
                          f"{median(name, c, 'p99'):.2f} | {errors} |")
-    lines += ["", "| concurrency | satellite / chp (req/s) | satellite / nginx (req/s) | p50 added over direct (ms) |",
-              "|---:|---:|---:|---:|"]
+    lines += ["", "| concurrency | satellite / chp (req/s) | satellite_w2 / chp (req/s) | satellite_w2 / satellite "
+                  "| satellite / nginx (req/s) | p50 added over direct (ms) | p50, p99 ms: satellite / satellite_w2 "
+                  "/ chp |", "|---:|---:|---:|---:|---:|---:|---|"]
     for c in levels:
-        sat = median("satellite", c, "rate")
-        lines.append(f"| {c} | {sat / median('chp', c, 'rate'):.2f} | {sat / median('nginx', c, 'rate'):.2f} | "
-                     f"{median('satellite', c, 'p50') - median('direct', c, 'p50'):.2f} |")
+        sat, w2, chp = (median(name, c, "rate") for name in ("satellite", "satellite_w2", "chp"))
+        latency = " / ".join(f"{median(name, c, 'p50'):.2f}, {median(name, c, 'p99'):.2f}"
+                             for name in ("satellite", "satellite_w2", "chp"))
+        lines.append(f"| {c} | {sat / chp:.2f} | {w2 / chp:.2f} | {w2 / sat:.2f} | "
+                     f"{sat / median('nginx', c, 'rate'):.2f} | "
+                     f"{median('satellite', c, 'p50') - median('direct', c, 'p50'):.2f} | {latency} |")
     return "\n".join(lines) + "\n"
 
 

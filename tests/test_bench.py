@@ -15,13 +15,14 @@ def test_bench_smoke_measures_every_path():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = re.findall(r"^\| 1 \| (\w+) \| ([\d,]+) \| [\d.]+ \| [\d.]+ \| (\d+) \|$", result.stdout, re.M)
-    assert [name for name, _, _ in rows] == ["direct", "satellite", "chp", "nginx"]
+    assert [name for name, _, _ in rows] == ["direct", "satellite", "satellite_w2", "chp", "nginx"]
     assert all(int(rate.replace(",", "")) > 0 and errors == "0" for _, rate, errors in rows)
-    assert "satellite / chp" in result.stdout
+    assert "satellite / chp" in result.stdout and "satellite_w2 / chp" in result.stdout
     bulk = re.findall(r"^\| bulk download 20 MB, (\w+) \| ([\d,]+) MB/s \|$", result.stdout, re.M)
-    assert [name for name, _ in bulk] == ["direct", "satellite", "chp", "nginx"]
+    assert [name for name, _ in bulk] == ["direct", "satellite", "satellite_w2", "chp", "nginx"]
     for figure in ("WebSocket round trip through satellite", "idle WebSockets", "redeem → first proxied response",
-                   "getlink calls per second", "tunnel / direct", "isolated / open direct"):
+                   "getlink calls per second", "tunnel / direct", "isolated / open direct",
+                   "getlink + redeem pairs per second"):
         assert figure in result.stdout
     loads = re.findall(r"^\| ([\w ()]+) \| ([\d,]+) \| (\d+) \| [\d.]+ \| [\d.]+ \|$", result.stdout, re.M)
     assert [name for name, _, _ in loads] == ["direct (plain HTTP)", "satellite", "chp", "nginx"]
