@@ -4994,6 +4994,12 @@ def check_deployment(settings: Settings, user: str) -> list:
         else:
             report("OK", f"{shown} can be bound")
 
+    workers = settings.worker_count
+    split = (f"; rate limits and connection caps are split among them (each takes 1/{workers})"
+             if workers > 1 else "")
+    report("OK", f"workers: {workers} serving process{'es' if workers > 1 else ''}"
+                 f"{' (one per core)' if not settings.workers else ''}{split}")
+
     # files and directories
     state = os.path.dirname(os.path.abspath(settings.db))
     if not os.path.isdir(state):
