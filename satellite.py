@@ -4384,9 +4384,9 @@ class AppendHandler(logging.StreamHandler):
 
 def setup_logging(settings: Settings) -> None:
     """The log (stderr; with several workers each line names its process) and the access log."""
-    worker = "[%(process)d] " if settings.workers > 1 else ""
+    worker = " [pid %(process)d]" if settings.workers > 1 else ""
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
-                        format=f"%(asctime)s %(levelname)s {worker}%(message)s", stream=sys.stderr)
+                        format=f"%(asctime)s %(levelname)s %(message)s{worker}", stream=sys.stderr)
     access_log.propagate = False
     if settings.access_log == "off":
         access_log.disabled = True

@@ -191,7 +191,7 @@ def test_a_tunnel_serves_its_session_from_every_worker(multi, echo):
     link = multi.getlink()
     log_start = len(multi.log_text())
     tunnel = attach_tunnel(multi, link["key"], echo)
-    owner = int(wait_for(lambda: re.search(rf"\[(\d+)\] tunnel of {link['alias']} attached",
+    owner = int(wait_for(lambda: re.search(rf"tunnel of {link['alias']} attached from \S+ \[pid (\d+)\]",
                                            multi.log_text()[log_start:]), what="the attach").group(1))
     assert owner in multi.pids
     relays = [p for p in (multi.workdir / "satellite.tunnels").glob("*.sock")]
