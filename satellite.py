@@ -21,7 +21,7 @@ who deploys it. Sections, top-down:
     2. Configuration         Settings, INI file + flags, durations, networks
     3. Secrets and aliases   token/key generation, hashing, cookies and the cookie key's file
     4. Store                 SQLite (WAL) sessions table, shared with other processes
-    5. Operations            audit events, metrics, rate limits, health probes, refresh
+    5. Operations            audit events, metrics (summed over workers), rate limits, health probes, refresh
    A request, in the order it is handled:
     6. HTTP messages         parse a head strictly (pure), read a body within its limit; Answer
     7. Routing and access    where it goes; who asks; may they (networks, token, cookie, owner,
@@ -30,10 +30,12 @@ who deploys it. Sections, top-down:
     9. Pages                 status page and its JSON, the session page, the ending notice,
                              403/404/410/502 pages
    10. Proxy                 forward a request, relay bodies, relay WebSockets
-   11. Tunnel                frames that carry a session through a connection the job opened
-   12. Server                accept (connection limits), TLS and deadlines, the pipeline
-                             (route -> decide -> act), the one writer, HTTP redirect
-   13. Commands              serve, check, refresh, list, show, revoke, stats, export; main()
+   11. Tunnel                frames that carry a session through a connection the job opened;
+                             relays that let every worker reach a tunnel attached to one
+   12. Server                listening sockets, accept (connection limits), TLS and deadlines, the
+                             pipeline (route -> decide -> act), the one writer, HTTP redirect
+   13. Commands              serve (one process, or a supervisor and N workers), check, refresh,
+                             list, show, revoke, stats, export; main()
    14. Word list             aliases are three words from this list
 
 Handlers return an Answer (status, fields, body or a streaming body); errors are answers

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import websocket
 
-from conftest import DOMAIN, ROOT, App, SatelliteServer, open_raw_tunnel, wait_for
+from conftest import DOMAIN, ROOT, SatelliteServer, open_raw_tunnel, wait_for
 
 sys.path.insert(0, str(ROOT))
 import satellite as sat  # noqa: E402
@@ -113,13 +113,6 @@ def multi(request, certs, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def echo(tmp_path_factory):
-    application = App(tmp_path_factory.mktemp("echo"))
-    yield application
-    application.stop()
-
-
 # every worker serves; what one learns, all know ----------------------------------------
 
 def test_every_worker_serves_and_metrics_add_up_across_them(multi):
@@ -141,9 +134,9 @@ def test_denials_sum_across_workers(multi):
     assert metric(multi, 'satellite_denied_total{reason="wrong_token"}') == before + len(statuses)
 
 
-def test_a_redeem_in_one_worker_is_proxied_by_every_other(multi, echo):
+def test_a_redeem_in_one_worker_is_proxied_by_every_other(multi, app):
     link = multi.getlink()
-    status, _ = multi.api("redeem", source=echo.host, key=link["key"], port=echo.port)
+    status, _ = multi.api("redeem", source=app.host, key=link["key"], port=app.port)
     assert status == 200
     # within the route cache's bound (a tenth of a second), every worker maps the alias
     wait_for(lambda: fresh_get(multi, session_host(link), "/", token_header(link))[0] == 200, what="the mapping")
@@ -152,8 +145,8 @@ def test_a_redeem_in_one_worker_is_proxied_by_every_other(multi, echo):
     assert set(statuses) == {200}
 
 
-def test_a_revoke_cuts_websockets_held_by_every_worker(multi, echo):
-    link = multi.mapped_session(echo)
+def test_a_revoke_cuts_websockets_held_by_every_worker(multi, app):
+    link = multi.mapped_session(app)
     host = session_host(link)
     since = access_size(multi)
     sockets = []
@@ -187,10 +180,10 @@ def attach_tunnel(server, key, app):
     return tunnel
 
 
-def test_a_tunnel_serves_its_session_from_every_worker(multi, echo):
+def test_a_tunnel_serves_its_session_from_every_worker(multi, app):
     link = multi.getlink()
     log_start = len(multi.log_text())
-    tunnel = attach_tunnel(multi, link["key"], echo)
+    tunnel = attach_tunnel(multi, link["key"], app)
     owner = int(wait_for(lambda: re.search(rf"tunnel of {link['alias']} attached from \S+ \[pid (\d+)\]",
                                            multi.log_text()[log_start:]), what="the attach").group(1))
     assert owner in multi.pids
@@ -219,11 +212,11 @@ def test_a_tunnel_serves_its_session_from_every_worker(multi, echo):
 # limits hold in all workers together ----------------------------------------------------
 
 @pytest.mark.parametrize("workers", WORKERS)
-def test_wrong_tokens_and_quotas_are_limited_across_workers(certs, tmp_path, workers, echo):
+def test_wrong_tokens_and_quotas_are_limited_across_workers(certs, tmp_path, workers, app):
     server = start(certs, tmp_path / "limits", workers, "--token-failures", "6/1m", "--max-live-per-source", "7")
     try:
         wait_for_workers(server, workers)
-        link = server.mapped_session(echo)
+        link = server.mapped_session(app)
         statuses = [fresh_get(server, session_host(link), "/", {"Authorization": "token wrong"})[0]
                     for _ in range(12 * workers)]
         assert statuses.count(403) <= 6 and statuses.count(429) >= 6 * workers, statuses   # all workers together
