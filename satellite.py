@@ -4525,6 +4525,18 @@ def clear_relays(path: str) -> None:
                 os.unlink(os.path.join(path, name))
 
 
+RESTART_DELAY = 0.5                     # seconds before a worker that died young starts again, at first
+RESTART_DELAY_MAX = 30.0
+STABLE_AFTER = 10.0                     # a worker that lived this long starts again at once
+
+
+def restart_delays(lived: float, planned: Optional[float]) -> tuple:
+    """(the pause before a dead worker starts again, the pause planned for its next death): none after a
+    worker that ran STABLE_AFTER, else the planned pause, which doubles each time up to RESTART_DELAY_MAX."""
+    delay = 0.0 if lived >= STABLE_AFTER else (RESTART_DELAY if planned is None else planned)
+    return delay, min(max(delay * 2, RESTART_DELAY), RESTART_DELAY_MAX)
+
+
 class Supervisor:
     """`serve` with several workers. This process opened the listeners (and so bound port 443 with the
     capability) and forks N workers that each run serve_listeners on them with a Satellite of their own
@@ -4532,12 +4544,9 @@ class Supervisor:
     sockets, the log files and the shared counters). It serves nothing itself: it passes SIGHUP on to
     every worker (each reloads its certificate), stops them all on SIGTERM or SIGINT (SIGKILL after
     STOP_WAIT), and starts a worker again that died, after a pause that doubles while it keeps dying
-    (RESTART_DELAY up to RESTART_DELAY_MAX), so a crash loop does not spin."""
+    (restart_delays), so a crash loop does not spin."""
 
     STOP_WAIT = 10.0
-    RESTART_DELAY = 0.5
-    RESTART_DELAY_MAX = 30.0
-    STABLE_AFTER = 10.0                  # a worker that lived this long starts again at once
 
     SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
@@ -4641,8 +4650,7 @@ class Supervisor:
             if self.stopping:
                 continue
             lived = time.monotonic() - self.started[index]
-            delay = 0.0 if lived >= self.STABLE_AFTER else self.delay.get(index, self.RESTART_DELAY)
-            self.delay[index] = min(max(delay * 2, self.RESTART_DELAY), self.RESTART_DELAY_MAX)
+            delay, self.delay[index] = restart_delays(lived, self.delay.get(index))
             self.due[index] = time.monotonic() + delay
             log.warning("worker %d (pid %d) %s after %.1fs; starting it again in %.1fs", index, pid, how, lived, delay)
 

@@ -232,6 +232,14 @@ def test_wrong_tokens_and_quotas_are_limited_across_workers(certs, tmp_path, wor
 
 # signals and the supervisor ----------------------------------------------------------
 
+def test_a_worker_that_keeps_dying_waits_longer_each_time_up_to_a_bound():
+    delays, planned = [], None
+    for _ in range(9):
+        delay, planned = sat.restart_delays(1.0, planned)
+        delays.append(delay)
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert sat.restart_delays(sat.STABLE_AFTER, planned) == (0.0, 0.5)     # after a good run: at once, then afresh
+
 @pytest.fixture(scope="module")
 def second_certs(tmp_path_factory):
     directory = tmp_path_factory.mktemp("certs2")
