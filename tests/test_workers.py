@@ -171,9 +171,9 @@ def test_a_revoke_cuts_websockets_held_by_every_worker(multi, app):
     assert metric(multi, "satellite_websockets_open") == 0
 
 
-def attach_tunnel(server, key, app):
+def attach_tunnel(server, key, app, attach=1):
     """The agent's end of a tunnel, in this process (satellite's own Tunnel class, as the agent uses it)."""
-    status, head, sock = open_raw_tunnel(server, key, 1)
+    status, head, sock = open_raw_tunnel(server, key, attach)
     assert status == 101, head
     tunnel = sat.Tunnel(sock, connect_app=lambda: socket.create_connection((app.host, app.port), 10))
     threading.Thread(target=tunnel.run, daemon=True).start()
@@ -204,9 +204,25 @@ def test_a_tunnel_serves_its_session_from_every_worker(multi, app):
         status, body = fresh_get(multi, host, "/__satellite/status", token_header(link))
         assert status == 200 and json.loads(body)["ready"] is True, body
     assert metric(multi, "satellite_tunnels_open") == 1
-    tunnel.stop("test over")
+    # the job reconnects (a newer attach, in whichever worker): the old tunnel closes, the new one serves everywhere,
+    # and the old one's end does not mark the session's backend gone
+    newer = attach_tunnel(multi, link["key"], app, attach=2)
+    wait_for(lambda: tunnel.closed, timeout=30, what="the replaced tunnel to close")
+    assert len(list((multi.workdir / "satellite.tunnels").glob("*.sock"))) == 1
+    for _ in range(3 * multi.workers):
+        assert b"Hello from the compute node" in fresh_get(multi, host, "/", token_header(link))[1]
+    assert [row for row in server_rows(multi) if row["alias"] == link["alias"]][0]["backend_gone"] is None
+    wait_for(lambda: metric(multi, "satellite_tunnels_open") == 1, what="one tunnel counted")
+    newer.stop("test over")
     wait_for(lambda: not list((multi.workdir / "satellite.tunnels").glob("*.sock")), what="the relay removed")
     wait_for(lambda: metric(multi, "satellite_tunnels_open") == 0, what="the gauge to drop")
+
+
+def server_rows(server):
+    import sqlite3
+    with sqlite3.connect(server.db) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute("SELECT * FROM sessions")]
 
 
 # limits hold in all workers together ----------------------------------------------------
