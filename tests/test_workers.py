@@ -300,6 +300,25 @@ def test_sighup_reloads_every_worker_and_sigterm_stops_them_all(certs, second_ce
         server.stop()
 
 
+def gone(pid):
+    """Exited (a zombie whose new parent has not reaped it yet counts)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_stop_when_their_supervisor_is_killed(certs, tmp_path):
+    server = start(certs, tmp_path / "sat", 2)
+    try:
+        pids = wait_for_workers(server, 2)
+        server.proc.kill()
+        server.proc.wait(10)
+        wait_for(lambda: all(gone(pid) for pid in pids), what="the orphaned workers to stop")
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("workers", WORKERS)
 def test_a_killed_worker_loses_nothing_acknowledged_and_comes_back(certs, tmp_path, workers):
     server = start(certs, tmp_path / "sat", workers, "--getlink-rate", "0", "--max-live-per-source", "0")
