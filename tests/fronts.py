@@ -206,7 +206,7 @@ def front(request, fresh_satellite, tmp_path, certs):
 
 
 @pytest.fixture
-def nginx_front(fresh_satellite, tmp_path, certs):
+def nginx_alone(fresh_satellite, tmp_path, certs):
     """nginx alone, not watched (the tests of plain `export`)."""
     satellite = front_satellite(fresh_satellite, tmp_path)
     started = start_nginx(satellite, tmp_path, certs)

@@ -11,7 +11,7 @@ import sys
 
 import websocket
 
-from conftest import DOMAIN, ROOT, wait_for
+from conftest import DOMAIN, ROOT, LoopbackHTTPS, wait_for
 from fronts import GROUP, front, satellite_lines, settle_satellite_log  # noqa: F401  (fixtures)
 
 
@@ -182,3 +182,24 @@ def test_a_watcher_that_cannot_reach_the_front_keeps_going(front, new_app, tmp_p
     wait_for(lambda: "failed" in front.watch_log(), what="the failure to be logged")
     assert front.watcher.poll() is None
     os.kill(front.watcher.pid, 0)
+
+
+def test_kept_alive_connections_to_apps_never_cross_sessions(front, new_app):
+    """The front keeps connections to apps open and reuses them: a request of one session must never
+    ride a connection to another session's app (HAProxy routes by set-dst to one catch-all server)."""
+    apps = [new_app(), new_app()]
+    front.watch()
+    sessions = [mapped_and_served(front, app) for app in apps]
+    for link, cookie in sessions:
+        served_by_front(front, link["alias"], cookie)
+    conns = [LoopbackHTTPS(f"{link['alias']}.{DOMAIN}", front.port, front.satellite.context) for link, _ in sessions]
+    for i in range(12):
+        for n, ((link, cookie), conn) in enumerate(zip(sessions, conns)):
+            conn.request("GET", f"/headers?session={n}&i={i}", headers={"Cookie": cookie})
+            resp = conn.getresponse()
+            assert resp.status == 200 and "via" not in app_headers(resp.read())
+    for conn in conns:
+        conn.close()
+    for n, app in enumerate(apps):
+        mine = [line for line in app.seen() if "session=" in line]
+        assert len(mine) == 12 and all(f"session={n}&" in line for line in mine), mine
