@@ -137,7 +137,7 @@ def start_nginx(satellite, tmp_path, certs):
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / sub).mkdir(exist_ok=True)
     conf = tmp_path / "nginx.conf"
-    conf.write_text(f"""daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;
+    conf.write_text(f"""daemon off; worker_processes auto; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;
 events {{ worker_connections 1024; }}
 http {{ access_log off; client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
   fastcgi_temp_path {tmp_path}/fastcgi; uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;
