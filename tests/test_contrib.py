@@ -27,6 +27,16 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path):
         assert line in text
 
 
+def test_front_sync_unit_verifies(tmp_path):
+    unit = tmp_path / "satellite-front-sync.service"
+    shutil.copy(CONTRIB / "satellite-front-sync.service", unit)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0 and "satellite-front-sync.service" not in result.stderr, result.stderr
+    text = unit.read_text()
+    for line in ("User=satellite", "--watch", "--group satellite-front", "NoNewPrivileges=yes", "UMask=0077"):
+        assert line in text
+
+
 def test_cron_entry_runs_refresh(certs, tmp_path, fresh_satellite):
     satellite = fresh_satellite()
     link = satellite.getlink()
