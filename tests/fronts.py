@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import DOMAIN, ROOT, LoopbackHTTPS, wait_for
+from conftest import DOMAIN, ROOT, wait_for
 
 FRONT = "127.0.0.5"          # the fronts connect to satellite from here (127.0.0.1 is the login node)
 SECRET = "9" * 64
@@ -74,13 +74,7 @@ class Front:
                  what="nginx's reload to finish")
 
     def request(self, alias, target, headers=None, method="GET", body=None):
-        conn = LoopbackHTTPS(f"{alias}.{DOMAIN}", self.port, self.satellite.context)
-        try:
-            conn.request(method, target, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, resp.headers, resp.read()
-        finally:
-            conn.close()
+        return self.satellite.request(f"{alias}.{DOMAIN}", target, method, headers, body, port=self.port)
 
     def tls_socket(self, host):
         raw = socket.create_connection(("127.0.0.1", self.port), 10)
