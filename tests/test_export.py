@@ -31,6 +31,10 @@ def test_export_formats_and_atomic_unchanged_writes(fresh_satellite, app, tmp_pa
     assert f"{host} {app.host} {app.port} {hashlib.sha256(cookie.encode()).hexdigest()}" in \
         export(satellite, "--format", "haproxy").stdout
     assert all(pinned["alias"] not in export(satellite, "--format", f).stdout for f in ("nginx", "apache", "haproxy"))
+    # a session within its last 10 minutes stays with satellite, which shows the ending notice
+    ending = satellite.getlink(lifetime="10m")
+    assert satellite.api("redeem", source=app.host, key=ending["key"], port=app.port)[0] == 200
+    assert ending["alias"] not in export(satellite, "--format", "haproxy").stdout
     out = tmp_path / "map.conf"
     marker = tmp_path / "reloaded"
     first = export(satellite, "--format", "nginx", "--output", str(out), "--reload-command", f"echo x >> {marker}")
