@@ -4285,7 +4285,8 @@ def front_check(fmt: str, cookie: str) -> str:
     cookie: a preimage of MD5 or SHA-256 is out of reach (MD5's weakness is collisions, which need the
     attacker to choose both inputs). A leak of the file lets no one in; it tells who has a live session."""
     if fmt == "nginx":
-        return base64.urlsafe_b64encode(hashlib.md5(cookie.encode()).digest()).decode().rstrip("=")
+        digest = hashlib.md5(cookie.encode(), usedforsecurity=False).digest()       # allowed in FIPS mode too
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
     return hashlib.sha256(cookie.encode()).hexdigest()
 
 
@@ -4382,19 +4383,20 @@ def push_haproxy_map(socket_path: str, map_path: str, text: str) -> None:
 
 
 class FrontSync:
-    """Brings the front up to date in a thread of its own: `wanted()` after each new file; the action
-    (the reload command, or the push to HAProxy) runs with at most one in flight, and changes while it runs
-    cost exactly one more. A failure is logged and tried again after a pause (2 s, doubling up to 60 s) or
-    at the next change, whichever comes first; the watcher never stops for it."""
+    """Brings the front up to date in a thread of its own: `wanted(text)` with each new map; the action
+    (the reload command, or the push to HAProxy) runs with at most one in flight, on the newest map, and
+    changes while it runs cost exactly one more. A failure is logged and tried again after a pause (2 s,
+    doubling up to 60 s) or at the next change, whichever comes first; the watcher never stops for it."""
 
-    def __init__(self, name: str, action: Callable[[], None]):
+    def __init__(self, name: str, action: Callable[[str], None]):
         self.name = name
         self.action = action
-        self.runs = 0
+        self._text = ""
         self._wanted = threading.Event()
         threading.Thread(target=self._run, name=f"front-sync-{name}", daemon=True).start()
 
-    def wanted(self) -> None:
+    def wanted(self, text: str) -> None:
+        self._text = text
         self._wanted.set()
 
     def _run(self) -> None:
@@ -4402,9 +4404,8 @@ class FrontSync:
         while True:
             self._wanted.wait()
             self._wanted.clear()
-            self.runs += 1
             try:
-                self.action()
+                self.action(self._text)
             except (OSError, subprocess.SubprocessError, ValueError) as exc:
                 log.error("export: %s failed (%s); trying again in %gs or at the next change", self.name, exc, pause)
                 if not self._wanted.wait(pause):
@@ -4430,10 +4431,9 @@ def watch_export(settings: Settings, fmt: str, output: str, group: Optional[int]
     sync = None
     if haproxy_socket:
         map_path = os.path.abspath(output)
-        sync = FrontSync("haproxy map update", lambda: push_haproxy_map(haproxy_socket, map_path, latest[0]))
+        sync = FrontSync("haproxy map update", lambda text: push_haproxy_map(haproxy_socket, map_path, text))
     elif reload_command:
-        sync = FrontSync("reload command", lambda: run_reload_command(reload_command))
-    latest = [""]
+        sync = FrontSync("reload command", lambda text: run_reload_command(reload_command))
     seen, due, first = None, 0.0, True
     log.info("export: watching %s for %s (every %gs)", settings.db, output, poll)
     while True:
@@ -4442,17 +4442,16 @@ def watch_export(settings: Settings, fmt: str, output: str, group: Optional[int]
             seen = signature
             try:
                 text, next_change = export_map(store, settings.domain, fmt, export_cookie_key(settings, fmt))
-                latest[0] = text
                 changed = write_export(output, text, fmt, group)
             except (sqlite3.Error, OSError, CookieKeyError) as exc:
                 log.error("export: %s; trying again", exc)
-                seen, next_change, changed = None, None, False
+                text, seen, next_change, changed = "", None, None, False
             due = min(next_change or math.inf, time.time() + 60)       # and once a minute regardless
             if changed:
                 log.info("export: %d routes written to %s", text.count("\n") - 1, output)
-            if sync and (changed or (first and latest[0])):   # and once at start: the front may be older
+            if sync and (changed or (first and text)):        # and once at start: the front may be older
                 first = False
-                sync.wanted()
+                sync.wanted(text)
         store.close_thread_connection()
         time.sleep(poll)
 
