@@ -57,7 +57,7 @@ def test_a_valid_cookie_is_decided_at_the_front_without_any_request_to_satellite
     settle_satellite_log(front)
     before = len(satellite_lines(front.satellite, link["alias"]))
     seen = len(app.seen())
-    for app_cookie, expected in [("", None), ("a=1; {c}; b=2", "a=1; b=2"), ("{c}; lab=x", "lab=x"),
+    for app_cookie, expected in [("", None), ("a=1; {c}; b=2", "a=1; b=2"), ("{c}; lab=x,y", "lab=x,y"),
                                  ("a=1; {c}; __Host-notice-satellite=shown", "a=1")]:
         sent = app_cookie.format(c=cookie) if app_cookie else cookie
         status, _, body = front.request(link["alias"], "/headers", {"Cookie": sent})
