@@ -5035,12 +5035,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "one satellite runs as (default: the user running check)")
     export_parser = admin(
         "export", "write the alias -> app map for nginx, Apache or HAProxy",
-        wrapped_help("For sites that put nginx or HAProxy in front as the data plane (Apache: the map only): write the live "
-        "map (atomically, only when it changed) and run --reload-command. nginx's and HAProxy's maps carry, per "
-        "session, a one-way digest of its browser cookie, so the front lets a request with a valid cookie "
-        "through by itself and passes everything else to satellite (contrib/nginx-satellite.conf, "
-        "contrib/haproxy-satellite.cfg). Run it as satellite's user (it reads the cookie key). --watch keeps "
-        "the front current within a second; plain export from cron is the safety net."),
+        wrapped_help("For sites that put nginx or HAProxy in front as the data plane (Apache: the map only): "
+                     "write the live map (atomically, only when it changed) and run --reload-command. nginx's and "
+                     "HAProxy's maps carry, per session, a one-way digest of its browser cookie, so the front lets "
+                     "a request with a valid cookie through by itself and passes everything else to satellite "
+                     "(contrib/nginx-satellite.conf, contrib/haproxy-satellite.cfg). Run it as satellite's user "
+                     "(it reads the cookie key). --watch keeps the front current within a second; plain export "
+                     "from cron is the safety net."),
         epilog="Examples:\n"
                "  satellite export -c /etc/satellite/satellite.ini --format nginx --watch \\\n"
                "      --output /var/lib/satellite-front/nginx.map --group satellite-front \\\n"

@@ -45,7 +45,8 @@ def start_backend(work, port):
     """nginx on the compute node's address answering a fixed body: the floor no path goes under."""
     (work / "backend").mkdir()
     conf = work / "backend/nginx.conf"
-    conf.write_text(f"""daemon off; worker_processes 1; pid {work}/backend/nginx.pid; error_log {work}/backend/error.log;
+    conf.write_text(f"""daemon off; worker_processes 1; pid {work}/backend/nginx.pid;
+error_log {work}/backend/error.log;
 events {{ worker_connections 4096; }}
 http {{ access_log off; client_body_temp_path {work}/backend; proxy_temp_path {work}/backend;
   fastcgi_temp_path {work}/backend; uwsgi_temp_path {work}/backend; scgi_temp_path {work}/backend;

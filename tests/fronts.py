@@ -210,7 +210,8 @@ def nginx_alone(fresh_satellite, tmp_path, certs):
 
 def satellite_lines(satellite, alias):
     """satellite's access-log lines for one session's host."""
-    return [line for line in satellite.log_text().splitlines() if re.search(rf'" \d{{3}} \d+ "{re.escape(alias)}\.', line)]
+    logged = re.compile(rf'" \d{{3}} \d+ "{re.escape(alias)}\.')
+    return [line for line in satellite.log_text().splitlines() if logged.search(line)]
 
 
 def settle_satellite_log(front):

@@ -75,8 +75,8 @@ def test_a_valid_cookie_is_decided_at_the_front_without_any_request_to_satellite
     assert ws.recv() == "through the front"
     ws.close()
     # a POST from its own page too
-    status, _, body = front.request(link["alias"], "/upload", {"Cookie": cookie, "Origin": f"https://{host}:{front.port}",
-                                                                "Content-Type": "text/plain"}, "POST", b"x" * 1000)
+    own_page = {"Cookie": cookie, "Origin": f"https://{host}:{front.port}", "Content-Type": "text/plain"}
+    status, _, body = front.request(link["alias"], "/upload", own_page, "POST", b"x" * 1000)
     assert status == 200 and json.loads(body)["bytes"] == 1000
     assert len(app.seen()) == seen + 7
     settle_satellite_log(front)
