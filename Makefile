@@ -32,9 +32,11 @@ soak: $(VENV)/.installed
 	$(VENV)/bin/python bench/soak.py
 
 # satellite beside configurable-http-proxy, nginx and the direct path (wrk); writes bench/results.md.
+# Then nginx and HAProxy deciding at the front vs satellite alone; writes bench/results-front.md.
 bench: $(VENV)/.installed
 	tests/setup-system.sh
 	$(VENV)/bin/python bench/bench.py
+	$(VENV)/bin/python bench/front.py
 
 demo: build
 	$(PYTHON) contrib/demo.py

@@ -50,6 +50,7 @@ headers. A proxy that is a security boundary parses strictly itself (RFC 9112).
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import concurrent.futures
 import configparser
@@ -62,6 +63,7 @@ import html
 import ipaddress
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -4708,56 +4710,237 @@ def command_refresh(settings: Settings, dry_run: bool) -> int:
 
 
 EXPORT_LINE = {
-    # one route: host name -> the app, in each front end's map syntax
-    "nginx": '"{host}" "{target}";',              # map $host $satellite_target { hostnames; include FILE; }
+    # one route: host name -> the app (and, for the fronts that decide, the session cookie's check), in each
+    # front end's map syntax. contrib/nginx-satellite.conf and contrib/haproxy-satellite.cfg read these.
+    "nginx": '"{host}" "{target} {check}";',      # map $host $satellite_route { hostnames; include FILE; }
     "apache": "{host} http://{target}",           # RewriteMap satellite "txt:FILE"
-    "haproxy": "{host} {target}",                 # map file for http-request set-var / use-server
+    "haproxy": "{host} {address} {port} {check}",  # map_str(FILE): the values HAProxy's runtime API replaces
 }
+CHECKED_FORMATS = ("nginx", "haproxy")            # files that let a front accept cookies: 0640, never world-readable
 
 
-def export_map(store: Store, domain: str, fmt: str) -> str:
-    """The live alias -> target map. Sessions whose app speaks pinned TLS, that are reached through their
-    job's tunnel, or that are legacy (their alias is their redeem secret, and the map is readable) stay
-    with satellite itself."""
+def front_check(fmt: str, cookie: str) -> str:
+    """What a front compares the presented cookie with: a one-way digest of the cookie, never the cookie or
+    the token. nginx's secure_link compares base64url(MD5(value)); HAProxy compares hex SHA-256 (strcmp).
+    The cookie is an HMAC-SHA256 (256 bits that look random), so neither digest can be turned back into a
+    cookie: a preimage of MD5 or SHA-256 is out of reach (MD5's weakness is collisions, which need the
+    attacker to choose both inputs). A leak of the file lets no one in; it tells who has a live session."""
+    if fmt == "nginx":
+        digest = hashlib.md5(cookie.encode(), usedforsecurity=False).digest()       # allowed in FIPS mode too
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    return hashlib.sha256(cookie.encode()).hexdigest()
+
+
+def front_decides(session: Session, now: float) -> bool:
+    """May a front reach this session's app itself? Not when satellite must be in the path: the app speaks
+    pinned TLS or its agent wants satellite's upstream proof (a front cannot send the proof preamble), it is
+    reached through the job's tunnel, it is legacy (its alias is its redeem secret), or it is within
+    ENDING_NOTICE of its end (satellite shows the ending notice)."""
+    return not (session.is_over(now) or session.tls_pin or session.upstream_proof or session.tunneled
+                or session.legacy or session.expires - now <= ENDING_NOTICE)
+
+
+def export_map(store: Store, domain: str, fmt: str, cookie_key: Optional[bytes] = None) -> tuple:
+    """The live alias -> target map and when it next changes by the clock alone: (text, epoch or None).
+    nginx and HAProxy lines carry the session cookie's check (`front_check`) when `cookie_key` is given;
+    without it ('-') the front decides nothing and passes every request to satellite."""
     lines = [f"# satellite export --format {fmt}: live sessions under {domain} (generated; do not edit)"]
     now = time.time()
+    next_change = None
     for session in sorted(store.sessions(("mapped", "proxied")), key=lambda s: s.alias):
-        if session.is_over(now) or session.tls_pin or session.tunneled or session.legacy:
+        if not front_decides(session, now):
             continue
-        target = host_port(session.target_host, session.target_port)
-        lines.append(EXPORT_LINE[fmt].format(host=f"{session.alias}.{domain}", target=target))
-    return "\n".join(lines) + "\n"
+        leaves = session.expires - ENDING_NOTICE
+        next_change = leaves if next_change is None else min(next_change, leaves)
+        check = front_check(fmt, cookie_value(cookie_key, session.alias, session.token_hash)) if cookie_key else "-"
+        lines.append(EXPORT_LINE[fmt].format(host=f"{session.alias}.{domain}", check=check,
+                                             target=host_port(session.target_host, session.target_port),
+                                             address=session.target_host, port=session.target_port))
+    return "\n".join(lines) + "\n", next_change
 
 
-def command_export(settings: Settings, fmt: str, output: Optional[str], reload_command: Optional[str]) -> int:
-    """Write the map for a front end (atomically, only when it changed), then run the reload command."""
+def export_cookie_key(settings: Settings, fmt: str) -> Optional[bytes]:
+    """The cookie key, for the formats that carry checks; None with SSO (trusted-user-header): a front cannot
+    check who is signed in, so every request of such a site goes to satellite."""
+    if fmt not in CHECKED_FORMATS or settings.trusted_user_header:
+        return None
+    return read_cookie_key(settings.cookie_key_path)
+
+
+def write_export(output: str, text: str, fmt: str, group: Optional[int]) -> bool:
+    """Write `text` to `output` whole or not at all (a file beside it, renamed over it); False if it already
+    held exactly that. Files with cookie checks are 0640 with `group` (the front's), never world-readable."""
+    try:
+        with open(output) as f:
+            if f.read() == text and (group is None or os.fstat(f.fileno()).st_gid == group):
+                return False
+    except FileNotFoundError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)), prefix=".satellite-export.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            if group is not None:
+                os.fchown(f.fileno(), -1, group)
+            # the map alone is no secret (Apache's RewriteMap reads it as another user); the checks are
+            os.fchmod(f.fileno(), 0o640 if fmt in CHECKED_FORMATS else 0o644)
+            f.write(text)
+        os.replace(tmp, output)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return True
+
+
+def haproxy_command(socket_path: str, command: str, timeout: float = 5.0) -> str:
+    """One command on HAProxy's runtime API (its stats socket), its whole answer."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(command.encode())
+        answer = bytearray()
+        while len(answer) < 1 << 20:
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                break
+            answer += data
+    return answer.decode(errors="replace")
+
+
+def push_haproxy_map(socket_path: str, map_path: str, text: str) -> None:
+    """Replace the map HAProxy loaded from `map_path` with `text`'s entries, atomically: a new version of the
+    map is filled, then committed (HAProxy >= 2.4). Raises OSError when HAProxy does not take it."""
+    prepared = haproxy_command(socket_path, f"prepare map {map_path}\n")
+    version = re.search(r"New version created: (\d+)", prepared)
+    if not version:
+        raise OSError(f"prepare map: {prepared.strip()[:200]}")
+    entries = "".join(line + "\n" for line in text.splitlines() if line and not line.startswith("#"))
+    if entries:
+        added = haproxy_command(socket_path, f"add map @{version.group(1)} {map_path} <<\n{entries}\n")
+        if added.strip():
+            raise OSError(f"add map: {added.strip()[:200]}")
+    committed = haproxy_command(socket_path, f"commit map @{version.group(1)} {map_path}\n")
+    if committed.strip():
+        raise OSError(f"commit map: {committed.strip()[:200]}")
+
+
+class FrontSync:
+    """Brings the front up to date in a thread of its own: `wanted(text)` with each new map; the action
+    (the reload command, or the push to HAProxy) runs with at most one in flight, on the newest map, and
+    changes while it runs cost exactly one more. A failure is logged and tried again after a pause (2 s,
+    doubling up to 60 s) or at the next change, whichever comes first; the watcher never stops for it."""
+
+    def __init__(self, name: str, action: Callable[[str], None]):
+        self.name = name
+        self.action = action
+        self._text = ""
+        self._wanted = threading.Event()
+        threading.Thread(target=self._run, name=f"front-sync-{name}", daemon=True).start()
+
+    def wanted(self, text: str) -> None:
+        self._text = text
+        self._wanted.set()
+
+    def _run(self) -> None:
+        pause = 2.0
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            try:
+                self.action(self._text)
+            except (OSError, subprocess.SubprocessError, ValueError) as exc:
+                log.error("export: %s failed (%s); trying again in %gs or at the next change", self.name, exc, pause)
+                if not self._wanted.wait(pause):
+                    self._wanted.set()
+                pause = min(pause * 2, 60.0)
+                continue
+            pause = 2.0
+
+
+def run_reload_command(command: str) -> None:
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise OSError(f"exit status {result.returncode}: {result.stderr.strip()[:300]}")
+
+
+def watch_export(settings: Settings, fmt: str, output: str, group: Optional[int], reload_command: Optional[str],
+                 haproxy_socket: Optional[str], poll: float = 0.1) -> int:
+    """export --watch: keep `output` (and the running front) current. Looks every `poll` seconds whether
+    the database, its WAL or the cookie key changed (a stat each, as Store.cached_session does) or a
+    session's time ran out, and only then reads the sessions again; a new file goes to HAProxy through
+    its runtime API, or triggers the (coalesced) reload command. Runs until stopped (SIGTERM)."""
+    store = admin_store(settings)
+    sync = None
+    if haproxy_socket:
+        map_path = os.path.abspath(output)
+        sync = FrontSync("haproxy map update", lambda text: push_haproxy_map(haproxy_socket, map_path, text))
+    elif reload_command:
+        sync = FrontSync("reload command", lambda text: run_reload_command(reload_command))
+    seen, due, first = None, 0.0, True
+    log.info("export: watching %s for %s (every %gs)", settings.db, output, poll)
+    while True:
+        signature = (store._files_signature(), file_signature(settings.cookie_key_path))
+        if signature != seen or time.time() >= due:
+            seen = signature
+            try:
+                text, next_change = export_map(store, settings.domain, fmt, export_cookie_key(settings, fmt))
+                changed = write_export(output, text, fmt, group)
+            except (sqlite3.Error, OSError, CookieKeyError) as exc:
+                log.error("export: %s; trying again", exc)
+                text, seen, next_change, changed = "", None, None, False
+            due = min(next_change or math.inf, time.time() + 60)       # and once a minute regardless
+            if changed:
+                log.info("export: %d routes written to %s", text.count("\n") - 1, output)
+            if sync and (changed or (first and text)):        # and once at start: the front may be older
+                first = False
+                sync.wanted(text)
+        store.close_thread_connection()
+        time.sleep(poll)
+
+
+def command_export(settings: Settings, fmt: str, output: Optional[str], reload_command: Optional[str],
+                   group_name: Optional[str] = None, watch: bool = False, haproxy_socket: Optional[str] = None) -> int:
+    """Write the map for a front end (atomically, only when it changed), then run the reload command
+    (or, with --watch, keep doing so on every change)."""
     if not settings.domain:
         print("satellite: error: export needs the domain (-c FILE or --domain)", file=sys.stderr)
         return 2
-    text = export_map(admin_store(settings), settings.domain, fmt)
+    if (watch or haproxy_socket or group_name) and not output:
+        print("satellite: error: --watch, --haproxy-socket and --group need --output FILE", file=sys.stderr)
+        return 2
+    group = None
+    if group_name:
+        import grp
+        try:
+            group = grp.getgrnam(group_name).gr_gid
+        except KeyError:
+            print(f"satellite: error: no group {group_name}", file=sys.stderr)
+            return 2
+    if watch:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        return watch_export(settings, fmt, output, group, reload_command, haproxy_socket)
+    try:
+        text, _ = export_map(admin_store(settings), settings.domain, fmt, export_cookie_key(settings, fmt))
+    except CookieKeyError as exc:
+        print(f"satellite: error: {exc} (export runs as the user satellite runs as)", file=sys.stderr)
+        return 1
     routes = text.count("\n") - 1
     if output is None:
         print(text, end="")
         return 0
-    try:
-        with open(output) as f:
-            if f.read() == text:
-                print(f"export: {routes} routes, {output} unchanged")
-                return 0
-    except FileNotFoundError:
-        pass
-    tmp = f"{output}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)        # the front reads it, maybe as another user (Apache's RewriteMap); no secret in it
-    os.replace(tmp, output)
+    if not write_export(output, text, fmt, group):
+        print(f"export: {routes} routes, {output} unchanged")
+        return 0
     message = f"export: {routes} routes written to {output}"
-    if reload_command:
-        result = subprocess.run(reload_command, shell=True, capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            print(f"{message}; reload failed ({result.returncode}): {result.stderr.strip()[:300]}", file=sys.stderr)
-            return 1
-        message += "; reloaded"
+    try:
+        if haproxy_socket:
+            push_haproxy_map(haproxy_socket, os.path.abspath(output), text)
+            message += "; HAProxy's map updated"
+        elif reload_command:
+            run_reload_command(reload_command)
+            message += "; reloaded"
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"{message}; {'map update' if haproxy_socket else 'reload'} failed: {exc}", file=sys.stderr)
+        return 1
     print(message)
     return 0
 
@@ -5252,8 +5435,8 @@ def build_parser() -> argparse.ArgumentParser:
             metavar = "FILE" if dest == "cookie_key" else dest.split("_")[-1].upper()    # a file's name, never the key
             serve.add_argument(flag, dest=dest, metavar=metavar, help=flag_help(dest, help_text))
 
-    def admin(name, help_text, description):
-        sub = commands.add_parser(name, help=help_text, description=description)
+    def admin(name, help_text, description, **more):
+        sub = commands.add_parser(name, help=help_text, description=description, **more)
         sub.add_argument("-c", "--config", metavar="FILE", help="the server's INI file (for its db and settings)")
         sub.add_argument("--db", dest="db", metavar="FILE", help="the SQLite database (instead of -c)")
         return sub
@@ -5303,13 +5486,35 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "one satellite runs as (default: the user running check)")
     export_parser = admin(
         "export", "write the alias -> app map for nginx, Apache or HAProxy",
-        "For sites that put nginx/Apache/HAProxy in front as the data plane: write the live map (atomically, "
-        "only when it changed) and run --reload-command. contrib/nginx-satellite.conf shows nginx using it, "
-        "with satellite still checking tokens through auth_request. Run it from cron or after each change.")
+        wrapped_help("For sites that put nginx or HAProxy in front as the data plane (Apache: the map only): "
+                     "write the live map (atomically, only when it changed) and run --reload-command. nginx's and "
+                     "HAProxy's maps carry, per session, a one-way digest of its browser cookie, so the front lets "
+                     "a request with a valid cookie through by itself and passes everything else to satellite "
+                     "(contrib/nginx-satellite.conf, contrib/haproxy-satellite.cfg). Run it as satellite's user "
+                     "(it reads the cookie key). --watch keeps the front current within a second; plain export "
+                     "from cron is the safety net."),
+        epilog="Examples:\n"
+               "  satellite export -c /etc/satellite/satellite.ini --format nginx --watch \\\n"
+               "      --output /var/lib/satellite-front/nginx.map --group satellite-front \\\n"
+               "      --reload-command 'sudo -n /usr/sbin/nginx -s reload'\n"
+               "  satellite export -c /etc/satellite/satellite.ini --format haproxy --watch \\\n"
+               "      --output /var/lib/satellite-front/haproxy.map --group satellite-front \\\n"
+               "      --haproxy-socket /run/haproxy/satellite-sync.sock",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     export_parser.add_argument("--format", required=True, choices=sorted(EXPORT_LINE))
     export_parser.add_argument("--output", metavar="FILE", help="write here (default: print)")
+    export_parser.add_argument("--group", metavar="GROUP",
+                               help="the front's group: nginx/HAProxy maps (they let the front accept cookies) are "
+                                    "written 0640 with this group, so the front reads them and no one else does")
     export_parser.add_argument("--reload-command", metavar="COMMAND", help="run after the file changed, "
-                                                                           "e.g. 'nginx -s reload'")
+                                                                           "e.g. 'sudo -n /usr/sbin/nginx -s reload'")
+    export_parser.add_argument("--haproxy-socket", metavar="PATH",
+                               help="HAProxy's runtime API socket (stats socket ... level admin): the new map is "
+                                    "pushed there (prepare/commit map on --output, the file HAProxy loaded), no "
+                                    "reload")
+    export_parser.add_argument("--watch", action="store_true",
+                               help="keep running: look for changes every 0.1 s (a stat of the database and the "
+                                    "cookie key) and bring the front up to date within a second of each")
     export_parser.add_argument("--domain", dest="domain", metavar="DOMAIN")
     return parser
 
@@ -5344,7 +5549,8 @@ def main(argv: Optional[list] = None) -> int:
     if args.command == "rotate-cookie-key":
         return command_rotate_cookie_key(settings)
     if args.command == "export":
-        return command_export(settings, args.format, args.output, args.reload_command)
+        return command_export(settings, args.format, args.output, args.reload_command, args.group, args.watch,
+                              args.haproxy_socket)
     return 2
 
 

@@ -2,7 +2,7 @@
 # Install the system packages the tests drive for real (when run as root on Debian/Ubuntu).
 # Already-installed packages are skipped, so `make test` stays quick on a prepared machine.
 set -eu
-PACKAGES="curl wget openssl ca-certificates procps slurmctld slurmd slurm-client munge nginx logrotate ruby systemd chromium wrk lmod gridengine-master gridengine-exec gridengine-client"
+PACKAGES="curl wget openssl ca-certificates procps slurmctld slurmd slurm-client munge nginx haproxy logrotate ruby systemd chromium wrk lmod gridengine-master gridengine-exec gridengine-client"
 missing=""
 for package in $PACKAGES; do
     dpkg -s "$package" >/dev/null 2>&1 || missing="$missing $package"

@@ -28,3 +28,14 @@ def test_bench_smoke_measures_every_path():
     assert [name for name, _, _ in loads] == ["direct (plain HTTP)", "satellite", "chp", "nginx"]
     counts = [int(count) for _, _, count in loads]     # every path loaded the whole JupyterLab (its polls may differ)
     assert min(counts) > 20 and max(counts) - min(counts) <= 5, counts
+
+
+def test_front_bench_smoke_measures_both_fronts_and_satellite_alone():
+    result = subprocess.run([sys.executable, str(ROOT / "bench/front.py"), "--smoke"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\| 16 \| (\w+) \| ([\d,]+) \| [\d.]+ \| [\d.]+ \| (\d+) \| [\d.]+ \|$", result.stdout, re.M)
+    assert [name for name, _, _ in rows] == ["satellite", "nginx", "haproxy"]
+    assert all(int(rate.replace(",", "")) > 0 and errors == "0" for _, rate, errors in rows)
+    for kind in ("nginx", "haproxy"):
+        assert f"redeem → first answer by the {kind} front" in result.stdout

@@ -14,16 +14,28 @@ from conftest import DOMAIN, ROOT, Client, wait_for
 CONTRIB = ROOT / "contrib"
 
 
+def verified_unit(tmp_path, name):
+    """The unit's text, once `systemd-analyze verify` found nothing to say about it."""
+    unit = tmp_path / name
+    shutil.copy(CONTRIB / name, unit)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0 and name not in result.stderr, result.stderr
+    return unit.read_text()
+
+
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
 def test_systemd_unit_verifies_and_is_hardened(tmp_path):
-    unit = tmp_path / "satellite.service"
-    shutil.copy(CONTRIB / "satellite.service", unit)
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
-    assert result.returncode == 0 and "satellite.service" not in result.stderr, result.stderr
-    text = unit.read_text()
+    text = verified_unit(tmp_path, "satellite.service")
     for line in ("User=satellite", "AmbientCapabilities=CAP_NET_BIND_SERVICE", "ProtectSystem=strict",
                  "NoNewPrivileges=yes", "StateDirectory=satellite", "ExecReload=/bin/kill -HUP $MAINPID",
                  "UMask=0077", "StateDirectoryMode=0700", "LogsDirectory=satellite", "LogsDirectoryMode=0750"):
+        assert line in text
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_front_sync_unit_verifies(tmp_path):
+    text = verified_unit(tmp_path, "satellite-front-sync.service")
+    for line in ("User=satellite", "--watch", "--group satellite-front", "NoNewPrivileges=yes", "UMask=0077"):
         assert line in text
 
 

@@ -1,39 +1,40 @@
 """satellite export: the live map for nginx/Apache/HAProxy, and contrib/nginx-satellite.conf run by a real nginx."""
+import base64
+import hashlib
 import shutil
 import socket
-import subprocess
-import sys
+import stat
 
 import pytest
 import websocket
 
-from conftest import DOMAIN, ROOT, LoopbackHTTPS, wait_for
+from conftest import DOMAIN, LoopbackHTTPS, wait_for
+from fronts import export, nginx_alone  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed (tests/setup-system.sh)")
-
-
-def export(satellite, *args):
-    return subprocess.run([sys.executable, str(ROOT / "satellite.py"), "export", "--db", str(satellite.db),
-                           "--domain", DOMAIN, *args], capture_output=True, text=True, timeout=60)
-
-
-FRONT = "127.0.0.5"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_export_formats_and_atomic_unchanged_writes(fresh_satellite, app, tmp_path):
     satellite = fresh_satellite()
     link = satellite.mapped_session(app)
     satellite.getlink()                                           # not mapped: not exported
+    pinned = satellite.getlink()                                  # pinned TLS (and the upstream proof): satellite's
+    assert satellite.api("redeem", source=app.host, key=pinned["key"], port=app.port, fingerprint="ab" * 32)[0] == 200
     host, target = f"{link['alias']}.{DOMAIN}", f"{app.host}:{app.port}"
-    assert f'"{host}" "{target}";' in export(satellite, "--format", "nginx").stdout
+    # the cookie the browser gets on its first visit, and the one-way digests of it each front checks
+    _, headers, _ = satellite.request(host, "/?token=" + link["token"])
+    cookie = headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    md5 = base64.urlsafe_b64encode(hashlib.md5(cookie.encode()).digest()).decode().rstrip("=")
+    nginx = export(satellite, "--format", "nginx").stdout
+    assert f'"{host}" "{target} {md5}";' in nginx and cookie not in nginx and link["token"] not in nginx
     assert f"{host} http://{target}" in export(satellite, "--format", "apache").stdout
-    assert f"{host} {target}" in export(satellite, "--format", "haproxy").stdout
+    assert f"{host} {app.host} {app.port} {hashlib.sha256(cookie.encode()).hexdigest()}" in \
+        export(satellite, "--format", "haproxy").stdout
+    assert all(pinned["alias"] not in export(satellite, "--format", f).stdout for f in ("nginx", "apache", "haproxy"))
+    # a session within its last 10 minutes stays with satellite, which shows the ending notice
+    ending = satellite.getlink(lifetime="10m")
+    assert satellite.api("redeem", source=app.host, key=ending["key"], port=app.port)[0] == 200
+    assert ending["alias"] not in export(satellite, "--format", "haproxy").stdout
     out = tmp_path / "map.conf"
     marker = tmp_path / "reloaded"
     first = export(satellite, "--format", "nginx", "--output", str(out), "--reload-command", f"echo x >> {marker}")
@@ -42,66 +43,26 @@ def test_export_formats_and_atomic_unchanged_writes(fresh_satellite, app, tmp_pa
     assert "unchanged" in again.stdout and marker.read_text() == "x\n"       # no rewrite, no reload
     failing = export(satellite, "--format", "nginx", "--output", str(tmp_path / "m2"), "--reload-command", "false")
     assert failing.returncode == 1 and "reload failed" in failing.stderr
+    # the checks let a front accept cookies: never world-readable (the plain map for Apache may be)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640 and stat.S_IMODE((tmp_path / "m2").stat().st_mode) == 0o640
+    export(satellite, "--format", "apache", "--output", str(tmp_path / "apache.map"))
+    assert stat.S_IMODE((tmp_path / "apache.map").stat().st_mode) == 0o644
 
 
-RELOAD_AND_WAIT = """import subprocess, sys, time
-def workers():
-    return set(subprocess.run(["pgrep", "-P", "{master}"], capture_output=True, text=True).stdout.split())
-before = workers()
-subprocess.run(["nginx", "-s", "reload", "-c", "{conf}", "-p", "{prefix}"], check=True)
-for _ in range(300):
-    now = workers()
-    if now and not now & before:
-        sys.exit(0)
-    time.sleep(0.05)
-sys.exit("nginx's old workers did not exit within 15 s")
-"""
+def test_with_sso_the_front_gets_no_cookie_checks(fresh_satellite, app, tmp_path):
+    """With trusted-user-header the owner is checked by satellite: a front could not, so it decides nothing."""
+    satellite = fresh_satellite()
+    link = satellite.mapped_session(app)
+    (tmp_path / "sso.ini").write_text(f"[satellite]\ndb = {satellite.db}\ndomain = {DOMAIN}\n"
+                                      f"trusted-user-header = X-Remote-User\ntrusted-fronts = 127.0.0.5/32\n")
+    result = export(satellite, "-c", str(tmp_path / "sso.ini"), "--format", "haproxy")
+    assert f"{link['alias']}.{DOMAIN} {app.host} {app.port} -\n" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.fixture
-def nginx_front(fresh_satellite, tmp_path, certs):
-    """A real nginx running contrib/nginx-satellite.conf, with only ports, paths and domain adapted."""
-    # nginx connects from 127.0.0.5 here (the tests' login node is 127.0.0.1, which may not be a front)
-    secret = "9" * 64
-    (tmp_path / "front-secret").write_text(secret + "\n")
-    (tmp_path / "front-secret.conf").write_text(f'proxy_set_header X-Satellite-Front "{secret}";\n')
-    satellite = fresh_satellite("--admin-from", f"{FRONT}/32", "--trusted-fronts", f"{FRONT}/32",
-                                "--control-listen", "127.0.0.1:0", "--front-secret", str(tmp_path / "front-secret"))
-    port = free_port()
-    map_file = tmp_path / "satellite-map.conf"
-    map_file.write_text("")
-    site = (ROOT / "contrib/nginx-satellite.conf").read_text()
-    for old, new in [("server 127.0.0.1:8443;", f"server 127.0.0.1:{satellite.port};"),
-                     ("server 127.0.0.1:8444;", f"server 127.0.0.1:{satellite.control_port};"),
-                     ("# proxy_bind 127.0.0.1;", f"proxy_bind {FRONT};"),
-                     ("/etc/nginx/satellite-front-secret.conf", str(tmp_path / "front-secret.conf")),
-                     ("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
-                     ("satellite.example.edu", DOMAIN), ("/etc/nginx/satellite-map.conf", str(map_file)),
-                     ("/etc/satellite/tls/fullchain.pem", str(certs / "cert.pem")),
-                     ("/etc/satellite/tls/privkey.pem", str(certs / "key.pem"))]:
-        assert old in site
-        site = site.replace(old, new)
-    (tmp_path / "site.conf").write_text(site)
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp_path / sub).mkdir()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(f"""daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;
-events {{ worker_connections 256; }}
-http {{ access_log off; client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
-  fastcgi_temp_path {tmp_path}/fastcgi; uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;
-  include {tmp_path}/site.conf; }}
-""")
-    check = subprocess.run(["nginx", "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp_path)])
-    wait_for(lambda: (tmp_path / "nginx.pid").exists(), what="nginx")
-    # a graceful reload leaves the old worker (with the old map) accepting for a moment: the reload command
-    # returns only once every worker the master had before is gone, so the next request meets the new map
-    (tmp_path / "reload.py").write_text(RELOAD_AND_WAIT.format(master=proc.pid, conf=conf, prefix=tmp_path))
-    reload = f"{sys.executable} {tmp_path / 'reload.py'}"
-    yield satellite, port, map_file, reload
-    proc.terminate()
-    proc.wait(10)
+def nginx_front(nginx_alone):
+    """nginx running contrib/nginx-satellite.conf (tests/fronts.py), kept current here by plain export."""
+    return nginx_alone.satellite, nginx_alone.port, nginx_alone.map_file, nginx_alone.reload_command
 
 
 def through_nginx(satellite, port, alias, target, headers=None):
@@ -190,8 +151,11 @@ def test_through_the_front_sessions_stay_apart(nginx_front, new_app):
     app = new_app()
     victim, mine = satellite.mapped_session(app), satellite.mapped_session(app)
     export(satellite, "--format", "nginx", "--output", str(map_file), "--reload-command", reload)
+    mine_cookie = through_nginx(satellite, port, mine["alias"], "/?token=" + mine["token"])[1]["Set-Cookie"]
+    mine_cookie = mine_cookie.split(";")[0]
+
     def nginx_proxies_itself():                            # not satellite answering a session not yet in the map
-        status, _, body = through_nginx(satellite, port, mine["alias"], "/headers?token=" + mine["token"])
+        status, _, body = through_nginx(satellite, port, mine["alias"], "/headers", {"Cookie": mine_cookie})
         return status == 200 and b"1.1 satellite" not in body
     wait_for(nginx_proxies_itself, what="nginx to serve the sessions from its map")
     seen = len(app.seen())
@@ -220,6 +184,6 @@ def test_through_the_front_sessions_stay_apart(nginx_front, new_app):
     # an app's cookie for the whole domain is kept to its own host; it cannot clear the domain's cookies
     status, headers, _ = through_nginx(satellite, port, mine["alias"],
                                        f"/set-cookie?v=bomb%3Dx%3B%20Domain%3D{DOMAIN}%3B%20Path%3D%2F&clear=1",
-                                       {"Authorization": "token " + mine["token"]})
+                                       {"Cookie": mine_cookie})
     assert status == 200 and headers.get_all("Set-Cookie") == [f"bomb=x; Domain={mine_host}; Path=/"]
     assert headers["Clear-Site-Data"] is None
