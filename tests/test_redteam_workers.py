@@ -1,0 +1,140 @@
+"""Red team: what `--workers N` promises, attacked with real satellite processes.
+
+Each test here is written so that it FAILS while the attack succeeds (a finding); see the docstrings for the
+exact reproduction. Helpers come from tests/test_workers.py (real supervisor + N workers, test CA).
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DOMAIN, ROOT, wait_for
+from test_workers import (access_pids, access_size, fresh_get, gone, session_host, start, token_header,
+                          wait_for_workers, worker_pids)
+
+sys.path.insert(0, str(ROOT))
+import satellite as sat  # noqa: E402
+
+
+# F1: a configured limit below the worker count is multiplied by the worker count -------------------------
+
+def test_a_token_failure_limit_below_the_worker_count_holds_across_workers(certs, tmp_path):
+    """Anonymous client. `--workers 3 --token-failures 2/1m`: each worker takes worker_share(2, 3) =
+    max(1, 2 // 3) = 1, so three workers together let 3 wrong tokens through per address and session, not
+    the configured 2. With the defaults (token-failures 20/1m, workers = one per core, up to 64) a proxy
+    node with more than 20 cores allows up to 64 wrong tokens a minute: the configured count is silently
+    raised to the worker count. README says 'as long as it is at least N' but nothing refuses or warns.
+    Repro: satellite serve --workers 3 --token-failures 2/1m ...; 30 fresh connections with
+    'Authorization: token wrong' to a live session: 3 answers 403 (counted guesses), the rest 429."""
+    server = start(certs, tmp_path / "sat", 3, "--token-failures", "2/1m")
+    try:
+        pids = wait_for_workers(server, 3)
+        link = server.getlink()
+        host = session_host(link)
+        since = access_size(server)
+        statuses = []
+        for _ in range(60):                               # bounded; fresh connections land on any worker
+            statuses.append(fresh_get(server, host, "/", {"Authorization": "token wrong"})[0])
+            if statuses.count(403) > 2 or (statuses.count(429) >= 30 and len(set(access_pids(server, since))) == 3):
+                break
+        assert set(access_pids(server, since)) <= set(pids)
+        assert statuses.count(403) <= 2, (f"{statuses.count(403)} wrong tokens were tried (and counted as guesses) "
+                                          f"with token-failures 2/1m: {statuses}")
+    finally:
+        server.stop()
+
+
+def test_a_getlink_rate_below_the_worker_count_holds_across_workers(certs, tmp_path):
+    """A login-node user. `--workers 3 --getlink-rate 1/1m`: every worker allows 1 link a minute per
+    address, so the address gets 3 links a minute (the worker count), not 1. Same for the MUNGE check
+    limiter (getlink-rate x 5 / N). Repro: satellite serve --workers 3 --getlink-rate 1/1m
+    --max-live-per-source 0; GET /api/getlink on fresh connections: up to 3 answers 201 within a minute."""
+    server = start(certs, tmp_path / "sat", 3, "--getlink-rate", "1/1m", "--max-live-per-source", "0")
+    try:
+        wait_for_workers(server, 3)
+        answers = []
+        for _ in range(60):
+            answers.append(server.api("getlink")[0])
+            if answers.count(201) > 1 or answers.count(429) >= 40:
+                break
+        assert answers.count(201) <= 1, f"getlink-rate 1/1m issued {answers.count(201)} links: {answers}"
+    finally:
+        server.stop()
+
+
+def test_a_per_address_connection_cap_below_the_worker_count_holds_across_workers(certs, tmp_path):
+    """Anonymous client. `--workers 3 --max-connections-per-address 2`: each worker lets an address hold
+    max(1, 2 // 3) = 1 connection, so one address holds 3 idle (header-less) connections, above its cap of
+    2. Repro: open plain TCP connections from 127.0.0.9, keep them silent; a connection beyond the
+    worker's share is closed at once (read returns b''), the others stay open until header-timeout."""
+    server = start(certs, tmp_path / "sat", 3, "--max-connections-per-address", "2", "--header-timeout", "20")
+    held = []
+    try:
+        wait_for_workers(server, 3)
+        for _ in range(30):
+            sock = socket.create_connection(("127.0.0.1", server.port), 5, ("127.0.0.9", 0))
+            sock.settimeout(0.3)
+            try:
+                closed = sock.recv(1) == b""
+            except socket.timeout:
+                closed = False
+            except ConnectionError:
+                closed = True
+            if closed:
+                sock.close()
+            else:
+                held.append(sock)
+            if len(held) > 2:
+                break
+        assert len(held) <= 2, f"one address holds {len(held)} connections with max-connections-per-address 2"
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+# F3: the temporary relay directory outlives a supervisor killed with SIGKILL -----------------------------
+
+def long_workdir(tmp_path):
+    """A database path too long for a socket name beside it: satellite then uses a temporary directory."""
+    path = tmp_path / ("d" * 90)
+    assert len(str(path / "satellite.tunnels")) > 107 - len("/0123456789abcdef.sock.4194304")
+    return path
+
+
+def satellite_tunnel_dirs():
+    return {p for p in Path(tempfile.gettempdir()).glob("satellite-tunnels-*") if p.stat().st_uid == os.getuid()}
+
+
+def test_a_killed_supervisor_leaves_no_temporary_relay_directory(certs, tmp_path):
+    """kill -9 of the supervisor (OOM killer, systemd's SIGKILL after TimeoutStopSec, an admin): the workers stop
+    (watch_parent), but the private temporary relay directory (used when the database's path is too long for a
+    socket name) and the relay sockets of tunnels attached at that moment stay in /tmp forever; every start makes
+    a new one, so a crash-looping service (Restart=always) fills /tmp with satellite-tunnels-* directories.
+    Repro: satellite serve --workers 2 --db <a path longer than ~60 bytes>/satellite.db ...; kill -9 <supervisor>;
+    ls -d /tmp/satellite-tunnels-*."""
+    before = satellite_tunnel_dirs()
+    server = start(certs, long_workdir(tmp_path), 2)
+    made = set()
+    try:
+        pids = wait_for_workers(server, 2)
+        made = satellite_tunnel_dirs() - before
+        assert len(made) == 1, made                       # the fallback is in use
+        server.proc.kill()
+        server.proc.wait(10)
+        wait_for(lambda: all(gone(pid) for pid in pids), what="the orphaned workers to stop")
+        time.sleep(1)
+        left = [p for p in made if p.exists()]
+        assert not left, f"left behind after the supervisor's SIGKILL: {left}"
+    finally:
+        server.stop()
+        for path in made:
+            subprocess.run(["rm", "-rf", str(path)], check=False)
