@@ -260,3 +260,36 @@ def test_a_relay_directory_made_by_another_local_user_is_not_used(certs, shared_
 def attach_tunnel_here(server, key, app, attach=1):
     from test_workers import attach_tunnel
     return attach_tunnel(server, key, app, attach)
+
+
+def test_a_relay_directory_made_by_another_local_user_does_not_stop_the_service(certs, shared_dir):
+    """The same pre-made `satellite.tunnels` (nobody's, 0777) when satellite runs as its own non-root user, as the
+    systemd unit does (here the real user `daemon`): os.chmod(path, 0o700) raises PermissionError in
+    Supervisor.__init__ and `satellite serve --workers 2` exits 1 with a traceback, every time it is started: any
+    local user who can create one name beside the database keeps the service down (no named error, no refusal
+    of the foreign directory with a way out). workers = 1 starts fine, so it is the workers' directory alone.
+    Repro: install -d -m 1777 /srv/shared; (as nobody) mkdir -m 0777 /srv/shared/satellite.tunnels;
+    (as the service user) satellite serve --workers 2 --db /srv/shared/satellite.db ... -> PermissionError."""
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (shared_dir / name).write_bytes((certs / name).read_bytes())
+        os.chmod(shared_dir / name, 0o644)
+    (shared_dir / "satellite.py").write_bytes((ROOT / "satellite.py").read_bytes())
+    os.chmod(shared_dir / "satellite.py", 0o644)
+    made = as_nobody("mkdir", "-m", "0777", str(shared_dir / "satellite.tunnels"))
+    assert made.returncode == 0, made.stderr
+    log = shared_dir / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["setpriv", "--reuid", "daemon", "--regid", "daemon", "--clear-groups",
+                                 "/usr/bin/python3", str(shared_dir / "satellite.py"), "serve", "--domain", DOMAIN,
+                                 "--workers", "2", "--listen", "127.0.0.1:0", "--cert", str(shared_dir / "cert.pem"),
+                                 "--key", str(shared_dir / "key.pem"), "--db", str(shared_dir / "satellite.db"),
+                                 "--issue-from", "127.0.0.1/32", "--redeem-from", "127.0.0.2/31"],
+                                stdout=out, stderr=out, cwd=shared_dir)
+    try:
+        wait_for(lambda: proc.poll() is not None or "worker 1 started" in log.read_text(), timeout=30,
+                 what="satellite to start its workers or exit")
+        assert proc.poll() is None, f"satellite serve exited {proc.returncode}:\n{log.read_text()[-600:]}"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()                  # our own child: the supervisor, which stops its workers
+            proc.wait(20)
