@@ -293,3 +293,52 @@ def test_a_relay_directory_made_by_another_local_user_does_not_stop_the_service(
         if proc.poll() is None:
             proc.terminate()                  # our own child: the supervisor, which stops its workers
             proc.wait(20)
+
+
+# F4: a revoked session keeps streaming to its client through whichever worker relays the response ----------------
+
+def test_a_revoke_cuts_a_streamed_response_like_a_websocket(certs, tmp_path, new_app):
+    """A user with a valid link (or whoever stole it: the reason for a revoke). `satellite revoke` cuts
+    WebSockets within 5 s (relay_websocket asks still_open()), but a streamed HTTP response (server-sent events,
+    a long or endless download, a long-poll) is relayed to the end by copy_chunked/copy_until_close, which never
+    look at the session again: the revoked client keeps receiving the app's data for as long as the app sends it.
+    Same with workers = 1; with workers the stream is held by any worker, none of which asks. (Tunnel mode is
+    cut, because the tunnel itself closes within 5 s.) Repro: a mapped session whose app streams events
+    (tests/apps/echo_app.py /events); GET /events?n=100 with the token; satellite revoke ALIAS; the client still
+    reads a new event every second 15 s later."""
+    server = start(certs, tmp_path / "sat", 2)
+    try:
+        wait_for_workers(server, 2)
+        app = new_app()
+        link = server.mapped_session(app)
+        conn = server.connection(session_host(link), timeout=10)
+        conn.request("GET", "/events?n=100", headers=token_header(link))
+        resp = conn.getresponse()
+        assert resp.status == 200
+
+        def next_event():
+            line = resp.fp.readline()
+            while line and not line.startswith(b"data"):
+                line = resp.fp.readline()
+            return line
+        assert next_event() == b"data: event 0\n"
+        revoke = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "revoke", "--db", str(server.db),
+                                 link["alias"]], capture_output=True, text=True, timeout=60)
+        assert revoke.returncode == 0, revoke.stderr
+        assert fresh_get(server, session_host(link), "/", token_header(link))[0] == 410     # the link itself is cut
+        revoked_at, received = time.monotonic(), []
+        try:
+            for _ in range(15):                  # bounded: 15 events, one a second
+                time.sleep(1)
+                app.direct("/next")
+                event = next_event()
+                if not event:
+                    break
+                received.append((round(time.monotonic() - revoked_at), event))
+        except (OSError, ConnectionError):
+            pass
+        late = [(t, e) for t, e in received if t > 8]
+        assert not late, f"the revoked session still streamed to its client: {late[-3:]} (seconds after revoke)"
+        conn.close()
+    finally:
+        server.stop()
