@@ -342,3 +342,49 @@ def test_a_revoke_cuts_a_streamed_response_like_a_websocket(certs, tmp_path, new
         conn.close()
     finally:
         server.stop()
+
+
+# F5: a tunnel that died with its worker is never counted as gone ------------------------------------------------
+
+def test_a_tunnel_lost_with_a_killed_worker_is_ended_by_refresh_after_dead_after(certs, tmp_path, new_app):
+    """A job in tunnel mode, and anything that kills a worker (the OOM killer picks the biggest process: the
+    worker holding the big tunnels; an admin's kill -9). A tunnel's absence is recorded only by the worker when
+    the tunnel detaches (set_backend_gone) or by `serve` at start (mark_tunnels_down); the supervisor restarts a
+    killed worker without either, so the session's backend_gone stays NULL and refresh treats the tunnel as up
+    forever: the session is never ended after dead-after ('tunnel gone'), keeps counting against the live quotas
+    and shows 'reconnecting' until its lifetime ends (with workers = 1 the restart marks it). Repro: --workers 2;
+    attach a tunnel; kill -9 the worker whose log line says 'tunnel of ALIAS attached'; the agent cannot come
+    back (its node is gone); `satellite refresh --dead-after 1s` any number of times: the session stays live."""
+    server = start(certs, tmp_path / "sat", 2)
+    try:
+        pids = wait_for_workers(server, 2)
+        app = new_app()
+        link = server.getlink()
+        log_start = len(server.log_text())
+        tunnel = attach_tunnel_here(server, link["key"], app)
+        owner = int(wait_for(lambda: re.search(rf"tunnel of {link['alias']} attached from \S+ \[pid (\d+)\]",
+                                               server.log_text()[log_start:]), what="the attach").group(1))
+        tunnel.connect_app = None            # the agent's node is gone: it will not reconnect (we never re-attach)
+        os.kill(owner, signal.SIGKILL)       # a worker we started (our satellite's child)
+        wait_for_workers(server, 2, other_than=[owner])
+        wait_for(lambda: tunnel.closed, what="the agent's end to notice")
+        states = []
+        for _ in range(4):                   # refresh, as cron would, well past dead-after
+            time.sleep(1)
+            done = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "refresh", "--db", str(server.db),
+                                   "--dead-after", "1s"], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            row = [r for r in rows_of(server) if r["alias"] == link["alias"]][0]
+            states.append((row["state"], row["backend_gone"]))
+            if row["state"] == "ended":
+                break
+        assert states[-1][0] == "ended", f"the session whose tunnel died with worker {owner} stays live: {states}"
+    finally:
+        server.stop()
+
+
+def rows_of(server):
+    import sqlite3
+    with sqlite3.connect(server.db) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute("SELECT * FROM sessions")]
