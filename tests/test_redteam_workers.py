@@ -114,30 +114,33 @@ def satellite_tunnel_dirs():
     return {p for p in Path(tempfile.gettempdir()).glob("satellite-tunnels-*") if p.stat().st_uid == os.getuid()}
 
 
-def test_a_killed_supervisor_leaves_no_temporary_relay_directory(certs, tmp_path):
+def test_a_killed_supervisor_leaves_no_temporary_relay_directory(certs, tmp_path, new_app):
     """kill -9 of the supervisor (OOM killer, systemd's SIGKILL after TimeoutStopSec, an admin): the workers stop
     (watch_parent), but the private temporary relay directory (used when the database's path is too long for a
     socket name) and the relay sockets of tunnels attached at that moment stay in /tmp forever; every start makes
     a new one, so a crash-looping service (Restart=always) fills /tmp with satellite-tunnels-* directories.
-    Repro: satellite serve --workers 2 --db <a path longer than ~60 bytes>/satellite.db ...; kill -9 <supervisor>;
-    ls -d /tmp/satellite-tunnels-*."""
-    before = satellite_tunnel_dirs()
+    Repro: satellite serve --workers 2 --db <a path longer than ~60 bytes>/satellite.db ...; attach a tunnel;
+    kill -9 <supervisor>; ls /tmp/satellite-tunnels-*/ shows the directory and <sha256(alias)[:16]>.sock."""
+    import hashlib
     server = start(certs, long_workdir(tmp_path), 2)
-    made = set()
+    ours = None
     try:
         pids = wait_for_workers(server, 2)
-        made = satellite_tunnel_dirs() - before
-        assert len(made) == 1, made                       # the fallback is in use
+        app = new_app()
+        link = server.getlink()
+        attach_tunnel_here(server, link["key"], app)
+        name = hashlib.sha256(link["alias"].encode()).hexdigest()[:16] + ".sock"
+        ours = wait_for(lambda: next((p for p in satellite_tunnel_dirs() if (p / name).exists()), None),
+                        what="our temporary relay directory")      # the fallback is in use (ours: our alias)
         server.proc.kill()
         server.proc.wait(10)
         wait_for(lambda: all(gone(pid) for pid in pids), what="the orphaned workers to stop")
         time.sleep(1)
-        left = [p for p in made if p.exists()]
-        assert not left, f"left behind after the supervisor's SIGKILL: {left}"
+        assert not ours.exists(), f"left behind after the supervisor's SIGKILL: {ours}: {os.listdir(ours)}"
     finally:
         server.stop()
-        for path in made:
-            subprocess.run(["rm", "-rf", str(path)], check=False)
+        if ours is not None:
+            subprocess.run(["rm", "-rf", str(ours)], check=False)
 
 
 # F2: the relay directory is used whoever owns it: a local user who made it serves other sessions' pages --------
