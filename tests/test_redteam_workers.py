@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -18,10 +17,8 @@ import pytest
 
 from conftest import DOMAIN, ROOT, wait_for
 from test_workers import (access_pids, access_size, fresh_get, gone, session_host, start, token_header,
-                          wait_for_workers, worker_pids)
+                          wait_for_workers)
 
-sys.path.insert(0, str(ROOT))
-import satellite as sat  # noqa: E402
 
 
 # F1: a configured limit below the worker count is multiplied by the worker count -------------------------
@@ -367,6 +364,7 @@ def test_a_tunnel_lost_with_a_killed_worker_is_ended_by_refresh_after_dead_after
         tunnel = attach_tunnel_here(server, link["key"], app)
         owner = int(wait_for(lambda: re.search(rf"tunnel of {link['alias']} attached from \S+ \[pid (\d+)\]",
                                                server.log_text()[log_start:]), what="the attach").group(1))
+        assert owner in pids
         tunnel.connect_app = None            # the agent's node is gone: it will not reconnect (we never re-attach)
         os.kill(owner, signal.SIGKILL)       # a worker we started (our satellite's child)
         wait_for_workers(server, 2, other_than=[owner])
