@@ -389,3 +389,46 @@ def rows_of(server):
     with sqlite3.connect(server.db) as db:
         db.row_factory = sqlite3.Row
         return [dict(row) for row in db.execute("SELECT * FROM sessions")]
+
+
+# F6: a revoked WebSocket that is never silent for 5 s is never cut ---------------------------------------------
+
+def test_a_revoke_cuts_a_busy_websocket(certs, tmp_path, new_app):
+    """A user with a valid link (the one a revoke is aimed at: a stolen link, a user being removed). relay_websocket
+    asks still_open() only after check_every (5 s) of *silence* (poll() timing out); a WebSocket that carries a
+    frame at least every 5 s (the client sends a ping or a keystroke every second, a kernel or terminal that
+    streams output, any app heartbeat) never reaches that branch, so `satellite revoke` (and release, expiry, a
+    job's end) never cuts it, in whichever worker relays it; the link itself answers 410. Same with workers = 1;
+    tunnel mode is cut (the tunnel closes). test_a_revoke_cuts_websockets_held_by_every_worker only tries idle
+    sockets. Repro: a mapped session with a WebSocket echo app; open wss://ALIAS.../ws with the token; satellite
+    revoke ALIAS; send a message every second: every one is echoed, 15 s and more after the revoke."""
+    import websocket
+    server = start(certs, tmp_path / "sat", 2)
+    try:
+        wait_for_workers(server, 2)
+        app = new_app()
+        link = server.mapped_session(app)
+        host = session_host(link)
+        ws = websocket.create_connection(f"wss://{host}:{server.port}/ws", socket=server.tls_socket(host),
+                                         header=[f"Authorization: token {link['token']}"], timeout=10)
+        ws.send("before")
+        assert ws.recv() == "before"
+        revoke = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "revoke", "--db", str(server.db),
+                                 link["alias"]], capture_output=True, text=True, timeout=60)
+        assert revoke.returncode == 0, revoke.stderr
+        assert fresh_get(server, host, "/", token_header(link))[0] == 410
+        revoked_at, echoed = time.monotonic(), []
+        try:
+            for i in range(15):                   # bounded: one message a second for 15 s
+                time.sleep(1)
+                ws.send(f"after {i}")
+                if ws.recv() != f"after {i}":
+                    break
+                echoed.append(round(time.monotonic() - revoked_at))
+        except (websocket.WebSocketException, OSError, ConnectionError):
+            pass
+        late = [t for t in echoed if t > 8]
+        assert not late, f"the revoked session's WebSocket still relays {len(echoed)} s after the revoke: {echoed}"
+        ws.close()
+    finally:
+        server.stop()
