@@ -214,13 +214,13 @@ def test_a_relay_directory_made_by_another_local_user_is_not_used(certs, shared_
     other user the chmod raises PermissionError and `serve` dies with a traceback (a denial of service).
     nobody then replaces each tunnel's relay socket (<sha256(alias)[:16]>.sock) with one of its own: every
     request for a tunneled session that lands on a worker other than the tunnel's goes to nobody, who reads the
-    victim's request (path, app cookies, bodies; and the session token itself when the browser or client sent it
-    as 'Authorization: token ...', which satellite passes on: the whole session from anywhere) and answers it on
-    the victim's origin (any script it likes,
+    victim's request (path, app cookies, bodies, and the session token itself: the link's first visit
+    '/?token=...' and 'Authorization: token ...' are passed on as they came, so nobody then holds the whole
+    session, from anywhere) and answers it on the victim's origin (any script it likes,
     e.g. one that drives the victim's Jupyter with the victim's own cookie: code execution as the victim).
     Repro: install -d -m 1777 /srv/shared; (as nobody) mkdir -m 0777 /srv/shared/satellite.tunnels;
     satellite serve --workers 2 --db /srv/shared/satellite.db ...; a job attaches its tunnel; nobody runs the
-    squatter loop above; the victim's browser gets 'ATTACKER' for about half its requests."""
+    squatter loop above; the victim's browser gets 'ATTACKER' for about half its requests and nobody's log has the token."""
     made = as_nobody("mkdir", "-m", "0777", str(shared_dir / "satellite.tunnels"))
     assert made.returncode == 0, made.stderr
     (shared_dir / "squatter.py").write_text(SQUATTER)
@@ -241,7 +241,7 @@ def test_a_relay_directory_made_by_another_local_user_is_not_used(certs, shared_
         host = session_host(link)
         bodies = []
         for _ in range(40):                        # the victim, with its valid token, on fresh connections
-            status, body = fresh_get(server, host, "/notebooks/secret.ipynb?x=1", token_header(link))
+            status, body = fresh_get(server, host, f"/?token={link['token']}")     # the link, as a browser opens it
             bodies.append(body)
             if b"ATTACKER" in body:
                 break
