@@ -76,6 +76,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import stat
 import struct
 import subprocess
 import sys
@@ -363,6 +364,12 @@ class Settings:
             raise ValueError("max_session_lifetime is shorter than session_lifetime")
         if not 0 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers: give 1 to {MAX_WORKERS} serving processes, or 0 for one per core")
+        name, count = self.smallest_limit
+        if self.workers > count:
+            raise ValueError(f"workers = {self.workers} is more than {name} allows ({count}): each worker takes "
+                             f"1/{self.workers} of every limit, at least 1, so the workers together would allow "
+                             f"{self.workers}. Give workers at most {count}, or {name} at least {self.workers}, "
+                             f"or workers = 0 (one per core, at most {count})")
         if self.user_proof not in USER_PROOFS:
             raise ValueError(f"user_proof: choose {' or '.join(USER_PROOFS)}")
         for name in ("issue_from", "redeem_from"):
@@ -379,14 +386,27 @@ class Settings:
                              "contrib/nginx-satellite.conf) so satellite can tell the front from them")
 
     @property
+    def smallest_limit(self) -> tuple:
+        """(setting, count): the smallest positive count among the limits workers split (worker_share). More
+        workers than that would each allow 1, and together more than the count: validate refuses an explicit
+        `workers` above it, and one per core stops there."""
+        limits = [("token_failures", self.token_failures[0]), ("getlink_rate", self.getlink_rate[0]),
+                  ("max_connections", self.max_connections),
+                  ("max_connections_per_address", self.max_connections_per_address)]
+        return min(((name, count) for name, count in limits if count > 0), key=lambda limit: limit[1],
+                   default=("", MAX_WORKERS))
+
+    @property
     def worker_count(self) -> int:
-        """How many serving processes: `workers`, or one per core satellite may run on."""
+        """How many serving processes: `workers`, or one per core satellite may run on (at most the smallest
+        limit's count, so the workers' shares of it never add up to more than it)."""
         if self.workers:
             return self.workers
         try:
-            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+            cores = len(os.sched_getaffinity(0))
         except AttributeError:                          # not Linux
-            return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+            cores = os.cpu_count() or 1
+        return max(1, min(MAX_WORKERS, cores, self.smallest_limit[1]))
 
     @property
     def link_port(self) -> int:
@@ -645,6 +665,7 @@ class Session:
     job_seen: Optional[float] = None
     pending_reason: Optional[str] = None
     upstream_proof: Optional[int] = None       # 1: the app is behind an agent that wants satellite's proof
+    tunnel_pid: Optional[int] = None           # the serving process that holds the tunnel (with workers)
 
     @property
     def target(self) -> Optional[tuple]:
@@ -717,6 +738,7 @@ ADDED_COLUMNS = [
     ("job_seen", "REAL"),                  # when a job-state feed last listed the session's job
     ("pending_reason", "TEXT"),            # why the scheduler keeps the job pending (squeue %r), from the feed
     ("upstream_proof", "INTEGER"),         # 1: send the upstream proof first (a flag: the proof is never stored)
+    ("tunnel_pid", "INTEGER"),             # the process that holds the tunnel: its death marks it gone
 ]
 
 
@@ -930,8 +952,9 @@ class Store:
         return self.session(session.alias)
 
     def attach_tunnel(self, key: str, host: str, attach: int) -> Session:
-        """Map a session to the tunnel its job opened from `host`. Attach numbers only grow,
-        so a recorded or replayed attach request is refused; the lifetime starts at the first."""
+        """Map a session to the tunnel its job opened from `host` to this process (tunnel_pid: if it dies,
+        the supervisor marks the tunnel gone). Attach numbers only grow, so a recorded or replayed attach
+        request is refused; the lifetime starts at the first."""
         with self.immediate_transaction() as db:
             session = self.live_session_by_key(key)
             if session.target and not session.tunneled:
@@ -940,8 +963,8 @@ class Store:
                 raise ApiError(409, "stale attach number: a replayed or out-of-order tunnel connection")
             now = time.time()
             db.execute("UPDATE sessions SET state = ?, target_host = ?, target_port = 0, tunnel_attach = ?,"
-                       " redeemed = ?, expires = ?, backend_gone = NULL WHERE alias = ?",
-                       ("proxied" if session.state == "proxied" else "mapped", host, attach,
+                       " tunnel_pid = ?, redeemed = ?, expires = ?, backend_gone = NULL WHERE alias = ?",
+                       ("proxied" if session.state == "proxied" else "mapped", host, attach, os.getpid(),
                         session.redeemed or now, session.expires if session.redeemed else now + session.lifetime,
                         session.alias))
         return self.session(session.alias)
@@ -950,6 +973,12 @@ class Store:
         """At start: no tunnel is attached to a fresh process, so refresh may count their absence."""
         self._write("UPDATE sessions SET backend_gone = ? WHERE tunnel_attach IS NOT NULL AND state != 'ended'"
                     " AND backend_gone IS NULL", (since,))
+
+    def mark_tunnels_of_process_down(self, pid: int, since: float) -> int:
+        """A worker died (kill -9, the OOM killer) with its tunnels: refresh may count their absence. A tunnel
+        attached since to another worker has that worker's pid, and is left alone."""
+        return self._write("UPDATE sessions SET backend_gone = ? WHERE tunnel_pid = ? AND state != 'ended'"
+                           " AND backend_gone IS NULL", (since, pid))
 
     def report_state(self, key: str, state: str, jobid: Optional[str]) -> Session:
         session = self.live_session_by_key(key)
@@ -2947,11 +2976,45 @@ def app_answer_fields(headers: Headers, drop: Iterable) -> list:
     return fields
 
 
-def copy_exact(src: Stream, dst: socket.socket, count: int) -> int:
-    """Relay exactly count bytes, streaming through a bounded buffer."""
+LIVE_CHECK_EVERY = 5.0          # seconds between a long relay's looks at its session (a revoke cuts it)
+
+
+class SessionOver(ConnectionError):
+    """The session of a relay in progress ended (revoked, released, expired, its job over)."""
+
+
+def no_check() -> None:
+    """A relay that answers to no session (a request body: the request was let in as it started)."""
+
+
+class LiveCheck:
+    """Called on every read of a long relay (a streamed answer, a WebSocket): asks `still_open()` (the
+    cached session lookup) at most every `every` seconds however busy the relay is, and raises
+    SessionOver once the session has ended. Between asks a call costs one monotonic clock reading."""
+
+    def __init__(self, still_open: Callable[[], bool], every: float = LIVE_CHECK_EVERY):
+        self.still_open = still_open
+        self.every = every
+        self.due = time.monotonic() + every
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now >= self.due:
+            self.due = now + self.every
+            if not self.still_open():
+                raise SessionOver("the session ended")
+
+    def seconds_left(self) -> float:
+        """Until the next ask: how long a relay may wait for data before calling again."""
+        return max(0.0, self.due - time.monotonic())
+
+
+def copy_exact(src: Stream, dst: socket.socket, count: int, check: Callable[[], None] = no_check) -> int:
+    """Relay exactly count bytes, streaming through a bounded buffer; `check()` before every read."""
     buffer = memoryview(bytearray(min(count, COPY_BUFFER)))
     total = count
     while count:
+        check()
         got = src.read_into(buffer[:min(count, len(buffer))])
         if not got:
             raise ConnectionError("peer closed mid-body")
@@ -2960,11 +3023,13 @@ def copy_exact(src: Stream, dst: socket.socket, count: int) -> int:
     return total
 
 
-def copy_chunked(src: Stream, dst: socket.socket, error_status: int = 400, reframe: bool = True) -> int:
+def copy_chunked(src: Stream, dst: socket.socket, error_status: int = 400, reframe: bool = True,
+                 check: Callable[[], None] = no_check) -> int:
     """Relay a chunked body chunk by chunk (so event streams flow), re-validating framing.
     Without `reframe` only the data is passed on (to an HTTP/1.0 client: the close ends it)."""
     total = 0
     while True:
+        check()
         try:
             size = parse_chunk_size(src.readline(1024))
         except HttpError as exc:
@@ -2983,18 +3048,19 @@ def copy_chunked(src: Stream, dst: socket.socket, error_status: int = 400, refra
             continue
         if reframe:
             dst.sendall(b"%x\r\n" % size)
-        copy_exact(src, dst, size)
+        copy_exact(src, dst, size, check)
         if src.read_exact(2) != b"\r\n":
             raise HttpError(error_status, "chunk not followed by CRLF")
         if reframe:
             dst.sendall(b"\r\n")
 
 
-def copy_until_close(src: Stream, dst: socket.socket, chunked: bool) -> int:
+def copy_until_close(src: Stream, dst: socket.socket, chunked: bool, check: Callable[[], None] = no_check) -> int:
     """Relay a body delimited by the app closing its connection, as chunks to the client."""
     buffer = memoryview(bytearray(COPY_BUFFER))
     total = 0
     while True:
+        check()
         got = src.read_into(buffer)
         if not got:
             if chunked:
@@ -3007,14 +3073,14 @@ def copy_until_close(src: Stream, dst: socket.socket, chunked: bool) -> int:
             dst.sendall(buffer[:got])
 
 
-def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: Callable,
-                    check_every: float = 5.0, write_timeout: float = 120.0) -> tuple:
+def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: Callable[[], bool],
+                    check_every: float = LIVE_CHECK_EVERY, write_timeout: float = 120.0) -> tuple:
     """Shuttle raw bytes both ways after a 101 until either side closes.
 
     One thread, blocking sockets, `poll` for readiness; the client side is TLS, so
     decrypted bytes OpenSSL already holds (`pending()`) are drained before waiting.
-    `still_open()` is asked every `check_every` seconds of silence, so a revoked or
-    ended session is cut even if the socket is idle. Returns bytes (in, out).
+    `still_open()` is asked every `check_every` seconds, busy or idle (LiveCheck), so a
+    revoked or ended session is cut however much it carries. Returns bytes (in, out).
     """
     client.settimeout(write_timeout)
     upstream.settimeout(write_timeout)
@@ -3025,14 +3091,15 @@ def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: 
     poller = select.poll()
     for sock in by_fd.values():
         poller.register(sock, select.POLLIN)
+    check = LiveCheck(still_open, check_every)
     while True:
+        try:
+            check()
+        except SessionOver:
+            return counts[client], counts[upstream]
         ready = [s for s in tls_sockets if s.pending()]
         if not ready:
-            ready = [by_fd[fd] for fd, _ in poller.poll(check_every * 1000)]
-            if not ready:
-                if not still_open():
-                    return counts[client], counts[upstream]
-                continue
+            ready = [by_fd[fd] for fd, _ in poller.poll(check.seconds_left() * 1000)]
         for sock in ready:
             try:
                 data = sock.recv(RECV_SIZE)
@@ -3042,6 +3109,14 @@ def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: 
                 return counts[client], counts[upstream]
             peers[sock].sendall(data)
             counts[sock] += len(data)
+
+
+def session_still_open(store: "Store", alias: str) -> Callable[[], bool]:
+    """Is the alias's session still live (the cached lookup: a revoke elsewhere shows within 0.1 s)?"""
+    def still_open() -> bool:
+        current = store.cached_session(alias)
+        return current is not None and not current.is_over(time.time())
+    return still_open
 
 
 class Forwarder:
@@ -3110,7 +3185,7 @@ class Forwarder:
             self.store.mark_proxied(session)
         if response.status == 101:
             return self.websocket_answer(ex, session, response)
-        return self.response_answer(request, response)
+        return self.response_answer(request, response, session)
 
     def connect(self, session: Session, retryable: bool) -> Upstream:
         """The pooled upstream if it still fits, else a new one. A retryable request skips the
@@ -3142,8 +3217,9 @@ class Forwarder:
             return copy_exact(self.client, upstream.stream.sock, request.length)
         return copy_chunked(self.client, upstream.stream.sock)
 
-    def response_answer(self, request: Request, response: Response) -> Answer:
-        """Status and headers (hop-by-hop dropped), and the body streamed in its own framing."""
+    def response_answer(self, request: Request, response: Response, session: Session) -> Answer:
+        """Status and headers (hop-by-hop dropped), and the body streamed in its own framing, cut (the client's
+        connection closed) if the session ends meanwhile (LiveCheck: an endless event stream, a long download)."""
         fields = app_answer_fields(response.headers, HOP_BY_HOP | response.headers.tokens("connection")
                                    | {"content-length"})
         client_keep = request.keep_alive
@@ -3168,15 +3244,20 @@ class Forwarder:
 
         def relay(sink: socket.socket) -> tuple:
             sent = 0
+            check = LiveCheck(session_still_open(self.store, session.alias))
             try:
                 if response.framing == "length":
-                    sent = copy_exact(source, sink, response.length)
+                    sent = copy_exact(source, sink, response.length, check)
                 elif response.framing == "chunked":
-                    sent = copy_chunked(source, sink, error_status=502, reframe=not to_http10)
+                    sent = copy_chunked(source, sink, error_status=502, reframe=not to_http10, check=check)
                 else:
-                    sent = copy_until_close(source, sink, chunked=not to_http10)
+                    sent = copy_until_close(source, sink, chunked=not to_http10, check=check)
             except HttpError as exc:                           # the app broke framing mid-body
                 log.info("bad body from app: %s", exc.reason)
+                self.drop_upstream()
+                return sent, False
+            except SessionOver:
+                log.info("answer of %s cut: the session ended", logged_alias(session))
                 self.drop_upstream()
                 return sent, False
             except (ConnectionError, socket.timeout, OSError) as exc:
@@ -3196,11 +3277,7 @@ class Forwarder:
         drop = (HOP_BY_HOP - {"upgrade"}) | response.headers.tokens("connection") - {"upgrade"}
         fields = app_answer_fields(response.headers, drop) + [("Connection", "Upgrade")]
         upstream, self.upstream = self.upstream, None
-        alias, client, store = session.alias, self.client, self.store
-
-        def still_open() -> bool:
-            current = store.cached_session(alias)
-            return current is not None and not current.is_over(time.time())
+        client, still_open = self.client, session_still_open(self.store, session.alias)
 
         def relay(sink: socket.socket) -> tuple:
             sent = 0
@@ -3656,12 +3733,50 @@ class Tunnel:
             pass
 
 
+def private_directory_problem(path: str) -> Optional[str]:
+    """Why `path` is not a directory only satellite's user may enter, or None: it must be a directory (lstat:
+    not a symlink), owned by this process's effective user, mode 0700 exactly. A directory another local user
+    made (or may write) could hold their sockets in place of ours (TunnelRelay)."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory (a symlink or a file)"
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to uid {st.st_uid}, not to satellite's user (uid {os.geteuid()})"
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        return f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, not 0700"
+    return None
+
+
+def peer_is_us(sock: socket.socket) -> bool:
+    """Is the process at the other end of a Unix socket running as our effective user (SO_PEERCRED)? Where
+    the system cannot tell (not Linux), the relay directory's 0700 is the only guard."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return True
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    return uid == os.geteuid()
+
+
+def relay_name(alias: str) -> str:
+    """The relay socket's name for an alias, the same in every worker: 128 bits of its hash (no two aliases
+    share one), short enough for AF_UNIX's 107 bytes (RELAY_NAME_ROOM, with the temporary name's pid)."""
+    return hashlib.sha256(alias.encode()).hexdigest()[:32] + ".sock"
+
+
+RELAY_NAME_ROOM = len("/" + relay_name("") + ".4194304")       # what a relay's path needs beyond its directory
+UNIX_PATH_MAX = 107
+
+
 class TunnelRelay:
     """With several workers, a tunnel lives in the worker it attached to, while a browser's connection
     for its alias may land on any worker. The owner offers the tunnel to the others on a Unix socket
-    named for the alias, in a directory only satellite's user may enter (relay_dir, 0700); another
-    worker's Forwarder connects to it like an upstream, and each connection becomes one new stream of
-    the tunnel. The socket is bound under a temporary name and renamed into place, so a newer tunnel
+    named for the alias, in a directory only satellite's user may enter (relay_dir, 0700, checked:
+    relay_directory); another worker's Forwarder connects to it like an upstream, and each connection
+    becomes one new stream of the tunnel. Both ends also check that the other runs as satellite's user
+    (SO_PEERCRED). The socket is bound under a temporary name and renamed into place, so a newer tunnel
     (in this worker or another) atomically takes the name over; each relay removes only its own."""
 
     def __init__(self, path: str, tunnel: Tunnel):
@@ -3686,6 +3801,14 @@ class TunnelRelay:
                 conn, _ = self.listener.accept()
             except OSError:                          # closed: the tunnel is gone
                 return
+            try:
+                ours = peer_is_us(conn)
+            except OSError:
+                ours = False
+            if not ours:
+                log.warning("refused a connection to the relay %s from a process of another user", self.path)
+                conn.close()
+                continue
             with contextlib.suppress(ConnectionError):
                 tunnel.carry(conn)                  # refused (closed, or full): carry closed it
 
@@ -3699,14 +3822,27 @@ class TunnelRelay:
 
 
 def relay_connector(path: str) -> Connector:
-    """A connection to another worker's tunnel (TunnelRelay); TunnelDown if none is there."""
+    """A connection to another worker's tunnel (TunnelRelay); TunnelDown if none is there, or if the directory
+    or the process answering is not satellite's user's alone (then it is not ours: never send it a request)."""
     def connect() -> socket.socket:
+        problem = private_directory_problem(os.path.dirname(path))
+        if problem:
+            log.warning("not using the tunnel relay %s: %s", path, problem)
+            raise TunnelDown()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
+            ours = peer_is_us(sock)
         except (FileNotFoundError, ConnectionRefusedError) as exc:     # a worker died with it: it reconnects
             sock.close()
             raise TunnelDown() from exc
+        except OSError:
+            sock.close()
+            raise
+        if not ours:
+            sock.close()
+            log.warning("not using the tunnel relay %s: a process of another user answers it", path)
+            raise TunnelDown()
         return sock
     return connect
 
@@ -3724,8 +3860,7 @@ class Tunnels:
         self.remote: dict = {}                   # alias -> connector: one object, so pooled upstreams match
 
     def relay_path(self, alias: str) -> str:
-        """A short name (AF_UNIX paths have 107 bytes), the same in every worker."""
-        return os.path.join(self.relay_dir, hashlib.sha256(alias.encode()).hexdigest()[:16] + ".sock")
+        return os.path.join(self.relay_dir, relay_name(alias))
 
     def attach(self, alias: str, tunnel: Tunnel) -> None:
         relay = None
@@ -4507,16 +4642,45 @@ def serve_listeners(service: Satellite, listeners: list) -> int:
 
 
 def relay_directory(db: str) -> tuple:
-    """Where workers' tunnels meet (TunnelRelay): beside the database (satellite.db -> satellite.tunnels,
-    0700), emptied of an earlier run's sockets; or, if that path is too long for a Unix socket's name
-    (107 bytes), a new private temporary directory. Returns (path, whether it is temporary)."""
+    """Where workers' tunnels meet (TunnelRelay), cleared of an earlier run's sockets: beside the database
+    (satellite.db -> satellite.tunnels); if that cannot be ours alone (private_directory_problem: e.g. another
+    user made it first in a shared directory) or its path is too long for a socket's name, a directory named
+    for the user and the database in $XDG_RUNTIME_DIR or the temporary directory (the same each start, so a
+    supervisor killed with SIGKILL leaves at most that one behind, cleared at the next start); if even that is
+    taken, a new random one. Returns (path, whether to remove it when serving stops)."""
     path = os.path.splitext(os.path.abspath(db))[0] + ".tunnels"
-    if len(path) > 107 - len("/0123456789abcdef.sock.4194304"):
-        return tempfile.mkdtemp(prefix="satellite-tunnels-"), True
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
-    clear_relays(path)
-    return path, False
+    problem = (private_directory(path) if len(path) <= UNIX_PATH_MAX - RELAY_NAME_ROOM
+               else f"{path} is too long for a socket's name")
+    if problem is None:
+        clear_relays(path)
+        return path, False
+    name = f"satellite-tunnels-{os.geteuid()}-{hashlib.sha256(os.path.abspath(db).encode()).hexdigest()[:16]}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    bases = ([runtime] if runtime and private_directory_problem(runtime) is None else []) + [tempfile.gettempdir(), "/tmp"]
+    for base in dict.fromkeys(bases):
+        fallback = os.path.join(base, name)
+        if len(fallback) <= UNIX_PATH_MAX - RELAY_NAME_ROOM:
+            taken = private_directory(fallback)
+            if taken is None:
+                log.warning("tunnel relays in %s, not beside the database: %s", fallback, problem)
+                clear_relays(fallback)
+                return fallback, True
+            problem += f"; {taken}"
+    fallback = tempfile.mkdtemp(prefix=f"satellite-tunnels-{os.geteuid()}-", dir="/tmp")
+    log.warning("tunnel relays in %s, not beside the database: %s", fallback, problem)
+    return fallback, True
+
+
+def private_directory(path: str) -> Optional[str]:
+    """Make `path` a directory only we may enter (0700), unless it exists; why it is not ours alone, or None."""
+    try:
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)                   # ours, just made: whatever the umask left
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        return f"cannot create {path}: {exc.strerror}"
+    return private_directory_problem(path)
 
 
 def clear_relays(path: str) -> None:
@@ -4651,10 +4815,27 @@ class Supervisor:
                    else f"exited with status {os.WEXITSTATUS(status)}")
             if self.stopping:
                 continue
+            self.mark_tunnels_down(pid)
             lived = time.monotonic() - self.started[index]
             delay, self.delay[index] = restart_delays(lived, self.delay.get(index))
             self.due[index] = time.monotonic() + delay
             log.warning("worker %d (pid %d) %s after %.1fs; starting it again in %.1fs", index, pid, how, lived, delay)
+
+    def mark_tunnels_down(self, pid: int) -> None:
+        """The tunnels the dead worker held are gone with it (its relays no longer answer): record it, so
+        refresh ends their sessions after dead-after if their agents do not come back. The connection is
+        closed at once: none is open across the next fork."""
+        store = None
+        try:
+            store = Store(self.settings.db)
+            gone = store.mark_tunnels_of_process_down(pid, time.time())
+            if gone:
+                log.warning("%d tunnel%s went with worker pid %d", gone, "s" if gone > 1 else "", pid)
+        except sqlite3.Error as exc:
+            log.warning("could not record the tunnels of worker pid %d as gone: %s", pid, exc)
+        finally:
+            if store is not None:
+                store.close_thread_connection()
 
     def stop_workers(self) -> None:
         """SIGTERM to every worker, then SIGKILL to those still there after STOP_WAIT."""
@@ -5190,8 +5371,10 @@ def check_deployment(settings: Settings, user: str) -> list:
     workers = settings.worker_count
     split = (f"; rate limits and connection caps are split among them (each takes 1/{workers})"
              if workers > 1 else "")
+    limit_name, limit_count = settings.smallest_limit
+    per_core = f" (one per core, at most {limit_name} = {limit_count})" if workers == limit_count else " (one per core)"
     report("OK", f"workers: {workers} serving process{'es' if workers > 1 else ''}"
-                 f"{' (one per core)' if not settings.workers else ''}{split}")
+                 f"{per_core if not settings.workers else ''}{split}")
 
     # files and directories
     state = os.path.dirname(os.path.abspath(settings.db))
@@ -5367,7 +5550,9 @@ SETTING_FLAGS = [
                                            "else is dropped"),
     ("--workers", "workers", "serving processes, all accepting on the same listening sockets, so every core "
                              "works (0 = one per core; 1 = a single process, no supervisor). Rate limits and "
-                             "connection caps are split among them: each takes 1/N of every count"),
+                             "connection caps are split among them: each takes 1/N of every count (rounded down), so N may not exceed "
+                             "the smallest of --token-failures, --getlink-rate, --max-connections and "
+                             "--max-connections-per-address (serve refuses to start; one per core stops there)"),
     ("--legacy-api", "legacy_api", "also serve SDSC Satellite's getlink.cgi, redeemtoken.cgi, ... for old clients "
                                    "(weaker: the alias alone redeems; no proxy token check)"),
 ]
