@@ -1,7 +1,7 @@
-"""Red team: what `--workers N` promises, attacked with real satellite processes.
+"""`--workers N` attacked: a red team's findings against the workers' serving, with real satellite processes.
 
-Each test here is written so that it FAILS while the attack succeeds (a finding); see the docstrings for the
-exact reproduction. Helpers come from tests/test_workers.py (real supervisor + N workers, test CA).
+Each test reproduces one attack (see its docstring for the exact steps) and fails while the attack succeeds:
+each failed before its fix. Helpers come from tests/test_workers.py (real supervisor + N workers, test CA).
 """
 import os
 import re
@@ -22,79 +22,78 @@ from test_workers import (access_pids, access_size, fresh_get, gone, session_hos
 
 
 # F1: a configured limit below the worker count is multiplied by the worker count -------------------------
+# Each worker takes worker_share(count, N) = max(1, count // N) of a limit, so with N above the count the workers
+# together allowed N (--workers 3 --token-failures 2/1m: 3 wrong tokens; --getlink-rate 1/1m: 3 links;
+# --max-connections-per-address 2: 3 connections). Now serve refuses such a start, naming both settings, and
+# one per core (workers = 0) stops at the smallest limit.
 
-def test_a_token_failure_limit_below_the_worker_count_holds_across_workers(certs, tmp_path):
-    """Anonymous client. `--workers 3 --token-failures 2/1m`: each worker takes worker_share(2, 3) =
-    max(1, 2 // 3) = 1, so three workers together let 3 wrong tokens through per address and session, not
-    the configured 2. With the defaults (token-failures 20/1m, workers = one per core, up to 64) a proxy
-    node with more than 20 cores allows up to 64 wrong tokens a minute: the configured count is silently
-    raised to the worker count. README says 'as long as it is at least N' but nothing refuses or warns.
-    Repro: satellite serve --workers 3 --token-failures 2/1m ...; 30 fresh connections with
-    'Authorization: token wrong' to a live session: 3 answers 403 (counted guesses), the rest 429."""
-    server = start(certs, tmp_path / "sat", 3, "--token-failures", "2/1m")
+LIMITS_BELOW_THREE = [("--token-failures", "2/1m", "token_failures"), ("--getlink-rate", "1/1m", "getlink_rate"),
+                      ("--max-connections-per-address", "2", "max_connections_per_address")]
+
+
+@pytest.mark.parametrize("flag,value,setting", LIMITS_BELOW_THREE, ids=[s for _, _, s in LIMITS_BELOW_THREE])
+def test_workers_above_a_limit_count_refuse_to_start_rather_than_multiply_it(certs, tmp_path, flag, value, setting):
+    """`serve --workers 3` with a limit whose count is below 3 would let the three workers together allow 3:
+    serve must stop at once with an error naming workers and the limit (before: it served, and the limit
+    held 3 times what was configured)."""
+    from conftest import SatelliteServer
+    tmp_path.mkdir(exist_ok=True)
+    server = SatelliteServer(certs, tmp_path, ["--workers", "3", flag, value])
+    with open(tmp_path / "serve.log", "w") as out:
+        proc = subprocess.Popen(server.command(), stdout=out, stderr=out, cwd=tmp_path)
     try:
-        pids = wait_for_workers(server, 3)
+        code = proc.wait(30)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        if proc.poll() is None:
+            proc.kill()                         # our own child: it served (the finding)
+            proc.wait(10)
+    text = (tmp_path / "serve.log").read_text()
+    assert code not in (None, 0), f"serve --workers 3 {flag} {value} did not refuse to start:\n{text[-600:]}"
+    assert "workers = 3" in text and setting in text, text[-600:]
+    assert "Traceback" not in text, text
+
+
+def test_one_worker_per_core_stops_at_the_smallest_limit(monkeypatch):
+    """workers = 0 (the default) on a node with more cores than a limit's count: as many workers as that count,
+    so their shares never add up to more than it (before: one per core, up to 64 wrong tokens a minute with the
+    default token-failures 20/1m)."""
+    sys.path.insert(0, str(ROOT))
+    import satellite as sat
+    monkeypatch.setattr(sat.os, "sched_getaffinity", lambda pid: set(range(48)), raising=False)
+    settings = sat.Settings()
+    assert settings.worker_count == 20                           # token-failures 20/1m, the default
+    settings.token_failures, settings.getlink_rate = (20, 60), (3, 60)
+    assert settings.worker_count == 3
+    settings.max_connections_per_address = 0                     # 0: no limit, so no bound on workers
+    settings.getlink_rate, settings.token_failures, settings.max_connections = (0, 60), (0, 60), 0
+    assert settings.worker_count == 48
+    settings = sat.Settings(domain="example.org", cert="c", key="k", workers=3, token_failures=(3, 60))
+    settings.validate()                                          # 3 workers, 1 each: 3 in all
+    settings.token_failures = (2, 60)
+    with pytest.raises(ValueError, match="token_failures"):
+        settings.validate()
+
+
+def test_a_token_failure_limit_at_the_worker_count_holds_across_workers(certs, tmp_path):
+    """Anonymous client. `--workers 2 --token-failures 2/1m` (the smallest count allowed with 2 workers): fresh
+    connections with 'Authorization: token wrong' land on both workers; at most 2 are tried (403), the rest 429."""
+    server = start(certs, tmp_path / "sat", 2, "--token-failures", "2/1m")
+    try:
+        pids = wait_for_workers(server, 2)
         link = server.getlink()
         host = session_host(link)
         since = access_size(server)
         statuses = []
         for _ in range(60):                               # bounded; fresh connections land on any worker
             statuses.append(fresh_get(server, host, "/", {"Authorization": "token wrong"})[0])
-            if statuses.count(403) > 2 or (statuses.count(429) >= 30 and len(set(access_pids(server, since))) == 3):
+            if statuses.count(403) > 2 or (statuses.count(429) >= 20 and len(set(access_pids(server, since))) == 2):
                 break
         assert set(access_pids(server, since)) <= set(pids)
         assert statuses.count(403) <= 2, (f"{statuses.count(403)} wrong tokens were tried (and counted as guesses) "
                                           f"with token-failures 2/1m: {statuses}")
     finally:
-        server.stop()
-
-
-def test_a_getlink_rate_below_the_worker_count_holds_across_workers(certs, tmp_path):
-    """A login-node user. `--workers 3 --getlink-rate 1/1m`: every worker allows 1 link a minute per
-    address, so the address gets 3 links a minute (the worker count), not 1. Same for the MUNGE check
-    limiter (getlink-rate x 5 / N). Repro: satellite serve --workers 3 --getlink-rate 1/1m
-    --max-live-per-source 0; GET /api/getlink on fresh connections: up to 3 answers 201 within a minute."""
-    server = start(certs, tmp_path / "sat", 3, "--getlink-rate", "1/1m", "--max-live-per-source", "0")
-    try:
-        wait_for_workers(server, 3)
-        answers = []
-        for _ in range(60):
-            answers.append(server.api("getlink")[0])
-            if answers.count(201) > 1 or answers.count(429) >= 40:
-                break
-        assert answers.count(201) <= 1, f"getlink-rate 1/1m issued {answers.count(201)} links: {answers}"
-    finally:
-        server.stop()
-
-
-def test_a_per_address_connection_cap_below_the_worker_count_holds_across_workers(certs, tmp_path):
-    """Anonymous client. `--workers 3 --max-connections-per-address 2`: each worker lets an address hold
-    max(1, 2 // 3) = 1 connection, so one address holds 3 idle (header-less) connections, above its cap of
-    2. Repro: open plain TCP connections from 127.0.0.9, keep them silent; a connection beyond the
-    worker's share is closed at once (read returns b''), the others stay open until header-timeout."""
-    server = start(certs, tmp_path / "sat", 3, "--max-connections-per-address", "2", "--header-timeout", "20")
-    held = []
-    try:
-        wait_for_workers(server, 3)
-        for _ in range(30):
-            sock = socket.create_connection(("127.0.0.1", server.port), 5, ("127.0.0.9", 0))
-            sock.settimeout(0.3)
-            try:
-                closed = sock.recv(1) == b""
-            except socket.timeout:
-                closed = False
-            except ConnectionError:
-                closed = True
-            if closed:
-                sock.close()
-            else:
-                held.append(sock)
-            if len(held) > 2:
-                break
-        assert len(held) <= 2, f"one address holds {len(held)} connections with max-connections-per-address 2"
-    finally:
-        for sock in held:
-            sock.close()
         server.stop()
 
 
@@ -107,37 +106,52 @@ def long_workdir(tmp_path):
     return path
 
 
-def satellite_tunnel_dirs():
-    return {p for p in Path(tempfile.gettempdir()).glob("satellite-tunnels-*") if p.stat().st_uid == os.getuid()}
+def satellite_tunnel_dirs(base):
+    return {p for p in Path(base).glob("satellite-tunnels-*") if p.stat().st_uid == os.getuid()}
 
 
-def test_a_killed_supervisor_leaves_no_temporary_relay_directory(certs, tmp_path, new_app):
+@pytest.fixture
+def short_tmpdir(monkeypatch):
+    """A TMPDIR of this test's own (short, so a socket's name fits), which the satellite processes inherit:
+    other runs' relay directories in /tmp do not mix with ours."""
+    path = Path(tempfile.mkdtemp(prefix="rw-", dir="/tmp"))
+    monkeypatch.setenv("TMPDIR", str(path))
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def test_a_killed_supervisor_leaves_no_growing_trail_of_relay_directories(certs, tmp_path, new_app, short_tmpdir):
     """kill -9 of the supervisor (OOM killer, systemd's SIGKILL after TimeoutStopSec, an admin): the workers stop
-    (watch_parent), but the private temporary relay directory (used when the database's path is too long for a
-    socket name) and the relay sockets of tunnels attached at that moment stay in /tmp forever; every start makes
-    a new one, so a crash-looping service (Restart=always) fills /tmp with satellite-tunnels-* directories.
-    Repro: satellite serve --workers 2 --db <a path longer than ~60 bytes>/satellite.db ...; attach a tunnel;
-    kill -9 <supervisor>; ls /tmp/satellite-tunnels-*/ shows the directory and <sha256(alias)[:16]>.sock."""
-    import hashlib
+    (watch_parent), but the private relay directory used when the database's path is too long for a socket name
+    (and the sockets of tunnels attached at that moment) stays; before, every start made a new random one, so a
+    crash-looping service (Restart=always) filled /tmp with satellite-tunnels-* directories. Now the directory is
+    named for the user and the database: the next start takes the same one and clears its stale sockets, and a
+    clean stop removes it. Repro: satellite serve --workers 2 --db <a path longer than ~60 bytes>/satellite.db;
+    attach a tunnel; kill -9 <supervisor>; start again; ls $TMPDIR/satellite-tunnels-*."""
+    sys.path.insert(0, str(ROOT))
+    import satellite as sat
     server = start(certs, long_workdir(tmp_path), 2)
-    ours = None
     try:
         pids = wait_for_workers(server, 2)
         app = new_app()
         link = server.getlink()
         attach_tunnel_here(server, link["key"], app)
-        name = hashlib.sha256(link["alias"].encode()).hexdigest()[:16] + ".sock"
-        ours = wait_for(lambda: next((p for p in satellite_tunnel_dirs() if (p / name).exists()), None),
-                        what="our temporary relay directory")      # the fallback is in use (ours: our alias)
+        name = sat.relay_name(link["alias"])
+        ours = wait_for(lambda: next((p for p in satellite_tunnel_dirs(short_tmpdir) if (p / name).exists()), None),
+                        what="our relay directory")      # the fallback is in use (ours: our alias)
         server.proc.kill()
         server.proc.wait(10)
         wait_for(lambda: all(gone(pid) for pid in pids), what="the orphaned workers to stop")
-        time.sleep(1)
-        assert not ours.exists(), f"left behind after the supervisor's SIGKILL: {ours}: {os.listdir(ours)}"
+        server.start()                                   # the same database, as Restart=always would
+        wait_for_workers(server, 2)
+        assert satellite_tunnel_dirs(short_tmpdir) == {ours}, \
+            f"a new relay directory at each start: {sorted(map(str, satellite_tunnel_dirs(short_tmpdir)))}"
+        assert not (ours / name).exists(), "the killed run's relay socket was not cleared at the next start"
+        assert oct(ours.stat().st_mode & 0o777) == "0o700"
+        server.stop()
+        assert not ours.exists(), f"left behind after a clean stop: {ours}: {os.listdir(ours)}"
     finally:
         server.stop()
-        if ours is not None:
-            subprocess.run(["rm", "-rf", str(ours)], check=False)
 
 
 # F2: the relay directory is used whoever owns it: a local user who made it serves other sessions' pages --------
@@ -205,19 +219,16 @@ def shared_dir():
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-def test_a_relay_directory_made_by_another_local_user_is_not_used(certs, shared_dir, new_app):
+def test_a_relay_directory_made_by_another_local_user_is_not_used(certs, shared_dir, new_app, short_tmpdir):
     """Local unprivileged user (nobody) + a user with a valid link. The database is in a directory other users may
     create names in (a sticky /tmp-like directory; e.g. `satellite serve --workers 2` with the default
     `db = satellite.db` started in /tmp). Before satellite starts, nobody runs `mkdir -m 0777 satellite.tunnels`
-    there. relay_directory() only does makedirs(exist_ok=True) + chmod(0700): it never checks the owner. As root
-    the chmod succeeds and satellite uses nobody's directory (still owned by nobody, who keeps rwx on it); as any
-    other user the chmod raises PermissionError and `serve` dies with a traceback (a denial of service).
-    nobody then replaces each tunnel's relay socket (<sha256(alias)[:16]>.sock) with one of its own: every
-    request for a tunneled session that lands on a worker other than the tunnel's goes to nobody, who reads the
-    victim's request (path, app cookies, bodies, and the session token itself: the link's first visit
-    '/?token=...' and 'Authorization: token ...' are passed on as they came, so nobody then holds the whole
-    session, from anywhere) and answers it on the victim's origin (any script it likes,
-    e.g. one that drives the victim's Jupyter with the victim's own cookie: code execution as the victim).
+    there. relay_directory() used to do makedirs(exist_ok=True) + chmod(0700) and never check the owner: as root
+    satellite used nobody's directory (still nobody's, who keeps rwx on it), and nobody replaced each tunnel's
+    relay socket with one of its own: every request for a tunneled session that landed on a worker other than the
+    tunnel's went to nobody, who read the victim's request (the link's first visit '/?token=...' included) and
+    answered it on the victim's origin. Now satellite leaves a directory that is not its own alone, says so, and
+    keeps its relays in one of its own; the victim's requests reach the victim's app from every worker.
     Repro: install -d -m 1777 /srv/shared; (as nobody) mkdir -m 0777 /srv/shared/satellite.tunnels;
     satellite serve --workers 2 --db /srv/shared/satellite.db ...; a job attaches its tunnel; nobody runs the
     squatter loop above; the victim's browser gets 'ATTACKER' for about half its requests and nobody's log has the token."""
@@ -228,33 +239,115 @@ def test_a_relay_directory_made_by_another_local_user_is_not_used(certs, shared_
     seen = shared_dir / "seen.txt"
     server = start(certs, shared_dir / "sat", 2, "--db", str(shared_dir / "satellite.db"))
     squatter = None
+    relays = shared_dir / "satellite.tunnels"
     try:
-        wait_for_workers(server, 2)
+        pids = wait_for_workers(server, 2)
+        assert re.search(r"tunnel relays in \S+, not beside the database: \S*satellite\.tunnels belongs to uid",
+                         server.log_text()), server.log_text()[-800:]
         app = new_app()
         link = server.getlink()
         attach_tunnel_here(server, link["key"], app)
-        relays = shared_dir / "satellite.tunnels"
-        wait_for(lambda: list(relays.glob("*.sock")), what="the relay socket")
         squatter = subprocess.Popen(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
                                      "/usr/bin/python3", str(shared_dir / "squatter.py"), str(relays), str(seen), "40"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         host = session_host(link)
-        bodies = []
+        since, bodies = access_size(server), []
         for _ in range(40):                        # the victim, with its valid token, on fresh connections
             status, body = fresh_get(server, host, f"/?token={link['token']}")     # the link, as a browser opens it
-            bodies.append(body)
-            if b"ATTACKER" in body:
+            bodies.append((status, body))
+            if b"ATTACKER" in body or (len(bodies) >= 10 and set(access_pids(server, since)) == set(pids)):
                 break
             time.sleep(0.05)
         stolen = seen.read_text() if seen.exists() else ""
-        assert not any(b"ATTACKER" in body for body in bodies), (
+        assert not any(b"ATTACKER" in body for _, body in bodies), (
             f"nobody answered the victim's request on its session's origin; nobody saw: {stolen!r}; relay dir owner "
             f"uid {relays.stat().st_uid}, mode {oct(relays.stat().st_mode & 0o7777)}")
+        assert not stolen
+        assert set(access_pids(server, since)) == set(pids)           # both workers served the tunneled session
+        assert {status for status, _ in bodies} <= {200, 302, 303}, bodies[:3]
+        assert not list(relays.iterdir()) or not list(relays.glob("*.sock.*"))
     finally:
         if squatter is not None:
             squatter.kill()          # our own child (setpriv execs python): its pid
             squatter.wait(10)
         server.stop()
+
+
+LISTENER = r'''
+import socket, sys, time
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+listener.listen(8)
+listener.settimeout(float(sys.argv[2]))
+try:
+    while True:
+        conn, _ = listener.accept()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nATTACKER\n")
+        conn.close()
+except OSError:
+    pass
+'''
+
+
+def test_a_relay_socket_answered_by_another_user_is_never_used(tmp_path):
+    """Defence in depth behind the private directory: a relay socket whose listening process runs as another
+    user (here nobody's socket, moved into our own 0700 directory: what a directory swap or a mistaken admin
+    could leave) is refused by the connecting worker (SO_PEERCRED), which never sends it a request."""
+    sys.path.insert(0, str(ROOT))
+    import satellite as sat
+    private = Path(tempfile.mkdtemp(prefix="rw-relay-", dir="/tmp"))          # ours, 0700
+    open_dir = Path(tempfile.mkdtemp(prefix="rw-open-", dir="/tmp"))
+    os.chmod(open_dir, 0o777)
+    (open_dir / "listener.py").write_text(LISTENER)
+    os.chmod(open_dir / "listener.py", 0o644)
+    proc = subprocess.Popen(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+                             "/usr/bin/python3", str(open_dir / "listener.py"), str(open_dir / "s.sock"), "20"])
+    try:
+        wait_for(lambda: (open_dir / "s.sock").exists(), what="nobody's socket")
+        path = private / sat.relay_name("some-victim-alias")
+        os.rename(open_dir / "s.sock", path)
+        assert sat.private_directory_problem(str(private)) is None
+        with pytest.raises(sat.TunnelDown):
+            sat.relay_connector(str(path))()
+    finally:
+        proc.kill()                  # our own child
+        proc.wait(10)
+        subprocess.run(["rm", "-rf", str(private), str(open_dir)], check=False)
+
+
+def test_a_relay_refuses_a_connection_from_another_user(tmp_path):
+    """The relay's own end (TunnelRelay) checks its peer too: a process of another user that reaches the socket
+    (here a world-reachable directory) gets no stream of the tunnel."""
+    sys.path.insert(0, str(ROOT))
+    import satellite as sat
+
+    class Carried:                    # stands in for the tunnel: records what the relay hands it
+        def __init__(self):
+            self.streams = []
+
+        def carry(self, sock):
+            self.streams.append(sock)
+            sock.sendall(b"APP\n")
+            sock.close()
+    where = Path(tempfile.mkdtemp(prefix="rw-peer-", dir="/tmp"))
+    os.chmod(where, 0o755)
+    tunnel = Carried()
+    relay = sat.TunnelRelay(str(where / sat.relay_name("some-alias")), tunnel)
+    try:
+        os.chmod(relay.path, 0o777)
+        probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(10); "
+                 "print(repr(s.recv(100)))")
+        done = as_nobody("/usr/bin/python3", "-c", probe, relay.path)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "b''" and not tunnel.streams, (done.stdout, tunnel.streams)
+        mine = socket.socket(socket.AF_UNIX)
+        mine.connect(relay.path)
+        mine.settimeout(10)
+        assert mine.recv(100) == b"APP\n"            # its own user's worker is served
+        mine.close()
+    finally:
+        relay.close()
+        subprocess.run(["rm", "-rf", str(where)], check=False)
 
 
 def attach_tunnel_here(server, key, app, attach=1):
