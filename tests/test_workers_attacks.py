@@ -128,17 +128,15 @@ def test_a_killed_supervisor_leaves_no_growing_trail_of_relay_directories(certs,
     named for the user and the database: the next start takes the same one and clears its stale sockets, and a
     clean stop removes it. Repro: satellite serve --workers 2 --db <a path longer than ~60 bytes>/satellite.db;
     attach a tunnel; kill -9 <supervisor>; start again; ls $TMPDIR/satellite-tunnels-*."""
-    sys.path.insert(0, str(ROOT))
-    import satellite as sat
     server = start(certs, long_workdir(tmp_path), 2)
     try:
         pids = wait_for_workers(server, 2)
         app = new_app()
         link = server.getlink()
         attach_tunnel_here(server, link["key"], app)
-        name = sat.relay_name(link["alias"])
-        ours = wait_for(lambda: next((p for p in satellite_tunnel_dirs(short_tmpdir) if (p / name).exists()), None),
-                        what="our relay directory")      # the fallback is in use (ours: our alias)
+        ours = wait_for(lambda: next((p for p in satellite_tunnel_dirs(short_tmpdir) if list(p.glob("*.sock"))), None),
+                        what="our relay directory")      # the fallback is in use, with our tunnel's socket
+        name = next(ours.glob("*.sock")).name
         server.proc.kill()
         server.proc.wait(10)
         wait_for(lambda: all(gone(pid) for pid in pids), what="the orphaned workers to stop")
@@ -242,8 +240,6 @@ def test_a_relay_directory_made_by_another_local_user_is_not_used(certs, shared_
     relays = shared_dir / "satellite.tunnels"
     try:
         pids = wait_for_workers(server, 2)
-        assert re.search(r"tunnel relays in \S+, not beside the database: \S*satellite\.tunnels belongs to uid",
-                         server.log_text()), server.log_text()[-800:]
         app = new_app()
         link = server.getlink()
         attach_tunnel_here(server, link["key"], app)
@@ -263,6 +259,8 @@ def test_a_relay_directory_made_by_another_local_user_is_not_used(certs, shared_
             f"nobody answered the victim's request on its session's origin; nobody saw: {stolen!r}; relay dir owner "
             f"uid {relays.stat().st_uid}, mode {oct(relays.stat().st_mode & 0o7777)}")
         assert not stolen
+        assert re.search(r"tunnel relays in \S+, not beside the database: \S*satellite\.tunnels belongs to uid",
+                         server.log_text()), server.log_text()[-800:]
         assert set(access_pids(server, since)) == set(pids)           # both workers served the tunneled session
         assert {status for status, _ in bodies} <= {200, 302, 303}, bodies[:3]
         assert not list(relays.iterdir()) or not list(relays.glob("*.sock.*"))
@@ -304,9 +302,9 @@ def test_a_relay_socket_answered_by_another_user_is_never_used(tmp_path):
                              "/usr/bin/python3", str(open_dir / "listener.py"), str(open_dir / "s.sock"), "20"])
     try:
         wait_for(lambda: (open_dir / "s.sock").exists(), what="nobody's socket")
-        path = private / sat.relay_name("some-victim-alias")
+        path = private / "0123456789abcdef0123456789abcdef.sock"
         os.rename(open_dir / "s.sock", path)
-        assert sat.private_directory_problem(str(private)) is None
+        assert private.stat().st_uid == os.geteuid() and oct(private.stat().st_mode & 0o777) == "0o700"
         with pytest.raises(sat.TunnelDown):
             sat.relay_connector(str(path))()
     finally:
@@ -332,7 +330,7 @@ def test_a_relay_refuses_a_connection_from_another_user(tmp_path):
     where = Path(tempfile.mkdtemp(prefix="rw-peer-", dir="/tmp"))
     os.chmod(where, 0o755)
     tunnel = Carried()
-    relay = sat.TunnelRelay(str(where / sat.relay_name("some-alias")), tunnel)
+    relay = sat.TunnelRelay(str(where / "0123456789abcdef0123456789abcdef.sock"), tunnel)
     try:
         os.chmod(relay.path, 0o777)
         probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(10); "
