@@ -3112,9 +3112,13 @@ def relay_websocket(client: socket.socket, upstream: socket.socket, still_open: 
 
 
 def session_still_open(store: "Store", alias: str) -> Callable[[], bool]:
-    """Is the alias's session still live (the cached lookup: a revoke elsewhere shows within 0.1 s)?"""
+    """Is the alias's session still live (the cached lookup: a revoke elsewhere shows within 0.1 s)? A database
+    that cannot be read cuts nothing (as the lookup serves the last known state when it can)."""
     def still_open() -> bool:
-        current = store.cached_session(alias)
+        try:
+            current = store.cached_session(alias)
+        except sqlite3.Error:
+            return True
         return current is not None and not current.is_over(time.time())
     return still_open
 
