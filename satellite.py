@@ -3010,14 +3010,15 @@ class LiveCheck:
 
 
 def copy_exact(src: Stream, dst: socket.socket, count: int, check: Callable[[], None] = no_check) -> int:
-    """Relay exactly count bytes, streaming through a bounded buffer; `check()` before every read."""
+    """Relay exactly count bytes, streaming through a bounded buffer; `check()` between each read and its
+    write (so what arrives after a long silence is not passed on before the session is looked at)."""
     buffer = memoryview(bytearray(min(count, COPY_BUFFER)))
     total = count
     while count:
-        check()
         got = src.read_into(buffer[:min(count, len(buffer))])
         if not got:
             raise ConnectionError("peer closed mid-body")
+        check()
         dst.sendall(buffer[:got])
         count -= got
     return total
@@ -3025,11 +3026,11 @@ def copy_exact(src: Stream, dst: socket.socket, count: int, check: Callable[[], 
 
 def copy_chunked(src: Stream, dst: socket.socket, error_status: int = 400, reframe: bool = True,
                  check: Callable[[], None] = no_check) -> int:
-    """Relay a chunked body chunk by chunk (so event streams flow), re-validating framing.
-    Without `reframe` only the data is passed on (to an HTTP/1.0 client: the close ends it)."""
+    """Relay a chunked body chunk by chunk (so event streams flow), re-validating framing; `check()` before
+    each chunk's data is written. Without `reframe` only the data is passed on (to an HTTP/1.0 client: the
+    close ends it)."""
     total = 0
     while True:
-        check()
         try:
             size = parse_chunk_size(src.readline(1024))
         except HttpError as exc:
@@ -3044,6 +3045,7 @@ def copy_chunked(src: Stream, dst: socket.socket, error_status: int = 400, refra
             data = src.read_exact(size + 2)
             if data[-2:] != b"\r\n":
                 raise HttpError(error_status, "chunk not followed by CRLF")
+            check()
             dst.sendall(b"%x\r\n" % size + data if reframe else data[:-2])
             continue
         if reframe:
@@ -3060,12 +3062,12 @@ def copy_until_close(src: Stream, dst: socket.socket, chunked: bool, check: Call
     buffer = memoryview(bytearray(COPY_BUFFER))
     total = 0
     while True:
-        check()
         got = src.read_into(buffer)
         if not got:
             if chunked:
                 dst.sendall(b"0\r\n\r\n")
             return total
+        check()
         total += got
         if chunked:
             dst.sendall(b"%x\r\n" % got + bytes(buffer[:got]) + b"\r\n")

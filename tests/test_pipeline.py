@@ -586,3 +586,47 @@ def test_the_ending_notice_link_stays_on_this_host_even_with_backslashes():
         body = satellite.ending_notice_answer(request, near, now).body.decode()
         href = re.search(r"href='([^']*)'", body).group(1)
         assert "\\" not in href and not href.startswith("//"), href
+
+
+class ChunkedSocket(BytesSocket):
+    """BytesSocket that also fills a buffer (recv_into), one 4 KiB piece at a time, like a slow app."""
+
+    def recv_into(self, view):
+        chunk = self.recv(len(view))
+        view[:len(chunk)] = chunk
+        return len(chunk)
+
+
+class Collected:
+    """A client socket that keeps what it is sent."""
+
+    def __init__(self):
+        self.sent = b""
+
+    def sendall(self, data):
+        self.sent += bytes(data)
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_a_streamed_answer_stops_before_the_first_write_after_its_session_ended(framing):
+    """A revoke (or the session's end) cuts an answer mid-body (an event stream, a long download): the relay asks
+    LiveCheck between each read and its write, so nothing the app sends afterwards reaches the client."""
+    piece = b"x" * 4096
+    body = piece * 8
+    data = {"length": body, "close": body,
+            "chunked": b"".join(b"1000\r\n" + piece + b"\r\n" for _ in range(8)) + b"0\r\n\r\n"}[framing]
+    asked = []
+    check = satellite.LiveCheck(lambda: asked.append(1) or len(asked) < 3, every=0)     # live twice, then over
+    src, sink = satellite.Stream(ChunkedSocket(data)), Collected()
+    with pytest.raises(satellite.SessionOver):
+        if framing == "length":
+            satellite.copy_exact(src, sink, len(body), check)
+        elif framing == "chunked":
+            satellite.copy_chunked(src, sink, 502, check=check)
+        else:
+            satellite.copy_until_close(src, sink, chunked=False, check=check)
+    assert sink.sent.count(b"x") == 2 * 4096, (framing, len(sink.sent))
+    alive = satellite.LiveCheck(lambda: True, every=3600)            # between asks: no lookup at all
+    sink = Collected()
+    assert satellite.copy_until_close(satellite.Stream(ChunkedSocket(body)), sink, chunked=False, check=alive) == len(body)
+    assert sink.sent == body
