@@ -366,7 +366,8 @@ class Settings:
             raise ValueError(f"workers: give 1 to {MAX_WORKERS} serving processes, or 0 for one per core")
         name, count = self.smallest_limit
         if self.workers > count:
-            raise ValueError(f"workers = {self.workers} is more than {name} allows ({count}): each worker takes "
+            raise ValueError(f"workers = {self.workers} is more than {name} (--{name.replace('_', '-')}) allows "
+                             f"({count}): each worker takes "
                              f"1/{self.workers} of every limit, at least 1, so the workers together would allow "
                              f"{self.workers}. Give workers at most {count}, or {name} at least {self.workers}, "
                              f"or workers = 0 (one per core, at most {count})")
