@@ -1148,9 +1148,10 @@ class Events:
 
 def worker_share(count: int, workers: int) -> int:
     """One worker's part of a count the whole service may spend (a rate limit, a connection cap): 1/N,
-    rounded down, so the workers together never allow more than the count (while it is at least N);
-    at least 1. 0 (no limit) stays 0. A client's connections land on any worker, so its attempts
-    spread over them; a client whose connections all land on one worker meets the limit sooner."""
+    rounded down, so the workers together never allow more than the count (Settings.validate refuses more
+    workers than the smallest count, and one per core stops there); at least 1. 0 (no limit) stays 0. A
+    client's connections land on any worker, so its attempts spread over them; a client whose connections
+    all land on one worker meets the limit sooner."""
     return max(1, count // workers) if count else 0
 
 
