@@ -15,7 +15,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import DOMAIN, ROOT, wait_for
+from conftest import DOMAIN, ROOT, SatelliteServer, wait_for
 from fronts import FRONT, SECRET, front, start_haproxy, start_nginx, stop_front  # noqa: F401
 from test_front import direct, mapped_and_served, served_by_front
 
@@ -263,3 +263,73 @@ def test_the_haproxy_front_holds_the_exported_map_with_many_sessions(front, new_
     assert len(haproxy_map_entries(front)) == front.map_file.read_text().count("\n") - 1, \
         f"HAProxy holds {len(haproxy_map_entries(front))} entries, the exported file {front.map_file.read_text().count(chr(10)) - 1}"
     assert direct(front, link["alias"], cookie)
+
+
+# --- 4. nginx: one long host name stops every later map update ------------------------------------------------
+
+LONG_DOMAIN = "apps.hpc.example-univ.edu"        # 25 characters; README's example, satellite.example.edu, is 21
+
+
+class LongDomainSatellite(SatelliteServer):
+    def command(self):
+        return [LONG_DOMAIN if arg == DOMAIN else arg for arg in super().command()]
+
+
+def test_a_long_alias_does_not_freeze_the_nginx_front(tmp_path, new_app, monkeypatch):
+    """nginx-satellite.conf includes the exported file in `map $host ... { hostnames; }` with nginx's default
+    map_hash_bucket_size (64: one CPU cache line), which holds host names of at most 46 characters. An alias
+    is 11-23 characters (three words of 3-7 letters), so under any domain longer than 21 characters some
+    aliases make a host name nginx cannot hash: the reload the watcher runs then fails ("could not build
+    map_hash, you should increase map_hash_bucket_size: 64"), nginx keeps its OLD map, and it keeps it while
+    that session lives (hours to days). Every revoke, release, end or cookie-key rotation in that time is
+    ignored at the front: the old cookies keep reaching their apps. Under a 25-character domain about one
+    alias in four is long enough; the watcher logs a failure, nothing else says so."""
+    import fronts
+    certs = tmp_path / "long-certs"
+    subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(certs), LONG_DOMAIN], check=True)
+    (tmp_path / "front-secret").write_text(SECRET + "\n")
+    workdir = tmp_path / "satellite"
+    workdir.mkdir()
+    satellite = LongDomainSatellite(certs, workdir, ("--trusted-fronts", f"{FRONT}/32", "--control-listen",
+                                                     "127.0.0.1:0", "--front-secret", str(tmp_path / "front-secret")))
+    satellite.start()
+    monkeypatch.setattr(fronts, "DOMAIN", LONG_DOMAIN)
+    (tmp_path / "nginx").mkdir()
+    started = start_nginx(satellite, tmp_path / "nginx", certs)
+    try:
+        app = new_app()
+        short = long = None
+        for _ in range(400):                     # aliases are random: draw until one of each kind
+            link = satellite.getlink()
+            if len(link["alias"]) <= 18 and short is None:
+                short = link
+            elif len(f"{link['alias']}.{LONG_DOMAIN}") >= 47 and long is None:
+                long = link
+            if short and long:
+                break
+        assert short and long
+        status, fields = satellite.api("redeem", source=app.host, key=short["key"], port=app.port)
+        assert status == 200, fields
+        started.watch()
+        wait_for(lambda: f"{short['alias']}." in started.map_file.read_text(), what="the short alias exported")
+        status, headers, _ = started.request(short["alias"], "/?token=" + short["token"])
+        assert status == 200
+        cookie = headers["Set-Cookie"].split(";")[0]
+        served_by_front(started, short["alias"], cookie)
+        # another user's job redeems a session whose alias happens to be long
+        status, fields = satellite.api("redeem", source=app.host, key=long["key"], port=app.port)
+        assert status == 200, fields
+        wait_for(lambda: f"{long['alias']}." in started.map_file.read_text(), what="the long alias exported")
+        time.sleep(1)
+        # the first session is revoked
+        revoked = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "revoke", "--db", str(satellite.db),
+                                  short["alias"]], capture_output=True, text=True, timeout=30)
+        assert revoked.returncode == 0, revoked.stderr
+        wait_for(lambda: f"{short['alias']}." not in started.map_file.read_text(), what="the revoke exported")
+        time.sleep(1.5)                                                   # the documented bound is 1 s
+        status, _, _ = started.request(short["alias"], "/headers", {"Cookie": cookie})
+        assert status == 410, (f"nginx still sends the revoked session's cookie to its app ({status}); "
+                               f"watcher: {started.watch_log()[-400:]}")
+    finally:
+        stop_front(started)
+        satellite.stop()
