@@ -333,3 +333,35 @@ def test_a_long_alias_does_not_freeze_the_nginx_front(tmp_path, new_app, monkeyp
     finally:
         stop_front(started)
         satellite.stop()
+
+
+def test_an_ended_sessions_cookie_never_reaches_the_next_job_on_its_port(big_front, tmp_path):
+    """The consequence of the stale map above, across users: session A's job ends (released, revoked, its
+    time over) and the scheduler gives the node to user Y, whose app listens on the same port (a fixed
+    default such as Jupyter's, or a port from the same range). A's holder, with A's old cookie, is sent by
+    the front to A's old address and port: Y's app, without any credential of Y's."""
+    from conftest import NODE, App
+    front = big_front
+    first = App(tmp_path, NODE, {"WHOSE_APP": "user X"})
+    try:
+        many_sessions(front.satellite, first, 2500)
+        front.watch()
+        link, cookie = mapped_and_served(front, first)
+        if front.kind == "haproxy":
+            restart_haproxy(front)                               # a reload: a certificate renewal, an upgrade
+        served_by_front(front, link["alias"], cookie)
+        key = link["key"]
+        status, fields = front.satellite.api("release", key=key, source=NODE)   # A's job ends
+        assert status == 200, fields
+        wait_for(lambda: f"{link['alias']}." not in front.map_file.read_text(), what="the release exported")
+        port = first.port
+    finally:
+        first.stop()
+    time.sleep(1.2)
+    second = App(tmp_path, NODE, {"WHOSE_APP": "user Y"}, port=port)   # Y's job, the same node and port
+    try:
+        status, _, body = front.request(link["alias"], "/env?name=WHOSE_APP", {"Cookie": cookie})
+        assert body != b"user Y", f"{front.kind}: session {link['alias']} ended; its old cookie reached user Y's app"
+        assert status == 410, (status, body[:200])
+    finally:
+        second.stop()
