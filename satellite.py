@@ -4717,6 +4717,17 @@ EXPORT_LINE = {
     "haproxy": "{host} {address} {port} {check}",  # map_str(FILE): the values HAProxy's runtime API replaces
 }
 CHECKED_FORMATS = ("nginx", "haproxy")            # files that let a front accept cookies: 0640, never world-readable
+NGINX_MAP_NAME_MAX = 110      # the longest host name contrib/nginx-satellite.conf's map_hash_bucket_size 128 holds
+
+
+def export_domain_warning(fmt: str, domain: str) -> Optional[str]:
+    """Why some sessions' host names would not fit the nginx front's map hash (the reload would fail and
+    nginx keep its old map), or None. The longest alias is three of the longest words and two hyphens."""
+    longest = 3 * max(map(len, WORDS)) + 2 + 1 + len(domain)
+    if fmt != "nginx" or longest <= NGINX_MAP_NAME_MAX:
+        return None
+    return (f"host names under {domain} reach {longest} characters; contrib/nginx-satellite.conf's "
+            f"map_hash_bucket_size 128 holds {NGINX_MAP_NAME_MAX}: raise it to 256 or nginx's reloads will fail")
 
 
 def front_check(fmt: str, cookie: str) -> str:
@@ -4986,6 +4997,9 @@ def command_export(settings: Settings, fmt: str, output: Optional[str], reload_c
         except KeyError:
             print(f"satellite: error: no group {group_name}", file=sys.stderr)
             return 2
+    warning = export_domain_warning(fmt, settings.domain)
+    if warning:
+        print(f"satellite: warning: {warning}", file=sys.stderr)
     if watch:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         return watch_export(settings, fmt, output, group, reload_command, haproxy_socket)

@@ -140,3 +140,26 @@ def test_open_ondemand_app_renders_and_its_script_launches_through_satellite(job
         job.wait(30)
     wait_for(lambda: job_satellite.request(host, "/lab?token=" + url.split("token=")[1])[0] == 410,
              timeout=30, what="the link released when the job ended")
+
+
+def test_the_nginx_front_holds_the_longest_host_names_export_allows(tmp_path):
+    """contrib/nginx-satellite.conf's map_hash_bucket_size holds host names of NGINX_MAP_NAME_MAX characters
+    (what `export --format nginx` checks the domain against), and nginx refuses one character more: the
+    number in satellite.py is nginx's, not a guess."""
+    import satellite
+    conf = (CONTRIB / "nginx-satellite.conf").read_text()
+    settings = [line for line in conf.splitlines() if line.startswith("map_hash_")]
+    assert settings == ["map_hash_bucket_size 128;", "map_hash_max_size 65536;"]
+    for length, builds in ((satellite.NGINX_MAP_NAME_MAX, True), (satellite.NGINX_MAP_NAME_MAX + 1, False)):
+        (tmp_path / "names.map").write_text(f'"{"a" * (length - 9)}.sat.test" "x";\n'
+                                            + "".join(f'"host{i}.sat.test" "x";\n' for i in range(5000)))
+        (tmp_path / "nginx.conf").write_text(
+            f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log; events {{}}\n"
+            f"http {{ {' '.join(settings)} map $host $route {{ hostnames; default \"\"; include {tmp_path}/names.map; }}\n"
+            f"  server {{ listen 127.0.0.1:1; return 200 $route; }} }}\n")
+        result = subprocess.run(["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                                capture_output=True, text=True)
+        assert (result.returncode == 0) == builds, (length, result.stderr)
+        assert builds or "map_hash_bucket_size" in result.stderr
+    assert satellite.export_domain_warning("nginx", "x" * (satellite.NGINX_MAP_NAME_MAX - 24)) is None
+    assert "256" in satellite.export_domain_warning("nginx", "x" * (satellite.NGINX_MAP_NAME_MAX - 23))
