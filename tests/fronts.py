@@ -126,7 +126,9 @@ def start_nginx(satellite, tmp_path, certs):
         ("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
         ("satellite.example.edu", DOMAIN), ("/var/lib/satellite-front/nginx.map", str(map_file)),
         ("/etc/satellite/tls/fullchain.pem", str(certs / "cert.pem")),
-        ("/etc/satellite/tls/privkey.pem", str(certs / "key.pem"))])
+        ("/etc/satellite/tls/privkey.pem", str(certs / "key.pem")),
+        ("proxy_ssl_trusted_certificate /etc/ssl/certs/ca-certificates.crt",
+         f"proxy_ssl_trusted_certificate {certs / 'ca.pem'}")])
     (tmp_path / "site.conf").write_text(site)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / sub).mkdir(exist_ok=True)
