@@ -2019,7 +2019,7 @@ def foreign_origin(request: Request) -> Optional[str]:
     own = "https://" + re.sub(r":443$", "", request.host_header.lower())
     if origin is not None and re.sub(r":443$", "", origin.strip().lower()) != own:
         return f"a {'WebSocket' if request.wants_websocket else request.method} from {origin[:100]}"
-    if (request.headers.get("sec-fetch-site") or "").lower() in ("cross-site", "same-site"):
+    if request.headers.tokens("sec-fetch-site") & {"cross-site", "same-site"}:          # any value of it
         return f"a {'WebSocket' if request.wants_websocket else request.method} from another site"
     return None
 

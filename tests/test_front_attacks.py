@@ -17,7 +17,7 @@ import pytest
 
 from conftest import DOMAIN, ROOT, SatelliteServer, wait_for
 from fronts import FRONT, SECRET, front, front_satellite, start_haproxy, start_nginx, stop_front  # noqa: F401
-from test_front import direct, mapped_and_served, served_by_front
+from test_front import app_headers, direct, mapped_and_served, served_by_front
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -384,3 +384,70 @@ def test_an_ended_sessions_cookie_never_reaches_the_next_job_on_its_port(big_fro
         assert status == 410, (status, body[:200])
     finally:
         second.stop()
+
+
+# --- 5. what satellite would judge or strip, the front must not pass to the app ---------------------------------
+
+def raw_request(front, host, lines, body=b""):
+    """One request sent as is (repeated fields, odd names) through the front; (status, body)."""
+    sock = front.tls_socket(host)
+    sock.settimeout(10)
+    try:
+        closing = [] if any(line.lower().startswith("connection:") for line in lines) else ["Connection: close"]
+        sock.sendall(("\r\n".join(lines + closing) + "\r\n\r\n").encode() + body)
+        answer = b""
+        while len(answer) < 1 << 20:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    return status, body
+
+
+def test_the_front_forwards_to_apps_only_what_satellite_would(front, new_app):
+    """Satellite (forwarded_request_head) drops the client's forwarding fields and every header named in
+    Connection, answers 400 to look-alikes with '_' of the fields it sets (X_Satellite_Front), and judges a
+    request's Host, Origin and Sec-Fetch-Site by one value. A front that passes them on, or picks another
+    value than satellite (HAProxy takes the last of repeated values), lets a client tell the app what
+    satellite would not (its address, its port, a header satellite strips) or decide a request from
+    elsewhere at the front."""
+    app = new_app()
+    front.watch()
+    link, cookie = mapped_and_served(front, app)
+    served_by_front(front, link["alias"], cookie)
+    host = f"{link['alias']}.{DOMAIN}"
+    own = f"https://{host}:{front.port}"
+    status, body = raw_request(front, host, [
+        "GET /headers HTTP/1.1", f"Host: {host}:{front.port}", f"Cookie: {cookie}", "X-Real-IP: 192.0.2.9",
+        "X-Forwarded-Port: 1", "X-Hop-Only: secret-of-the-hop", "Connection: X-Hop-Only, close"])
+    if status == 200:
+        got = app_headers(body)
+        # nginx passes a header the client names in Connection (it drops only those it knows, and satellite
+        # behind it never sees the client's Connection): no boundary, the client may send it unnamed
+        for name in ("x-real-ip", "x-forwarded-port") + (("x-hop-only",) if front.kind == "haproxy" else ()):
+            assert name not in got, (front.kind, name, got)
+    for name in ("X_Satellite_Front", "X_Forwarded_For", "X_Real_IP"):
+        status, body = raw_request(front, host, ["GET /headers HTTP/1.1", f"Host: {host}:{front.port}",
+                                                 f"Cookie: {cookie}", f"{name}: {SECRET}"])
+        assert status in (200, 400), (front.kind, name, status)
+        if status == 200:
+            got = app_headers(body)
+            assert name.lower() not in got and SECRET not in got.values(), (front.kind, name, got)
+    post = ["POST /upload HTTP/1.1", f"Host: {host}:{front.port}", f"Cookie: {cookie}", "Content-Length: 2"]
+    for repeated in ([f"Origin: https://evil.{DOMAIN}, {own}"],
+                     [f"Origin: https://evil.{DOMAIN}", f"Origin: {own}"],
+                     [f"Origin: {own}", "Sec-Fetch-Site: cross-site", "Sec-Fetch-Site: same-origin"],
+                     [f"Origin: {own}", "Sec-Fetch-Site: cross-site, same-origin"]):
+        status, body = raw_request(front, host, post[:3] + repeated + post[3:], b"ok")
+        assert status in (400, 403), (front.kind, repeated, status, body[:200])
+    other = front.satellite.mapped_session(app)
+    status, body = raw_request(front, host, ["GET /headers HTTP/1.1",
+                                             f"Host: {other['alias']}.{DOMAIN}, {host}:{front.port}",
+                                             f"Cookie: {cookie}"])
+    assert status == 400 or (status != 200 and b"Hello" not in body), (front.kind, status, body[:200])
