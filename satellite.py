@@ -4733,9 +4733,10 @@ def export_domain_warning(fmt: str, domain: str) -> Optional[str]:
 def front_check(fmt: str, cookie: str) -> str:
     """What a front compares the presented cookie with: a one-way digest of the cookie, never the cookie or
     the token. nginx's secure_link compares base64url(MD5(value)); HAProxy compares hex SHA-256 (strcmp).
-    The cookie is an HMAC-SHA256 (256 bits that look random), so neither digest can be turned back into a
-    cookie: a preimage of MD5 or SHA-256 is out of reach (MD5's weakness is collisions, which need the
-    attacker to choose both inputs). A leak of the file lets no one in; it tells who has a live session."""
+    Getting past the front with a leaked file needs a preimage: for nginx, of a 128-bit MD5 digest (the bar is
+    the digest's 128 bits, not the cookie's 256; the best known attack costs ~2^123), for HAProxy of SHA-256.
+    MD5's practical attacks are collisions, which need the attacker to choose both inputs. A leak of the file
+    lets no one in; it tells who has a live session."""
     if fmt == "nginx":
         digest = hashlib.md5(cookie.encode(), usedforsecurity=False).digest()       # allowed in FIPS mode too
         return base64.urlsafe_b64encode(digest).decode().rstrip("=")
