@@ -4862,8 +4862,8 @@ def push_haproxy_map(socket_path: str, map_path: str, text: str) -> None:
     cleared (`clear_haproxy_map`): the front then decides nothing and every request goes to satellite,
     which is always right, rather than the front deciding with a map that still holds ended sessions.
     Raises OSError (ValueError for a line it cannot carry) when HAProxy does not hold `text`'s map."""
-    entries = haproxy_entries(text)
     try:
+        entries = haproxy_entries(text)
         cli = HaproxyCLI(socket_path)
         try:
             prepared = cli.command(f"prepare map {map_path}")

@@ -1,8 +1,8 @@
-"""Red-team tests of the front (contrib/nginx-satellite.conf, contrib/haproxy-satellite.cfg, `export --watch`).
-
-Each test states a boundary the README promises and attacks it with the real nginx / HAProxy on loopback,
-configured exactly as contrib says (tests/fronts.py adapts only addresses, ports, paths and the domain).
-A test that FAILS is a finding: the attack succeeded. A test that passes is an attack that held."""
+"""Attacks on the front (contrib/nginx-satellite.conf, contrib/haproxy-satellite.cfg, `export --watch`), from a
+red team's review: each test states a boundary the README promises and attacks it with the real nginx / HAProxy
+on loopback, configured exactly as contrib says (tests/fronts.py adapts only addresses, ports, paths and the
+domain). Each one failed before its fix (the docstrings tell what the attack did then); a failure now is a
+regression."""
 import signal
 import socket
 import ssl
@@ -177,7 +177,8 @@ def test_the_front_secret_goes_only_to_satellite(kind, tmp_path, certs):
     listening there (a restart, an upgrade, a crash, or a local user who binds 8443 first at boot), any local
     user who binds the port gets the secret with the first request: then they speak for clients
     (X-Forwarded-For: limits, token-failure counting, audit) and, with SSO, for any signed-in user
-    (trusted-user-header). HAProxy's `verify required ca-file ... sni` refuses such a listener."""
+    (trusted-user-header). HAProxy's `verify required ca-file ... sni` refuses such a listener; nginx now has
+    proxy_ssl_verify on with the CA, and the session's host as the name."""
     impostor = Impostor(tmp_path)
     try:
         stand_in = types.SimpleNamespace(port=impostor.port,
@@ -225,9 +226,9 @@ def big_front(request, fresh_satellite, tmp_path, certs):
 
 def test_a_revoked_session_leaves_the_front_with_many_live_sessions(big_front, new_app):
     """README: "new requests and new WebSockets are refused within a second" of a revoke (gone from the front's
-    map with export --watch). push_haproxy_map sends the whole map as ONE runtime-API payload (`add map @N
-    FILE <<`), which HAProxy limits to its buffer (tune.bufsize, 16 KiB by default; contrib leaves it
-    commented out). A site with a few hundred live sessions: after HAProxy restarts it loads the whole file,
+    map with export --watch). push_haproxy_map used to send the whole map as ONE runtime-API payload (`add map
+    @N FILE <<`), which HAProxy limits to its buffer (tune.bufsize, 16 KiB by default; contrib leaves it
+    commented out); it now sends one short `add map` line per entry. A site with a few hundred live sessions: after HAProxy restarts it loads the whole file,
     and from then on every push is cut off (connection reset); the watcher logs 'failed' and retries for ever,
     HAProxy keeps the map it loaded, and a revoked (released, expired, ended) session's cookie keeps reaching
     its app at the front — until HAProxy restarts. (Between ~16 and ~32 KiB the payload is dropped silently,
@@ -268,11 +269,12 @@ def haproxy_front(fresh_satellite, tmp_path, certs):
 
 
 def test_the_haproxy_front_holds_the_exported_map_with_many_sessions(haproxy_front, new_app):
-    """With ~150-300 live sessions the payload exceeds HAProxy's buffer and is dropped without an error:
+    """(Before the fix) with ~150-300 live sessions the payload exceeded HAProxy's buffer and was dropped
+    without an error:
     `add map` answers nothing (taken for success), `commit map` commits the empty new version, and HAProxy
     decides nothing by itself any more (every request goes to satellite, the scale-out silently gone; the
-    watcher logs success). Fails safe, but the README's "a new map reaches the front within a second" is
-    false and nothing says so."""
+    watcher logs success). Fails safe, but the README's "a new map reaches the front within a second" was
+    false and nothing said so. Now the push counts HAProxy's entries after the commit."""
     front = haproxy_front
     app = new_app()
     front.watch()
@@ -302,7 +304,8 @@ def test_a_long_alias_does_not_freeze_the_nginx_front(tmp_path, new_app, monkeyp
     map_hash, you should increase map_hash_bucket_size: 64"), nginx keeps its OLD map, and it keeps it while
     that session lives (hours to days). Every revoke, release, end or cookie-key rotation in that time is
     ignored at the front: the old cookies keep reaching their apps. Under a 25-character domain about one
-    alias in four is long enough; the watcher logs a failure, nothing else says so."""
+    alias in four is long enough. Now contrib sets map_hash_bucket_size 128 (names up to 110 characters:
+    tests/test_contrib.py checks nginx's limit) and export warns for longer domains."""
     import fronts
     certs = tmp_path / "long-certs"
     subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(certs), LONG_DOMAIN], check=True)
@@ -451,3 +454,24 @@ def test_the_front_forwards_to_apps_only_what_satellite_would(front, new_app):
                                              f"Host: {other['alias']}.{DOMAIN}, {host}:{front.port}",
                                              f"Cookie: {cookie}"])
     assert status == 400 or (status != 200 and b"Hello" not in body), (front.kind, status, body[:200])
+
+
+def test_a_failed_haproxy_push_empties_its_map_rather_than_keeping_the_old_one(haproxy_front, new_app):
+    """When HAProxy cannot be given the new map, the watcher must not leave it deciding with the old one
+    (which may hold a revoked session): it clears HAProxy's map, so every request goes to satellite, and says
+    so; the next push that succeeds brings the front back."""
+    import satellite as product
+    front = haproxy_front
+    app = new_app()
+    front.watch()
+    link, cookie = mapped_and_served(front, app)
+    served_by_front(front, link["alias"], cookie)
+    front.stop()                                          # the watcher: this test pushes by itself
+    good = front.map_file.read_text()
+    with pytest.raises(ValueError):                       # a line HAProxy's runtime API cannot carry
+        product.push_haproxy_map(str(front.socket), str(front.map_file), good + "odd.host 127.0.0.1\t1 -\n")
+    assert haproxy_map_entries(front) == []
+    status, _, _ = front.request(link["alias"], "/headers", {"Cookie": cookie})
+    assert status == 200 and not direct(front, link["alias"], cookie)         # satellite serves it now
+    product.push_haproxy_map(str(front.socket), str(front.map_file), good)
+    assert direct(front, link["alias"], cookie)
