@@ -201,13 +201,22 @@ def front(request, fresh_satellite, tmp_path, certs):
     stop_front(started)
 
 
+def started_alone(start, fresh_satellite, tmp_path, certs):
+    started = start(front_satellite(fresh_satellite, tmp_path), tmp_path, certs)
+    yield started
+    stop_front(started)
+
+
 @pytest.fixture
 def nginx_alone(fresh_satellite, tmp_path, certs):
     """nginx alone, not watched (the tests of plain `export`)."""
-    satellite = front_satellite(fresh_satellite, tmp_path)
-    started = start_nginx(satellite, tmp_path, certs)
-    yield started
-    stop_front(started)
+    yield from started_alone(start_nginx, fresh_satellite, tmp_path, certs)
+
+
+@pytest.fixture
+def haproxy_alone(fresh_satellite, tmp_path, certs):
+    """HAProxy alone (the tests of the runtime-API push: nginx reads the file itself)."""
+    yield from started_alone(start_haproxy, fresh_satellite, tmp_path, certs)
 
 
 def satellite_lines(satellite, alias):

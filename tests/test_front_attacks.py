@@ -16,7 +16,7 @@ import urllib.parse
 import pytest
 
 from conftest import DOMAIN, ROOT, SatelliteServer, wait_for
-from fronts import FRONT, SECRET, front, front_satellite, start_haproxy, start_nginx, stop_front  # noqa: F401
+from fronts import FRONT, SECRET, front, haproxy_alone, start_haproxy, start_nginx, stop_front  # noqa: F401
 from test_front import app_headers, direct, mapped_and_served, served_by_front
 
 
@@ -259,23 +259,14 @@ def test_a_revoked_session_leaves_the_front_with_many_live_sessions(big_front, n
                          f"{len(reached)} times of 6 ({reached[:3]}); watcher log tail: {front.watch_log()[-300:]}")
 
 
-@pytest.fixture
-def haproxy_front(fresh_satellite, tmp_path, certs):
-    """HAProxy alone (nginx reads the file itself: nothing is pushed to it)."""
-    satellite = front_satellite(fresh_satellite, tmp_path)
-    started = start_haproxy(satellite, tmp_path, certs)
-    yield started
-    stop_front(started)
-
-
-def test_the_haproxy_front_holds_the_exported_map_with_many_sessions(haproxy_front, new_app):
+def test_the_haproxy_front_holds_the_exported_map_with_many_sessions(haproxy_alone, new_app):
     """(Before the fix) with ~150-300 live sessions the payload exceeded HAProxy's buffer and was dropped
     without an error:
     `add map` answers nothing (taken for success), `commit map` commits the empty new version, and HAProxy
     decides nothing by itself any more (every request goes to satellite, the scale-out silently gone; the
     watcher logs success). Fails safe, but the README's "a new map reaches the front within a second" was
     false and nothing said so. Now the push counts HAProxy's entries after the commit."""
-    front = haproxy_front
+    front = haproxy_alone
     app = new_app()
     front.watch()
     many_sessions(front.satellite, app, 200)
@@ -456,12 +447,12 @@ def test_the_front_forwards_to_apps_only_what_satellite_would(front, new_app):
     assert status == 400 or (status != 200 and b"Hello" not in body), (front.kind, status, body[:200])
 
 
-def test_a_failed_haproxy_push_empties_its_map_rather_than_keeping_the_old_one(haproxy_front, new_app):
+def test_a_failed_haproxy_push_empties_its_map_rather_than_keeping_the_old_one(haproxy_alone, new_app):
     """When HAProxy cannot be given the new map, the watcher must not leave it deciding with the old one
     (which may hold a revoked session): it clears HAProxy's map, so every request goes to satellite, and says
     so; the next push that succeeds brings the front back."""
     import satellite as product
-    front = haproxy_front
+    front = haproxy_alone
     app = new_app()
     front.watch()
     link, cookie = mapped_and_served(front, app)
