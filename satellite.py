@@ -5596,8 +5596,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                            "e.g. 'sudo -n /usr/sbin/nginx -s reload'")
     export_parser.add_argument("--haproxy-socket", metavar="PATH",
                                help="HAProxy's runtime API socket (stats socket ... level admin): the new map is "
-                                    "pushed there (prepare/commit map on --output, the file HAProxy loaded), no "
-                                    "reload")
+                                    "pushed there (prepare map, one add map line per session, commit map, on "
+                                    "--output, the file HAProxy loaded; no reload), then counted. If that fails, "
+                                    "HAProxy's map is cleared (every request then goes to satellite) and the "
+                                    "failure logged")
     export_parser.add_argument("--watch", action="store_true",
                                help="keep running: look for changes every 0.1 s (a stat of the database and the "
                                     "cookie key) and bring the front up to date within a second of each")
