@@ -2050,7 +2050,7 @@ def foreign_origin(request: Request) -> Optional[str]:
     own = "https://" + re.sub(r":443$", "", request.host_header.lower())
     if origin is not None and re.sub(r":443$", "", origin.strip().lower()) != own:
         return f"a {'WebSocket' if request.wants_websocket else request.method} from {origin[:100]}"
-    if (request.headers.get("sec-fetch-site") or "").lower() in ("cross-site", "same-site"):
+    if request.headers.tokens("sec-fetch-site") & {"cross-site", "same-site"}:          # any value of it
         return f"a {'WebSocket' if request.wants_websocket else request.method} from another site"
     return None
 
@@ -4906,14 +4906,26 @@ EXPORT_LINE = {
     "haproxy": "{host} {address} {port} {check}",  # map_str(FILE): the values HAProxy's runtime API replaces
 }
 CHECKED_FORMATS = ("nginx", "haproxy")            # files that let a front accept cookies: 0640, never world-readable
+NGINX_MAP_NAME_MAX = 110      # the longest host name contrib/nginx-satellite.conf's map_hash_bucket_size 128 holds
+
+
+def export_domain_warning(fmt: str, domain: str) -> Optional[str]:
+    """Why some sessions' host names would not fit the nginx front's map hash (the reload would fail and
+    nginx keep its old map), or None. The longest alias is three of the longest words and two hyphens."""
+    longest = 3 * max(map(len, WORDS)) + 2 + 1 + len(domain)
+    if fmt != "nginx" or longest <= NGINX_MAP_NAME_MAX:
+        return None
+    return (f"host names under {domain} reach {longest} characters; contrib/nginx-satellite.conf's "
+            f"map_hash_bucket_size 128 holds {NGINX_MAP_NAME_MAX}: raise it to 256 or nginx's reloads will fail")
 
 
 def front_check(fmt: str, cookie: str) -> str:
     """What a front compares the presented cookie with: a one-way digest of the cookie, never the cookie or
     the token. nginx's secure_link compares base64url(MD5(value)); HAProxy compares hex SHA-256 (strcmp).
-    The cookie is an HMAC-SHA256 (256 bits that look random), so neither digest can be turned back into a
-    cookie: a preimage of MD5 or SHA-256 is out of reach (MD5's weakness is collisions, which need the
-    attacker to choose both inputs). A leak of the file lets no one in; it tells who has a live session."""
+    Getting past the front with a leaked file needs a preimage: for nginx, of a 128-bit MD5 digest (the bar is
+    the digest's 128 bits, not the cookie's 256; the best known attack costs ~2^123), for HAProxy of SHA-256.
+    MD5's practical attacks are collisions, which need the attacker to choose both inputs. A leak of the file
+    lets no one in; it tells who has a live session."""
     if fmt == "nginx":
         digest = hashlib.md5(cookie.encode(), usedforsecurity=False).digest()       # allowed in FIPS mode too
         return base64.urlsafe_b64encode(digest).decode().rstrip("=")
@@ -4980,36 +4992,107 @@ def write_export(output: str, text: str, fmt: str, group: Optional[int]) -> bool
     return True
 
 
-def haproxy_command(socket_path: str, command: str, timeout: float = 5.0) -> str:
-    """One command on HAProxy's runtime API (its stats socket), its whole answer."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(timeout)
-        sock.connect(socket_path)
-        sock.sendall(command.encode())
+class HaproxyCLI:
+    """One connection to HAProxy's runtime API (its stats socket) in interactive mode: each command is one
+    short line, each answer ends at HAProxy's prompt. HAProxy caps one command (with any payload) at its
+    buffer (tune.bufsize, 16 KiB by default) and cuts off or silently truncates a longer one, so a map is
+    never sent as one payload: one `add map` line per entry, each a few hundred bytes at most."""
+
+    PROMPT = b"\n> "
+
+    def __init__(self, socket_path: str, timeout: float = 5.0):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(socket_path)
+            self.command("prompt")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def command(self, line: str, limit: int = 64 << 20) -> str:
+        """Run one command; its answer without the prompt. OSError if HAProxy closes the connection first."""
+        if "\n" in line or len(line) > 4096:
+            raise ValueError(f"runtime API command too long or not one line: {line[:80]!r}")
+        self.sock.sendall(line.encode() + b"\n")
         answer = bytearray()
-        while len(answer) < 1 << 20:
-            data = sock.recv(RECV_SIZE)
+        while not answer.endswith(self.PROMPT) and len(answer) < limit:
+            data = self.sock.recv(RECV_SIZE)
             if not data:
-                break
+                raise OSError(f"HAProxy closed the connection during {line.split(' @')[0][:40]!r}")
             answer += data
-    return answer.decode(errors="replace")
+        return answer[:-len(self.PROMPT)].decode(errors="replace").strip()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(b"quit\n")
+        self.sock.close()
+
+
+def haproxy_entries(text: str) -> list:
+    """The (key, value) pairs of an exported HAProxy map; ValueError on anything the runtime API could not
+    carry as one argument each (the value's spaces are escaped, nothing else may need it)."""
+    entries = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        if not key or not value or "\\" in line or any(c.isspace() and c != " " for c in line):
+            raise ValueError(f"map line HAProxy's runtime API cannot carry: {line[:80]!r}")
+        entries.append((key, value))
+    return entries
 
 
 def push_haproxy_map(socket_path: str, map_path: str, text: str) -> None:
     """Replace the map HAProxy loaded from `map_path` with `text`'s entries, atomically: a new version of the
-    map is filled, then committed (HAProxy >= 2.4). Raises OSError when HAProxy does not take it."""
-    prepared = haproxy_command(socket_path, f"prepare map {map_path}\n")
-    version = re.search(r"New version created: (\d+)", prepared)
-    if not version:
-        raise OSError(f"prepare map: {prepared.strip()[:200]}")
-    entries = "".join(line + "\n" for line in text.splitlines() if line and not line.startswith("#"))
-    if entries:
-        added = haproxy_command(socket_path, f"add map @{version.group(1)} {map_path} <<\n{entries}\n")
-        if added.strip():
-            raise OSError(f"add map: {added.strip()[:200]}")
-    committed = haproxy_command(socket_path, f"commit map @{version.group(1)} {map_path}\n")
-    if committed.strip():
-        raise OSError(f"commit map: {committed.strip()[:200]}")
+    map is filled entry by entry over one connection, then committed (HAProxy >= 2.4), then counted. Every
+    answer is checked: `add map` and `commit map` answer nothing when they succeed, anything else (or a
+    closed connection) is a failure. If the new version cannot be committed whole, HAProxy's map is
+    cleared (`clear_haproxy_map`): the front then decides nothing and every request goes to satellite,
+    which is always right, rather than the front deciding with a map that still holds ended sessions.
+    Raises OSError (ValueError for a line it cannot carry) when HAProxy does not hold `text`'s map."""
+    try:
+        entries = haproxy_entries(text)
+        cli = HaproxyCLI(socket_path)
+        try:
+            prepared = cli.command(f"prepare map {map_path}")
+            version = re.fullmatch(r"New version created: (\d+)", prepared)
+            if not version:
+                raise OSError(f"prepare map: {prepared[:200]!r}")
+            for key, value in entries:
+                added = cli.command(f"add map @{version.group(1)} {map_path} {key} {value.replace(' ', chr(92) + ' ')}")
+                if added:
+                    raise OSError(f"add map {key}: {added[:200]!r}")
+            committed = cli.command(f"commit map @{version.group(1)} {map_path}")
+            if committed:
+                raise OSError(f"commit map: {committed[:200]!r}")
+            held = [line for line in cli.command(f"show map {map_path}").splitlines() if line.strip()]
+            if len(held) != len(entries):
+                raise OSError(f"HAProxy holds {len(held)} entries after the commit, not {len(entries)}")
+        finally:
+            cli.close()
+    except (OSError, ValueError) as exc:
+        clear_haproxy_map(socket_path, map_path, exc)
+        raise
+
+
+def clear_haproxy_map(socket_path: str, map_path: str, why: Exception) -> None:
+    """Fail safe after a failed push: empty HAProxy's current map (one short command), so no ended or revoked
+    session's cookie is let through while the push is retried. Logged loudly either way."""
+    try:
+        cli = HaproxyCLI(socket_path)
+        try:
+            cleared = cli.command(f"clear map {map_path}")
+        finally:
+            cli.close()
+        if cleared:
+            raise OSError(f"clear map: {cleared[:200]!r}")
+        log.error("export: HAProxy's map update failed (%s): its map is now EMPTY, every request goes to satellite "
+                  "until the update succeeds", why)
+    except OSError as exc:
+        log.critical("export: HAProxy's map update failed (%s) and clearing its map failed too (%s): HAProxy still "
+                     "decides with its OLD map, which may let ended or revoked sessions' cookies through; "
+                     "restart HAProxy if this persists", why, exc)
 
 
 class FrontSync:
@@ -5104,6 +5187,9 @@ def command_export(settings: Settings, fmt: str, output: Optional[str], reload_c
         except KeyError:
             print(f"satellite: error: no group {group_name}", file=sys.stderr)
             return 2
+    warning = export_domain_warning(fmt, settings.domain)
+    if warning:
+        print(f"satellite: warning: {warning}", file=sys.stderr)
     if watch:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         return watch_export(settings, fmt, output, group, reload_command, haproxy_socket)
@@ -5703,8 +5789,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                            "e.g. 'sudo -n /usr/sbin/nginx -s reload'")
     export_parser.add_argument("--haproxy-socket", metavar="PATH",
                                help="HAProxy's runtime API socket (stats socket ... level admin): the new map is "
-                                    "pushed there (prepare/commit map on --output, the file HAProxy loaded), no "
-                                    "reload")
+                                    "pushed there (prepare map, one add map line per session, commit map, on "
+                                    "--output, the file HAProxy loaded; no reload), then counted. If that fails, "
+                                    "HAProxy's map is cleared (every request then goes to satellite) and the "
+                                    "failure logged")
     export_parser.add_argument("--watch", action="store_true",
                                help="keep running: look for changes every 0.1 s (a stat of the database and the "
                                     "cookie key) and bring the front up to date within a second of each")

@@ -126,7 +126,9 @@ def start_nginx(satellite, tmp_path, certs):
         ("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
         ("satellite.example.edu", DOMAIN), ("/var/lib/satellite-front/nginx.map", str(map_file)),
         ("/etc/satellite/tls/fullchain.pem", str(certs / "cert.pem")),
-        ("/etc/satellite/tls/privkey.pem", str(certs / "key.pem"))])
+        ("/etc/satellite/tls/privkey.pem", str(certs / "key.pem")),
+        ("proxy_ssl_trusted_certificate /etc/ssl/certs/ca-certificates.crt",
+         f"proxy_ssl_trusted_certificate {certs / 'ca.pem'}")])
     (tmp_path / "site.conf").write_text(site)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / sub).mkdir(exist_ok=True)
@@ -199,13 +201,22 @@ def front(request, fresh_satellite, tmp_path, certs):
     stop_front(started)
 
 
+def started_alone(start, fresh_satellite, tmp_path, certs):
+    started = start(front_satellite(fresh_satellite, tmp_path), tmp_path, certs)
+    yield started
+    stop_front(started)
+
+
 @pytest.fixture
 def nginx_alone(fresh_satellite, tmp_path, certs):
     """nginx alone, not watched (the tests of plain `export`)."""
-    satellite = front_satellite(fresh_satellite, tmp_path)
-    started = start_nginx(satellite, tmp_path, certs)
-    yield started
-    stop_front(started)
+    yield from started_alone(start_nginx, fresh_satellite, tmp_path, certs)
+
+
+@pytest.fixture
+def haproxy_alone(fresh_satellite, tmp_path, certs):
+    """HAProxy alone (the tests of the runtime-API push: nginx reads the file itself)."""
+    yield from started_alone(start_haproxy, fresh_satellite, tmp_path, certs)
 
 
 def satellite_lines(satellite, alias):

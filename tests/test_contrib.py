@@ -140,3 +140,73 @@ def test_open_ondemand_app_renders_and_its_script_launches_through_satellite(job
         job.wait(30)
     wait_for(lambda: job_satellite.request(host, "/lab?token=" + url.split("token=")[1])[0] == 410,
              timeout=30, what="the link released when the job ended")
+
+
+def test_the_nginx_front_holds_the_longest_host_names_export_allows(tmp_path):
+    """contrib/nginx-satellite.conf's map_hash_bucket_size holds host names of NGINX_MAP_NAME_MAX characters
+    (what `export --format nginx` checks the domain against), and nginx refuses one character more: the
+    number in satellite.py is nginx's, not a guess."""
+    import satellite
+    conf = (CONTRIB / "nginx-satellite.conf").read_text()
+    settings = [line for line in conf.splitlines() if line.startswith("map_hash_")]
+    assert settings == ["map_hash_bucket_size 128;", "map_hash_max_size 65536;"]
+    for length, builds in ((satellite.NGINX_MAP_NAME_MAX, True), (satellite.NGINX_MAP_NAME_MAX + 1, False)):
+        (tmp_path / "names.map").write_text(f'"{"a" * (length - 9)}.sat.test" "x";\n'
+                                            + "".join(f'"host{i}.sat.test" "x";\n' for i in range(5000)))
+        (tmp_path / "nginx.conf").write_text(
+            f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log; events {{}}\n"
+            f"http {{ {' '.join(settings)} map $host $route {{ hostnames; default \"\"; include {tmp_path}/names.map; }}\n"
+            f"  server {{ listen 127.0.0.1:1; return 200 $route; }} }}\n")
+        result = subprocess.run(["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                                capture_output=True, text=True)
+        assert (result.returncode == 0) == builds, (length, result.stderr)
+        assert builds or "map_hash_bucket_size" in result.stderr
+    assert satellite.export_domain_warning("nginx", "x" * (satellite.NGINX_MAP_NAME_MAX - 24)) is None
+    assert "256" in satellite.export_domain_warning("nginx", "x" * (satellite.NGINX_MAP_NAME_MAX - 23))
+
+
+def test_the_fronts_cron_lines_unit_conf_and_readme_agree(fresh_satellite, tmp_path):
+    """The safety net works only if its export runs as satellite's user (export refuses a cookie key that is
+    not its own), writes the file the front's configuration includes, and reloads nginx / updates HAProxy
+    the way the watcher does: the cron lines, the watcher's unit, both fronts' configurations and the README
+    name the same paths and commands. The nginx line then runs for real, as the cookie key's owner."""
+    import shlex
+    cron = (CONTRIB / "satellite.cron").read_text()
+    lines = {}
+    for line in cron.splitlines():
+        if line.startswith("# * * * * * "):
+            fields = line[2:].split(None, 6)
+            assert fields[5] == "satellite", line                   # satellite's user, never root
+            args = shlex.split(fields[6].replace(">/dev/null", ""))
+            lines[args[args.index("--format") + 1]] = (line[2:], args)
+    assert set(lines) == {"nginx", "haproxy"}
+    option = {fmt: (lambda name, args=args: args[args.index(name) + 1]) for fmt, (_, args) in lines.items()}
+    nginx_conf = (CONTRIB / "nginx-satellite.conf").read_text()
+    haproxy_cfg = (CONTRIB / "haproxy-satellite.cfg").read_text()
+    unit = (CONTRIB / "satellite-front-sync.service").read_text()
+    assert f"include {option['nginx']('--output')};" in nginx_conf
+    assert f"map_str({option['haproxy']('--output')})" in haproxy_cfg
+    assert f"stats socket {option['haproxy']('--haproxy-socket')} " in haproxy_cfg
+    reload = option["nginx"]("--reload-command")
+    assert f"--reload-command '{reload}'" in nginx_conf and f"--reload-command '{reload}'" in unit
+    assert f"NOPASSWD: {reload.replace('sudo -n ', '')}" in unit
+    assert f"--output {option['nginx']('--output')} --group satellite-front" in unit
+    assert f"--output {option['haproxy']('--output')} --group satellite-front" in unit
+    assert f"--haproxy-socket {option['haproxy']('--haproxy-socket')}" in unit
+    for fmt in lines:
+        assert option[fmt]("--group") == "satellite-front"
+    assert lines["nginx"][0] in (ROOT / "README.md").read_text()
+    # the nginx line, run as the cookie key's owner (the test's user), paths adapted
+    satellite = fresh_satellite()
+    ini = tmp_path / "satellite.ini"
+    ini.write_text(f"[satellite]\ndomain = {DOMAIN}\ndb = {satellite.db}\n")
+    args = lines["nginx"][1]
+    args = [sys.executable, str(ROOT / "satellite.py")] + args[args.index("export"):]
+    args[args.index("-c") + 1] = str(ini)
+    args[args.index("--output") + 1] = str(tmp_path / "nginx.map")
+    args[args.index("--reload-command") + 1] = f"echo reloaded > {tmp_path / 'reloaded'}"
+    del args[args.index("--group"):args.index("--group") + 2]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "# satellite export --format nginx" in (tmp_path / "nginx.map").read_text()
+    assert (tmp_path / "reloaded").read_text() == "reloaded\n"
