@@ -480,15 +480,24 @@ def jupyterlab_table(satellite, ports, args):
     return "\n".join(lines) + "\n"
 
 
-def render(runs, paths, levels, args):
-    def median(name, c, key):
-        return statistics.median(r[key] for r in runs[(name, c)])
+def machine_and_command(script, args):
+    """Where and how a table was measured: the machine, Python, the date, the command to run it again."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
+    return (f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. "
+            f"Command: python3 {script} --seconds {args.seconds:g} --rounds {args.rounds} "
+            f"--concurrency {args.concurrency}")
+
+
+def medians(runs):
+    """median(path, concurrency, figure) over the rounds."""
+    return lambda name, c, key: statistics.median(r[key] for r in runs[(name, c)])
+
+
+def render(runs, paths, levels, args):
+    median = medians(runs)
     lines = [f"Small keep-alive requests, TLS to each path; wrk, {args.rounds} interleaved rounds of "
-             f"{args.seconds:g}s, medians. {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
-             f"{time.strftime('%Y-%m-%d')}. Command: python3 bench/bench.py --seconds {args.seconds:g} "
-             f"--rounds {args.rounds} --concurrency {args.concurrency}", "",
+             f"{args.seconds:g}s, medians. {machine_and_command('bench/bench.py', args)}", "",
              "| concurrency | path | req/s | p50 ms | p99 ms | errors |", "|---:|---|---:|---:|---:|---:|"]
     for c in levels:
         for name in paths:

@@ -22,8 +22,6 @@ Numbers, not verdicts: nothing here asserts on time.
 import argparse
 import hashlib
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from bench import free_port, wait_listening, wrk  # noqa: E402
+from bench import free_port, machine_and_command, medians, wrk  # noqa: E402
 from conftest import NODE, App, SatelliteServer, wait_for  # noqa: E402
 from fronts import FRONT, SECRET, start_haproxy, start_nginx, stop_front  # noqa: E402
 
@@ -153,16 +151,11 @@ def main():
 
 
 def render(runs, paths, levels, redeems, args):
-    def median(name, c, key):
-        return statistics.median(r[key] for r in runs[(name, c)])
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    median = medians(runs)
     lines = [f"The front decides (a valid session cookie) vs satellite alone: small keep-alive requests with the "
              f"session's cookie, TLS to each path; wrk, {args.rounds} interleaved rounds of {args.seconds:g}s, "
              f"medians. nginx: a worker per CPU; HAProxy: a thread per CPU (its default). "
-             f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
-             f"{time.strftime('%Y-%m-%d')}. Command: python3 bench/front.py --seconds {args.seconds:g} "
-             f"--rounds {args.rounds} --concurrency {args.concurrency}", "",
+             f"{machine_and_command('bench/front.py', args)}", "",
              "| concurrency | path | req/s | p50 ms | p99 ms | errors | / satellite alone |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for c in levels:
