@@ -385,10 +385,11 @@ def measure_other_figures(satellite, paths, ports, work, args, lines, tls_port, 
     return "\n".join(lines) + "\n"
 
 
-def tunneled_link(satellite, app_port, work):
-    """A link whose app is reached through a tunnel (bench/tunnel_end.py as the job's end)."""
+def job_end_link(satellite, app_port, work, script, fails):
+    """A link whose job's end is `script` (bench/tunnel_end.py: through a tunnel; bench/gate_end.py: through the
+    agent's gate), started with the link's key on stdin; returned once it says it is connected."""
     link = satellite.getlink()
-    end = subprocess.Popen([sys.executable, str(ROOT / "bench/tunnel_end.py"), f"https://127.0.0.1:{satellite.port}",
+    end = subprocess.Popen([sys.executable, str(ROOT / "bench" / script), f"https://127.0.0.1:{satellite.port}",
                             str(work / "certs/ca.pem"), str(app_port)], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, text=True)
     end.stdin.write(link["key"] + "\n")
@@ -397,22 +398,17 @@ def tunneled_link(satellite, app_port, work):
         if line.strip() == "connected":
             return link, end
     end.wait(10)
-    raise RuntimeError("the tunnel's end exited before connecting")
+    raise RuntimeError(fails)
+
+
+def tunneled_link(satellite, app_port, work):
+    """A link whose app is reached through a tunnel."""
+    return job_end_link(satellite, app_port, work, "tunnel_end.py", "the tunnel's end exited before connecting")
 
 
 def gated_link(satellite, app_port, work):
-    """A link whose app is reached through the agent's gate (bench/gate_end.py as the job's end)."""
-    link = satellite.getlink()
-    end = subprocess.Popen([sys.executable, str(ROOT / "bench/gate_end.py"), f"https://127.0.0.1:{satellite.port}",
-                            str(work / "certs/ca.pem"), str(app_port)], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, text=True)
-    end.stdin.write(link["key"] + "\n")
-    end.stdin.close()
-    for line in end.stdout:
-        if line.strip() == "connected":
-            return link, end
-    end.wait(10)
-    raise RuntimeError("the gate's end exited before redeeming")
+    """A link whose app is reached through the agent's gate."""
+    return job_end_link(satellite, app_port, work, "gate_end.py", "the gate's end exited before redeeming")
 
 
 def isolation_figures(satellite, paths, ports, echo_app, work, args, open_ws_rtt):
