@@ -765,6 +765,7 @@ class Store:
 
     CACHE_CHECK_SECONDS = 0.1
     CACHE_MAX_AGE = 2.0
+    STALE_SWEEP_SECONDS = 60.0
 
     def __init__(self, path: str, workers_writes: Optional[memoryview] = None):
         """`workers_writes`: with several workers, one shared word each bumps after every write, so a
@@ -779,6 +780,7 @@ class Store:
         self._generation = 0                      # bumped by every write of this process
         self._signature = None                    # the database files as last seen
         self._checked = self._cleared = 0.0
+        self._swept = 0.0
         db = self.db
         db.executescript(SCHEMA)
         present = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
@@ -838,11 +840,29 @@ class Store:
 
     def _clear_cache(self, now: float) -> None:
         self._generation += 1
-        if len(self._stale) + len(self._cache) > 100_000:
-            self._stale = {}
-        self._stale.update(self._cache)
+        self._keep_for_failures(self._cache, time.time())
         self._cache = {}
         self._cleared = now
+
+    def _keep_for_failures(self, cached: dict, wall: float) -> None:
+        """Keep what `cached_session` may serve if the database fails: the last known state of live
+        sessions, nothing else. An unknown alias or an ended or expired session is dropped as the cache
+        is cleared; once every STALE_SWEEP_SECONDS the database says which of the rest are still live
+        (a session released elsewhere and never looked up again), so this holds at most the live
+        sessions, not every session this process has ever served."""
+        stale = self._stale
+        for alias, session in cached.items():
+            if session is None or session.is_over(wall):
+                stale.pop(alias, None)
+            else:
+                stale[alias] = session
+        if stale and wall - self._swept >= self.STALE_SWEEP_SECONDS:
+            self._swept = wall
+            try:
+                live = {row[0] for row in self.db.execute("SELECT alias FROM sessions WHERE state != 'ended'")}
+            except sqlite3.Error:
+                live = set(stale)                 # the database is failing: this is exactly when it is needed
+            self._stale = {a: s for a, s in stale.items() if a in live and not s.is_over(wall)}
 
     def _files_signature(self) -> tuple:
         return file_signature(self.path + "-wal"), file_signature(self.path)

@@ -630,3 +630,28 @@ def test_a_streamed_answer_stops_before_the_first_write_after_its_session_ended(
     sink = Collected()
     assert satellite.copy_until_close(satellite.Stream(ChunkedSocket(body)), sink, chunked=False, check=alive) == len(body)
     assert sink.sent == body
+
+
+def test_the_route_cache_keeps_for_a_failing_database_only_the_live_sessions(tmp_path, monkeypatch):
+    """Issue 21: the cache's fallback for "the database failed" kept every session it had ever seen (up to
+    100,000 entries per worker, then all dropped at once): memory grew with history. Now it holds the live
+    ones: a session ended here or by another process leaves it, and a live one is still served if the
+    database fails."""
+    store = satellite.Store(str(tmp_path / "s.db"))
+    other = satellite.Store(str(tmp_path / "s.db"))        # another process: refresh, an admin's revoke
+    monkeypatch.setattr(satellite.Store, "STALE_SWEEP_SECONDS", 0.0)
+    keep, _, _ = store.create_link("10.1.0.7", 3600, 600)
+    store.cached_session(keep.alias)
+    for round_ in range(300):
+        link, _, _ = store.create_link("10.1.0.7", 3600, 600)
+        assert store.cached_session(link.alias).state == "queued"
+        (other if round_ % 2 else store).end(link.alias, "released")     # half ended elsewhere, never looked up
+        store.cached_session(keep.alias)
+        store.invalidate()
+    assert set(store._stale) == {keep.alias}
+    # and what it keeps is what it is for: the database fails, the live session is still served
+    store.close_thread_connection()
+    monkeypatch.setattr(satellite.Store, "session", lambda self, alias: (_ for _ in ()).throw(
+        satellite.sqlite3.OperationalError("disk I/O error")))
+    store.invalidate()
+    assert store.cached_session(keep.alias).alias == keep.alias
