@@ -57,6 +57,7 @@ import configparser
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import hmac
 import html
@@ -138,7 +139,7 @@ MAX_UPSTREAM_HEADER_BYTES = 64 * 1024              # apps may send big cookies o
 COPY_BUFFER = 256 * 1024                           # bulk body relay buffer
 RECV_SIZE = 64 * 1024
 TLS_RECORD = 16 * 1024                             # the most one TLS record (one SSL_read) carries
-MAX_WORKERS = 64                                   # serving processes at most (workers =)
+MAX_WORKERS = 256                                  # serving processes at most (workers =)
 
 HOP_BY_HOP = frozenset((
     "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding",
@@ -364,13 +365,6 @@ class Settings:
             raise ValueError("max_session_lifetime is shorter than session_lifetime")
         if not 0 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers: give 1 to {MAX_WORKERS} serving processes, or 0 for one per core")
-        name, count = self.smallest_limit
-        if self.workers > count:
-            raise ValueError(f"workers = {self.workers} is more than {name} (--{name.replace('_', '-')}) allows "
-                             f"({count}): each worker takes "
-                             f"1/{self.workers} of every limit, at least 1, so the workers together would allow "
-                             f"{self.workers}. Give workers at most {count}, or {name} at least {self.workers}, "
-                             f"or workers = 0 (one per core, at most {count})")
         if self.user_proof not in USER_PROOFS:
             raise ValueError(f"user_proof: choose {' or '.join(USER_PROOFS)}")
         for name in ("issue_from", "redeem_from"):
@@ -387,27 +381,16 @@ class Settings:
                              "contrib/nginx-satellite.conf) so satellite can tell the front from them")
 
     @property
-    def smallest_limit(self) -> tuple:
-        """(setting, count): the smallest positive count among the limits workers split (worker_share). More
-        workers than that would each allow 1, and together more than the count: validate refuses an explicit
-        `workers` above it, and one per core stops there."""
-        limits = [("token_failures", self.token_failures[0]), ("getlink_rate", self.getlink_rate[0]),
-                  ("max_connections", self.max_connections),
-                  ("max_connections_per_address", self.max_connections_per_address)]
-        return min(((name, count) for name, count in limits if count > 0), key=lambda limit: limit[1],
-                   default=("", MAX_WORKERS))
-
-    @property
     def worker_count(self) -> int:
-        """How many serving processes: `workers`, or one per core satellite may run on (at most the smallest
-        limit's count, so the workers' shares of it never add up to more than it)."""
+        """How many serving processes: `workers`, or one per core satellite may run on (at most MAX_WORKERS).
+        The limits are counted once for all of them (Limits), so any number admits what is configured."""
         if self.workers:
             return self.workers
         try:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:                          # not Linux
             cores = os.cpu_count() or 1
-        return max(1, min(MAX_WORKERS, cores, self.smallest_limit[1]))
+        return max(1, min(MAX_WORKERS, cores))
 
     @property
     def link_port(self) -> int:
@@ -1166,27 +1149,63 @@ class Events:
         return {}
 
 
-def worker_share(count: int, workers: int) -> int:
-    """One worker's part of a count the whole service may spend (a rate limit, a connection cap): 1/N,
-    rounded down, so the workers together never allow more than the count (Settings.validate refuses more
-    workers than the smallest count, and one per core stops there); at least 1. 0 (no limit) stays 0. A
-    client's connections land on any worker, so its attempts spread over them; a client whose connections
-    all land on one worker meets the limit sooner."""
-    return max(1, count // workers) if count else 0
+class SharedLock:
+    """A lock that holds across the workers' processes and their threads: this process's thread lock, then
+    a POSIX record lock (lockf) on one byte of a private, unlinked file opened before the fork. The kernel
+    drops a record lock when its holder dies, so a worker killed in the middle of an update never wedges
+    the others (a semaphore would stay taken)."""
+
+    def __init__(self, fd: int, byte: int):
+        self.fd, self.byte = fd, byte
+        self.thread_lock = threading.Lock()
+
+    def __enter__(self) -> "SharedLock":
+        self.thread_lock.acquire()
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.byte)
+        except BaseException:
+            self.thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *_) -> None:
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.byte)
+        finally:
+            self.thread_lock.release()
+
+
+def key_digest(salt: bytes, key) -> int:
+    """A limit's key (an address, (address, alias), ("user", name)) as a nonzero 64-bit number: keyed BLAKE2b
+    with a secret made at start, so nobody can choose keys that collide or crowd one place of a table."""
+    value = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8, key=salt).digest(), "little",
+                           signed=True)
+    return value or 1
 
 
 class RateLimiter:
-    """At most `count` events per key in any `window` seconds (a sliding window in memory).
-    Keys are source addresses, or (address, alias); the table is bounded so a flood cannot
-    grow it without end. Asking (`retry_after`) and counting (`record`) are separate.
-    With several workers each has its own table and its share of the count (worker_share)."""
+    """At most `count` events per key in any `window` seconds, for the whole service: the last `count` event
+    times of each key, in memory shared by every worker (made before the fork), so a limit holds exactly as
+    configured whichever worker a request lands on. Asking (`retry_after`) and counting (`record`) are
+    separate, so a refusal is not itself counted.
 
-    def __init__(self, limit: tuple, max_keys: int = 100_000, workers: int = 1):
-        count, self.window = limit
-        self.count = worker_share(count, workers)
-        self.max_keys = max_keys
-        self.events: dict = {}
-        self.lock = threading.Lock()
+    The table cannot grow: a key's place is one of WAYS in its set (key_digest picks the set); a new key
+    takes a free place, or one whose events are all older than the window, or else the one whose last event
+    is oldest (so a flood of new keys pushes out the keys that have been quiet longest, never a busy one)."""
+
+    WAYS = 8
+    BUDGET = 4 << 20                     # bytes of shared memory at most per limiter
+
+    def __init__(self, limit: tuple, lock: Optional[SharedLock] = None, salt: bytes = b""):
+        self.count, self.window = limit
+        self.lock = lock or SharedLock(private_lock_file(), 0)
+        self.salt = salt or os.urandom(16)
+        places = max(self.WAYS, min(16384, self.BUDGET // (16 + 8 * max(self.count, 1))))
+        self.sets = places // self.WAYS
+        places = self.sets * self.WAYS
+        self.area = mmap.mmap(-1, places * 16 + places * 8 * max(self.count, 1))
+        self.keys = memoryview(self.area)[:places * 16].cast("q")         # (digest, next event's index) a place
+        self.times = memoryview(self.area)[places * 16:].cast("d")        # `count` event times a place; 0: none
 
     def retry_after(self, key, now: Optional[float] = None) -> int:
         """0 if one more event is allowed now, else the seconds until it would be. Records nothing."""
@@ -1194,20 +1213,206 @@ class RateLimiter:
             return 0
         now = time.monotonic() if now is None else now
         with self.lock:
-            times = [t for t in self.events.get(key, ()) if t > now - self.window]
-            if len(times) < self.count:
+            place = self._find(key_digest(self.salt, key))
+            if place is None:
                 return 0
-            return max(1, int(times[0] + self.window - now + 0.999))
+            oldest = self.times[place * self.count + self.keys[place * 2 + 1]]
+            if not oldest or oldest <= now - self.window:          # fewer than `count` events in the window
+                return 0
+            return max(1, int(oldest + self.window - now + 0.999))
 
     def record(self, key, now: Optional[float] = None) -> None:
         if not self.count:
             return
         now = time.monotonic() if now is None else now
+        digest = key_digest(self.salt, key)
         with self.lock:
-            times = [t for t in self.events.get(key, ()) if t > now - self.window][-self.count:]
-            if len(self.events) >= self.max_keys and key not in self.events:
-                self.events.clear()
-            self.events[key] = times + [now]
+            place = self._find(digest)
+            if place is None:
+                place = self._place_for(digest, now)
+            head = self.keys[place * 2 + 1]
+            self.times[place * self.count + head] = now
+            self.keys[place * 2 + 1] = (head + 1) % self.count
+
+    def _find(self, digest: int) -> Optional[int]:
+        first = (digest % self.sets) * self.WAYS
+        for place in range(first, first + self.WAYS):
+            if self.keys[place * 2] == digest:
+                return place
+        return None
+
+    def _last_event(self, place: int) -> float:
+        return self.times[place * self.count + (self.keys[place * 2 + 1] - 1) % self.count]
+
+    def _place_for(self, digest: int, now: float) -> int:
+        """A place in the key's set: free, or expired, or the one quiet longest (see the class docstring)."""
+        first = (digest % self.sets) * self.WAYS
+        place = min(range(first, first + self.WAYS),
+                    key=lambda p: -math.inf if self.keys[p * 2] == 0 else self._last_event(p))
+        self.keys[place * 2], self.keys[place * 2 + 1] = digest, 0
+        for i in range(place * self.count, (place + 1) * self.count):
+            self.times[i] = 0.0
+        return place
+
+
+def private_lock_file() -> int:
+    """A descriptor of a file only this process (and its forked workers) holds: the lockf locks' anchor."""
+    handle = tempfile.TemporaryFile()
+    fd = os.dup(handle.fileno())
+    handle.close()
+    return fd
+
+
+class ConnectionCounts:
+    """The open connections of the whole service (every listener of every worker), counted in memory shared
+    by the workers, so `max-connections` and `max-connections-per-address` admit exactly what is configured
+    whichever worker accepts: the limit's connection is served, the next one refused, as with one process.
+
+    Each worker counts in a column of its own (its total, and its count per address group), and a worker
+    that dies has its column zeroed by the supervisor (`forget_worker`): what it held is free again at
+    once. The groups are an open-addressing table (linear probing, backward-shift deletion) of (digest, a
+    count per worker), with room for twice the groups that can be open at once. `loads` tells the accept
+    loop which workers hold least (ThreadedServer.get_request)."""
+
+    GROUPS_UNCAPPED = 16384              # groups counted when max-connections is 0 (no total cap)
+
+    def __init__(self, max_connections: int, per_address: int, workers: int = 1,
+                 lock: Optional[SharedLock] = None, salt: bytes = b""):
+        self.max_connections, self.per_address, self.workers = max_connections, per_address, workers
+        self.lock = lock or SharedLock(private_lock_file(), 0)
+        self.salt = salt or os.urandom(16)
+        groups = (max_connections or self.GROUPS_UNCAPPED) if per_address else 0
+        self.capacity = 1 << max(3, (2 * groups - 1).bit_length()) if groups else 0
+        head = 8 * (2 * workers + 1)
+        size = head + 8 * self.capacity + 4 * self.capacity * workers
+        self.area = mmap.mmap(-1, size)
+        view = memoryview(self.area)
+        self.totals = view[:8 * workers].cast("q")                    # open connections, per worker
+        self.alive = view[8 * workers:16 * workers].cast("q")         # 1 while the worker serves
+        self.used = view[16 * workers:head].cast("q")                 # groups in the table
+        self.digests = view[head:head + 8 * self.capacity].cast("q")
+        self.counts = view[head + 8 * self.capacity:size].cast("i")   # capacity x workers
+
+    # the accept path ----------------------------------------------------------------------------------
+    def admit(self, group: str, worker: int, capped: bool) -> Optional[str]:
+        """Count one more connection of `group` in `worker`, or say why not. `capped`: the per-address cap
+        applies (a trusted front speaks for many and is not capped)."""
+        with self.lock:
+            total = sum(self.totals)
+            if self.max_connections and total >= self.max_connections:
+                return f"connection limit {self.max_connections} reached"
+            if self.capacity:
+                digest = key_digest(self.salt, group)
+                slot = self._find(digest)
+                held = 0 if slot is None else sum(self.counts[slot * self.workers:(slot + 1) * self.workers])
+                if capped and held >= self.per_address:
+                    return f"{self.per_address} connections from {group} already"
+                if slot is None:
+                    slot = self._insert(digest)
+                    if slot is None:
+                        return f"more than {self.capacity // 2} addresses have connections open"
+                self.counts[slot * self.workers + worker] += 1
+            self.totals[worker] += 1
+        return None
+
+    def release(self, group: str, worker: int) -> None:
+        with self.lock:
+            self.totals[worker] -= 1
+            if self.capacity:
+                slot = self._find(key_digest(self.salt, group))
+                if slot is not None:
+                    self.counts[slot * self.workers + worker] -= 1
+                    if not any(self.counts[slot * self.workers:(slot + 1) * self.workers]):
+                        self._delete(slot)
+
+    def loads(self) -> list:
+        """(open connections, worker) of each serving worker (unlocked: a hint, aligned words)."""
+        return [(self.totals[w], w) for w in range(self.workers) if self.alive[w]]
+
+    # a worker's life --------------------------------------------------------------------------------
+    def worker_started(self, worker: int) -> None:
+        self.alive[worker] = 1
+
+    def forget_worker(self, worker: int) -> None:
+        """A worker died: nothing it held is open any more. Its column is zeroed and the table rebuilt."""
+        with self.lock:
+            self.alive[worker] = 0
+            self.totals[worker] = 0
+            live = []
+            for slot in range(self.capacity):
+                if self.digests[slot]:
+                    row = list(self.counts[slot * self.workers:(slot + 1) * self.workers])
+                    row[worker] = 0
+                    if any(row):
+                        live.append((self.digests[slot], row))
+                    self.digests[slot] = 0
+                    for w in range(self.workers):
+                        self.counts[slot * self.workers + w] = 0
+            self.used[0] = 0
+            for digest, row in live:
+                slot = self._insert(digest)
+                for w, count in enumerate(row):
+                    self.counts[slot * self.workers + w] = count
+
+    # the table ---------------------------------------------------------------------------------------
+    def _home(self, digest: int) -> int:
+        return digest & (self.capacity - 1)
+
+    def _find(self, digest: int) -> Optional[int]:
+        slot = self._home(digest)
+        for _ in range(self.capacity):
+            found = self.digests[slot]
+            if found == digest:
+                return slot
+            if found == 0:
+                return None
+            slot = (slot + 1) & (self.capacity - 1)
+        return None
+
+    def _insert(self, digest: int) -> Optional[int]:
+        """A free slot for `digest` (its counts zero), or None when the table is at its bound (half full)."""
+        if self.used[0] >= self.capacity // 2:
+            return None
+        slot = self._home(digest)
+        while self.digests[slot]:
+            slot = (slot + 1) & (self.capacity - 1)
+        self.digests[slot] = digest
+        self.used[0] += 1
+        return slot
+
+    def _delete(self, slot: int) -> None:
+        """Empty `slot`, moving later entries of its probe run back so every lookup still finds them."""
+        mask = self.capacity - 1
+        self.digests[slot] = 0
+        self.used[0] -= 1
+        hole, probe = slot, (slot + 1) & mask
+        while self.digests[probe]:
+            home = self._home(self.digests[probe])
+            if (probe - home) & mask >= (probe - hole) & mask:      # its home is at or before the hole
+                self.digests[hole] = self.digests[probe]
+                for w in range(self.workers):
+                    self.counts[hole * self.workers + w] = self.counts[probe * self.workers + w]
+                    self.counts[probe * self.workers + w] = 0
+                self.digests[probe] = 0
+                hole = probe
+            probe = (probe + 1) & mask
+
+
+class Limits:
+    """Every count the service keeps against its configured limits, made once before any worker is forked so
+    that all of them count in the same memory (RateLimiter, ConnectionCounts): open connections, wrong tokens,
+    unknown keys and tokens, links asked for, MUNGE checks. Each has its lock (a byte of one private file)."""
+
+    def __init__(self, settings: Settings, workers: int = 1):
+        fd, salt = private_lock_file(), os.urandom(16)
+        self.connections = ConnectionCounts(settings.max_connections, settings.max_connections_per_address,
+                                            workers, SharedLock(fd, 0), salt)
+        self.token_failures = RateLimiter(settings.token_failures, SharedLock(fd, 1), salt)     # (address, alias)
+        self.lookup_failures = RateLimiter(settings.token_failures, SharedLock(fd, 2), salt)    # /api/status
+        self.getlink = RateLimiter(settings.getlink_rate, SharedLock(fd, 3), salt)              # user or address
+        # unmunge runs a process: an address gets a few times its getlink rate of checks, before the user is known
+        self.munge_checks = RateLimiter((settings.getlink_rate[0] * 5, settings.getlink_rate[1]),
+                                        SharedLock(fd, 4), salt)
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -2251,17 +2456,17 @@ class ManagementApi:
     endpoint and turns the outcome, errors included, into an Answer.
     """
 
-    def __init__(self, settings: Settings, store: Store, events: Events, metrics: Metrics):
+    def __init__(self, settings: Settings, store: Store, events: Events, metrics: Metrics,
+                 limits: Optional[Limits] = None):
         self.settings = settings
         self.store = store
         self.events = events
         self.metrics = metrics
         self.upstream_key: Optional[CookieKey] = None      # set by Satellite: what upstream proofs derive from
-        workers = settings.workers or 1             # serve has made 0 (one per core) a number by now
-        self.getlink_limit = RateLimiter(settings.getlink_rate, workers=workers)
-        self.lookup_failures = RateLimiter(settings.token_failures, workers=workers)   # /api/status: open to anyone
-        # unmunge runs a process: an address gets a few times its getlink rate of checks, before the user is known
-        self.munge_checks = RateLimiter((settings.getlink_rate[0] * 5, settings.getlink_rate[1]), workers=workers)
+        limits = limits or Limits(settings)
+        self.getlink_limit = limits.getlink
+        self.lookup_failures = limits.lookup_failures      # /api/status: open to anyone
+        self.munge_checks = limits.munge_checks
         self.routes: dict = {
             "/api/getlink": self.getlink,
             "/api/redeem": self.redeem,
@@ -4061,17 +4266,19 @@ class Satellite:
     and `respond`, the request pipeline: route -> decide -> act, returning an Answer."""
 
     def __init__(self, settings: Settings, slots: Optional[MetricSlots] = None, worker: int = 0,
-                 relay_dir: str = ""):
+                 relay_dir: str = "", limits: Optional[Limits] = None):
         """`slots`, `worker`: where this worker's counters go (Metrics); `relay_dir`: with several workers,
-        where their tunnels meet (TunnelRelay)."""
+        where their tunnels meet (TunnelRelay); `limits`: the counts all workers share (made before the fork)."""
         self.settings = settings
+        self.worker = worker
+        self.limits = limits or Limits(settings)
         self.store = Store(settings.db, slots.store_writes if slots else None)
         self.cookie_key = CookieKey(settings.cookie_key_path)
         self.upstream_key = CookieKey(settings.upstream_key_path, "upstream-key")
         self.events = Events(self.store, settings.audit_log)
         self.metrics = Metrics(slots, worker)
-        self.token_failures = RateLimiter(settings.token_failures, workers=settings.workers or 1)  # (address, alias)
-        self.api = ManagementApi(settings, self.store, self.events, self.metrics)
+        self.token_failures = self.limits.token_failures           # (address, alias)
+        self.api = ManagementApi(settings, self.store, self.events, self.metrics, self.limits)
         self.api.upstream_key = self.upstream_key
         self.tls = load_tls_context(settings.cert, settings.key)
         self.cert_expiry = certificate_expiry(settings.cert)
@@ -4404,21 +4611,6 @@ def connection_group(peer: str) -> str:
     return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else peer
 
 
-def connection_refusal(open_total: int, open_from_peer: int, peer: str, settings: Settings) -> Optional[str]:
-    """Why a new connection is closed at once, or None. One address may hold only its share of
-    the slots, so it cannot lock out everyone else; a trusted front speaks for many and is not capped.
-    The counts are this worker's, so it takes its share (worker_share) of each cap."""
-    workers = settings.workers or 1
-    total = worker_share(settings.max_connections, workers)
-    if total and open_total >= total:
-        return f"connection limit {total} reached" + (f" (1/{workers} of {settings.max_connections})"
-                                                      if workers > 1 else "")
-    per_address = worker_share(settings.max_connections_per_address, workers)
-    if per_address and open_from_peer >= per_address and not address_in(peer, settings.trusted_fronts):
-        return f"{per_address} connections from {peer} already" + (" in this worker" if workers > 1 else "")
-    return None
-
-
 def open_listener(address: tuple) -> socket.socket:
     """A listening socket, opened before any worker is forked (so binding port 443 needs the capability only
     here) and shared by all of them. Non-blocking: every worker waits on it, and those that lose the race for
@@ -4446,9 +4638,7 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
         self.service = service
         self.plane = plane
         self.address_family = listener.family
-        self.open_connections = 0
-        self.open_by_address: dict = {}
-        self._count_lock = threading.Lock()
+        self.counts = service.limits.connections
         self._warned = 0.0
         super().__init__(listener.getsockname()[:2], handler or ConnectionHandler, bind_and_activate=False)
         self.socket.close()
@@ -4457,13 +4647,8 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
 
     def process_request(self, request, client_address):
         peer = plain_address(client_address[0])
-        group = connection_group(peer)
-        with self._count_lock:
-            refusal = connection_refusal(self.open_connections, self.open_by_address.get(group, 0), peer,
-                                         self.service.settings)
-            if refusal is None:
-                self.open_connections += 1
-                self.open_by_address[group] = self.open_by_address.get(group, 0) + 1
+        capped = not address_in(peer, self.service.settings.trusted_fronts)
+        refusal = self.counts.admit(connection_group(peer), self.service.worker, capped)
         if refusal is not None:
             self.warn(f"{refusal}; refusing new connections from {peer}")
             self.shutdown_request(request)
@@ -4471,7 +4656,7 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
         try:
             super().process_request(request, client_address)
         except Exception as exc:                        # no thread to be had (a process limit): no slot either
-            self.release_slot(group)
+            self.release_slot(client_address)
             self.warn(f"cannot serve {peer}: {exc}")
             self.shutdown_request(request)
 
@@ -4479,16 +4664,25 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.release_slot(connection_group(plain_address(client_address[0])))
+            self.release_slot(client_address)
 
-    def release_slot(self, group: str) -> None:
-        with self._count_lock:
-            self.open_connections -= 1
-            left = self.open_by_address.pop(group) - 1
-            if left:
-                self.open_by_address[group] = left
+    def release_slot(self, client_address) -> None:
+        self.counts.release(connection_group(plain_address(client_address[0])), self.service.worker)
+
+    ACCEPT_DEFER = 0.005                # seconds a worker holding more than another waits before it accepts
+
+    def holds_more_than_another(self) -> bool:
+        loads = self.counts.loads()
+        mine = self.counts.totals[self.service.worker]
+        return any(load < mine for load, worker in loads if worker != self.service.worker)
 
     def get_request(self):
+        """Accept the next connection. Every worker waits on the same listening socket (so the port stays
+        served while one restarts), and the first awake would take it; a worker that holds more connections
+        than another waits ACCEPT_DEFER first, so the one with fewest takes it if it is free to (connections
+        spread by load, not by who wakes first), and takes it itself if the other is busy."""
+        if self.counts.workers > 1 and self.holds_more_than_another():
+            time.sleep(self.ACCEPT_DEFER)
         try:
             return super().get_request()
         except OSError as exc:
@@ -4748,6 +4942,7 @@ class Supervisor:
         self.settings = settings
         self.listeners = listeners
         self.slots = MetricSlots(settings.workers)
+        self.limits = Limits(settings, settings.workers)       # counted once for all workers
         self.relay_dir, self.relay_temporary = relay_directory(settings.db)
         self.pids: dict = {}             # pid -> worker index
         self.started: dict = {}          # index -> when it last started (monotonic)
@@ -4808,7 +5003,8 @@ class Supervisor:
         try:
             for signum in self.SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
-            service = Satellite(self.settings, self.slots, index, self.relay_dir)
+            service = Satellite(self.settings, self.slots, index, self.relay_dir, self.limits)
+            self.limits.connections.worker_started(index)
             threading.Thread(target=self.watch_parent, daemon=True).start()
             code = serve_listeners(service, self.listeners)      # sets its handlers, then unblocks below
         except (CookieKeyError, ValueError) as exc:
@@ -4841,6 +5037,7 @@ class Supervisor:
                 continue
             how = (f"was killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                    else f"exited with status {os.WEXITSTATUS(status)}")
+            self.limits.connections.forget_worker(index)     # what it held is closed with it
             if self.stopping:
                 continue
             self.mark_tunnels_down(pid)
@@ -5483,12 +5680,9 @@ def check_deployment(settings: Settings, user: str) -> list:
             report("OK", f"{shown} can be bound")
 
     workers = settings.worker_count
-    split = (f"; rate limits and connection caps are split among them (each takes 1/{workers})"
-             if workers > 1 else "")
-    limit_name, limit_count = settings.smallest_limit
-    per_core = f" (one per core, at most {limit_name} = {limit_count})" if workers == limit_count else " (one per core)"
+    shared = "; rate limits and connection caps are counted once for all of them" if workers > 1 else ""
     report("OK", f"workers: {workers} serving process{'es' if workers > 1 else ''}"
-                 f"{per_core if not settings.workers else ''}{split}")
+                 f"{' (one per core)' if not settings.workers else ''}{shared}")
 
     # files and directories
     state = os.path.dirname(os.path.abspath(settings.db))

@@ -5,6 +5,7 @@ and the bounds on what a tunnel queues. The end-to-end suites drive the same cod
 import itertools
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -255,13 +256,101 @@ def test_asking_the_rate_limiter_records_nothing():
     assert limiter.retry_after("a", now=1060.5) == 0
 
 
-@pytest.mark.parametrize("total,from_peer,peer,refused", [
-    (0, 0, "10.0.0.1", False), (4095, 255, "10.0.0.1", False), (4096, 0, "10.0.0.1", True),
-    (10, 256, "10.0.0.1", True), (10, 256, "10.9.0.2", False), (4096, 0, "10.9.0.2", True),
-])
-def test_one_address_cannot_take_every_connection_slot(total, from_peer, peer, refused):
-    settings = satellite.Settings(domain=DOMAIN, cert="c", key="k", trusted_fronts=satellite.parse_networks("10.9.0.2"))
-    assert (satellite.connection_refusal(total, from_peer, peer, settings) is not None) == refused
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_the_connection_caps_admit_exactly_what_is_configured_whichever_worker_accepts(workers):
+    """Issue 21: each worker used to admit 1/N of every cap (40 configured, 2 workers: 20 in the worker the
+    kernel favoured, then refused). Now the counts are the service's: the limit's connection is admitted,
+    the next refused, however the connections fall on the workers."""
+    counts = satellite.ConnectionCounts(40, 12, workers)
+    for w in range(workers):
+        counts.worker_started(w)
+    admitted = [counts.admit(f"10.0.0.{i // 12}", 0 if i % 5 else i % workers, True) for i in range(40)]
+    assert admitted == [None] * 40
+    assert counts.admit("10.0.0.9", workers - 1, True) == "connection limit 40 reached"
+    counts.release("10.0.0.0", 0)
+    assert counts.admit("10.0.0.0", workers - 1, True) is None                    # a freed slot serves again
+    # the per-address cap, counted over all workers, and not for a trusted front
+    counts = satellite.ConnectionCounts(0, 3, workers)
+    assert [counts.admit("10.0.0.1", i % workers, True) for i in range(4)] == [None] * 3 + [
+        "3 connections from 10.0.0.1 already"]
+    assert counts.admit("10.0.0.2", 0, True) is None
+    assert all(counts.admit("10.9.0.2", i % workers, False) is None for i in range(10))
+
+
+def test_a_dead_workers_connections_are_free_again():
+    counts = satellite.ConnectionCounts(4, 2, 2)
+    assert [counts.admit("10.0.0.1", 1, True), counts.admit("10.0.0.1", 1, True)] == [None, None]
+    assert counts.admit("10.0.0.1", 0, True) is not None
+    counts.forget_worker(1)                                      # the supervisor, when worker 1 dies
+    assert [counts.admit("10.0.0.1", 0, True), counts.admit("10.0.0.1", 0, True)] == [None, None]
+
+
+def test_the_connection_table_stays_exact_through_any_order_of_opens_and_closes():
+    """The groups' table (open addressing, backward-shift deletion) against a plain dict, with far more
+    groups over time than its room, so runs of probes form, wrap around, and are cut by deletions."""
+    rng = random.Random(21)
+    counts = satellite.ConnectionCounts(16, 1000, 3)
+    model: dict = {}
+    for _ in range(20_000):
+        group = f"10.0.{rng.randrange(40)}.1"
+        worker = rng.randrange(3)
+        if model.get((group, worker)) and rng.random() < 0.55:
+            counts.release(group, worker)
+            model[(group, worker)] -= 1
+        elif sum(model.values()) < 16:
+            assert counts.admit(group, worker, True) is None
+            model[(group, worker)] = model.get((group, worker), 0) + 1
+        else:
+            assert counts.admit(group, worker, True) == "connection limit 16 reached"
+        if rng.random() < 0.002:
+            dead = rng.randrange(3)
+            counts.forget_worker(dead)
+            model = {k: v for k, v in model.items() if k[1] != dead}
+        held = {}
+        for (g, _), n in model.items():
+            held[g] = held.get(g, 0) + n
+        for g in {f"10.0.{i}.1" for i in range(40)}:
+            slot = counts._find(satellite.key_digest(counts.salt, g))
+            found = 0 if slot is None else sum(counts.counts[slot * 3:(slot + 1) * 3])
+            assert found == held.get(g, 0), (g, found, held.get(g, 0))
+        assert counts.used[0] == sum(1 for n in held.values() if n)
+
+
+def test_limits_are_counted_once_for_processes_forked_from_one_service(tmp_path):
+    """What one worker counts, every other sees: a rate limit and a connection cap spent in a forked child
+    (a worker) hold in the parent (another worker), in the same memory."""
+    settings = satellite.Settings(domain=DOMAIN, cert="c", key="k", token_failures=(3, 60), max_connections=2)
+    limits = satellite.Limits(settings, 2)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for _ in range(3):
+                limits.token_failures.record(("10.0.0.1", ALIAS))
+            code = 0 if limits.connections.admit("10.0.0.1", 1, True) is None else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert limits.token_failures.retry_after(("10.0.0.1", ALIAS)) > 0
+    assert limits.token_failures.retry_after(("10.0.0.2", ALIAS)) == 0
+    assert limits.connections.admit("10.0.0.3", 0, True) is None
+    assert limits.connections.admit("10.0.0.4", 0, True) == "connection limit 2 reached"
+
+
+def test_a_flood_of_new_keys_pushes_out_the_quietest_never_a_busy_one():
+    """The table has a fixed room (shared memory cannot grow): 200,000 new keys, one event each, while one
+    key keeps failing. The busy key stays limited throughout; the old table (a dict cleared whenever it
+    reached 100,000 keys) forgot it."""
+    limiter = satellite.RateLimiter((3, 60))
+    now = 1000.0
+    for i in range(200_000):
+        now += 0.0002
+        if i % 100 == 0:
+            limiter.record("busy", now=now)
+        limiter.record(f"flood-{i}", now=now)
+    assert limiter.retry_after("busy", now=now) > 0
+    assert limiter.retry_after("flood-199999", now=now) == 0          # one event of three: not limited
 
 
 class BytesSocket:

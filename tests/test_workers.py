@@ -5,6 +5,7 @@ access log names the worker's pid), and whatever one worker learns or counts hol
 a revoke, a tunnel, the counters behind /metrics, the rate limits, a SIGHUP. The supervisor restarts a worker
 killed with SIGKILL, without losing what was acknowledged, and stops them all on SIGTERM.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -78,14 +79,91 @@ def fresh_get(server, host, target, headers=None):
         conn.close()
 
 
-def until_every_worker_served(server, host, target, pids, headers=None, limit=400):
-    """Fresh connections until each worker has answered one; returns the statuses. Bounded."""
-    since, statuses = access_size(server), []
-    for _ in range(limit):
-        statuses.append(fresh_get(server, host, target, headers)[0])
-        if len(statuses) % 10 == 0 and set(access_pids(server, since)) >= set(pids):
-            return statuses
-    raise AssertionError(f"{limit} connections did not reach every worker: {sorted(set(access_pids(server, since)))}")
+def stopped(pid):
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def unlinked_files(pid):
+    """Inode numbers of the files `pid` holds open that have no name (satellite's lock file is one)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith("(deleted)"):
+                inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+    return inodes
+
+
+def holds_the_counts_lock(pid):
+    """Whether `pid` holds a record lock on satellite's shared counts' lock file (for microseconds at a time;
+    SQLite's locks on the database are other files)."""
+    inodes = unlinked_files(pid)
+    for line in open("/proc/locks"):
+        fields = line.split()
+        if fields[1] == "POSIX" and fields[4] == str(pid) and int(fields[5].rsplit(":", 1)[1]) in inodes:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def only_worker(server, pid, pids):
+    """Every other worker stopped (SIGSTOP), so the next connections can only be accepted by `pid`: which
+    worker serves is then the test's choice, not the kernel's. A worker is stopped only outside the shared
+    counts' lock (else `pid` would wait on it); all are continued afterwards."""
+    others = [p for p in pids if p != pid]
+    try:
+        for _ in range(100):                                    # bounded: the lock is held for microseconds
+            for other in others:
+                os.kill(other, signal.SIGSTOP)
+            wait_for(lambda: all(stopped(p) for p in others), what="the other workers to stop")
+            if not any(holds_the_counts_lock(p) for p in others):
+                break
+            for other in others:
+                os.kill(other, signal.SIGCONT)
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the other workers kept holding the shared counts' lock")
+        yield
+    finally:
+        for other in others:
+            os.kill(other, signal.SIGCONT)
+
+
+def connected_to(server, host, pid, pids):
+    """An HTTPS connection that worker `pid` accepted (its TLS handshake done there, the others stopped),
+    returned with every worker running again: what is sent on it is served by `pid`, while the others can
+    do their part (e.g. hold the session's tunnel)."""
+    conn = server.connection(host, timeout=30)
+    with only_worker(server, pid, pids):
+        conn.connect()
+    return conn
+
+
+def get_on(conn, target, headers=None):
+    try:
+        conn.request("GET", target, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def each_worker_serves(server, host, target, pids, headers=None):
+    """One fresh connection served by each worker in turn (only_worker); returns the statuses and checks, in
+    the access log, that each was answered by the worker meant to."""
+    statuses = []
+    for pid in pids:
+        since, marked = access_size(server), f"{target}{'&' if '?' in target else '?'}worker={pid}"
+        with only_worker(server, pid, pids):
+            statuses.append(fresh_get(server, host, marked, headers)[0])
+        assert wait_for(lambda: served_by(server, since, marked), what="the access line") == [pid]
+    return statuses
+
+
+def served_by(server, since, target):
+    """The pids of the workers whose access lines after `since` are for `target` (lines of earlier requests
+    may still be arriving)."""
+    lines = (server.workdir / "access.log").read_text()[since:].splitlines()
+    return [int(m.group(2)) for m in map(ACCESS_LINE.match, lines) if m and f" {target} HTTP/" in m.group(0)]
 
 
 def metric(server, name, default=None):
@@ -118,7 +196,7 @@ def multi(request, certs, tmp_path_factory):
 def test_every_worker_serves_and_metrics_add_up_across_them(multi):
     before = metric(multi, 'satellite_requests_total{code="2xx"}', default=0)
     count_before = metric(multi, "satellite_request_duration_seconds_count")
-    statuses = until_every_worker_served(multi, "127.0.0.1", "/healthz", multi.pids)
+    statuses = each_worker_serves(multi, "127.0.0.1", "/healthz", multi.pids)
     assert set(statuses) == {200}
     # Whichever worker answers /metrics gives every worker's sum: the requests above, and the /metrics before
     assert metric(multi, 'satellite_requests_total{code="2xx"}') == before + len(statuses) + 2
@@ -129,7 +207,7 @@ def test_every_worker_serves_and_metrics_add_up_across_them(multi):
 def test_denials_sum_across_workers(multi):
     link = multi.getlink()
     before = metric(multi, 'satellite_denied_total{reason="wrong_token"}', default=0)
-    statuses = until_every_worker_served(multi, session_host(link), "/", multi.pids, {"Authorization": "token nope"})
+    statuses = each_worker_serves(multi, session_host(link), "/", multi.pids, {"Authorization": "token nope"})
     assert set(statuses) == {403}
     assert metric(multi, 'satellite_denied_total{reason="wrong_token"}') == before + len(statuses)
 
@@ -141,7 +219,7 @@ def test_a_redeem_in_one_worker_is_proxied_by_every_other(multi, app):
     # within the route cache's bound (a tenth of a second), every worker maps the alias
     wait_for(lambda: fresh_get(multi, session_host(link), "/", token_header(link))[0] == 200, what="the mapping")
     time.sleep(sat.Store.CACHE_CHECK_SECONDS * 2)
-    statuses = until_every_worker_served(multi, session_host(link), "/", multi.pids, token_header(link))
+    statuses = each_worker_serves(multi, session_host(link), "/", multi.pids, token_header(link))
     assert set(statuses) == {200}
 
 
@@ -150,12 +228,14 @@ def test_a_revoke_cuts_websockets_held_by_every_worker(multi, app):
     host = session_host(link)
     since = access_size(multi)
     sockets = []
-    for _ in range(6 * multi.workers):
-        ws = websocket.create_connection(f"wss://{host}:{multi.port}/ws", socket=multi.tls_socket(host),
-                                         header=[f"Authorization: token {link['token']}"], timeout=30)
-        ws.send("hello")
-        assert ws.recv() == "hello"
-        sockets.append(ws)
+    for pid in multi.pids:                     # two held by each worker (only that one may accept them)
+        with only_worker(multi, pid, multi.pids):
+            for _ in range(2):
+                ws = websocket.create_connection(f"wss://{host}:{multi.port}/ws", socket=multi.tls_socket(host),
+                                                 header=[f"Authorization: token {link['token']}"], timeout=30)
+                ws.send("hello")
+                assert ws.recv() == "hello"
+                sockets.append(ws)
     assert metric(multi, "satellite_websockets_open") == len(sockets)
     revoke = subprocess.run([sys.executable, str(ROOT / "satellite.py"), "revoke", "--db", str(multi.db),
                              link["alias"]], capture_output=True, text=True, timeout=60)
@@ -167,7 +247,7 @@ def test_a_revoke_cuts_websockets_held_by_every_worker(multi, app):
                     raise websocket.WebSocketConnectionClosedException("closed")
     wait_for(lambda: len(access_pids(multi, since, 101)) == len(sockets), what="the WebSockets' access lines")
     holders = access_pids(multi, since, 101)
-    assert len(set(holders)) >= 2, holders       # the WebSockets were spread over workers, and all were cut
+    assert sorted(holders) == sorted(multi.pids * 2), holders      # every worker held two, and all were cut
     assert metric(multi, "satellite_websockets_open") == 0
 
 
@@ -191,14 +271,13 @@ def test_a_tunnel_serves_its_session_from_every_worker(multi, app):
     assert [p.name for p in relays] == [sat.relay_name(link["alias"])]
     assert oct(os.stat(multi.workdir / "satellite.tunnels").st_mode & 0o777) == "0o700"
     host = session_host(link)
-    since = access_size(multi)
-    for _ in range(100):                  # real curl, a new connection each time, until another worker served one
-        result = multi.curl("-H", f"Authorization: token {link['token']}", multi.url(host, "/"), host=host)
-        assert "Hello from the compute node" in result.stdout, result.stderr
-        served = access_pids(multi, since)
-        if set(served) - {owner}:
-            break
-    assert set(served) - {owner}, served
+    result = multi.curl("-H", f"Authorization: token {link['token']}", multi.url(host, "/"), host=host)
+    assert "Hello from the compute node" in result.stdout, result.stderr        # real curl, any worker
+    for pid in set(multi.pids) - {owner}:                # and each worker that does not hold the tunnel
+        since, target = access_size(multi), f"/?worker={pid}"
+        status, body = get_on(connected_to(multi, host, pid, multi.pids), target, token_header(link))
+        assert status == 200 and b"Hello from the compute node" in body, body
+        assert wait_for(lambda: served_by(multi, since, target), what="the access line") == [pid]
     # the status JSON sees the tunnel from every worker; the gauge counts it once
     for _ in range(3 * multi.workers):
         status, body = fresh_get(multi, host, "/__satellite/status", token_header(link))
@@ -231,17 +310,64 @@ def server_rows(server):
 def test_wrong_tokens_and_quotas_are_limited_across_workers(certs, tmp_path, workers, app):
     server = start(certs, tmp_path / "limits", workers, "--token-failures", "6/1m", "--max-live-per-source", "7")
     try:
-        wait_for_workers(server, workers)
+        pids = wait_for_workers(server, workers)
         link = server.mapped_session(app)
-        statuses = [fresh_get(server, session_host(link), "/", {"Authorization": "token wrong"})[0]
-                    for _ in range(12 * workers)]
-        assert statuses.count(403) <= 6 and statuses.count(429) >= 6 * workers, statuses   # all workers together
+        statuses = [get_on(connected_to(server, session_host(link), pids[i % workers], pids), "/",
+                           {"Authorization": "token wrong"})[0] for i in range(12)]
+        assert statuses == [403] * 6 + [429] * 6, statuses              # all workers together: exactly 6
         # the right token is never refused for others' failures
         assert fresh_get(server, session_host(link), "/", token_header(link))[0] == 200
         # the live-session quota: 7 per address, however many getlinks race in however many workers
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda _: server.api("getlink")[0], range(24)))
         assert answers.count(201) == 6 and answers.count(429) == 18, answers         # 1 + 6 = the quota of 7
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_max_connections_admits_exactly_that_many_whichever_workers_hold_them(certs, tmp_path, workers):
+    """Issue 21: `--workers 2 --max-connections 40`, 30 idle keep-alive connections: 25 served, 5 refused
+    ("connection limit 20 reached (1/2 of 40)") while the other worker held almost nothing. Now M idle
+    connections are all served, however they fall on the workers, and the M+1st is refused by every worker."""
+    server = start(certs, tmp_path / "caps", workers, "--max-connections", "12",
+                   "--max-connections-per-address", "0")
+    try:
+        pids = wait_for_workers(server, workers)
+        held = []
+        for i in range(12):                          # all on the first worker, then the rest in turn
+            conn = connected_to(server, "127.0.0.1", pids[0] if i < 6 else pids[i % workers], pids)
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().read() == b"ok\n"
+            held.append(conn)
+        for pid in pids:                             # the 13th, offered to each worker: refused by each
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                conn = connected_to(server, "127.0.0.1", pid, pids)
+                conn.request("GET", "/healthz")
+                conn.getresponse()
+        assert "connection limit 12 reached" in server.log_text()
+        held.pop().close()                            # one closes: the next is served again
+        def served():
+            try:
+                return fresh_get(server, "127.0.0.1", "/healthz")[0] == 200
+            except (ssl.SSLError, ConnectionError, OSError):     # before the closed one's slot is given back
+                return False
+        wait_for(served, what="the closed connection's slot to serve again")
+        for conn in held:
+            conn.close()
+    finally:
+        server.stop()
+
+
+def test_more_workers_than_a_limit_counts_start_with_the_default_limits(certs, tmp_path):
+    """Issue 21: workers were capped at the smallest limit's count (20 with the default token-failures); now
+    any number starts (here 24, with the defaults: token-failures 20/1m, getlink-rate 120/1m)."""
+    server = start(certs, tmp_path / "many", 24, "--token-failures", "20/1m", "--getlink-rate", "120/1m")
+    try:
+        pids = wait_for_workers(server, 24)
+        assert fresh_get(server, "127.0.0.1", "/healthz")[0] == 200
+        assert metric(server, "satellite_workers") == 24
+        assert len(pids) == 24
     finally:
         server.stop()
 
@@ -355,7 +481,7 @@ def test_a_killed_worker_loses_nothing_acknowledged_and_comes_back(certs, tmp_pa
         assert aliases <= stored                                         # every 201 is in the database
         # the restarted worker serves, and the counters it inherited never went backwards
         restarted = (set(new_pids) - set(pids)).pop()
-        until_every_worker_served(server, "127.0.0.1", "/healthz", [restarted])
+        each_worker_serves(server, "127.0.0.1", "/healthz", new_pids)     # the restarted one too
         assert metric(server, 'satellite_requests_total{code="2xx"}') >= requests_before + len(acknowledged)
         # a worker that keeps dying is started again after a pause that grows
         os.kill(restarted, signal.SIGKILL)
