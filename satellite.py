@@ -5814,11 +5814,11 @@ SETTING_FLAGS = [
     ("--public-port", "public_port", "port shown in links, if a front maps 443 elsewhere (0: the listen port)"),
     ("--access-log", "access_log", "access log file, '-' for stderr or 'off'; secrets are redacted"),
     ("--log-level", "log_level", "debug, info, warning or error"),
-    ("--max-connections", "max_connections", "open connections at most, all workers together (each worker "
-                                             "takes 1/N)"),
+    ("--max-connections", "max_connections", "open connections at most, on every listener and worker together "
+                                             "(0 = no cap)"),
     ("--max-connections-per-address", "max_connections_per_address",
-     "open connections from one address at most, all workers together (each worker takes 1/N), so one cannot "
-     "take every slot (0 = no cap; trusted fronts are not capped)"),
+     "open connections from one address (an IPv6 /64) at most, all listeners and workers together, so one "
+     "cannot take every slot (0 = no cap; trusted fronts are not capped)"),
     ("--handshake-timeout", "handshake_timeout", "seconds a client has to finish the TLS handshake, in all"),
     ("--header-timeout", "header_timeout", "seconds from accept to a whole first request head, handshake included"),
     ("--idle-timeout", "idle_timeout", "seconds a keep-alive connection has for its next whole request head"),
@@ -5858,9 +5858,8 @@ SETTING_FLAGS = [
                                            "else is dropped"),
     ("--workers", "workers", "serving processes, all accepting on the same listening sockets, so every core "
                              "works (0 = one per core; 1 = a single process, no supervisor). Rate limits and "
-                             "connection caps are split among them: each takes 1/N of every count (rounded down), so N may not exceed "
-                             "the smallest of --token-failures, --getlink-rate, --max-connections and "
-                             "--max-connections-per-address (serve refuses to start; one per core stops there)"),
+                             "connection caps are counted once for all of them, so any N admits exactly what "
+                             "they say"),
     ("--legacy-api", "legacy_api", "also serve SDSC Satellite's getlink.cgi, redeemtoken.cgi, ... for old clients "
                                    "(weaker: the alias alone redeems; no proxy token check)"),
 ]
