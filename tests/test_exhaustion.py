@@ -245,6 +245,37 @@ def test_slow_clients_from_one_address_do_not_take_every_connection_slot(fresh_s
     assert len(held) <= 10, f"{len(held)} connections from one address held with --max-connections-per-address 10"
 
 
+def test_the_connection_caps_are_the_services_not_each_listeners(fresh_satellite):
+    """Issue 22 (low): each listener counted its own connections, so the control and redirect listeners each
+    added a full max-connections and per-address share (256 + 256 from one address measured). Now one count
+    holds for all of them: 4 held on the two listeners together, and the 5th is refused on either."""
+    satellite = fresh_satellite("--max-connections", "4", "--max-connections-per-address", "0",
+                                "--control-listen", "127.0.0.1:0")
+    held = []
+    try:
+        for port in (satellite.port, satellite.control_port, satellite.port, satellite.control_port):
+            raw = socket.create_connection(("127.0.0.1", port), 10)
+            sock = satellite.context.wrap_socket(raw, server_hostname="127.0.0.1")
+            held.append(sock)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert status_of(wait_for_answer(sock, 10)).startswith("HTTP/1.1 200 ")
+        for port in (satellite.port, satellite.control_port):
+            raw = socket.create_connection(("127.0.0.1", port), 10)
+            try:
+                sock = satellite.context.wrap_socket(raw, server_hostname="127.0.0.1")
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                answer = wait_for_answer(sock, 10)
+                sock.close()
+            except (ssl.SSLError, OSError):
+                answer = b""
+            finally:
+                raw.close()
+            assert answer == b"", f"a 5th connection was served on port {port} with --max-connections 4: {answer[:40]!r}"
+    finally:
+        for sock in held:
+            sock.close()
+
+
 # 3. tunnels ------------------------------------------------------------------------------------------------
 
 def test_a_tunnel_peer_that_sends_pings_and_never_reads_cannot_grow_satellite(fresh_satellite):

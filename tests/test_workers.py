@@ -70,13 +70,7 @@ def access_size(server):
 
 def fresh_get(server, host, target, headers=None):
     """One request on a connection of its own (so the kernel hands it to any worker)."""
-    conn = server.connection(host, timeout=30)
-    try:
-        conn.request("GET", target, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    return get_on(server.connection(host, timeout=30), target, headers)
 
 
 def stopped(pid):
@@ -139,6 +133,7 @@ def connected_to(server, host, pid, pids):
 
 
 def get_on(conn, target, headers=None):
+    """GET on `conn`, then close it: (status, body)."""
     try:
         conn.request("GET", target, headers=headers or {})
         resp = conn.getresponse()
