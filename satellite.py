@@ -2243,6 +2243,12 @@ def session_cookie(server_secret: bytes, session: Session) -> tuple:
     return ("Set-Cookie", f"{COOKIE_NAME}={value}; Path=/; Secure; HttpOnly; SameSite=Lax")
 
 
+def satellite_cookies(request: Request) -> list:
+    """The values of satellite's session cookie, from every Cookie line (a browser sends one; anyone may send more)."""
+    return [value for header in request.headers.get_all("cookie") for name, _, value in
+            (part.strip().partition("=") for part in header.split(";")) if name == COOKIE_NAME]
+
+
 def presented_credential(request: Request, session: Session, server_secret: bytes) -> Optional[str]:
     """How the request proves it holds the session's token: 'query', 'cookie', 'header' or None.
     At most one value of each is compared (a request is at most three guesses); constant-time."""
@@ -2250,8 +2256,7 @@ def presented_credential(request: Request, session: Session, server_secret: byte
         if "token=" in request.query else []
     if tokens and secret_matches(tokens[0], session.token_hash):       # one guess a request: the first
         return "query"
-    cookies = [value for header in request.headers.get_all("cookie") for name, _, value in
-               (part.strip().partition("=") for part in header.split(";")) if name == COOKIE_NAME]
+    cookies = satellite_cookies(request)
     if cookies and hmac.compare_digest(cookies[0].encode(),
                                        cookie_value(server_secret, session.alias, session.token_hash).encode()):
         return "cookie"
@@ -2281,8 +2286,9 @@ def foreign_origin(request: Request) -> Optional[str]:
 
 
 def tried_a_credential(request: Request) -> bool:
-    return bool("token=" in request.query or COOKIE_NAME in (request.headers.get("cookie") or "")
-                or request.headers.get("authorization"))
+    """Whether a refused request presented something to check (it then counts against token-failures): the
+    same places presented_credential looks, every Cookie line included."""
+    return bool("token=" in request.query or satellite_cookies(request) or request.headers.get("authorization"))
 
 
 @dataclasses.dataclass

@@ -744,3 +744,15 @@ def test_the_route_cache_keeps_for_a_failing_database_only_the_live_sessions(tmp
         satellite.sqlite3.OperationalError("disk I/O error")))
     store.invalidate()
     assert store.cached_session(keep.alias).alias == keep.alias
+
+
+def test_a_cookie_in_any_cookie_line_counts_as_a_guess():
+    """Issue 22 (low): a wrong session cookie in a second Cookie line was checked but not counted by
+    token-failures (100 guesses gave 100 x 403, no 429; the audit log said "no token")."""
+    head = (f"GET / HTTP/1.1\r\nHost: {ALIAS}.{DOMAIN}\r\nCookie: theme=dark\r\n"
+            f"Cookie: {satellite.COOKIE_NAME}=forged\r\n\r\n").encode()
+    request = request_from_bytes(head)
+    assert satellite.tried_a_credential(request)
+    assert satellite.satellite_cookies(request) == ["forged"]
+    assert not satellite.tried_a_credential(request_from_bytes(
+        f"GET / HTTP/1.1\r\nHost: {ALIAS}.{DOMAIN}\r\nCookie: theme=dark\r\nCookie: x=1\r\n\r\n".encode()))
