@@ -1456,6 +1456,13 @@ class MetricSlots:
                 for i, name in enumerate(METRIC_FIELDS)}
 
 
+def label_value(text: str) -> str:
+    """A Prometheus label value as the text exposition format requires: backslash, double quote and line feed
+    escaped (an SSO user name is whatever the front says: unescaped, a quote forged labels and an unbalanced
+    one made the whole page unreadable, so Prometheus stopped scraping)."""
+    return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Metrics:
     """Counters of this worker (its slot of MetricSlots), rendered summed over all workers, with the
     database's counts, as Prometheus text."""
@@ -1500,9 +1507,9 @@ class Metrics:
             out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}")
             out.extend(f"{name}{labels} {value}" for labels, value in samples)
         metric("satellite_sessions", "gauge", "Sessions by state.",
-               [(f'{{state="{k}"}}', v) for k, v in store.count_by_state().items()])
+               [(f'{{state="{label_value(k)}"}}', v) for k, v in store.count_by_state().items()])
         metric("satellite_live_sessions_by_user", "gauge", "Live sessions by the user they were issued for "
-               "('' = none named).", [(f'{{user="{k}"}}', v) for k, v in store.live_by_user().items()])
+               "('' = none named).", [(f'{{user="{label_value(k)}"}}', v) for k, v in store.live_by_user().items()])
         counters = store.counters()
         metric("satellite_link_events_total", "counter", "Session lifecycle events (all processes).",
                [(f'{{event="{e}"}}', counters.get(f"events_{e}", 0)) for e in LIFECYCLE_EVENTS])

@@ -756,3 +756,17 @@ def test_a_cookie_in_any_cookie_line_counts_as_a_guess():
     assert satellite.satellite_cookies(request) == ["forged"]
     assert not satellite.tried_a_credential(request_from_bytes(
         f"GET / HTTP/1.1\r\nHost: {ALIAS}.{DOMAIN}\r\nCookie: theme=dark\r\nCookie: x=1\r\n\r\n".encode()))
+
+
+def test_user_names_in_metrics_labels_are_escaped_as_the_exposition_format_requires(tmp_path):
+    """Issue 22 (low): an SSO user name reached /metrics label values unescaped: a '"' forged labels and an
+    unbalanced one made the whole page unreadable (Prometheus then stops scraping)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    store = satellite.Store(str(tmp_path / "s.db"))
+    names = ['ann" ,state="forged', 'bob\\', 'eve"', "new\nline"]
+    for name in names:
+        store.create_link("10.1.0.7", 3600, 600, user=(name, "sso"))
+    text = satellite.Metrics().render(store, None)
+    users = sorted(sample.labels["user"] for family in text_string_to_metric_families(text)
+                   for sample in family.samples if family.name == "satellite_live_sessions_by_user")
+    assert users == sorted(names)
