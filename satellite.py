@@ -4261,13 +4261,34 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NO_ENDPOINT = "no such endpoint {}; see /api/getlink, /api/redeem, /api/state, /api/release, /api/status, /healthz"
 
 
+def front_secret_problem(path: str, st: os.stat_result, uid: int, gid: int) -> Optional[str]:
+    """Why the front secret's file would let someone other than satellite's user (`uid`, group `gid`) and root
+    hold or change it, or None. Whoever holds the secret speaks for clients from a trusted front's address
+    (every local user can connect from loopback): links as if from a login node, redeems naming any node.
+    Allowed: owned by satellite's user or root, mode 0600, or 0640 with satellite's own group."""
+    mode = st.st_mode & 0o777
+    if st.st_uid not in (uid, 0):
+        return (f"{path} is owned by uid {st.st_uid}, not by root or the user satellite runs as (uid {uid}), "
+                f"so that user could replace it")
+    if mode & 0o027 or (mode & 0o040 and st.st_gid != gid):
+        return (f"{path} can be read or changed by other users (mode {mode:04o}, group {st.st_gid}), and whoever "
+                f"reads it speaks for clients as the front: make a new secret and write it with "
+                f"openssl rand -hex 32 | install -m 0640 -o root -g <satellite's group> /dev/stdin {path} "
+                f"(and give the front the new value)")
+    return None
+
+
 def read_front_secret(path: str) -> str:
     if not path:
         return ""
     try:
-        secret = Path(path).read_text().strip()
+        with open(path) as f:
+            problem = front_secret_problem(path, os.fstat(f.fileno()), os.geteuid(), os.getegid())
+            secret = f.read(4096).strip()
     except OSError as exc:
         raise ValueError(f"front_secret: cannot read {path}: {exc}") from None
+    if problem:
+        raise ValueError(f"front_secret: {problem}")
     if len(secret) < 32 or not TOKEN_CHARS.match(secret):
         raise ValueError(f"front_secret: {path} must hold one line of 32 or more letters, digits or -._~ "
                          "(e.g. from: openssl rand -hex 32)")
@@ -5715,6 +5736,15 @@ def check_deployment(settings: Settings, user: str) -> list:
         if st.st_uid != uid or st.st_mode & 0o077:
             report("FAIL", f"cookie-key {key_path} (owner uid {st.st_uid}, mode {st.st_mode & 0o777:04o}) would be "
                            f"refused: it must be {user}'s, mode 0600; remove it and satellite makes a new one")
+    if settings.front_secret:
+        try:
+            problem = front_secret_problem(settings.front_secret, os.stat(settings.front_secret), uid, account.pw_gid)
+        except OSError as exc:
+            problem = f"cannot read {settings.front_secret}: {exc.strerror}"
+        if problem:
+            report("FAIL", f"front-secret: {problem}")
+        else:
+            report("OK", f"front-secret {settings.front_secret} closed to other users")
     for name in ("audit_log", "access_log"):
         path = getattr(settings, name)
         if path in ("", "-", "off"):

@@ -94,6 +94,7 @@ class Front:
 
 def front_satellite(fresh_satellite, tmp_path):
     (tmp_path / "front-secret").write_text(SECRET + "\n")
+    (tmp_path / "front-secret").chmod(0o600)
     return fresh_satellite("--trusted-fronts", f"{FRONT}/32", "--control-listen", "127.0.0.1:0",
                            "--front-secret", str(tmp_path / "front-secret"))
 

@@ -260,3 +260,40 @@ def test_client_check_fails_a_site_config_or_ca_others_may_change(certs, tmp_pat
     assert re.search(r"^FAIL site config .*: .* writable by others", result.stdout, re.M), result.stdout
     assert re.search(r"^FAIL cacert .*ca\.pem: .* writable by its group", result.stdout, re.M), result.stdout
     assert result.returncode == 1
+
+
+# ---- issue 22: a front secret other local users may read --------------------------------------------------
+
+SECRET = "f" * 64
+
+
+@pytest.mark.parametrize("mode,refused", [(0o644, True), (0o604, True), (0o660, True), (0o640, False),
+                                          (0o600, False)])
+def test_a_front_secret_others_may_read_is_refused_at_start_and_fails_check(certs, tmp_path, mode, refused):
+    """Issue 22 (medium): read_front_secret checked the secret's length, not its file: the contrib command
+    (openssl rand -hex 32 > FILE) made it 0644, and as `nobody` on the proxy node, presenting it from the
+    front's loopback address, a link as if from a login node, a redeem naming another node, and the scheduler
+    feed ending another user's session. Now serve refuses such a file and check FAILs it."""
+    secret = tmp_path / "front-secret"
+    secret.write_text(SECRET + "\n")
+    secret.chmod(mode)
+    ini = write_ini(tmp_path / "satellite.ini", certs, front_secret=str(secret), trusted_fronts="127.0.0.1/32",
+                    issue_from="10.1.0.0/24", redeem_from="10.2.0.0/16", listen="127.0.0.1:0")
+    check = satellite("check", "-c", str(ini))
+    assert bool(re.search(r"^FAIL front-secret: .*read or changed by other users", check.stdout, re.M)) == refused, \
+        check.stdout
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        serve = subprocess.Popen([sys.executable, str(ROOT / "satellite.py"), "serve", "-c", str(ini), "--workers",
+                                  "1"], stdout=out, stderr=out, cwd=tmp_path)
+    try:
+        if refused:
+            serve.wait(30)
+            assert serve.returncode != 0 and "front_secret:" in log.read_text() and "other users" in log.read_text()
+        else:
+            wait_for(lambda: serve.poll() is not None or "serving https" in log.read_text(), what="serve")
+            assert serve.poll() is None, log.read_text()
+    finally:
+        if serve.poll() is None:
+            serve.terminate()
+            serve.wait(30)

@@ -213,6 +213,7 @@ def big_front(request, fresh_satellite, tmp_path, certs):
     """`front` (tests/fronts.py), for a site with more live sessions than one login node's default ceiling
     (max-live-per-source = 500): several login nodes, or a raised ceiling."""
     (tmp_path / "front-secret").write_text(SECRET + "\n")
+    (tmp_path / "front-secret").chmod(0o600)
     satellite = fresh_satellite("--trusted-fronts", f"{FRONT}/32", "--control-listen", "127.0.0.1:0",
                                 "--front-secret", str(tmp_path / "front-secret"), "--max-live-per-source", "5000")
     workdir = tmp_path / request.param
@@ -301,6 +302,7 @@ def test_a_long_alias_does_not_freeze_the_nginx_front(tmp_path, new_app, monkeyp
     certs = tmp_path / "long-certs"
     subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(certs), LONG_DOMAIN], check=True)
     (tmp_path / "front-secret").write_text(SECRET + "\n")
+    (tmp_path / "front-secret").chmod(0o600)
     workdir = tmp_path / "satellite"
     workdir.mkdir()
     satellite = LongDomainSatellite(certs, workdir, ("--trusted-fronts", f"{FRONT}/32", "--control-listen",

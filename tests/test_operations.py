@@ -319,6 +319,7 @@ def front_satellite(ops_satellite, tmp_path):
     """A satellite behind a front on this host (loopback): the front proves itself with a secret."""
     secret = tmp_path / "front-secret"
     secret.write_text(FRONT_SECRET + "\n")
+    secret.chmod(0o600)
     return lambda *extra: ops_satellite("--trusted-fronts", f"{FRONT}/32", "--front-secret", str(secret), *extra)
 
 
