@@ -4819,6 +4819,29 @@ def make_private(paths: Iterable[str]) -> None:
             log.warning("could not make %s private: %s", path, exc)
 
 
+def database_files_problem(db: str, uid: int) -> Optional[str]:
+    """Why the database's files (db, -wal, -shm) are not satellite's alone, or None. In a directory others may
+    write, another user could make satellite.db first, and satellite would serve from a file they can change
+    (re-point a live session to a listener of theirs and receive the victim's next visit with its token)."""
+    for path in (db, db + "-wal", db + "-shm"):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"cannot look at {path}: {exc.strerror}"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{path} is not a plain file (a symlink or other): remove it"
+        if st.st_uid != uid:
+            return (f"{path} is owned by uid {st.st_uid}, not by the user satellite runs as (uid {uid}), who could "
+                    f"change every session in it: move it aside and let satellite make a new one "
+                    f"(in a directory only satellite may write: install -d -m 0700)")
+        if st.st_mode & 0o022:
+            return (f"{path} may be changed by other users (mode {st.st_mode & 0o777:04o}): "
+                    f"chmod 0600 {path}")
+    return None
+
+
 LISTENERS = (    # (what, the setting, handler, plane with a control listener, plane without)
     ("HTTPS", "listen", ConnectionHandler, "data", "all"),
     ("the control plane", "control_listen", ConnectionHandler, "control", "control"),
@@ -4834,6 +4857,10 @@ def command_serve(settings: Settings) -> int:
     raise_descriptor_limit()
     make_private([settings.db, settings.db + "-wal", settings.db + "-shm"]
                  + [path for path in (settings.access_log, settings.audit_log) if path not in ("", "-", "off")])
+    problem = database_files_problem(settings.db, os.geteuid())
+    if problem:
+        log.error("db: %s", problem)
+        return 1
     try:
         service = Satellite(settings)
         service.store.mark_tunnels_down(time.time())
@@ -5730,6 +5757,9 @@ def check_deployment(settings: Settings, user: str) -> list:
                        f"chmod 0700 {state}")
     else:
         report("OK", f"db directory {state} writable by {user}, closed to others")
+    problem = database_files_problem(settings.db, uid)
+    if problem:
+        report("FAIL", f"db: {problem}")
     key_path = settings.cookie_key_path
     if os.path.exists(key_path):
         st = os.stat(key_path)

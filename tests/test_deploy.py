@@ -297,3 +297,26 @@ def test_a_front_secret_others_may_read_is_refused_at_start_and_fails_check(cert
         if serve.poll() is None:
             serve.terminate()
             serve.wait(30)
+
+
+@pytest.mark.parametrize("plant", ["owned by another user", "group-writable wal", "a symlink"])
+def test_a_database_another_user_made_or_may_change_is_refused(certs, tmp_path, plant):
+    """Issue 22 (low): the database file's owner and mode were never checked: where `db` sits in a directory
+    others can write, another user made satellite.db first, satellite started on it silently, and the attacker
+    could re-point a live session to a listener of theirs. Now serve refuses it and check FAILs it."""
+    ini = write_ini(tmp_path / "satellite.ini", certs)
+    db = tmp_path / "state" / "satellite.db"
+    if plant == "owned by another user":
+        db.write_bytes(b"")
+        os.chown(db, 65534, 65534)
+    elif plant == "group-writable wal":
+        wal = tmp_path / "state" / "satellite.db-wal"
+        wal.write_bytes(b"")
+        wal.chmod(0o660)
+    else:
+        (tmp_path / "elsewhere.db").write_bytes(b"")
+        db.symlink_to(tmp_path / "elsewhere.db")
+    check = satellite("check", "-c", str(ini))
+    assert re.search(r"^FAIL db: ", check.stdout, re.M), check.stdout
+    serve = satellite("serve", "-c", str(ini), "--workers", "1")
+    assert serve.returncode != 0 and "db: " in serve.stderr, serve.stderr[-500:]
