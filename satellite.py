@@ -2757,6 +2757,11 @@ class ManagementApi:
             raise ApiError(400, "Oops! Invalid jobid")
         if session.jobid:
             raise ApiError(409, "Oops! Token already linked to a job")
+        if session.target and session.target_host != peer:
+            # a job named for a redeemed session is one whose end ends it: only its mapped host may name it
+            # (else any node attaches a job of its own and its end destroys the session, as destroytoken.cgi
+            # refuses to anyone but that host)
+            raise ApiError(403, "Oops! Only the mapped host may link a redeemed token to a job")
         self.store.report_state(session.alias, "queued", jobid)
         return 200, "Success!\n"
 

@@ -178,3 +178,21 @@ def test_a_legacy_alias_is_in_no_log(fresh_satellite, new_app):
     named = [(line["event"], line["legacy_session"]) for line in audit if line["alias"] is None]
     assert named == [(e, first) for e in ("issue", "redeem", "release")] + [(e, second) for e in ("issue", "revoke")]
     assert f'"{first}.sat.test' in log and "REDACTED" in log           # the access log's Host and target
+
+
+def test_only_the_mapped_host_may_link_a_redeemed_legacy_session_to_a_job(fresh_satellite, new_app):
+    """Issue 22 (low): linktoken.cgi let any node attach a job id of its own to a mapped legacy session that had
+    none; the scheduler's word on that job (its end) then ended the session: "only the mapped host may
+    destroy" bypassed. Now a redeemed session is linked only from its mapped host."""
+    satellite = fresh_satellite("--legacy-api", "--jobstates-from", "127.0.0.1/32")
+    app = new_app()
+    alias = curl(satellite, "/getlink.cgi")[1].splitlines()[1]
+    assert curl(satellite, f"/redeemtoken.cgi?token={alias}&port={app.port}", source=NODE) == (200, "Success!\n")
+    status, body = curl(satellite, f"/linktoken.cgi?token={alias}&jobid=6666", source=OTHER_NODE)
+    assert status == 403 and body.startswith("Oops!"), (status, body)
+    result = subprocess.run(["curl", "-s", "--cacert", str(satellite.certs / "ca.pem"), "--data-urlencode",
+                             "jobstates=6666 CANCELLED", satellite.url(LOGIN, "/update-jobs.cgi")],
+                            capture_output=True, text=True)
+    assert result.stdout == "Success!\n"
+    assert curl(satellite, f"/tokenjobstate.cgi?token={alias}") == (200, "M")        # still served
+    assert curl(satellite, f"/linktoken.cgi?token={alias}&jobid=4242", source=NODE) == (200, "Success!\n")
