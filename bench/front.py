@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 from bench import free_port, machine_and_command, medians, wrk  # noqa: E402
 from conftest import NODE, App, SatelliteServer, wait_for  # noqa: E402
-from fronts import FRONT, SECRET, start_haproxy, start_nginx, stop_front  # noqa: E402
+from fronts import FRONT, start_haproxy, start_nginx, stop_front, write_front_secret  # noqa: E402
 
 import satellite as satellite_module  # noqa: E402
 
@@ -103,7 +103,7 @@ def main():
     subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(work / "certs"), "sat.test"], check=True,
                    capture_output=True)
     certs = work / "certs"
-    (work / "front-secret").write_text(SECRET + "\n")
+    write_front_secret(work / "front-secret")
     backend_port = free_port()
     procs, fronts = [start_backend(work, backend_port)], []
     satellite = SatelliteServer(certs, work, ["--access-log", "off", "--trusted-fronts", f"{FRONT}/32",

@@ -92,11 +92,16 @@ class Front:
             self.watcher.wait(10)
 
 
+def write_front_secret(path):
+    """The front secret's file as a site makes it: closed to other users (satellite refuses it otherwise)."""
+    path.write_text(SECRET + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
 def front_satellite(fresh_satellite, tmp_path):
-    (tmp_path / "front-secret").write_text(SECRET + "\n")
-    (tmp_path / "front-secret").chmod(0o600)
     return fresh_satellite("--trusted-fronts", f"{FRONT}/32", "--control-listen", "127.0.0.1:0",
-                           "--front-secret", str(tmp_path / "front-secret"))
+                           "--front-secret", write_front_secret(tmp_path / "front-secret"))
 
 
 RELOAD_AND_WAIT = """import subprocess, sys, time

@@ -16,7 +16,8 @@ import urllib.parse
 import pytest
 
 from conftest import DOMAIN, ROOT, SatelliteServer, wait_for
-from fronts import FRONT, SECRET, front, haproxy_alone, start_haproxy, start_nginx, stop_front  # noqa: F401
+from fronts import (FRONT, SECRET, front, haproxy_alone, start_haproxy, start_nginx, stop_front,  # noqa: F401
+                    write_front_secret)
 from test_front import app_headers, direct, mapped_and_served, served_by_front
 
 
@@ -212,8 +213,7 @@ def test_the_front_secret_goes_only_to_satellite(kind, tmp_path, certs):
 def big_front(request, fresh_satellite, tmp_path, certs):
     """`front` (tests/fronts.py), for a site with more live sessions than one login node's default ceiling
     (max-live-per-source = 500): several login nodes, or a raised ceiling."""
-    (tmp_path / "front-secret").write_text(SECRET + "\n")
-    (tmp_path / "front-secret").chmod(0o600)
+    write_front_secret(tmp_path / "front-secret")
     satellite = fresh_satellite("--trusted-fronts", f"{FRONT}/32", "--control-listen", "127.0.0.1:0",
                                 "--front-secret", str(tmp_path / "front-secret"), "--max-live-per-source", "5000")
     workdir = tmp_path / request.param
@@ -301,8 +301,7 @@ def test_a_long_alias_does_not_freeze_the_nginx_front(tmp_path, new_app, monkeyp
     import fronts
     certs = tmp_path / "long-certs"
     subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(certs), LONG_DOMAIN], check=True)
-    (tmp_path / "front-secret").write_text(SECRET + "\n")
-    (tmp_path / "front-secret").chmod(0o600)
+    write_front_secret(tmp_path / "front-secret")
     workdir = tmp_path / "satellite"
     workdir.mkdir()
     satellite = LongDomainSatellite(certs, workdir, ("--trusted-fronts", f"{FRONT}/32", "--control-listen",
