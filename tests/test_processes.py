@@ -9,6 +9,7 @@ import sys
 import textwrap
 import uuid
 
+import satellite_client
 from conftest import (RUN_MARKER, ROOT, group_members, leftover_processes, read_process, start_group, stop_group,
                       wait_for)
 
@@ -123,3 +124,31 @@ def test_stop_group_stops_the_command_behind_a_nobody_wrapper():
         for pid in group_members(wrapper.pid):
             kill(pid)
 
+
+def test_the_agent_stops_an_app_that_ignores_sigterm_behind_its_private_network_relay(tmp_path):
+    """The app in its private network namespace is a child of the relay (`netns-relay`), which leads the
+    process group and ends at the group's SIGTERM at once. stop_process_group used to take the relay's end
+    for the app's, and an app that ignores SIGTERM ran on after its job (left by the Slurm test of such an
+    app). It waits for the whole group now, then SIGKILLs what is left."""
+    assert satellite_client.private_network(), "unprivileged user namespaces are needed (tests/setup-system.sh)"
+    app = f"sh -c 'trap \"\" TERM; exec {sys.executable} {ROOT}/tests/apps/echo_app.py --host {{host}} --port {{port}}'"
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                                                 signal.SIGUSR1, signal.SIGUSR2)}
+    stop = satellite_client.StopFlag()
+    proc = members = None
+    try:
+        proc, where = satellite_client.start_app(app, "127.0.0.1", dict(os.environ), 30, stop)
+        assert where.path, "the app is not behind the relay"
+        members = group_members(proc.pid)
+        assert len(members) == 2, members                    # the relay and the app
+        satellite_client.stop_process_group(proc, grace=2)
+        left = [pid for pid in members if running(pid)]
+        assert not left, f"left running: {[read_process(pid)['cmdline'] for pid in left]}"
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        for pid in members or ():
+            kill(pid)
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            proc.wait()
