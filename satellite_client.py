@@ -2009,16 +2009,39 @@ def release_link(api: SatelliteApi, key: str, reason: Optional[str] = None, time
 
 
 def stop_process_group(proc: Optional[subprocess.Popen], grace: float = 10) -> None:
-    if proc is None or proc.poll() is not None:
+    """Stop the app's whole process group: SIGTERM, up to `grace` seconds for every member to end, then
+    SIGKILL to what is left. Every member, not only the leader: the leader may end at once and leave one
+    that ignores SIGTERM (in a private network namespace the relay leads the group and the app is its
+    child), which would outlive the job. The leader is collected last: until then its pid, the group's
+    id, cannot be given to another process."""
+    if proc is None or (proc.returncode is not None and not process_group_members(proc.pid)):
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+    deadline = time.monotonic() + grace
+    while process_group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if process_group_members(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5                 # SIGKILL is sure, not instant
+        while process_group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    proc.wait()
+
+
+def process_group_members(pgid: int) -> list:
+    """The pids in process group `pgid` that still run (/proc/PID/stat field 5; zombies have ended)."""
+    members = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            members.append(int(name))
+    return members
 
 
 ###############################################################################

@@ -7,11 +7,16 @@ sat.localhost because browsers and curl resolve every *.localhost name to loopba
     python3 contrib/demo.py [--port 8443] [--check]
 
 --check fetches the link with curl once the job is up, and exits 0 if the app answered.
+Ctrl-C, SIGTERM (timeout, a service manager) and SIGHUP (the terminal closed) stop it: the job is
+cancelled and satellite stopped, and nothing of the demo is left running.
 """
 import argparse
+import contextlib
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,19 +38,82 @@ def curl(*args):
 
 
 def start_satellite(port):
+    """satellite in a session of its own: Ctrl-C reaches the demo alone, which stops satellite last, once
+    the job's agent has released the link through it."""
     log = open(WORK / "satellite.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "dist/satellite.pyz"), "serve", "--domain", DOMAIN,
                              "--listen", f"127.0.0.1:{port}", "--cert", str(WORK / "certs/cert.pem"),
                              "--key", str(WORK / "certs/key.pem"), "--db", str(WORK / "satellite.db")],
-                            stdout=log, stderr=log)
-    for _ in range(100):
-        match = re.search(r"on 127\.0\.0\.1:(\d+)", (WORK / "satellite.log").read_text())
-        if match:
-            return proc, int(match.group(1))
-        if proc.poll() is not None:
-            sys.exit("satellite did not start:\n" + (WORK / "satellite.log").read_text())
+                            stdout=log, stderr=log, start_new_session=True)
+    try:
+        for _ in range(100):
+            match = re.search(r"on 127\.0\.0\.1:(\d+)", (WORK / "satellite.log").read_text())
+            if match:
+                return proc, int(match.group(1))
+            if proc.poll() is not None:
+                sys.exit("satellite did not start:\n" + (WORK / "satellite.log").read_text())
+            time.sleep(0.1)
+        sys.exit("satellite did not start in time")
+    except BaseException:                           # not started, or Ctrl-C meanwhile: stop it here
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def interrupt(signum, _frame):
+    raise KeyboardInterrupt
+
+
+def stop_on_signals():
+    """SIGTERM and SIGHUP stop the demo as Ctrl-C does. By default they end this process at once, before it
+    cancels the job and stops satellite: the job's agent, relay and app ran on for their hour."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+
+
+def hold_signals():
+    """While the demo stops, a second Ctrl-C, SIGTERM or SIGHUP must not cut that short (it is bounded)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda *_: None)
+
+
+def job_ended(session, timeout=45):
+    """Wait until the session's local job has ended (its agent stops the app first): its id is PID@START, the
+    process and its start time (/proc/PID/stat field 22). `timeout --kill-after=30` bounds it."""
+    try:
+        pid, start = json.loads((session / "session.json").read_text())["jobid"].split("@")
+    except (OSError, ValueError, KeyError):
+        return True                                 # never submitted
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return True
+        if fields[0] == "Z" or fields[19] != start:
+            return True
         time.sleep(0.1)
-    sys.exit("satellite did not start in time")
+    return False
+
+
+def stop_demo(satellite, env):
+    """Cancel every job (the agent releases the link and stops the app), wait for them to end, stop satellite."""
+    hold_signals()
+    with contextlib.suppress(OSError):                  # the terminal may be gone (SIGHUP)
+        print("\n   stopping the demo: cancelling the job, then stopping satellite", flush=True)
+    sessions = sorted((WORK / "home/.satellite/sessions").glob("*"))
+    for session in sessions:                                               # cancel the job, release the link
+        subprocess.run([sys.executable, str(ROOT / "dist/satellite-client.pyz"), "cancel", session.name],
+                       env=env, capture_output=True, timeout=60)
+    for session in sessions:
+        job_ended(session)
+    satellite.terminate()
+    try:
+        satellite.wait(10)
+    except subprocess.TimeoutExpired:
+        satellite.kill()
+        satellite.wait()
 
 
 def main():
@@ -54,6 +122,7 @@ def main():
     parser.add_argument("--check", action="store_true", help="verify the link with curl and exit")
     parser.add_argument("--queue-wait", type=float, default=5.0, help="seconds before the job starts")
     args = parser.parse_args()
+    stop_on_signals()
     for tool in ("openssl", "curl"):
         if not shutil.which(tool):
             sys.exit(f"the demo needs {tool}")
@@ -101,11 +170,7 @@ def main():
     except KeyboardInterrupt:
         pass
     finally:
-        for session in (WORK / "home/.satellite/sessions").glob("*"):      # cancel the job, release the link
-            subprocess.run([sys.executable, str(ROOT / "dist/satellite-client.pyz"), "cancel", session.name],
-                           env=env, capture_output=True)
-        satellite.terminate()
-        satellite.wait(10)
+        stop_demo(satellite, env)
     return 0
 
 

@@ -3,9 +3,11 @@
 Everything listens on loopback only. Distinct loopback addresses play distinct hosts:
 127.0.0.1 is the login node and the browser, 127.0.0.2/.3 are "compute nodes".
 """
+import contextlib
 import http.client
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -15,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -53,9 +56,12 @@ def pytest_runtest_logreport(report):
         SKIPPED.append((report.nodeid, skip_reason(report)))
 
 
+@pytest.hookimpl(trylast=True)               # after the fixtures' teardown, also when a run is interrupted
 def pytest_sessionfinish(session, exitstatus):
-    if SKIPPED and not skips_allowed() and session.exitstatus in (pytest.ExitCode.OK,
-                                                                  pytest.ExitCode.NO_TESTS_COLLECTED):
+    LEFTOVERS[:] = wait_for_no_leftovers(os.environ[RUN_MARKER], leftover_paths())
+    kill_leftovers(LEFTOVERS)
+    failed = (SKIPPED and not skips_allowed()) or LEFTOVERS
+    if failed and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -64,6 +70,187 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("skipped tests fail the run (SATELLITE_ALLOW_SKIPS=1 allows them)", red=True)
         for nodeid, reason in SKIPPED:
             terminalreporter.line(f"SKIPPED {nodeid}: {reason}", red=True)
+    if LEFTOVERS:
+        terminalreporter.section("processes the run left running fail the run (killed now)", red=True)
+        for process in LEFTOVERS:
+            terminalreporter.line(f"LEFT RUNNING pid {process['pid']} user {process['user']} "
+                                  f"cwd {process['cwd']}: {process['cmdline']}", red=True)
+
+
+# No process left behind -------------------------------------------------------------
+# A test that stops only the process it started can leave that process's children running: runuser forks
+# the command and waits for it (killing runuser leaves the command), and a relay or a shell may end on
+# SIGTERM while the app under it ignores SIGTERM. So a test starts a process that may have children with
+# start_group() (a session of its own) and stops it with stop_group(), which makes sure the whole group
+# ends. And when the run ends nothing it started may still be running: the run fails and lists what is
+# (pid, user, command line), then kills it.
+#
+# What the run started: every child inherits RUN_MARKER=<this run's id> in its environment (runuser and
+# setpriv keep the environment). A batch job's does not (satellite-client passes a job only its
+# JOB_ENVIRONMENT), and once its parent ended it is no descendant of this process either: it is found by
+# its command line or working directory naming the run's temporary directory or this checkout's tests/,
+# if it started after this run did. Then every descendant of what was found, too. The daemons the suite
+# starts for a whole module or session (slurmctld, slurmd, munged, sge_qmaster, sge_execd, nginx, HAProxy)
+# are stopped by their fixtures before this check runs, so none is excluded: a daemon found here is one
+# a fixture failed to stop. Daemons that predate the run (a munged the suite did not start) carry no
+# marker and started before it, so they are never taken for the run's.
+
+RUN_MARKER = "SATELLITE_TEST_RUN"
+LEFTOVER_GRACE = float(os.environ.get("SATELLITE_LEFTOVER_GRACE", "20"))  # for stops already under way
+BASETEMP: list = []                           # the run's temporary directory, once a test asked for it
+LEFTOVERS: list = []
+
+
+def pytest_sessionstart(session):
+    os.environ[RUN_MARKER] = uuid.uuid4().hex            # every process the run starts inherits it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def record_basetemp(tmp_path_factory):
+    """Where the run's temporary files are: the leftover check looks for processes that name it."""
+    BASETEMP[:] = [tmp_path_factory.getbasetemp()]
+
+
+def leftover_paths():
+    return [ROOT / "tests", *BASETEMP]
+
+
+def read_process(pid):
+    """One process as /proc shows it, None once it is gone: pid, ppid, pgid, state (Z: a zombie, ended and
+    not yet collected), start (clock ticks after boot), user, cmdline, cwd, and the RUN_MARKER in the
+    environment it was started with ("" if it has none, None if that cannot be read)."""
+    base = f"/proc/{pid}"
+    try:
+        with open(f"{base}/stat") as f:
+            comm, fields = f.read().rsplit(")", 1)
+        uid = os.stat(base).st_uid
+        with open(f"{base}/cmdline", "rb") as f:
+            cmdline = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    fields = fields.split()
+    try:
+        cwd = os.readlink(f"{base}/cwd")
+    except OSError:
+        cwd = ""
+    try:
+        with open(f"{base}/environ", "rb") as f:
+            variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        marker = variables.get(RUN_MARKER.encode(), b"").decode(errors="replace")
+    except OSError:
+        marker = None
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return {"pid": pid, "ppid": int(fields[1]), "pgid": int(fields[2]), "state": fields[0],
+            "start": int(fields[19]), "user": user, "cmdline": cmdline or "[" + comm.split("(", 1)[1] + "]",
+            "cwd": cwd, "marker": marker}
+
+
+def all_processes():
+    """Every process now, by pid."""
+    found = (read_process(int(name)) for name in os.listdir("/proc") if name.isdigit())
+    return {process["pid"]: process for process in found if process}
+
+
+def names_a_path(process, paths):
+    """Does the process's command line or working directory name one of `paths` (or a file under one)?"""
+    for path in map(str, paths):
+        if process["cwd"] == path or process["cwd"].startswith(path + "/") or \
+                re.search(re.escape(path) + r"(/|\s|$)", process["cmdline"]):
+            return True
+    return False
+
+
+def leftover_processes(marker, paths=(), since=None):
+    """The processes of the run marked `marker` still running, as read_process() dicts by pid: those whose
+    environment carries the marker, those started since `since` (clock ticks after boot; default: when this
+    process started) whose command line or working directory names one of `paths`, this process's
+    descendants, and every descendant of those. Never this process or its ancestors, nor zombies, nor a
+    process that carries another run's marker (a run in another checkout, or one a test started)."""
+    processes = all_processes()
+    me = os.getpid()
+    since = processes[me]["start"] if since is None else since
+    ancestors, pid = set(), me
+    while pid in processes and pid not in ancestors:
+        ancestors.add(pid)
+        pid = processes[pid]["ppid"]
+
+    def another_runs(process):
+        return process["marker"] not in (None, "", marker)
+    found = {pid for pid, process in processes.items()
+             if process["marker"] == marker or
+             (not another_runs(process) and process["start"] >= since and names_a_path(process, paths))}
+    children = {}
+    for pid, process in processes.items():
+        children.setdefault(process["ppid"], []).append(pid)
+    todo = list(found | {me})
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found and not another_runs(processes[child]):
+                found.add(child)
+                todo.append(child)
+    return {pid: processes[pid] for pid in sorted(found - ancestors) if processes[pid]["state"] != "Z"}
+
+
+def wait_for_no_leftovers(marker, paths, since=None, grace=None):
+    """leftover_processes(), after up to `grace` seconds for them to end: a job cancelled by the last test
+    may still be stopping its app. Returns what is still running then, as a list."""
+    deadline = time.monotonic() + (LEFTOVER_GRACE if grace is None else grace)
+    while True:
+        left = leftover_processes(marker, paths, since)
+        if not left or time.monotonic() >= deadline:
+            return list(left.values())
+        time.sleep(0.2)
+
+
+def kill_leftovers(processes):
+    """SIGKILL each, if its pid still names the same process (same start time): a failed run leaves
+    nothing running either."""
+    for process in processes:
+        now = read_process(process["pid"])
+        if now and now["start"] == process["start"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process["pid"], signal.SIGKILL)
+
+
+def start_group(argv, **kwargs):
+    """subprocess.Popen in a session (so a process group) of its own: stop_group() reaches its children."""
+    return subprocess.Popen(argv, start_new_session=True, **kwargs)
+
+
+def group_members(pgid):
+    """The pids of process group `pgid` still running (zombies are over)."""
+    members = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(name))
+    return members
+
+
+def stop_group(proc, first=signal.SIGTERM, grace=10):
+    """Stop `proc` (from start_group) and all of its process group: `first` to `proc` alone (None: the caller
+    has signalled already), up to `grace` seconds for the group to end, then SIGKILL to what is left of it;
+    `proc` collected. What the members do on `first` (satellite stopping its workers, HAProxy's soft stop)
+    is for the tests to see; this makes sure none outlives them. `proc` is collected last: until then its
+    pid, the group's id, cannot be given to another process."""
+    if first is not None and proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(first)
+    deadline = time.monotonic() + grace
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if group_members(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    wait_for(lambda: not group_members(proc.pid), timeout=10, what=f"process group {proc.pid} to end")
 
 
 def wait_for(predicate, timeout=20.0, interval=0.05, what="condition"):
@@ -128,7 +315,7 @@ class SatelliteServer:
     def start(self):
         log = open(self.log_path, "a")
         start_at = self.log_path.stat().st_size
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.workdir)
+        self.proc = start_group(self.command(), stdout=log, stderr=log, cwd=self.workdir)      # and its workers
         log.close()
 
         def serving():
@@ -142,13 +329,9 @@ class SatelliteServer:
         return self
 
     def stop(self, sig=signal.SIGTERM):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """`sig` to satellite; its workers too are gone when this returns (a killed satellite's included)."""
+        if self.proc:
+            stop_group(self.proc, sig)
 
     def restart(self):
         self.stop()
@@ -236,9 +419,8 @@ class App:
         self.request_log = Path(workdir) / f"app-{host}-{time.monotonic_ns()}.log"
         self.request_log.touch()
         environ = dict(os.environ, APP_REQUEST_LOG=str(self.request_log), **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests/apps/echo_app.py"), "--host", host,
-                                      "--port", str(port)],
-                                     stdout=subprocess.PIPE, text=True, env=environ)
+        self.proc = start_group([sys.executable, str(ROOT / "tests/apps/echo_app.py"), "--host", host,
+                                 "--port", str(port)], stdout=subprocess.PIPE, text=True, env=environ)
         line = self.proc.stdout.readline()
         assert line.startswith("listening"), line
         self.port = int(line.split()[2])
@@ -253,9 +435,7 @@ class App:
         return conn.getresponse().read()
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop_group(self.proc)
 
 
 @pytest.fixture(scope="session")

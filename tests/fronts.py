@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import DOMAIN, ROOT, wait_for
+from conftest import DOMAIN, ROOT, start_group, stop_group, wait_for
 
 FRONT = "127.0.0.5"          # the fronts connect to satellite from here (127.0.0.1 is the login node)
 SECRET = "9" * 64
@@ -54,9 +54,9 @@ class Front:
         args += ["--haproxy-socket", str(self.socket)] if self.kind == "haproxy" else \
             ["--reload-command", f"echo x >> {self.reloads} && {self.reload_command} && echo done >> {self.reloads}"]
         log = open(self.workdir / "watch.log", "a")
-        self.watcher = subprocess.Popen([sys.executable, str(ROOT / "satellite.py"), "export", "--db",
-                                         str(self.satellite.db), "--domain", DOMAIN, *args],
-                                        stdout=log, stderr=log)
+        self.watcher = start_group([sys.executable, str(ROOT / "satellite.py"), "export", "--db",
+                                    str(self.satellite.db), "--domain", DOMAIN, *args],
+                                   stdout=log, stderr=log)         # its reload commands are in its group
         log.close()
         wait_for(lambda: "# satellite export" in self.map_file.read_text(), what="the watcher's first map")
         return self
@@ -87,9 +87,8 @@ class Front:
                               capture_output=True, text=True, timeout=60)
 
     def stop(self):
-        if self.watcher and self.watcher.poll() is None:
-            self.watcher.terminate()
-            self.watcher.wait(10)
+        if self.watcher:
+            stop_group(self.watcher)
 
 
 def write_front_secret(path):
@@ -147,7 +146,7 @@ http {{ access_log off; client_body_temp_path {tmp_path}/body; proxy_temp_path {
 """)
     check = subprocess.run(["nginx", "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp_path)])
+    proc = start_group(["nginx", "-c", str(conf), "-p", str(tmp_path)])             # the master and its workers
     wait_for(lambda: (tmp_path / "nginx.pid").exists(), what="nginx")
     front = Front("nginx", satellite, port, map_file, tmp_path)
     (tmp_path / "reload.py").write_text(RELOAD_AND_WAIT.format(master=proc.pid, conf=conf, prefix=tmp_path))
@@ -177,7 +176,7 @@ def start_haproxy(satellite, tmp_path, certs):
     check = subprocess.run(["haproxy", "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     log = open(tmp_path / "haproxy.log", "a")
-    proc = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=log, stderr=log)
+    proc = start_group(["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=log, stderr=log)
     log.close()
     wait_for(lambda: admin_socket.exists(), what="HAProxy's runtime API socket")
     front = Front("haproxy", satellite, port, map_file, tmp_path)
@@ -188,12 +187,7 @@ def start_haproxy(satellite, tmp_path, certs):
 
 def stop_front(front):
     front.stop()
-    front.proc.send_signal(signal.SIGTERM if front.kind == "nginx" else signal.SIGUSR1)   # HAProxy: soft stop
-    try:
-        front.proc.wait(10)
-    except subprocess.TimeoutExpired:
-        front.proc.kill()
-        front.proc.wait()
+    stop_group(front.proc, signal.SIGTERM if front.kind == "nginx" else signal.SIGUSR1)   # HAProxy: soft stop
 
 
 @pytest.fixture(params=["nginx", "haproxy"])

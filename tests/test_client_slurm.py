@@ -176,6 +176,7 @@ def test_wait_shows_progress_while_the_job_queues(client, job_satellite, slurm):
         subprocess.run(["scancel", blocker_id], env=slurm.env())
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
 
 
 def test_the_link_is_released_before_slurm_kills_an_app_that_ignores_sigterm(client, job_satellite, slurm):

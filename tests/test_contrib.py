@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import DOMAIN, ROOT, Client, wait_for
+from conftest import DOMAIN, ROOT, Client, stop_group, wait_for
 
 CONTRIB = ROOT / "contrib"
 
@@ -136,8 +136,8 @@ def test_open_ondemand_app_renders_and_its_script_launches_through_satellite(job
             logs = "".join(p.read_text() for p in (tmp_path / "home/.satellite/sessions").glob("*/job.log"))
             raise AssertionError(f"{exc}; job log:\n" + logs[-3000:]) from None
     finally:
-        os.killpg(job.pid, signal.SIGTERM)
-        job.wait(30)
+        os.killpg(job.pid, signal.SIGTERM)                            # as the scheduler ends a job
+        stop_group(job, first=None, grace=30)
     wait_for(lambda: job_satellite.request(host, "/lab?token=" + url.split("token=")[1])[0] == 410,
              timeout=30, what="the link released when the job ended")
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import DOMAIN, ROOT, wait_for
+from conftest import DOMAIN, ROOT, start_group, stop_group, wait_for
 
 
 def satellite(*args, timeout=30):
@@ -200,13 +200,12 @@ def test_serve_warns_when_the_certificate_does_not_cover_the_domain(tmp_path):
     ini = write_ini(tmp_path / "satellite.ini", other)
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "satellite.py"), "serve", "-c", str(ini)], stdout=out,
-                                stderr=out)
+        proc = start_group([sys.executable, str(ROOT / "satellite.py"), "serve", "-c", str(ini)], stdout=out,
+                           stderr=out)
     try:
         wait_for(lambda: "serving" in log.read_text() or proc.poll() is not None, what="satellite to start")
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_group(proc, grace=30)
     text = log.read_text()
     assert re.search(rf"WARNING certificate covers \*\.{re.escape(DOMAIN)}: it names \*\.elsewhere\.test, "
                      rf"elsewhere\.test and does not name anything\.{re.escape(DOMAIN)}", text), text

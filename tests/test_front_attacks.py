@@ -15,7 +15,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import DOMAIN, ROOT, SatelliteServer, wait_for
+from conftest import DOMAIN, ROOT, SatelliteServer, start_group, stop_group, wait_for
 from fronts import (FRONT, SECRET, front, haproxy_alone, start_haproxy, start_nginx, stop_front,  # noqa: F401
                     write_front_secret)
 from test_front import app_headers, direct, mapped_and_served, served_by_front
@@ -107,12 +107,11 @@ def many_sessions(satellite, app, count):
 
 def restart_haproxy(started):
     """Restart HAProxy (an upgrade, a reboot): it loads the map file as it is now."""
-    started.proc.send_signal(signal.SIGUSR1)
-    started.proc.wait(10)
+    stop_group(started.proc, signal.SIGUSR1)
     log = open(started.workdir / "haproxy.log", "a")
     started.socket.unlink(missing_ok=True)
-    started.proc = subprocess.Popen(["haproxy", "-db", "-f", str(started.workdir / "haproxy.cfg")], stdout=log,
-                                    stderr=log)
+    started.proc = start_group(["haproxy", "-db", "-f", str(started.workdir / "haproxy.cfg")], stdout=log,
+                               stderr=log)
     log.close()
     wait_for(lambda: started.socket.exists(), what="HAProxy's runtime API socket")
 
@@ -201,8 +200,7 @@ def test_the_front_secret_goes_only_to_satellite(kind, tmp_path, certs):
             sock.close()
             time.sleep(0.5)
         finally:
-            started.proc.send_signal(signal.SIGTERM if kind == "nginx" else signal.SIGUSR1)
-            started.proc.wait(10)
+            stop_group(started.proc, signal.SIGTERM if kind == "nginx" else signal.SIGUSR1)
         leaked = [head for head in impostor.heads if SECRET in head]
         assert not leaked, f"{kind} sent X-Satellite-Front to a listener with an unverified certificate:\n{leaked[0]}"
     finally:

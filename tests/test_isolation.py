@@ -24,7 +24,7 @@ import pytest
 import websocket
 
 import satellite_client
-from conftest import DOMAIN, ROOT, Client, SatelliteServer, wait_for
+from conftest import DOMAIN, ROOT, Client, SatelliteServer, start_group, stop_group, wait_for
 from test_jupyter import execute
 
 NETNS = f"satiso{os.getpid()}"
@@ -299,7 +299,7 @@ def test_a_squatter_on_the_apps_port_is_never_taken_for_the_app(monkeypatch):
     script = directory / "squatter.py"
     script.write_text(SQUATTER)
     control = directory / "control"
-    squatter = subprocess.Popen(NOBODY + ["/usr/bin/python3", str(script), str(control)])
+    squatter = start_group(NOBODY + ["/usr/bin/python3", str(script), str(control)])   # runuser forks: stop both
     try:
         wait_for(control.exists, what="the squatter")
         tell = (f"python3 -c 'import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
@@ -309,8 +309,7 @@ def test_a_squatter_on_the_apps_port_is_never_taken_for_the_app(monkeypatch):
         with pytest.raises(satellite_client.Failure, match="something other than the app listens"):
             satellite_client.start_app(tell, "127.0.0.1", dict(os.environ), 20, stop)
     finally:
-        squatter.kill()
-        squatter.wait()
+        stop_group(squatter)
         shutil.rmtree(directory)
 
 

@@ -11,7 +11,7 @@ import jupyter_server  # noqa: F401
 import pytest
 import websocket
 
-from conftest import OTHER_NODE, json_body, wait_for
+from conftest import OTHER_NODE, json_body, start_group, stop_group, wait_for
 
 
 def free_port(host):
@@ -29,13 +29,13 @@ def jupyter(tmp_path):
         port = free_port(OTHER_NODE)
         env = dict(os.environ, JUPYTER_TOKEN=token, HOME=str(tmp_path), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"),
                    JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"), JUPYTER_DATA_DIR=str(tmp_path / "data"))
-        proc = subprocess.Popen([sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
-                                 f"--ServerApp.ip={OTHER_NODE}", f"--ServerApp.port={port}",
-                                 "--ServerApp.port_retries=0", f"--ServerApp.root_dir={tmp_path}",
-                                 # bound to loopback, Jupyter would refuse the proxied Host name;
-                                 # on a real compute node address this is already its default
-                                 "--ServerApp.allow_remote_access=True"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "jupyter.log", "w"))
+        proc = start_group([sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
+                            f"--ServerApp.ip={OTHER_NODE}", f"--ServerApp.port={port}",
+                            "--ServerApp.port_retries=0", f"--ServerApp.root_dir={tmp_path}",
+                            # bound to loopback, Jupyter would refuse the proxied Host name;
+                            # on a real compute node address this is already its default
+                            "--ServerApp.allow_remote_access=True"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "jupyter.log", "w"))
         procs.append(proc)
         assert token not in " ".join(proc.args)
 
@@ -51,8 +51,7 @@ def jupyter(tmp_path):
         return port
     yield start
     for proc in procs:
-        proc.terminate()
-        proc.wait(20)
+        stop_group(proc, grace=20)                 # it shuts its kernels down (each in a session of its own)
 
 
 def execute(ws, code):

@@ -12,7 +12,7 @@ import pytest
 import websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import NODE, ROOT, wait_for
+from conftest import NODE, ROOT, start_group, stop_group, wait_for
 from test_proxy import open_websocket
 
 
@@ -106,10 +106,14 @@ def test_concurrent_refreshes_beside_live_traffic(ops_satellite, new_app):
     worker.start()
     for a in dying_apps:
         a.stop()
-    refreshes = [subprocess.Popen([sys.executable, str(ROOT / "satellite.py"), "refresh", "--db", str(satellite.db),
-                                   "--dead-after", "0", "--audit-log", str(satellite.workdir / "audit.log")],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [p.communicate(timeout=60) + (p.returncode,) for p in refreshes]
+    refreshes = [start_group([sys.executable, str(ROOT / "satellite.py"), "refresh", "--db", str(satellite.db),
+                              "--dead-after", "0", "--audit-log", str(satellite.workdir / "audit.log")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        results = [p.communicate(timeout=60) + (p.returncode,) for p in refreshes]
+    finally:
+        for refresh in refreshes:
+            stop_group(refresh)
     stop.set()
     worker.join()
     assert all(code == 0 for _, _, code in results), results
@@ -425,12 +429,13 @@ def tls_app(tmp_path):
                    check=True, capture_output=True)
     der = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "c.pem"), "-outform", "DER"],
                          capture_output=True, check=True).stdout
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/apps/echo_app.py"), "--host", NODE, "--certfile",
-                             str(tmp_path / "c.pem"), "--keyfile", str(tmp_path / "k.pem")], stdout=subprocess.PIPE, text=True)
-    port = int(proc.stdout.readline().split()[2])
-    yield port, __import__("hashlib").sha256(der).hexdigest()
-    proc.terminate()
-    proc.wait()
+    proc = start_group([sys.executable, str(ROOT / "tests/apps/echo_app.py"), "--host", NODE, "--certfile",
+                        str(tmp_path / "c.pem"), "--keyfile", str(tmp_path / "k.pem")], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline().split()[2])
+        yield port, __import__("hashlib").sha256(der).hexdigest()
+    finally:
+        stop_group(proc)
 
 
 def test_pinned_tls_to_the_app(ops_satellite, tls_app):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import DOMAIN, LOGIN, ROOT, wait_for
+from conftest import DOMAIN, LOGIN, ROOT, start_group, stop_group, wait_for
 
 
 def test_plain_http_on_the_tls_port_gets_a_hint(satellite):
@@ -101,8 +101,8 @@ def test_config_file_and_flags(certs, tmp_path):
     ini.write_text(f"[satellite]\ndomain = {DOMAIN}\nlisten = 127.0.0.1:0\ncert = {certs}/cert.pem\n"
                    f"key = {certs}/key.pem\ndb = {tmp_path}/s.db\nissue-from = 127.0.0.1/32\n"
                    "port-range = 2000-3000\n")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "satellite.py"), "serve", "-c", str(ini),
-                             "--port-range", "4000-5000"], stderr=subprocess.PIPE, text=True)
+    proc = start_group([sys.executable, str(ROOT / "satellite.py"), "serve", "-c", str(ini),
+                        "--port-range", "4000-5000"], stderr=subprocess.PIPE, text=True)
     try:
         lines = [proc.stderr.readline() for _ in range(3)]       # a first start also logs the keys it made
         assert "cookie-key: made a new key" in lines[0] and "upstream-key: made a new key" in lines[1]
@@ -117,8 +117,7 @@ def test_config_file_and_flags(certs, tmp_path):
         resp = conn.getresponse()
         assert resp.status == 400 and b"4000 to 5000" in resp.read()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_group(proc)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DOMAIN, ROOT, wait_for
+from conftest import DOMAIN, ROOT, start_group, stop_group, wait_for
 from test_workers import (access_pids, access_size, connected_to, fresh_get, get_on, gone, session_host, start,
                           token_header, wait_for_workers)
 
@@ -337,20 +337,18 @@ def test_a_relay_directory_made_by_another_local_user_does_not_stop_the_service(
     assert made.returncode == 0, made.stderr
     log = shared_dir / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(["setpriv", "--reuid", "daemon", "--regid", "daemon", "--clear-groups",
-                                 "/usr/bin/python3", str(shared_dir / "satellite.py"), "serve", "--domain", DOMAIN,
-                                 "--workers", "2", "--listen", "127.0.0.1:0", "--cert", str(shared_dir / "cert.pem"),
-                                 "--key", str(shared_dir / "key.pem"), "--db", str(shared_dir / "satellite.db"),
-                                 "--issue-from", "127.0.0.1/32", "--redeem-from", "127.0.0.2/31"],
-                                stdout=out, stderr=out, cwd=shared_dir)
+        proc = start_group(["setpriv", "--reuid", "daemon", "--regid", "daemon", "--clear-groups",
+                            "/usr/bin/python3", str(shared_dir / "satellite.py"), "serve", "--domain", DOMAIN,
+                            "--workers", "2", "--listen", "127.0.0.1:0", "--cert", str(shared_dir / "cert.pem"),
+                            "--key", str(shared_dir / "key.pem"), "--db", str(shared_dir / "satellite.db"),
+                            "--issue-from", "127.0.0.1/32", "--redeem-from", "127.0.0.2/31"],
+                           stdout=out, stderr=out, cwd=shared_dir)
     try:
         wait_for(lambda: proc.poll() is not None or "worker 1 started" in log.read_text(), timeout=30,
                  what="satellite to start its workers or exit")
         assert proc.poll() is None, f"satellite serve exited {proc.returncode}:\n{log.read_text()[-600:]}"
     finally:
-        if proc.poll() is None:
-            proc.terminate()                  # our own child: the supervisor, which stops its workers
-            proc.wait(20)
+        stop_group(proc, grace=20)            # the supervisor, which stops its workers
 
 
 # F4: a revoked session keeps streaming to its client through whichever worker relays the response ----------------
