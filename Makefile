@@ -27,16 +27,20 @@ test: $(VENV)/.installed build
 fuzz: $(VENV)/.installed
 	HYPOTHESIS_PROFILE=long $(VENV)/bin/python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
-# Ten minutes of steady mixed load; prints threads, descriptors and RSS over time (SOAK_SECONDS to change).
+# 10,000 sessions issued, used and ended through 2 workers beside steady load; prints RSS, threads and
+# descriptors per worker over time and fails on growth (SOAK_SESSIONS, SOAK_SECONDS, SOAK_WORKERS to change).
+SOAK_WORKERS ?= 2
 soak: $(VENV)/.installed
-	$(VENV)/bin/python bench/soak.py
+	$(VENV)/bin/python bench/soak.py --workers $(SOAK_WORKERS)
 
 # satellite beside configurable-http-proxy, nginx and the direct path (wrk); writes bench/results.md.
 # Then nginx and HAProxy deciding at the front vs satellite alone; writes bench/results-front.md.
+# Then the spread over 2 and 4 workers and the cost of the shared limits; writes bench/results-workers.md.
 bench: $(VENV)/.installed
 	tests/setup-system.sh
 	$(VENV)/bin/python bench/bench.py
 	$(VENV)/bin/python bench/front.py
+	$(VENV)/bin/python bench/workers.py
 
 demo: build
 	$(PYTHON) contrib/demo.py

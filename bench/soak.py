@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
-"""Soak: steady mixed load through one satellite (HTTP downloads, WebSocket echoes, sessions issued,
-redeemed, used and released) for SOAK_SECONDS (default 600), loopback only, every loop bounded.
-Samples satellite's threads, file descriptors and RSS every 30 s; after a 60 s warm-up none may grow.
+"""Soak: a long day of a large centre through one satellite with its workers: SESSIONS sessions (default
+10,000) issued, redeemed, used and ended, beside steady HTTP downloads and WebSocket echoes, loopback only,
+every loop bounded (and the whole run by --seconds).
 
-    make soak            (or: python3 bench/soak.py [--seconds 600])
+Every 15 s it samples each worker's and the supervisor's RSS, threads and file descriptors. After the
+warm-up (the first tenth of the sessions) none may grow: RSS by more than --rss-mb (4 MB) in any process,
+threads by more than 2, descriptors by more than 4 (a connection being opened or closed at the sample).
+A worker that restarts (a new pid) fails the soak too.
 
-Prints the samples and a verdict; exits 1 on any error or growth."""
+    make soak                      (or: python3 bench/soak.py [--workers 2] [--sessions 10000])
+
+Prints a table per process and a verdict; exits 1 on any error, restart or growth."""
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,63 +24,84 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import websocket  # noqa: E402
 from conftest import ROOT, App, SatelliteServer  # noqa: E402
 
+SAMPLE_SECONDS = 15
 
-def sample(pid):
+
+def sample(pid: int) -> dict:
     fields = {}
-    for line in open(f"/proc/{pid}/status"):
-        key, _, value = line.partition(":")
-        fields[key] = value.split()
-    import os
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
     return {"threads": int(fields["Threads"][0]), "fds": len(os.listdir(f"/proc/{pid}/fd")),
             "rss_mb": int(fields["VmRSS"][0]) / 1024}
 
 
-def main():
+def worker_pids(supervisor: int) -> list:
+    with open(f"/proc/{supervisor}/task/{supervisor}/children") as children:
+        return sorted(int(pid) for pid in children.read().split())
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    import os
-    parser.add_argument("--seconds", type=int, default=int(os.environ.get("SOAK_SECONDS", "600")))
-    parser.add_argument("--warmup", type=int, default=60)
-    args = parser.parse_args()
+    parser.add_argument("--workers", type=int, default=2, help="satellite's workers (default 2)")
+    parser.add_argument("--sessions", type=int, default=int(os.environ.get("SOAK_SESSIONS", "10000")),
+                        help="sessions to issue, use and end (default 10000, or SOAK_SESSIONS)")
+    parser.add_argument("--seconds", type=int, default=int(os.environ.get("SOAK_SECONDS", "1800")),
+                        help="stop here even if not all sessions are done (default 1800, or SOAK_SECONDS)")
+    parser.add_argument("--rss-mb", type=float, default=4.0, help="RSS growth allowed per process (default 4)")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="satellite-soak-"))
-    subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(work / "certs"), "sat.test"], check=True)
-    satellite = SatelliteServer(work / "certs", work, ["--access-log", "off", "--redeem-from", "127.0.0.0/8",
-                                                             "--max-connections-per-address", "0"]).start()
+    subprocess.run([str(ROOT / "contrib/dev-ca.sh"), str(work / "certs"), "sat.test"], check=True,
+                   capture_output=True)
+    satellite = SatelliteServer(work / "certs", work, ["--workers", str(args.workers), "--access-log", "off",
+                                                       "--redeem-from", "127.0.0.0/8",
+                                                       "--max-connections-per-address", "0"]).start()
     app = App(work)
     deadline = time.monotonic() + args.seconds
     counts = {"http": 0, "ws": 0, "sessions": 0, "errors": 0}
     lock = threading.Lock()
     last_error = []
+    done = threading.Event()
 
     def count(kind, ok=True, detail=""):
         with lock:
             counts[kind if ok else "errors"] += 1
             if not ok:
                 last_error[:] = [detail]
+            if counts["sessions"] >= args.sessions:
+                done.set()
+
+    def over() -> bool:
+        return done.is_set() or time.monotonic() > deadline
 
     link = satellite.mapped_session(app)
     host = satellite.host(link["alias"])
     auth = {"Authorization": "token " + link["token"]}
 
-    def http_worker():
+    def http_load():
         conn = satellite.connection(host)
         for _ in range(10_000_000):
-            if time.monotonic() > deadline:
+            if over():
                 return
             try:
                 conn.request("GET", "/download?size=20000", headers=auth)
                 resp = conn.getresponse()
-                ok = resp.status == 200 and len(resp.read()) == 20000
-                count("http", ok, f"http {resp.status}")
+                count("http", resp.status == 200 and len(resp.read()) == 20000, f"http {resp.status}")
             except Exception as exc:                              # noqa: BLE001 - counted and reported
                 count("http", False, repr(exc))
                 conn = satellite.connection(host)
-            time.sleep(0.005)
+            time.sleep(0.02)
 
-    def websocket_worker():
+    def websocket_load():
         ws = websocket.create_connection(f"wss://{host}:{satellite.port}/ws", socket=satellite.tls_socket(host),
                                          header=[f"Authorization: token {link['token']}"], timeout=30)
         for i in range(10_000_000):
-            if time.monotonic() > deadline:
+            if over():
                 ws.close()
                 return
             try:
@@ -83,11 +110,11 @@ def main():
             except Exception as exc:                              # noqa: BLE001
                 count("ws", False, repr(exc))
                 return
-            time.sleep(0.02)
+            time.sleep(0.05)
 
-    def session_worker():
+    def session_cycles():
         for _ in range(10_000_000):
-            if time.monotonic() > deadline:
+            if over():
                 return
             try:
                 new = satellite.mapped_session(app)
@@ -96,33 +123,56 @@ def main():
                 count("sessions", ok, "session cycle failed")
             except Exception as exc:                              # noqa: BLE001
                 count("sessions", False, repr(exc))
-            time.sleep(0.5)
 
-    workers = [threading.Thread(target=w) for w in [http_worker] * 3 + [websocket_worker] * 2 + [session_worker]]
-    for worker in workers:
-        worker.start()
-    samples = []
+    load = [threading.Thread(target=w) for w in [http_load] * 2 + [websocket_load] * 2 + [session_cycles] * 4]
+    for thread in load:
+        thread.start()
+    workers = worker_pids(satellite.proc.pid)
+    processes = {"supervisor": satellite.proc.pid, **{f"worker {i + 1}": pid for i, pid in enumerate(workers)}}
+    samples, restarted = [], []
     started = time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(min(30, max(0.1, deadline - time.monotonic())))
-        samples.append((time.monotonic() - started, sample(satellite.proc.pid), dict(counts)))
-    for worker in workers:
-        worker.join()
-    app.stop()
-    satellite.stop()
+    try:
+        while not over():
+            done.wait(min(SAMPLE_SECONDS, max(0.1, deadline - time.monotonic())))
+            now_workers = worker_pids(satellite.proc.pid)
+            if now_workers != workers:
+                restarted.append((workers, now_workers))
+                break
+            samples.append((time.monotonic() - started, {name: sample(pid) for name, pid in processes.items()},
+                            dict(counts)))
+    finally:
+        done.set()
+        for thread in load:
+            thread.join()
+        app.stop()
+        satellite.stop()
+    return report(args, samples, counts, last_error, restarted)
 
-    print(f"{'t (s)':>6} {'threads':>8} {'fds':>5} {'RSS MB':>7} {'http':>8} {'ws':>8} {'sessions':>8} {'errors':>6}")
-    for t, s, c in samples:
-        print(f"{t:6.0f} {s['threads']:8d} {s['fds']:5d} {s['rss_mb']:7.1f} {c['http']:8d} {c['ws']:8d} "
-              f"{c['sessions']:8d} {c['errors']:6d}")
-    warm = [s for t, s, _ in samples if t >= args.warmup] or [samples[-1][1]]
-    first = warm[0]
-    growth = {"threads": max(s["threads"] for s in warm) - first["threads"],
-              "fds": max(s["fds"] for s in warm) - first["fds"],
-              "rss_mb": max(s["rss_mb"] for s in warm) - first["rss_mb"]}
-    print(f"after warm-up: threads +{growth['threads']}, fds +{growth['fds']}, RSS +{growth['rss_mb']:.1f} MB; "
-          f"errors {counts['errors']}" + (f" (last: {last_error[0]})" if last_error else ""))
-    ok = counts["errors"] == 0 and growth["threads"] <= 2 and growth["fds"] <= 4 and growth["rss_mb"] <= 8
+
+def report(args, samples, counts, last_error, restarted) -> int:
+    print(f"soak: {counts['sessions']} sessions, {counts['http']} downloads, {counts['ws']} echoes, "
+          f"{counts['errors']} errors" + (f" (last: {last_error[0]})" if last_error else ""))
+    warm = [(t, s, c) for t, s, c in samples if c["sessions"] >= args.sessions // 10] or samples[-1:]
+    ok = counts["errors"] == 0 and not restarted and counts["sessions"] >= args.sessions
+    if restarted:
+        print(f"a worker restarted: {restarted[0][0]} -> {restarted[0][1]}")
+    if counts["sessions"] < args.sessions:
+        print(f"only {counts['sessions']} of {args.sessions} sessions in {args.seconds} s")
+    for name in samples[0][1] if samples else ():
+        print(f"\n{name}:\n{'t (s)':>6} {'sessions':>8} {'threads':>8} {'fds':>5} {'RSS MB':>7}")
+        for t, per_process, c in samples:
+            s = per_process[name]
+            print(f"{t:6.0f} {c['sessions']:8d} {s['threads']:8d} {s['fds']:5d} {s['rss_mb']:7.1f}")
+        first = warm[0][1][name]
+        rss = [s[name]["rss_mb"] for _, s, _ in warm]
+        growth = {"threads": max(s[name]["threads"] for _, s, _ in warm) - first["threads"],
+                  "fds": max(s[name]["fds"] for _, s, _ in warm) - first["fds"],
+                  "rss_mb": max(rss) - first["rss_mb"]}
+        fine = growth["threads"] <= 2 and growth["fds"] <= 4 and growth["rss_mb"] <= args.rss_mb
+        print(f"{name}: after warm-up ({warm[0][2]['sessions']} sessions) RSS {first['rss_mb']:.1f} -> "
+              f"{rss[-1]:.1f} MB (peak +{growth['rss_mb']:.1f}), threads +{growth['threads']}, "
+              f"fds +{growth['fds']}: {'flat' if fine else 'GROWS'}")
+        ok = ok and fine
     print("soak: PASS" if ok else "soak: FAIL")
     return 0 if ok else 1
 

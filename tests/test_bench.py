@@ -39,3 +39,19 @@ def test_front_bench_smoke_measures_both_fronts_and_satellite_alone():
     assert all(int(rate.replace(",", "")) > 0 and errors == "0" for _, rate, errors in rows)
     for kind in ("nginx", "haproxy"):
         assert f"redeem → first answer by the {kind} front" in result.stdout
+
+
+def test_workers_bench_smoke_measures_the_spread_and_the_shared_counting():
+    result = subprocess.run([sys.executable, str(ROOT / "bench/workers.py"), "--smoke"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    spread = re.findall(r"^\| 2 \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", result.stdout, re.M)
+    assert len(spread) == 1, result.stdout
+    counted = [sum(int(n) for n in re.findall(r"\d+", cell.split("(")[0])) for cell in spread[0]]
+    assert counted == [100, 20, 100], spread         # every connection and request counted (how the kernel
+    #                                                  spreads them is measured, not asserted)
+    costs = re.findall(r"^\| (new TLS connections|wrong tokens|admit \+ release|check \+ record)[^|]* \| "
+                       r"([\d,.]+) \| ([\d,.]+) \| [\d.]+ \|$", result.stdout, re.M)
+    assert [name for name, _, _ in costs] == ["new TLS connections", "wrong tokens", "admit + release",
+                                              "check + record"]
+    assert all(float(a.replace(",", "")) > 0 and float(b.replace(",", "")) > 0 for _, a, b in costs)
