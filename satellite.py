@@ -140,6 +140,7 @@ COPY_BUFFER = 256 * 1024                           # bulk body relay buffer
 RECV_SIZE = 64 * 1024
 TLS_RECORD = 16 * 1024                             # the most one TLS record (one SSL_read) carries
 MAX_WORKERS = 256                                  # serving processes at most (workers =)
+MUNGE_AT_ONCE = 4                                  # unmunge processes one worker runs at once, at most
 
 HOP_BY_HOP = frozenset((
     "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding",
@@ -1150,21 +1151,29 @@ class Events:
 
 
 class SharedLock:
-    """A lock that holds across the workers' processes and their threads: this process's thread lock, then
-    a POSIX record lock (lockf) on one byte of a private, unlinked file opened before the fork. The kernel
-    drops a record lock when its holder dies, so a worker killed in the middle of an update never wedges
-    the others (a semaphore would stay taken)."""
+    """A lock that holds across the workers' processes and their threads: a thread lock, then a POSIX record
+    lock (lockf) on one byte of a private, unlinked file opened before the fork. The kernel drops a record
+    lock when its holder dies, so a worker killed in the middle of an update never wedges the others (a
+    semaphore would stay taken).
+
+    Record locks belong to a process, not a thread, and the kernel's deadlock check follows processes: if
+    one thread of worker A held byte 0 while another waited for byte 1, held by worker B, B's wait for byte 0
+    would be refused at once (EDEADLK) though nothing is stuck. So every SharedLock of a process takes the
+    same thread lock (`process_lock`) first: at most one thread of a process is ever inside a record lock,
+    and it waits for nothing while it holds one. They are never nested (each is held for a few table
+    operations, one at a time)."""
+
+    process_lock = threading.Lock()
 
     def __init__(self, fd: int, byte: int):
         self.fd, self.byte = fd, byte
-        self.thread_lock = threading.Lock()
 
     def __enter__(self) -> "SharedLock":
-        self.thread_lock.acquire()
+        self.process_lock.acquire()
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.byte)
         except BaseException:
-            self.thread_lock.release()
+            self.process_lock.release()
             raise
         return self
 
@@ -1172,7 +1181,17 @@ class SharedLock:
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.byte)
         finally:
-            self.thread_lock.release()
+            self.process_lock.release()
+
+
+def address_group(peer: str) -> str:
+    """Whose share of a limit a caller takes: its IPv4 address, or its IPv6 /64 (one host's allocation: an
+    attacker with a /64 has 2**64 addresses). Every limit kept per address is kept per group."""
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else peer
 
 
 def key_digest(salt: bytes, key) -> int:
@@ -1191,7 +1210,9 @@ class RateLimiter:
 
     The table cannot grow: a key's place is one of WAYS in its set (key_digest picks the set); a new key
     takes a free place, or one whose events are all older than the window, or else the one whose last event
-    is oldest (so a flood of new keys pushes out the keys that have been quiet longest, never a busy one)."""
+    is oldest. So pushing one key out (and its count with it) takes about as many new keys, each a counted
+    event, as the table has places: 16,384 for counts up to 32 (the defaults), fewer for larger counts (each
+    place keeps `count` event times within BUDGET; 8 at least, so above 65,534 a table outgrows BUDGET)."""
 
     WAYS = 8
     BUDGET = 4 << 20                     # bytes of shared memory at most per limiter
@@ -1213,26 +1234,45 @@ class RateLimiter:
             return 0
         now = time.monotonic() if now is None else now
         with self.lock:
-            place = self._find(key_digest(self.salt, key))
-            if place is None:
-                return 0
-            oldest = self.times[place * self.count + self.keys[place * 2 + 1]]
-            if not oldest or oldest <= now - self.window:          # fewer than `count` events in the window
-                return 0
-            return max(1, int(oldest + self.window - now + 0.999))
+            return self._wait(self._find(key_digest(self.salt, key)), now)
+
+    def take(self, key, now: Optional[float] = None) -> int:
+        """Count one event of `key` if the limit allows it now (0), else count nothing and say how many
+        seconds until it would (as retry_after). One lock hold: callers racing in any workers for the
+        limit's last event cannot both have it."""
+        if not self.count:
+            return 0
+        now = time.monotonic() if now is None else now
+        digest = key_digest(self.salt, key)
+        with self.lock:
+            place = self._find(digest)
+            wait = self._wait(place, now)
+            if not wait:
+                self._add(place if place is not None else self._place_for(digest, now), now)
+            return wait
 
     def record(self, key, now: Optional[float] = None) -> None:
+        """Count one event of `key`, allowed or not (the limit is asked separately: retry_after)."""
         if not self.count:
             return
         now = time.monotonic() if now is None else now
         digest = key_digest(self.salt, key)
         with self.lock:
             place = self._find(digest)
-            if place is None:
-                place = self._place_for(digest, now)
-            head = self.keys[place * 2 + 1]
-            self.times[place * self.count + head] = now
-            self.keys[place * 2 + 1] = (head + 1) % self.count
+            self._add(place if place is not None else self._place_for(digest, now), now)
+
+    def _wait(self, place: Optional[int], now: float) -> int:
+        if place is None:
+            return 0
+        oldest = self.times[place * self.count + self.keys[place * 2 + 1]]
+        if not oldest or oldest <= now - self.window:          # fewer than `count` events in the window
+            return 0
+        return max(1, int(oldest + self.window - now + 0.999))
+
+    def _add(self, place: int, now: float) -> None:
+        head = self.keys[place * 2 + 1]
+        self.times[place * self.count + head] = now
+        self.keys[place * 2 + 1] = (head + 1) % self.count
 
     def _find(self, digest: int) -> Optional[int]:
         first = (digest % self.sets) * self.WAYS
@@ -1294,9 +1334,10 @@ class ConnectionCounts:
         self.counts = view[head + 8 * self.capacity:size].cast("i")   # capacity x workers
 
     # the accept path ----------------------------------------------------------------------------------
-    def admit(self, group: str, worker: int, capped: bool) -> Optional[str]:
-        """Count one more connection of `group` in `worker`, or say why not. `capped`: the per-address cap
-        applies (a trusted front speaks for many and is not capped)."""
+    def admit(self, group: str, worker: int) -> Optional[str]:
+        """Count one more connection of `group` in `worker`, or say why not. Every connection is counted
+        against its group's cap at accept, before anything is known of it; a trusted front's connection
+        leaves the group once it has shown the front secret (`uncap`)."""
         with self.lock:
             total = sum(self.totals)
             if self.max_connections and total >= self.max_connections:
@@ -1305,7 +1346,7 @@ class ConnectionCounts:
                 digest = key_digest(self.salt, group)
                 slot = self._find(digest)
                 held = 0 if slot is None else sum(self.counts[slot * self.workers:(slot + 1) * self.workers])
-                if capped and held >= self.per_address:
+                if held >= self.per_address:
                     return f"{self.per_address} connections from {group} already"
                 if slot is None:
                     slot = self._insert(digest)
@@ -1315,15 +1356,26 @@ class ConnectionCounts:
             self.totals[worker] += 1
         return None
 
-    def release(self, group: str, worker: int) -> None:
+    def uncap(self, group: str, worker: int) -> None:
+        """One connection of `group` in `worker` speaks for many (a trusted front that showed the front
+        secret): it no longer counts against the group's cap, only against max-connections."""
+        with self.lock:
+            self._leave_group(group, worker)
+
+    def release(self, group: Optional[str], worker: int) -> None:
+        """A connection closed; `group` None if it had left its group (uncap)."""
         with self.lock:
             self.totals[worker] -= 1
-            if self.capacity:
-                slot = self._find(key_digest(self.salt, group))
-                if slot is not None:
-                    self.counts[slot * self.workers + worker] -= 1
-                    if not any(self.counts[slot * self.workers:(slot + 1) * self.workers]):
-                        self._delete(slot)
+            if group is not None:
+                self._leave_group(group, worker)
+
+    def _leave_group(self, group: str, worker: int) -> None:
+        if self.capacity:
+            slot = self._find(key_digest(self.salt, group))
+            if slot is not None:
+                self.counts[slot * self.workers + worker] -= 1
+                if not any(self.counts[slot * self.workers:(slot + 1) * self.workers]):
+                    self._delete(slot)
 
     def loads(self) -> list:
         """(open connections, worker) of each serving worker (unlocked: a hint, aligned words)."""
@@ -1396,6 +1448,23 @@ class ConnectionCounts:
                 self.digests[probe] = 0
                 hole = probe
             probe = (probe + 1) & mask
+
+
+class ConnectionSlot:
+    """One admitted connection's place in ConnectionCounts: in its address group's cap until it shows that it
+    speaks for many (`uncap`), in max-connections until `release` (once, when it closes)."""
+
+    def __init__(self, counts: ConnectionCounts, group: str, worker: int):
+        self.counts, self.group, self.worker = counts, group, worker
+        self.capped = True
+
+    def uncap(self) -> None:
+        if self.capped:
+            self.capped = False
+            self.counts.uncap(self.group, self.worker)
+
+    def release(self) -> None:
+        self.counts.release(self.group if self.capped else None, self.worker)
 
 
 class Limits:
@@ -2302,9 +2371,9 @@ def tried_a_credential(request: Request) -> bool:
 class Verdict:
     """The access decision for one request to a session's host. Refused: `status` and `text` say
     how, `why` and `label` are for the audit log and metrics. Allowed: `credential` says how the
-    caller proved it, `cookie` is set on the answer. The caller carries out `count_failure`
-    (a wrong token, counted for this address and alias), `bind_owner` (SSO: the first signed-in
-    user owns the session) and `end_expired` (a session past its time, not yet marked ended)."""
+    caller proved it, `cookie` is set on the answer. The caller carries out `bind_owner` (SSO: the
+    first signed-in user owns the session) and `end_expired` (a session past its time, not yet
+    marked ended); a wrong token was counted as it was decided (decide_session_access)."""
     status: int = 200
     text: str = ""
     why: str = ""
@@ -2312,7 +2381,6 @@ class Verdict:
     retry_after: int = 0
     credential: Optional[str] = None
     cookie: tuple = ()
-    count_failure: bool = False
     bind_owner: bool = False
     end_expired: bool = False
 
@@ -2327,10 +2395,10 @@ NEEDS_TOKEN_TEXT = "This link needs its token: open the full link you were given
 
 
 def decide_session_access(request: Request, session: Optional[Session], user: Optional[str], settings: Settings,
-                          server_secret: bytes, failures_wait: Callable[[], int], now: float) -> Verdict:
+                          server_secret: bytes, take_failure: Callable[[], int], now: float) -> Verdict:
     """Who is asking and may they reach this session? A valid credential is checked first and is
-    never refused for others' failures; only wrong tokens meet the limiter (`failures_wait()`: its
-    answer for this address and alias)."""
+    never refused for others' failures; only wrong tokens meet the limiter: `take_failure()` counts one
+    for this address and alias if the limit allows it (0), else counts nothing and gives the wait."""
     if session is None:
         return Verdict(404, "There is no session at this address.")
     if session.is_over(now):      # refused to all; its holder (credential) may learn why it ended
@@ -2344,11 +2412,11 @@ def decide_session_access(request: Request, session: Optional[Session], user: Op
     if credential is None:
         if not tried_a_credential(request):
             return Verdict(403, NEEDS_TOKEN_TEXT, "no token", "no_token")
-        wait = failures_wait()
+        wait = take_failure()
         if wait:
             return Verdict(429, "Too many attempts with wrong tokens from your address; wait a minute.",
                            "too many wrong tokens", "rate_limited", retry_after=wait)
-        return Verdict(403, NEEDS_TOKEN_TEXT, "wrong token", "wrong_token", count_failure=True)
+        return Verdict(403, NEEDS_TOKEN_TEXT, "wrong token", "wrong_token")
     verdict = Verdict(credential=credential,
                       cookie=() if credential in ("cookie", "legacy") else session_cookie(server_secret, session))
     if settings.trusted_user_header:
@@ -2480,6 +2548,7 @@ class ManagementApi:
         self.getlink_limit = limits.getlink
         self.lookup_failures = limits.lookup_failures      # /api/status: open to anyone
         self.munge_checks = limits.munge_checks
+        self.munge_running = threading.BoundedSemaphore(MUNGE_AT_ONCE)
         self.routes: dict = {
             "/api/getlink": self.getlink,
             "/api/redeem": self.redeem,
@@ -2577,11 +2646,7 @@ class ManagementApi:
         if sso_user:
             return sso_user, "sso"
         if params.get("munge"):
-            wait = self.munge_checks.retry_after(peer)
-            if wait:
-                raise ApiError(429, f"too many MUNGE credentials from {peer}; try again in {wait}s", retry_after=wait)
-            self.munge_checks.record(peer)
-            name = munge_user(params["munge"])
+            name = self.checked_munge_user(params["munge"], peer)
             if claimed and claimed != name:
                 raise ApiError(403, f"the MUNGE credential was made by {name}, not {claimed}")
             return name, "munge"
@@ -2590,20 +2655,35 @@ class ManagementApi:
                                 "(satellite-client does so where munge is installed)")
         return (claimed, "claim") if claimed else None
 
+    def checked_munge_user(self, credential: str, peer: str) -> str:
+        """munge_user within the MUNGE limits: a rate per address (for all workers) and, since each check
+        runs a process for up to 10 s before anyone is known, at most MUNGE_AT_ONCE checks at once in this
+        worker; more are refused at once (429), not queued."""
+        if not self.munge_running.acquire(blocking=False):
+            raise ApiError(429, f"satellite is checking {MUNGE_AT_ONCE} MUNGE credentials already; try again in a "
+                                "second", retry_after=1)
+        try:
+            wait = self.munge_checks.take(address_group(peer))
+            if wait:
+                raise ApiError(429, f"too many MUNGE credentials from {peer}; try again in {wait}s", retry_after=wait)
+            return munge_user(credential)
+        finally:
+            self.munge_running.release()
+
     def issue(self, peer: str, lifetime: int, user: Optional[tuple], legacy: bool = False) -> tuple:
         """A new link within the limits: (Session, token, key). The quotas' count and the new row are one
         write transaction, so no other thread or worker counts the same live sessions in between and
         issues one more than the quota."""
         with self.store.immediate_transaction():
             self.check_issue_limits(peer, user)
-            self.getlink_limit.record(("user", user[0]) if user else peer)
+            self.getlink_limit.record(("user", user[0]) if user else address_group(peer))
             return self.store.create_link(peer, lifetime, self.settings.redeem_within, legacy=legacy, user=user)
 
     def check_issue_limits(self, peer: str, user: Optional[tuple]) -> None:
         """Links are rationed per user where the user is named, so one user on a shared login node
         cannot use up everyone's; the address's own ceiling stays."""
         who = f"user {user[0]}" if user else peer
-        wait = self.getlink_limit.retry_after(("user", user[0]) if user else peer)
+        wait = self.getlink_limit.retry_after(("user", user[0]) if user else address_group(peer))
         if wait:
             raise ApiError(429, f"too many links asked for by {who}; try again in {wait}s", retry_after=wait)
         quota = self.settings.max_live_per_user
@@ -2691,11 +2771,10 @@ class ManagementApi:
         else:
             raise ApiError(400, "give key= or token=")
         if session is None:
-            wait = self.lookup_failures.retry_after(peer)
+            wait = self.lookup_failures.take(address_group(peer))
             if wait:
                 raise ApiError(429, f"too many unknown keys and tokens from {peer}; try again in {wait}s",
                                retry_after=wait)
-            self.lookup_failures.record(peer)
             raise ApiError(404, "unknown key or token")
         return 200, session.describe()
 
@@ -4340,6 +4419,8 @@ class Satellite:
         """One request whose head has been read: where it goes, whether the caller may, the answer."""
         ex.via = conn.peer
         front = speaks_for_clients(ex.request, conn.peer, self.settings, self.front_secret)
+        if front and conn.slot is not None:
+            conn.slot.uncap()                   # a front speaks for many: out of its address's cap from now on
         ex.peer = client_address(ex.request, conn.peer, front)
         ex.user = sso_user(ex.request, front, self.settings)
         ex.front = front
@@ -4398,7 +4479,8 @@ class Satellite:
     def decide(self, request: Request, ex: Exchange, session: Optional[Session], alias: str) -> Verdict:
         """The access decision for a session's host, and what it asks to be done."""
         verdict = decide_session_access(request, session, ex.user, self.settings, self.cookie_key.current(),
-                                        lambda: self.token_failures.retry_after((ex.peer, alias)), time.time())
+                                        lambda: self.token_failures.take((address_group(ex.peer), alias)),
+                                        time.time())
         self.carry_out(verdict, ex, session, alias)
         if verdict.bind_owner and self.store.bind_user(alias, ex.user) != ex.user:
             verdict = Verdict(403, "This session belongs to another user.", "This session belongs to another user.",
@@ -4407,12 +4489,10 @@ class Satellite:
         return verdict
 
     def carry_out(self, verdict: Verdict, ex: Exchange, session: Optional[Session], alias: str) -> None:
-        """What an access decision asks to be done: audit a refusal, count a wrong token, end an
-        expired session (best effort: refresh records it otherwise; the answer is 410 anyway)."""
+        """What an access decision asks to be done: audit a refusal, end an expired session (best
+        effort: refresh records it otherwise; the answer is 410 anyway)."""
         if verdict.why:
             self.api.deny(verdict.why, ex.peer, ex.user, verdict.label, alias)
-        if verdict.count_failure:
-            self.token_failures.record((ex.peer, alias))
         if verdict.end_expired:
             try:
                 if self.store.end(alias, "expired"):
@@ -4484,9 +4564,11 @@ class Connection:
     """One client's TLS connection: it reads heads and bodies within their deadlines, forwards
     through its own pooled upstream, and is the one place that writes answers."""
 
-    def __init__(self, sock: ssl.SSLSocket, peer: str, service: Satellite, plane: str = "all"):
+    def __init__(self, sock: ssl.SSLSocket, peer: str, service: Satellite, plane: str = "all",
+                 slot: Optional[ConnectionSlot] = None):
         self.peer = peer
         self.plane = plane
+        self.slot = slot
         self.stream = Stream(sock)
         self.settings = service.settings
         self.hsts = [("Strict-Transport-Security", f"max-age={service.settings.hsts}")] if service.settings.hsts else []
@@ -4583,12 +4665,20 @@ def tls_handshake(raw: socket.socket, context: ssl.SSLContext, deadline: float, 
         return None
 
 
-class ConnectionHandler(socketserver.BaseRequestHandler):
+class SlotHandler(socketserver.BaseRequestHandler):
+    """A handler of ThreadedServer: it is given the connection's slot (ConnectionSlot)."""
+
+    server: "ThreadedServer"
+
+    def __init__(self, request, client_address, server: "ThreadedServer", slot: ConnectionSlot):
+        self.slot = slot
+        super().__init__(request, client_address, server)
+
+
+class ConnectionHandler(SlotHandler):
     """The connection loop: TLS, then requests until close. Each request's head must arrive
     whole by one deadline: header-timeout from accept for the first (handshake included),
     idle-timeout from the end of the previous one after that."""
-
-    server: "ThreadedServer"
 
     def handle(self) -> None:
         service = self.server.service
@@ -4599,7 +4689,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                                                                        settings.header_timeout), peer)
         if sock is None:
             return
-        conn = Connection(sock, peer, service, self.server.plane)
+        conn = Connection(sock, peer, service, self.server.plane, self.slot)
         deadline = accepted + settings.header_timeout
         try:
             while self.serve_one(service, conn, deadline):
@@ -4640,16 +4730,6 @@ def log_access(ex: Exchange) -> None:
                     time.monotonic() - ex.started)
 
 
-def connection_group(peer: str) -> str:
-    """Whose share of the connection slots a connection takes: its IPv4 address, or its IPv6 /64
-    (one host's allocation: an attacker with a /64 has 2**64 addresses)."""
-    try:
-        ip = ipaddress.ip_address(peer)
-    except ValueError:
-        return peer
-    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else peer
-
-
 def open_listener(address: tuple) -> socket.socket:
     """A listening socket, opened before any worker is forked (so binding port 443 needs the capability only
     here) and shared by all of them. Non-blocking: every worker waits on it, and those that lose the race for
@@ -4686,27 +4766,28 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
 
     def process_request(self, request, client_address):
         peer = plain_address(client_address[0])
-        capped = not address_in(peer, self.service.settings.trusted_fronts)
-        refusal = self.counts.admit(connection_group(peer), self.service.worker, capped)
+        slot = ConnectionSlot(self.counts, address_group(peer), self.service.worker)
+        refusal = self.counts.admit(slot.group, slot.worker)
         if refusal is not None:
             self.warn(f"{refusal}; refusing new connections from {peer}")
             self.shutdown_request(request)
             return
         try:
-            super().process_request(request, client_address)
+            threading.Thread(target=self.process_request_thread, args=(request, client_address, slot),
+                             daemon=True).start()
         except Exception as exc:                        # no thread to be had (a process limit): no slot either
-            self.release_slot(client_address)
+            slot.release()
             self.warn(f"cannot serve {peer}: {exc}")
             self.shutdown_request(request)
 
-    def process_request_thread(self, request, client_address):
+    def process_request_thread(self, request, client_address, slot: ConnectionSlot):
         try:
-            super().process_request_thread(request, client_address)
+            self.RequestHandlerClass(request, client_address, self, slot)
+        except Exception:                                                 # noqa: BLE001 - logged
+            self.handle_error(request, client_address)
         finally:
-            self.release_slot(client_address)
-
-    def release_slot(self, client_address) -> None:
-        self.counts.release(connection_group(plain_address(client_address[0])), self.service.worker)
+            self.shutdown_request(request)
+            slot.release()
 
     ACCEPT_DEFER = 0.005                # seconds a worker holding more than another waits before it accepts
 
@@ -4740,7 +4821,7 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
         log.exception("unexpected error serving %s", client_address[0])
 
 
-class RedirectHandler(socketserver.BaseRequestHandler):
+class RedirectHandler(SlotHandler):
     """The optional plain-HTTP listener: every request, parsed as strictly as on HTTPS, gets a
     301 to the same host and path over HTTPS. Nothing else is served in the clear."""
 
@@ -5896,7 +5977,8 @@ SETTING_FLAGS = [
                                              "(0 = no cap)"),
     ("--max-connections-per-address", "max_connections_per_address",
      "open connections from one address (an IPv6 /64) at most, all listeners and workers together, so one "
-     "cannot take every slot (0 = no cap; trusted fronts are not capped)"),
+     "cannot take every slot (0 = no cap; a trusted front's connection is capped until it shows the "
+     "front secret, then counts only in max-connections)"),
     ("--handshake-timeout", "handshake_timeout", "seconds a client has to finish the TLS handshake, in all"),
     ("--header-timeout", "header_timeout", "seconds from accept to a whole first request head, handshake included"),
     ("--idle-timeout", "idle_timeout", "seconds a keep-alive connection has for its next whole request head"),

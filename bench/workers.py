@@ -163,7 +163,7 @@ def operation_costs(number: int) -> dict:
         connections, failures = limits.connections, limits.token_failures
 
         def connection():
-            connections.admit("10.1.2.3", 1, True)
+            connections.admit("10.1.2.3", 1)
             connections.release("10.1.2.3", 1)
 
         def wrong_token():

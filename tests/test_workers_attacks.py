@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DOMAIN, ROOT, start_group, stop_group, wait_for
+from conftest import DOMAIN, ROOT, SatelliteServer, start_group, stop_group, wait_for
 from test_workers import (access_pids, access_size, connected_to, fresh_get, get_on, gone, session_host, start,
                           token_header, wait_for_workers)
 
@@ -486,5 +486,134 @@ def test_a_revoke_cuts_a_busy_websocket(certs, tmp_path, new_app):
         late = [t for t in echoed if t > 8]
         assert not late, f"the revoked session's WebSocket still relays {len(echoed)} s after the revoke: {echoed}"
         ws.close()
+    finally:
+        server.stop()
+
+
+# Second red team (issue 21): the limits counted once, attacked ---------------------------------------------
+
+def hold_connections(server, source, count, first_request=b""):
+    """Open up to `count` TLS connections from `source` and keep those satellite keeps (a refused one is
+    closed right after accept); each sends `first_request` (and reads its answer) if given."""
+    held = []
+    for _ in range(count):
+        try:
+            raw = socket.create_connection(("127.0.0.1", server.port), 5, (source, 0))
+            sock = server.context.wrap_socket(raw, server_hostname="127.0.0.1")
+            if first_request:
+                sock.sendall(first_request)
+                if not sock.recv(65536).startswith(b"HTTP/1.1 200"):
+                    sock.close()
+                    continue
+            else:
+                sock.settimeout(0.3)
+                try:
+                    if sock.recv(1) == b"":
+                        sock.close()
+                        continue
+                except (socket.timeout, ssl.SSLWantReadError):
+                    pass
+            held.append(sock)
+        except (OSError, ssl.SSLError):
+            pass
+    return held
+
+
+def all_free_again(server, source, count):
+    held = hold_connections(server, source, count)
+    for sock in held:
+        sock.close()
+    return len(held) == count
+
+
+def test_a_local_user_at_a_fronts_address_without_the_secret_gets_an_ordinary_addresss_share(certs, tmp_path):
+    """The trusted front's exemption from max-connections-per-address was decided at accept, on the TCP
+    address alone: any local user connecting from the front's loopback address held all 40 slots (in both
+    workers) without ever sending the front secret, and the login node was refused. Now a connection is
+    capped as its address's until a request on it shows the secret; the real front then holds more."""
+    from fronts import FRONT, write_front_secret
+    import satellite as satellite_module
+    secret = write_front_secret(tmp_path / "front-secret")
+    (tmp_path / "sat").mkdir()
+    server = SatelliteServer(certs, tmp_path / "sat", ["--workers", "2", "--trusted-fronts", f"{FRONT}/32",
+                                                       "--front-secret", secret, "--max-connections", "40",
+                                                       "--max-connections-per-address", "4"]).start()
+    held = []
+    try:
+        wait_for_workers(server, 2)
+        held = hold_connections(server, FRONT, 45)                    # no secret, never a request
+        assert len(held) == 4
+        assert fresh_get(server, "127.0.0.1", "/healthz")[0] == 200   # others still get in
+        for sock in held:
+            sock.close()
+        value = open(secret).read().strip()
+        front = (f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n{satellite_module.FRONT_SECRET_HEADER}: {value}\r\n"
+                 f"X-Forwarded-For: 192.0.2.7\r\n\r\n").encode()
+        wait_for(lambda: all_free_again(server, FRONT, 4), what="the impostor's slots to be free again")
+        held = hold_connections(server, FRONT, 12, front)              # the front, showing its secret
+        assert len(held) == 12
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_every_address_of_an_ipv6_slash_64_shares_one_budget_of_wrong_tokens_and_unknown_keys(tmp_path):
+    """One /64 was one share of the connection slots, but token-failures and the /api/status lookups were
+    kept per address: from 20 addresses of fd00:0:0:1::/64, 60 wrong tokens were checked against one session
+    and 60 unknown keys looked up, with a limit of 3. Now every limit kept per address is kept per /64.
+    Runs tests/ipv6_budgets.py in a network namespace of its own (addresses on its lo; nothing on the host)."""
+    result = subprocess.run(["unshare", "-n", sys.executable, str(ROOT / "tests/ipv6_budgets.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "wrong tokens checked from one /64: 3 of 3" in result.stdout
+    assert "unknown keys looked up from one /64: 3 of 3" in result.stdout
+
+
+SLOW_UNMUNGE = """#!/bin/sh
+# A stand-in for unmunge with a slow munged (the real one answers in milliseconds): it logs its start and end.
+echo "start $(date +%s.%N)" >> {log}
+sleep 2
+echo "end $(date +%s.%N)" >> {log}
+echo "STATUS: Invalid credential (6)"
+exit 1
+"""
+
+
+def most_at_once(lines):
+    running = most = 0
+    for _, change in sorted((float(t), 1 if kind == "start" else -1) for kind, t in map(str.split, lines)):
+        running += change
+        most = max(most, running)
+    return most
+
+
+def test_one_address_cannot_make_satellite_run_unmunge_without_bound(certs, tmp_path, monkeypatch):
+    """MUNGE checks were rationed as a rate only: 60 getlinks with a credential sent at once from one login
+    node address, before any user is known, ran 60 unmunge processes at the same time (each allowed 10 s).
+    Now each worker runs at most MUNGE_AT_ONCE at once and refuses the rest with 429 at once."""
+    import satellite as satellite_module
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "unmunge.log"
+    (bindir / "unmunge").write_text(SLOW_UNMUNGE.format(log=log))
+    (bindir / "unmunge").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    server = start(certs, tmp_path / "sat", 2, "--getlink-rate", "120/1m")
+    burst = 60
+    try:
+        wait_for_workers(server, 2)
+        conns = [server.tls_socket("127.0.0.1") for _ in range(burst)]
+        statuses = []
+        for sock in conns:
+            sock.sendall(b"GET /api/getlink?munge=MUNGE:AAAAAAAAAAAAAAAAAAAAAAAA: HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Connection: close\r\n\r\n")
+        for sock in conns:
+            sock.settimeout(60)
+            statuses.append(sock.recv(100).split(b" ")[1].decode())
+            sock.close()
+        lines = log.read_text().splitlines()
+        assert most_at_once(lines) <= 2 * satellite_module.MUNGE_AT_ONCE, lines
+        assert statuses.count("403") == len(lines) // 2 and statuses.count("429") == burst - len(lines) // 2
     finally:
         server.stop()
