@@ -287,14 +287,16 @@ class LaunchOptions:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
-    def from_mapping(cls, values: dict, source: str) -> "LaunchOptions":
+    def from_mapping(cls, values: dict, source: str, enforced: bool = False) -> "LaunchOptions":
+        """Options from a config section or a profile. `enforced`: the site's [enforced] section, read by
+        enforced_options, the only source app-listens is taken from (never decided by a source's name)."""
         known = {f.name for f in dataclasses.fields(cls)}
         options = {}
         for name, value in values.items():
             key = name.replace("-", "_")
             if key not in known:
                 raise UsageError(f"{source}: unknown setting {name!r}")
-            if key == "app_listens" and not source.endswith("[enforced]"):
+            if key == "app_listens" and not enforced:
                 raise UsageError(f"{source}: app-listens is the site's alone ({SITE_CONFIG}, [enforced])")
             if key in ("nv", "rocm", "tls") and isinstance(value, str):
                 value = value.strip().lower() in ("1", "yes", "true", "on")
@@ -337,7 +339,7 @@ def enforced_options() -> LaunchOptions:
     parser = read_config(SITE_CONFIG)
     if not parser.has_section("enforced"):
         return LaunchOptions()
-    return LaunchOptions.from_mapping(dict(parser.items("enforced")), f"{SITE_CONFIG} [enforced]")
+    return LaunchOptions.from_mapping(dict(parser.items("enforced")), f"{SITE_CONFIG} [enforced]", enforced=True)
 
 
 def enforce_site(options: LaunchOptions) -> LaunchOptions:

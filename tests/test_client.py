@@ -399,7 +399,8 @@ class FakeSatellite:
                 endpoint = self.path.rsplit("/", 1)[-1]
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fake.calls.append(endpoint)
-                body = json.dumps(fake.replies.get(endpoint, {})).encode()
+                reply = fake.replies.get(endpoint, {})
+                body = reply if isinstance(reply, bytes) else json.dumps(reply).encode()   # bytes: sent as they are
                 self.send_response(201 if endpoint == "getlink" else 200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -859,3 +860,16 @@ def test_help_teaches_time_limits_list_and_prune():
     assert "prune" in top
     listing = " ".join(subprocess.run([*client, "list", "--help"], capture_output=True, text=True).stdout.split())
     assert "--all" in listing and "pending with the reason it waits" in listing and "Exits 1" in listing
+
+
+# issue 22: low findings ----------------------------------------------------------------------------
+
+def test_app_listens_from_a_config_file_named_like_the_enforced_section_is_refused(tmp_path, job_satellite):
+    """app-listens is the site's alone: it was taken from any source whose label ended in "[enforced]", and a
+    config file's label ends in its path, so a file named so (SATELLITE_CLIENT_CONFIG) set it."""
+    config = tmp_path / "client.ini [enforced]"
+    config.write_text("[client]\napp-listens = cluster-network-unprotected\n")
+    client = Client(tmp_path / "home", job_satellite, {"SATELLITE_CLIENT_CONFIG": str(config)})
+    result = dry_run(client, "--scheduler", "local", "--command", ECHO_APP)
+    assert result.returncode == 2 and "app-listens is the site's alone" in result.stderr, result.stdout
+
