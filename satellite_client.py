@@ -573,11 +573,8 @@ class SatelliteApi:
             raise Unreachable(f"cannot reach satellite at {self.url}: {exc}") from None
         finally:
             conn.close()
-        try:
-            reply = json.loads(data)
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict):
+        reply = json_object(data)
+        if reply is None:
             raise Failure(f"satellite at {self.url} answered {resp.status} with something that is not a JSON object")
         if resp.status >= 400:
             raise ApiRefused(resp.status, reply.get("error", "refused"))
@@ -633,11 +630,7 @@ class SatelliteApi:
             raise Failure(f"satellite at {self.url} answered {status_line!r}")
         if parts[1] != "101":
             sock.close()
-            try:
-                reason = json.loads(rest.decode()).get("error", status_line)
-            except ValueError:
-                reason = status_line
-            raise ApiRefused(int(parts[1]), reason)
+            raise ApiRefused(int(parts[1]), str((json_object(rest) or {}).get("error", status_line)))
         sock.settimeout(None)
         return sock, rest
 
@@ -664,6 +657,16 @@ class SatelliteApi:
             return resp.status
         finally:
             conn.close()
+
+
+def json_object(data: bytes) -> Optional[dict]:
+    """A reply's body as a JSON object, or None for anything else: not JSON, not an object, or nested deeper
+    than the parser recurses (60,000 '[' fit in MAX_REPLY and raise RecursionError, not ValueError)."""
+    try:
+        reply = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return reply if isinstance(reply, dict) else None
 
 
 def who_asks() -> dict:

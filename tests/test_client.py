@@ -873,3 +873,62 @@ def test_app_listens_from_a_config_file_named_like_the_enforced_section_is_refus
     result = dry_run(client, "--scheduler", "local", "--command", ECHO_APP)
     assert result.returncode == 2 and "app-listens is the site's alone" in result.stderr, result.stdout
 
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_satellite_reply_of_nested_brackets_is_a_clear_failure(tmp_path, certs, fake_satellite, as_json):
+    """60,000 '[' fit in MAX_REPLY and nest deeper than the JSON parser recurses: RecursionError, a traceback."""
+    fake = fake_satellite({"getlink": b"[" * 60_000})
+    client = Client(tmp_path / "home", fake)
+    result = client.run("launch", *(["--json"] if as_json else []), "--scheduler", "local", "--command", ECHO_APP)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    message = json.loads(result.stdout)["error"] if as_json else result.stderr
+    assert "not a JSON object" in message
+    assert client.sessions() == []
+
+
+class RawTlsServer:
+    """One TLS listener on loopback answering every connection with the same bytes after the request head."""
+
+    def __init__(self, certs, answer: bytes):
+        import ssl
+        import threading
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(certs / "cert.pem", certs / "key.pem")
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port, self.answer = self.listener.getsockname()[1], answer
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        try:
+            raw, _ = self.listener.accept()
+        except OSError:
+            return                                  # closed before anyone came
+        with self.context.wrap_socket(raw, server_side=True) as conn:
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                head += data
+            conn.sendall(self.answer)
+
+    def stop(self):
+        self.listener.close()
+        self.thread.join(timeout=30)
+
+
+@pytest.mark.parametrize("body", [b"[" * 60_000, b"[]", b'"gone"'])
+def test_a_hostile_tunnel_refusal_is_an_api_refusal_not_a_crash(certs, body):
+    """The agent's tunnel attach reads the refusal's JSON error: nested brackets, a list or a string there
+    raised RecursionError or AttributeError out of open_tunnel instead of a Failure the keeper handles."""
+    satellite_client = client_module()
+    server = RawTlsServer(certs, b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+                                 b"Connection: close\r\n\r\n" + body)
+    try:
+        api = satellite_client.SatelliteApi(f"https://127.0.0.1:{server.port}", str(certs / "ca.pem"), timeout=30)
+        with pytest.raises(satellite_client.ApiRefused) as refused:
+            api.open_tunnel("k" * 43, 1)
+        assert refused.value.status == 403 and "403 Forbidden" in refused.value.reason
+    finally:
+        server.stop()
