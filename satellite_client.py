@@ -101,6 +101,7 @@ GATE_PENDING_PER_SOURCE = 4                         # of GATE_PENDING, what one 
 GATE_SECONDS = 5.0                                  # for the TLS handshake and satellite's proof, in total
 LIFETIME_MARGIN = 600                               # link outlives the walltime by this much (seconds)
 MAX_REPLY = 64 * 1024                               # bytes of a satellite reply we read at most
+LOG_TAIL_BYTES = 16 * 1024                          # of the job log's end, what --wait reads to show its last lines
 
 JUPYTER_FLAGS = ("--no-browser --ip={host} --port={port} --ServerApp.port_retries=0 "
                  # satellite is the front: Host names are its aliases, and it sets X-Forwarded-*
@@ -820,11 +821,20 @@ class SessionDir:
     def log(self) -> Path:
         return self.path / "job.log"
 
-    def log_tail(self, lines: int = 15) -> str:
+    def log_tail(self, lines: int = 15, most: int = LOG_TAIL_BYTES) -> str:
+        """The job log's last lines, from at most its last `most` bytes: anyone who can write to the log can
+        make it as large as the disk, and only its end is shown. A line cut by the window is left out (unless
+        the window holds no whole line: then its end is shown)."""
         try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+            with open(self.log, "rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                log.seek(max(0, size - most))
+                data = log.read(most)
         except OSError:
             return ""
+        if size > most and b"\n" in data[:-1]:
+            data = data.partition(b"\n")[2]
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
     def save_end_reason(self, reason: str) -> None:
         """The agent's one line on why it stopped (end_reason), for list, status and --wait."""

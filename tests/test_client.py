@@ -932,3 +932,29 @@ def test_a_hostile_tunnel_refusal_is_an_api_refusal_not_a_crash(certs, body):
         assert refused.value.status == 403 and "403 Forbidden" in refused.value.reason
     finally:
         server.stop()
+
+
+FLOOD = """yes "$(head -c 1000 /dev/zero | tr '\\0' x)" | head -c {size} >> "$(dirname "$SATELLITE_TOKEN_FILE")/job.log"
+echo app broke
+exit 3
+"""
+MEASURED = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+            "print('peak-rss-kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(code)")
+
+
+def test_wait_shows_the_end_of_a_flooded_job_log_without_reading_it_whole(tmp_path, job_satellite):
+    """Anyone who can write the job log can make it huge; --wait's failure path read all of it to show its last
+    lines. The job here appends 128 MB to its own log, then fails: the client's peak memory stays small."""
+    flood = tmp_path / "flood.sh"
+    flood.write_text(FLOOD.format(size=128_000_000))
+    client = Client(tmp_path / "home", job_satellite,
+                    command=[sys.executable, "-c", MEASURED, sys.executable, str(ROOT / "satellite_client.py")])
+    result = client.run("launch", "--scheduler", "local", "--command", f"sh {flood} {{port}}", "--wait")
+    assert result.returncode == 1 and "the job ended before the app was ready" in result.stderr, result.stderr[-3000:]
+    log = client.session_dir(client.sessions()[0]) / "job.log"
+    assert log.stat().st_size > 128_000_000
+    tail = result.stderr.split(f"Last lines of {log}:\n", 1)[1]
+    assert "app broke" in tail and len(tail) < 20_000
+    peak_kb = int(re.search(r"peak-rss-kb (\d+)", result.stderr).group(1))
+    assert peak_kb < 100_000, f"the client peaked at {peak_kb} KB reading a 128 MB log"
