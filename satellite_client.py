@@ -444,11 +444,8 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
     workdir = options.workdir or os.getcwd()
     if not os.path.isdir(workdir):
         raise UsageError(f"--workdir {printable(workdir)}: no such directory")
-    for path, what in ((workdir, "the working directory"), (options.venv, "--venv"), (options.sif, "--sif"),
-                       (options.cacert, "--cacert")):
-        if path and re.search(r"[\x00-\x1f\x7f]", path):   # a newline in a path starts a new line of job.sh:
-            raise UsageError(f"{what} {printable(path)}: a path with control characters (a newline starts a "
-                             "batch directive of its own); launch from another directory")
+    check_directive_values(options, scheduler)
+    check_script_values(options, workdir)
     if options.venv and not os.path.isfile(os.path.join(options.venv, "bin", "activate")):
         raise UsageError(f"--venv {options.venv}: no bin/activate there")
     if (options.nv or options.rocm or options.bind) and not options.sif:
@@ -457,7 +454,6 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
         raise UsageError("choose --nv (NVIDIA) or --rocm (AMD), not both")
     if options.connect is not None and options.connect not in CONNECT_MODES:
         raise UsageError(f"connect {options.connect!r}: choose direct, tunnel or auto")
-    check_directive_values(options, scheduler)
     scheduler.check(options)
     return Plan(options, scheduler, time_limit, memory, command, app, workdir,
                 options.python or sys.executable or "python3")
@@ -488,6 +484,20 @@ def check_directive_values(options: LaunchOptions, scheduler: "Scheduler") -> No
         raise UsageError(f"the session directory {printable(repr(str(SessionDir.root())))} goes into the job's "
                          "directives (its log), which allow only letters, digits and _ . , : @ + = / - in paths; "
                          "set HOME to a directory with a plain name")
+
+
+def check_script_values(options: LaunchOptions, workdir: str) -> None:
+    """UsageError naming the setting whose value holds a control character: one check for every setting,
+    from the command line, a profile or a config file, and for the working directory. Quoting keeps bash
+    safe, but a newline inside a quoted value still starts a line of job.sh of its own, and Grid Engine reads
+    '#$' lines anywhere in the script: --conda-env 'x<newline>#$ -v BASH_ENV=...' set the job's options."""
+    for name, value in dict(options.given(), workdir=workdir).items():
+        if re.search(r"[\x00-\x1f\x7f]", str(value)):
+            what = ("the working directory" if name == "workdir" and not options.workdir
+                    else f"--{name.replace('_', '-')}")
+            raise UsageError(f"{what} {printable(repr(value))[:200]}: holds control characters (a newline would "
+                             "start a line of the batch script of its own, which Grid Engine reads as a directive)"
+                             + ("; launch from another directory" if what == "the working directory" else ""))
 
 
 PATH_OPTIONS = ("cacert", "venv", "sif", "workdir")

@@ -958,3 +958,31 @@ def test_wait_shows_the_end_of_a_flooded_job_log_without_reading_it_whole(tmp_pa
     assert "app broke" in tail and len(tail) < 20_000
     peak_kb = int(re.search(r"peak-rss-kb (\d+)", result.stderr).group(1))
     assert peak_kb < 100_000, f"the client peaked at {peak_kb} KB reading a 128 MB log"
+
+
+BREAKOUT = "x\n#$ -v BASH_ENV=/tmp/evil -o /tmp/job.out -l h_rt=99:00:00"
+
+
+@pytest.mark.parametrize("setting", ["python", "conda-env", "env-modules", "bind", "command", "venv"])
+@pytest.mark.parametrize("source", ["command line", "profile", "client.ini"])
+def test_a_control_character_in_any_value_that_reaches_job_sh_is_refused(tmp_path, job_satellite, setting, source):
+    """Quoting keeps bash safe, but a newline inside a quoted value still starts a line of job.sh, and Grid
+    Engine reads '#$' lines anywhere: a value from a shared profile or site config set -v BASH_ENV, -o, h_rt."""
+    value = ECHO_APP + BREAKOUT if setting == "command" else BREAKOUT
+    client = Client(tmp_path / "home", job_satellite)
+    args = ["--scheduler", "sge", "--sif", "/images/lab.sif"] + ([] if setting == "command" else ["--command", ECHO_APP])
+    if source == "command line":
+        args += [f"--{setting}", value]
+    elif source == "profile":
+        profiles = client.home / ".satellite/profiles"
+        profiles.mkdir(parents=True)
+        (profiles / "shared.json").write_text(json.dumps({setting.replace("-", "_"): value}))
+        args += ["--profile", "shared"]
+    else:                        # an INI value goes on over indented lines; a line starting with # is a comment
+        config = tmp_path / "client.ini"
+        config.write_text(f"[client]\n{setting} = {value.replace(chr(10), chr(10) + '  ').replace('#$', 'set')}\n")
+        client.env["SATELLITE_CLIENT_CONFIG"] = str(config)
+    result = client.run("launch", "--dry-run", *args)
+    assert result.returncode == 2, "rendered:\n" + result.stdout
+    assert f"--{setting} " in result.stderr and "control character" in result.stderr, result.stderr
+    assert "BASH_ENV" not in result.stdout and client.sessions() == []
