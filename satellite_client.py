@@ -70,6 +70,7 @@ from satellite import TUNNEL_PROTOCOL, Tunnel     # the tunnel protocol's one co
 from satellite import plain_address, relay_websocket, tls_handshake   # address, byte relay, deadline-bound TLS: one copy, there
 from satellite import UPSTREAM_PREAMBLE_PREFIX, UPSTREAM_PREAMBLE_SIZE, upstream_preamble
 from satellite import ALIAS_SHAPE, SESSION_STATES  # what satellite issues: the client checks its replies against it
+from satellite import COOKIE_NAME, STATUS_PATH     # satellite's own cookie and status path: --wait's probe
 from satellite import print_checks, wrapped_help  # `check`'s help and OK/WARN/FAIL lines, as `satellite check`'s
 
 __version__ = "0.1.0"
@@ -658,11 +659,23 @@ class SatelliteApi:
             return sock.getsockname()[0]
 
     def probe_link(self, url: str) -> int:
-        """Status of the session link through satellite (503 = status page, app not answering yet)."""
+        """Status of the session link through satellite (503 = status page, app not answering yet), asked
+        with no token in a URL: an app that logs its request lines (http.server, into the job log) would log
+        the live token at every probe. The token goes in a header to satellite's own status path, which
+        never reaches the app, and answers with satellite's cookie (an HMAC, not the token, and removed from
+        what the app is sent); the cookie opens the link's path. Without a cookie (a refusal): that answer."""
         parsed = urllib.parse.urlsplit(url)
+        token = urllib.parse.parse_qs(parsed.query).get("token", [""])[0]
         conn = SniHTTPSConnection(self.address, parsed.hostname, parsed.port or 443, self.context, self.timeout)
         try:
-            conn.request("GET", f"{parsed.path or '/'}?{parsed.query}")
+            conn.request("GET", STATUS_PATH, headers={"Authorization": f"Bearer {token}"})
+            resp = conn.getresponse()
+            resp.read()
+            cookies = [c.split(";", 1)[0] for c in resp.headers.get_all("Set-Cookie") or ()
+                       if c.split("=", 1)[0].strip() == COOKIE_NAME]
+            if not cookies:
+                return resp.status
+            conn.request("GET", parsed.path or "/", headers={"Cookie": cookies[0]})
             resp = conn.getresponse()
             resp.read()
             return resp.status

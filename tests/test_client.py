@@ -986,3 +986,19 @@ def test_a_control_character_in_any_value_that_reaches_job_sh_is_refused(tmp_pat
     assert result.returncode == 2, "rendered:\n" + result.stdout
     assert f"--{setting} " in result.stderr and "control character" in result.stderr, result.stderr
     assert "BASH_ENV" not in result.stdout and client.sessions() == []
+
+
+@pytest.mark.parametrize("app", ["echo_app", "http.server"])
+def test_launch_wait_probes_the_link_without_its_token_so_the_apps_log_never_holds_it(client, tmp_path, app):
+    """--wait asks for the link every second until the app answers: with ?token= in the URL, an app that logs
+    its request lines (the README's http.server example: to the job log) logged the live token each time."""
+    requests, work = tmp_path / "requests.log", tmp_path / "work"
+    work.mkdir()
+    command = (f"env APP_REQUEST_LOG={requests} {ECHO_APP}" if app == "echo_app"
+               else f"{sys.executable} -m http.server {{port}} --bind {{host}}")
+    result = client.launch_json("--scheduler", "local", "--workdir", str(work), "--command", command, "--wait")
+    assert result["state"] == "proxied"
+    token = result["url"].split("token=")[1]
+    logged = (requests if app == "echo_app" else client.session_dir(result["alias"]) / "job.log").read_text()
+    assert token not in logged and "token=" not in logged, logged
+    assert re.search(r"GET /[ \n]", logged), logged           # the probe reached the app, and it logged that
