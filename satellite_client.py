@@ -70,6 +70,7 @@ from satellite import TUNNEL_PROTOCOL, Tunnel     # the tunnel protocol's one co
 from satellite import plain_address, relay_websocket, tls_handshake   # address, byte relay, deadline-bound TLS: one copy, there
 from satellite import UPSTREAM_PREAMBLE_PREFIX, UPSTREAM_PREAMBLE_SIZE, upstream_preamble
 from satellite import ALIAS_SHAPE, SESSION_STATES  # what satellite issues: the client checks its replies against it
+from satellite import COOKIE_NAME, STATUS_PATH     # satellite's own cookie and status path: --wait's probe
 from satellite import print_checks, wrapped_help  # `check`'s help and OK/WARN/FAIL lines, as `satellite check`'s
 
 __version__ = "0.1.0"
@@ -101,6 +102,7 @@ GATE_PENDING_PER_SOURCE = 4                         # of GATE_PENDING, what one 
 GATE_SECONDS = 5.0                                  # for the TLS handshake and satellite's proof, in total
 LIFETIME_MARGIN = 600                               # link outlives the walltime by this much (seconds)
 MAX_REPLY = 64 * 1024                               # bytes of a satellite reply we read at most
+LOG_TAIL_BYTES = 16 * 1024                          # of the job log's end, what --wait reads to show its last lines
 
 JUPYTER_FLAGS = ("--no-browser --ip={host} --port={port} --ServerApp.port_retries=0 "
                  # satellite is the front: Host names are its aliases, and it sets X-Forwarded-*
@@ -287,14 +289,16 @@ class LaunchOptions:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
-    def from_mapping(cls, values: dict, source: str) -> "LaunchOptions":
+    def from_mapping(cls, values: dict, source: str, enforced: bool = False) -> "LaunchOptions":
+        """Options from a config section or a profile. `enforced`: the site's [enforced] section, read by
+        enforced_options, the only source app-listens is taken from (never decided by a source's name)."""
         known = {f.name for f in dataclasses.fields(cls)}
         options = {}
         for name, value in values.items():
             key = name.replace("-", "_")
             if key not in known:
                 raise UsageError(f"{source}: unknown setting {name!r}")
-            if key == "app_listens" and not source.endswith("[enforced]"):
+            if key == "app_listens" and not enforced:
                 raise UsageError(f"{source}: app-listens is the site's alone ({SITE_CONFIG}, [enforced])")
             if key in ("nv", "rocm", "tls") and isinstance(value, str):
                 value = value.strip().lower() in ("1", "yes", "true", "on")
@@ -337,7 +341,7 @@ def enforced_options() -> LaunchOptions:
     parser = read_config(SITE_CONFIG)
     if not parser.has_section("enforced"):
         return LaunchOptions()
-    return LaunchOptions.from_mapping(dict(parser.items("enforced")), f"{SITE_CONFIG} [enforced]")
+    return LaunchOptions.from_mapping(dict(parser.items("enforced")), f"{SITE_CONFIG} [enforced]", enforced=True)
 
 
 def enforce_site(options: LaunchOptions) -> LaunchOptions:
@@ -441,11 +445,8 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
     workdir = options.workdir or os.getcwd()
     if not os.path.isdir(workdir):
         raise UsageError(f"--workdir {printable(workdir)}: no such directory")
-    for path, what in ((workdir, "the working directory"), (options.venv, "--venv"), (options.sif, "--sif"),
-                       (options.cacert, "--cacert")):
-        if path and re.search(r"[\x00-\x1f\x7f]", path):   # a newline in a path starts a new line of job.sh:
-            raise UsageError(f"{what} {printable(path)}: a path with control characters (a newline starts a "
-                             "batch directive of its own); launch from another directory")
+    check_directive_values(options, scheduler)
+    check_script_values(options, workdir)
     if options.venv and not os.path.isfile(os.path.join(options.venv, "bin", "activate")):
         raise UsageError(f"--venv {options.venv}: no bin/activate there")
     if (options.nv or options.rocm or options.bind) and not options.sif:
@@ -454,7 +455,6 @@ def plan_launch(options: LaunchOptions, need_cli: bool = True, need_satellite: b
         raise UsageError("choose --nv (NVIDIA) or --rocm (AMD), not both")
     if options.connect is not None and options.connect not in CONNECT_MODES:
         raise UsageError(f"connect {options.connect!r}: choose direct, tunnel or auto")
-    check_directive_values(options, scheduler)
     scheduler.check(options)
     return Plan(options, scheduler, time_limit, memory, command, app, workdir,
                 options.python or sys.executable or "python3")
@@ -485,6 +485,20 @@ def check_directive_values(options: LaunchOptions, scheduler: "Scheduler") -> No
         raise UsageError(f"the session directory {printable(repr(str(SessionDir.root())))} goes into the job's "
                          "directives (its log), which allow only letters, digits and _ . , : @ + = / - in paths; "
                          "set HOME to a directory with a plain name")
+
+
+def check_script_values(options: LaunchOptions, workdir: str) -> None:
+    """UsageError naming the setting whose value holds a control character: one check for every setting,
+    from the command line, a profile or a config file, and for the working directory. Quoting keeps bash
+    safe, but a newline inside a quoted value still starts a line of job.sh of its own, and Grid Engine reads
+    '#$' lines anywhere in the script: --conda-env 'x<newline>#$ -v BASH_ENV=...' set the job's options."""
+    for name, value in dict(options.given(), workdir=workdir).items():
+        if re.search(r"[\x00-\x1f\x7f]", str(value)):
+            what = ("the working directory" if name == "workdir" and not options.workdir
+                    else f"--{name.replace('_', '-')}")
+            raise UsageError(f"{what} {printable(repr(value))[:200]}: holds control characters (a newline would "
+                             "start a line of the batch script of its own, which Grid Engine reads as a directive)"
+                             + ("; launch from another directory" if what == "the working directory" else ""))
 
 
 PATH_OPTIONS = ("cacert", "venv", "sif", "workdir")
@@ -571,11 +585,8 @@ class SatelliteApi:
             raise Unreachable(f"cannot reach satellite at {self.url}: {exc}") from None
         finally:
             conn.close()
-        try:
-            reply = json.loads(data)
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict):
+        reply = json_object(data)
+        if reply is None:
             raise Failure(f"satellite at {self.url} answered {resp.status} with something that is not a JSON object")
         if resp.status >= 400:
             raise ApiRefused(resp.status, reply.get("error", "refused"))
@@ -631,11 +642,7 @@ class SatelliteApi:
             raise Failure(f"satellite at {self.url} answered {status_line!r}")
         if parts[1] != "101":
             sock.close()
-            try:
-                reason = json.loads(rest.decode()).get("error", status_line)
-            except ValueError:
-                reason = status_line
-            raise ApiRefused(int(parts[1]), reason)
+            raise ApiRefused(int(parts[1]), str((json_object(rest) or {}).get("error", status_line)))
         sock.settimeout(None)
         return sock, rest
 
@@ -652,16 +659,38 @@ class SatelliteApi:
             return sock.getsockname()[0]
 
     def probe_link(self, url: str) -> int:
-        """Status of the session link through satellite (503 = status page, app not answering yet)."""
+        """Status of the session link through satellite (503 = status page, app not answering yet), asked
+        with no token in a URL: an app that logs its request lines (http.server, into the job log) would log
+        the live token at every probe. The token goes in a header to satellite's own status path, which
+        never reaches the app, and answers with satellite's cookie (an HMAC, not the token, and removed from
+        what the app is sent); the cookie opens the link's path. Without a cookie (a refusal): that answer."""
         parsed = urllib.parse.urlsplit(url)
+        token = urllib.parse.parse_qs(parsed.query).get("token", [""])[0]
         conn = SniHTTPSConnection(self.address, parsed.hostname, parsed.port or 443, self.context, self.timeout)
         try:
-            conn.request("GET", f"{parsed.path or '/'}?{parsed.query}")
+            conn.request("GET", STATUS_PATH, headers={"Authorization": f"Bearer {token}"})
+            resp = conn.getresponse()
+            resp.read()
+            cookies = [c.split(";", 1)[0] for c in resp.headers.get_all("Set-Cookie") or ()
+                       if c.split("=", 1)[0].strip() == COOKIE_NAME]
+            if not cookies:
+                return resp.status
+            conn.request("GET", parsed.path or "/", headers={"Cookie": cookies[0]})
             resp = conn.getresponse()
             resp.read()
             return resp.status
         finally:
             conn.close()
+
+
+def json_object(data: bytes) -> Optional[dict]:
+    """A reply's body as a JSON object, or None for anything else: not JSON, not an object, or nested deeper
+    than the parser recurses (60,000 '[' fit in MAX_REPLY and raise RecursionError, not ValueError)."""
+    try:
+        reply = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return reply if isinstance(reply, dict) else None
 
 
 def who_asks() -> dict:
@@ -815,11 +844,20 @@ class SessionDir:
     def log(self) -> Path:
         return self.path / "job.log"
 
-    def log_tail(self, lines: int = 15) -> str:
+    def log_tail(self, lines: int = 15, most: int = LOG_TAIL_BYTES) -> str:
+        """The job log's last lines, from at most its last `most` bytes: anyone who can write to the log can
+        make it as large as the disk, and only its end is shown. A line cut by the window is left out (unless
+        the window holds no whole line: then its end is shown)."""
         try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+            with open(self.log, "rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                log.seek(max(0, size - most))
+                data = log.read(most)
         except OSError:
             return ""
+        if size > most and b"\n" in data[:-1]:
+            data = data.partition(b"\n")[2]
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
     def save_end_reason(self, reason: str) -> None:
         """The agent's one line on why it stopped (end_reason), for list, status and --wait."""

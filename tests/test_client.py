@@ -399,7 +399,8 @@ class FakeSatellite:
                 endpoint = self.path.rsplit("/", 1)[-1]
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fake.calls.append(endpoint)
-                body = json.dumps(fake.replies.get(endpoint, {})).encode()
+                reply = fake.replies.get(endpoint, {})
+                body = reply if isinstance(reply, bytes) else json.dumps(reply).encode()   # bytes: sent as they are
                 self.send_response(201 if endpoint == "getlink" else 200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -859,3 +860,145 @@ def test_help_teaches_time_limits_list_and_prune():
     assert "prune" in top
     listing = " ".join(subprocess.run([*client, "list", "--help"], capture_output=True, text=True).stdout.split())
     assert "--all" in listing and "pending with the reason it waits" in listing and "Exits 1" in listing
+
+
+# issue 22: low findings ----------------------------------------------------------------------------
+
+def test_app_listens_from_a_config_file_named_like_the_enforced_section_is_refused(tmp_path, job_satellite):
+    """app-listens is the site's alone: it was taken from any source whose label ended in "[enforced]", and a
+    config file's label ends in its path, so a file named so (SATELLITE_CLIENT_CONFIG) set it."""
+    config = tmp_path / "client.ini [enforced]"
+    config.write_text("[client]\napp-listens = cluster-network-unprotected\n")
+    client = Client(tmp_path / "home", job_satellite, {"SATELLITE_CLIENT_CONFIG": str(config)})
+    result = dry_run(client, "--scheduler", "local", "--command", ECHO_APP)
+    assert result.returncode == 2 and "app-listens is the site's alone" in result.stderr, result.stdout
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_satellite_reply_of_nested_brackets_is_a_clear_failure(tmp_path, certs, fake_satellite, as_json):
+    """60,000 '[' fit in MAX_REPLY and nest deeper than the JSON parser recurses: RecursionError, a traceback."""
+    fake = fake_satellite({"getlink": b"[" * 60_000})
+    client = Client(tmp_path / "home", fake)
+    result = client.run("launch", *(["--json"] if as_json else []), "--scheduler", "local", "--command", ECHO_APP)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    message = json.loads(result.stdout)["error"] if as_json else result.stderr
+    assert "not a JSON object" in message
+    assert client.sessions() == []
+
+
+class RawTlsServer:
+    """One TLS listener on loopback answering every connection with the same bytes after the request head."""
+
+    def __init__(self, certs, answer: bytes):
+        import ssl
+        import threading
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(certs / "cert.pem", certs / "key.pem")
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port, self.answer = self.listener.getsockname()[1], answer
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        try:
+            raw, _ = self.listener.accept()
+        except OSError:
+            return                                  # closed before anyone came
+        with self.context.wrap_socket(raw, server_side=True) as conn:
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                head += data
+            conn.sendall(self.answer)
+
+    def stop(self):
+        self.listener.close()
+        self.thread.join(timeout=30)
+
+
+@pytest.mark.parametrize("body", [b"[" * 60_000, b"[]", b'"gone"'])
+def test_a_hostile_tunnel_refusal_is_an_api_refusal_not_a_crash(certs, body):
+    """The agent's tunnel attach reads the refusal's JSON error: nested brackets, a list or a string there
+    raised RecursionError or AttributeError out of open_tunnel instead of a Failure the keeper handles."""
+    satellite_client = client_module()
+    server = RawTlsServer(certs, b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+                                 b"Connection: close\r\n\r\n" + body)
+    try:
+        api = satellite_client.SatelliteApi(f"https://127.0.0.1:{server.port}", str(certs / "ca.pem"), timeout=30)
+        with pytest.raises(satellite_client.ApiRefused) as refused:
+            api.open_tunnel("k" * 43, 1)
+        assert refused.value.status == 403 and "403 Forbidden" in refused.value.reason
+    finally:
+        server.stop()
+
+
+FLOOD = """yes "$(head -c 1000 /dev/zero | tr '\\0' x)" | head -c {size} >> "$(dirname "$SATELLITE_TOKEN_FILE")/job.log"
+echo app broke
+exit 3
+"""
+MEASURED = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+            "print('peak-rss-kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(code)")
+
+
+def test_wait_shows_the_end_of_a_flooded_job_log_without_reading_it_whole(tmp_path, job_satellite):
+    """Anyone who can write the job log can make it huge; --wait's failure path read all of it to show its last
+    lines. The job here appends 128 MB to its own log, then fails: the client's peak memory stays small."""
+    flood = tmp_path / "flood.sh"
+    flood.write_text(FLOOD.format(size=128_000_000))
+    client = Client(tmp_path / "home", job_satellite,
+                    command=[sys.executable, "-c", MEASURED, sys.executable, str(ROOT / "satellite_client.py")])
+    result = client.run("launch", "--scheduler", "local", "--command", f"sh {flood} {{port}}", "--wait")
+    assert result.returncode == 1 and "the job ended before the app was ready" in result.stderr, result.stderr[-3000:]
+    log = client.session_dir(client.sessions()[0]) / "job.log"
+    assert log.stat().st_size > 128_000_000
+    tail = result.stderr.split(f"Last lines of {log}:\n", 1)[1]
+    assert "app broke" in tail and len(tail) < 20_000
+    peak_kb = int(re.search(r"peak-rss-kb (\d+)", result.stderr).group(1))
+    assert peak_kb < 100_000, f"the client peaked at {peak_kb} KB reading a 128 MB log"
+
+
+BREAKOUT = "x\n#$ -v BASH_ENV=/tmp/evil -o /tmp/job.out -l h_rt=99:00:00"
+
+
+@pytest.mark.parametrize("setting", ["python", "conda-env", "env-modules", "bind", "command", "venv"])
+@pytest.mark.parametrize("source", ["command line", "profile", "client.ini"])
+def test_a_control_character_in_any_value_that_reaches_job_sh_is_refused(tmp_path, job_satellite, setting, source):
+    """Quoting keeps bash safe, but a newline inside a quoted value still starts a line of job.sh, and Grid
+    Engine reads '#$' lines anywhere: a value from a shared profile or site config set -v BASH_ENV, -o, h_rt."""
+    value = ECHO_APP + BREAKOUT if setting == "command" else BREAKOUT
+    client = Client(tmp_path / "home", job_satellite)
+    args = ["--scheduler", "sge", "--sif", "/images/lab.sif"] + ([] if setting == "command" else ["--command", ECHO_APP])
+    if source == "command line":
+        args += [f"--{setting}", value]
+    elif source == "profile":
+        profiles = client.home / ".satellite/profiles"
+        profiles.mkdir(parents=True)
+        (profiles / "shared.json").write_text(json.dumps({setting.replace("-", "_"): value}))
+        args += ["--profile", "shared"]
+    else:                        # an INI value goes on over indented lines; a line starting with # is a comment
+        config = tmp_path / "client.ini"
+        config.write_text(f"[client]\n{setting} = {value.replace(chr(10), chr(10) + '  ').replace('#$', 'set')}\n")
+        client.env["SATELLITE_CLIENT_CONFIG"] = str(config)
+    result = client.run("launch", "--dry-run", *args)
+    assert result.returncode == 2, "rendered:\n" + result.stdout
+    assert f"--{setting} " in result.stderr and "control character" in result.stderr, result.stderr
+    assert "BASH_ENV" not in result.stdout and client.sessions() == []
+
+
+@pytest.mark.parametrize("app", ["echo_app", "http.server"])
+def test_launch_wait_probes_the_link_without_its_token_so_the_apps_log_never_holds_it(client, tmp_path, app):
+    """--wait asks for the link every second until the app answers: with ?token= in the URL, an app that logs
+    its request lines (the README's http.server example: to the job log) logged the live token each time."""
+    requests, work = tmp_path / "requests.log", tmp_path / "work"
+    work.mkdir()
+    command = (f"env APP_REQUEST_LOG={requests} {ECHO_APP}" if app == "echo_app"
+               else f"{sys.executable} -m http.server {{port}} --bind {{host}}")
+    result = client.launch_json("--scheduler", "local", "--workdir", str(work), "--command", command, "--wait")
+    assert result["state"] == "proxied"
+    token = result["url"].split("token=")[1]
+    logged = (requests if app == "echo_app" else client.session_dir(result["alias"]) / "job.log").read_text()
+    assert token not in logged and "token=" not in logged, logged
+    assert re.search(r"GET /[ \n]", logged), logged           # the probe reached the app, and it logged that
