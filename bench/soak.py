@@ -3,10 +3,11 @@
 10,000) issued, redeemed, used and ended, beside steady HTTP downloads and WebSocket echoes, loopback only,
 every loop bounded (and the whole run by --seconds).
 
-Every 15 s it samples each worker's and the supervisor's RSS, threads and file descriptors. After the
-warm-up (the first tenth of the sessions) none may grow: RSS by more than --rss-mb (4 MB) in any process,
-threads by more than 2, descriptors by more than 4 (a connection being opened or closed at the sample).
-A worker that restarts (a new pid) fails the soak too.
+Every 10 s it pauses the load (each load thread finishes what it is doing and waits; their kept-alive
+connections stay open), lets satellite close what ended, and samples each worker's and the supervisor's
+RSS, threads and file descriptors, so a sample sees what satellite keeps, not what is in flight. From the
+first sample after the warm-up (the first tenth of the sessions) to the last, no process may grow: RSS by
+more than --rss-mb (4 MB), threads or descriptors at all. A worker that restarts (a new pid) fails too.
 
     make soak                      (or: python3 bench/soak.py [--workers 2] [--sessions 10000])
 
@@ -24,7 +25,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import websocket  # noqa: E402
 from conftest import ROOT, App, SatelliteServer  # noqa: E402
 
-SAMPLE_SECONDS = 15
+SAMPLE_SECONDS = 10
+
+
+class Pause:
+    """Lets the sampler stop the load threads between their steps: `hold()` returns once all `threads` wait
+    at a `step()`, `go()` lets them on."""
+
+    def __init__(self, threads: int):
+        self.threads, self.waiting, self.paused = threads, 0, False
+        self.changed = threading.Condition()
+
+    def step(self) -> None:
+        with self.changed:
+            if not self.paused:
+                return
+            self.waiting += 1
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: not self.paused, timeout=60)
+            self.waiting -= 1
+
+    def hold(self) -> bool:
+        with self.changed:
+            self.paused = True
+            return self.changed.wait_for(lambda: self.waiting == self.threads, timeout=60)
+
+    def go(self) -> None:
+        with self.changed:
+            self.paused = False
+            self.changed.notify_all()
+
+    def leave(self) -> None:
+        """A load thread that ends no longer counts."""
+        with self.changed:
+            self.threads -= 1
+            self.changed.notify_all()
 
 
 def sample(pid: int) -> dict:
@@ -86,6 +121,7 @@ def main() -> int:
     def http_load():
         conn = satellite.connection(host)
         for _ in range(10_000_000):
+            pause.step()
             if over():
                 return
             try:
@@ -101,6 +137,7 @@ def main() -> int:
         ws = websocket.create_connection(f"wss://{host}:{satellite.port}/ws", socket=satellite.tls_socket(host),
                                          header=[f"Authorization: token {link['token']}"], timeout=30)
         for i in range(10_000_000):
+            pause.step()
             if over():
                 ws.close()
                 return
@@ -114,6 +151,7 @@ def main() -> int:
 
     def session_cycles():
         for _ in range(10_000_000):
+            pause.step()
             if over():
                 return
             try:
@@ -124,7 +162,17 @@ def main() -> int:
             except Exception as exc:                              # noqa: BLE001
                 count("sessions", False, repr(exc))
 
-    load = [threading.Thread(target=w) for w in [http_load] * 2 + [websocket_load] * 2 + [session_cycles] * 4]
+    def leaving(work):
+        def run():
+            try:
+                work()
+            finally:
+                pause.leave()
+        return run
+
+    kinds = [http_load] * 2 + [websocket_load] * 2 + [session_cycles] * 4
+    pause = Pause(len(kinds))
+    load = [threading.Thread(target=leaving(w)) for w in kinds]
     for thread in load:
         thread.start()
     workers = worker_pids(satellite.proc.pid)
@@ -132,16 +180,20 @@ def main() -> int:
     samples, restarted = [], []
     started = time.monotonic()
     try:
-        while not over():
+        while samples[-1:] == [] or not over():
             done.wait(min(SAMPLE_SECONDS, max(0.1, deadline - time.monotonic())))
             now_workers = worker_pids(satellite.proc.pid)
             if now_workers != workers:
                 restarted.append((workers, now_workers))
                 break
+            pause.hold()
+            time.sleep(1)                    # satellite closes what the paused threads ended
             samples.append((time.monotonic() - started, {name: sample(pid) for name, pid in processes.items()},
                             dict(counts)))
+            pause.go()
     finally:
         done.set()
+        pause.go()
         for thread in load:
             thread.join()
         app.stop()
@@ -163,15 +215,13 @@ def report(args, samples, counts, last_error, restarted) -> int:
         for t, per_process, c in samples:
             s = per_process[name]
             print(f"{t:6.0f} {c['sessions']:8d} {s['threads']:8d} {s['fds']:5d} {s['rss_mb']:7.1f}")
-        first = warm[0][1][name]
-        rss = [s[name]["rss_mb"] for _, s, _ in warm]
-        growth = {"threads": max(s[name]["threads"] for _, s, _ in warm) - first["threads"],
-                  "fds": max(s[name]["fds"] for _, s, _ in warm) - first["fds"],
-                  "rss_mb": max(rss) - first["rss_mb"]}
-        fine = growth["threads"] <= 2 and growth["fds"] <= 4 and growth["rss_mb"] <= args.rss_mb
-        print(f"{name}: after warm-up ({warm[0][2]['sessions']} sessions) RSS {first['rss_mb']:.1f} -> "
-              f"{rss[-1]:.1f} MB (peak +{growth['rss_mb']:.1f}), threads +{growth['threads']}, "
-              f"fds +{growth['fds']}: {'flat' if fine else 'GROWS'}")
+        first, last = warm[0][1][name], warm[-1][1][name]
+        growth = {key: last[key] - first[key] for key in ("threads", "fds", "rss_mb")}
+        peak = max(s[name]["rss_mb"] for _, s, _ in warm)
+        fine = growth["threads"] <= 0 and growth["fds"] <= 0 and growth["rss_mb"] <= args.rss_mb
+        print(f"{name}: from warm-up ({warm[0][2]['sessions']} sessions) to the end ({warm[-1][2]['sessions']}): "
+              f"RSS {first['rss_mb']:.1f} -> {last['rss_mb']:.1f} MB ({growth['rss_mb']:+.1f}, peak {peak:.1f}), "
+              f"threads {growth['threads']:+d}, fds {growth['fds']:+d}: {'flat' if fine else 'GROWS'}")
         ok = ok and fine
     print("soak: PASS" if ok else "soak: FAIL")
     return 0 if ok else 1
