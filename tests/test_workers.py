@@ -77,23 +77,14 @@ def stopped(pid):
     return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
 
 
-def unlinked_files(pid):
-    """Inode numbers of the files `pid` holds open that have no name (satellite's lock file is one)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith("(deleted)"):
-                inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
-    return inodes
-
-
-def holds_the_counts_lock(pid):
-    """Whether `pid` holds a record lock on satellite's shared counts' lock file (for microseconds at a time;
-    SQLite's locks on the database are other files)."""
-    inodes = unlinked_files(pid)
+def holds_a_lock(pid):
+    """Whether `pid` holds an exclusive POSIX record lock on any file: satellite's shared counts' lock file
+    (for microseconds at a time) or the database (SQLite's write locks, while a worker writes, e.g. the
+    first proxied request's state; a worker stopped holding one would make every other writer wait for its
+    busy timeout). The shared (READ) locks SQLite keeps while a database is open block no one here."""
     for line in open("/proc/locks"):
         fields = line.split()
-        if fields[1] == "POSIX" and fields[4] == str(pid) and int(fields[5].rsplit(":", 1)[1]) in inodes:
+        if "->" not in fields and fields[1] == "POSIX" and fields[3] == "WRITE" and fields[4] == str(pid):
             return True
     return False
 
@@ -101,21 +92,21 @@ def holds_the_counts_lock(pid):
 @contextlib.contextmanager
 def only_worker(server, pid, pids):
     """Every other worker stopped (SIGSTOP), so the next connections can only be accepted by `pid`: which
-    worker serves is then the test's choice, not the kernel's. A worker is stopped only outside the shared
-    counts' lock (else `pid` would wait on it); all are continued afterwards."""
+    worker serves is then the test's choice, not the kernel's. A worker is stopped only while it holds no
+    lock (else `pid` would wait on it: holds_a_lock); all are continued afterwards."""
     others = [p for p in pids if p != pid]
     try:
         for _ in range(100):                                    # bounded: the lock is held for microseconds
             for other in others:
                 os.kill(other, signal.SIGSTOP)
             wait_for(lambda: all(stopped(p) for p in others), what="the other workers to stop")
-            if not any(holds_the_counts_lock(p) for p in others):
+            if not any(holds_a_lock(p) for p in others):
                 break
             for other in others:
                 os.kill(other, signal.SIGCONT)
             time.sleep(0.01)
         else:
-            raise AssertionError("the other workers kept holding the shared counts' lock")
+            raise AssertionError("the other workers kept holding a lock")
         yield
     finally:
         for other in others:
